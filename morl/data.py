@@ -1,0 +1,376 @@
+"""Training data: the row contract, loading JSONL/Parquet files, and the weighted mixture sampler.
+
+A row is one prompt of one task type. Loading checks every row up front (schema, task type, images), so a
+bad row fails in seconds with ``file:line: what is wrong`` instead of hours into a run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+log = logging.getLogger("morl.data")
+
+OnBadRow = Literal["error", "skip"]
+ImageRef = str | bytes
+"""An image as a row holds it: an absolute file path, or the encoded file's bytes (from Parquet)."""
+
+MAX_SKIP_REASONS = 5
+
+
+class DataError(ValueError):
+    """A data file or one of its rows is unusable; the message names the file and line (or Parquet row)."""
+
+
+# --- the row contract ---------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ContentPart(_Strict):
+    """One piece of a chat turn: text, or a placeholder where the row's next image (or a video) goes.
+
+    One model rather than a union of three, so a bad part gets one plain error instead of one per variant.
+    """
+
+    type: Literal["text", "image", "video"]
+    text: str | None = None
+    fps: float | None = None
+
+    @model_validator(mode="after")
+    def _fields_fit_type(self) -> ContentPart:
+        if (self.text is not None) != (self.type == "text"):
+            raise ValueError(f"a text part needs 'text' and only text parts take it (type {self.type!r})")
+        if self.fps is not None and self.type != "video":
+            raise ValueError(f"only video parts take 'fps' (type {self.type!r})")
+        return self
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class Row(_Strict):
+    """One prompt. ``images`` fill the ``{"type": "image"}`` parts of ``messages`` in order."""
+
+    id: str = Field(min_length=1)
+    task: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    images: list[ImageRef]
+    label: dict[str, Any]
+    meta: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Row:
+        if self.messages[-1].role != "user":
+            last = self.messages[-1].role
+            raise ValueError(f"the last message must be a user turn (the model answers it), got {last!r}")
+        parts = sum(p.type == "image" for m in self.messages if isinstance(m.content, list) for p in m.content)
+        if parts != len(self.images):
+            raise ValueError(f"{parts} image part(s) in messages but {len(self.images)} image(s)")
+        return self
+
+
+def open_image(ref: ImageRef) -> Image.Image:
+    """Decode an image reference (path or bytes) into an RGB image, the form vision processors expect."""
+    with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:
+        return image.convert("RGB")
+
+
+def counts_by_task(rows: Iterable[Row]) -> dict[str, int]:
+    """Rows per task type, sorted by task, for batch-composition metrics."""
+    return dict(sorted(Counter(row.task for row in rows).items()))
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedDataset:
+    """The good rows of one file, and how many bad ones were skipped (with the first few reasons)."""
+
+    path: Path
+    rows: list[Row]
+    skipped: int = 0
+    skip_reasons: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class _BadRow(Exception):
+    """What is wrong with one row; the loader adds where it is."""
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    known_tasks: Collection[str] | None,
+    on_bad_row: OnBadRow = "error",
+    check_images: bool = True,
+) -> LoadedDataset:
+    """Load and check a ``.jsonl`` or ``.parquet`` file of rows.
+
+    Relative paths resolve against the working directory; relative image paths against the data file's folder.
+    A bad row raises ``DataError``, or with ``on_bad_row="skip"`` is counted and logged once per file.
+    ``check_images=False`` skips opening image files (paths are still made absolute).
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    shown = str(path)
+    file = Path(path).expanduser().absolute()
+    if not file.is_file():
+        raise DataError(f"{shown}: data file not found (resolved {file})")
+    records: Iterator[tuple[str, Any]]
+    decode: Callable[[Any], Any]
+    if file.suffix == ".jsonl":
+        records, decode = _jsonl_records(file, shown), _decode_json_line
+    elif file.suffix == ".parquet":
+        records, decode = _parquet_records(file, shown), _decode_parquet_record
+    else:
+        raise DataError(f"{shown}: unsupported data file type {file.suffix!r} (use .jsonl or .parquet)")
+
+    dataset = LoadedDataset(path=file, rows=[])
+    first_seen: dict[str, str] = {}
+    verified: set[str] = set()
+    for where, raw in records:
+        try:
+            row = _check_row(decode(raw), file.parent, known_tasks, check_images, verified)
+            if row.id in first_seen:
+                raise _BadRow(f"duplicate id {row.id!r} (first at {first_seen[row.id]})")
+        except _BadRow as bad:
+            reason = f"{where}: {bad}"
+            if on_bad_row == "error":
+                raise DataError(reason) from None
+            dataset.skipped += 1
+            if len(dataset.skip_reasons) < MAX_SKIP_REASONS:
+                dataset.skip_reasons.append(reason)
+            continue
+        first_seen[row.id] = where
+        dataset.rows.append(row)
+    if dataset.skipped:
+        log.warning("skipped %d bad rows of %s (first: %s)", dataset.skipped, shown, dataset.skip_reasons[0])
+    return dataset
+
+
+def _jsonl_records(file: Path, shown: str) -> Iterator[tuple[str, str]]:
+    with file.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                yield f"{shown}:{number}", line
+
+
+def _parquet_records(file: Path, shown: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        records = pq.read_table(file).to_pylist()
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{shown}: cannot read Parquet file: {e}") from None
+    for index, record in enumerate(records):
+        yield f"{shown}:row {index}", record
+
+
+def _decode_json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _BadRow(f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def _decode_parquet_record(record: dict[str, Any]) -> dict[str, Any]:
+    """Turn one Parquet record into the JSONL row shape.
+
+    ``messages``/``label``/``meta`` may be JSON strings or nested structs. Arrow structs give every row every
+    field of the column, absent ones as null, so null struct fields are dropped. Images may be paths, bytes,
+    or Hugging Face ``{"bytes", "path"}`` structs.
+    """
+    out = dict(record)
+    for key in ("messages", "label", "meta"):
+        value = out.get(key)
+        if isinstance(value, str):
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise _BadRow(f"{key}: invalid JSON: {e.msg} (column {e.colno})") from None
+        elif value is None and key == "meta":
+            out.pop(key, None)
+        else:
+            out[key] = _drop_null_fields(value)
+    if isinstance(out.get("images"), list):
+        out["images"] = [_hf_image(ref) if isinstance(ref, dict) else ref for ref in out["images"]]
+    return out
+
+
+def _drop_null_fields(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_null_fields(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_null_fields(v) for v in value]
+    return value
+
+
+def _hf_image(ref: dict[str, Any]) -> Any:
+    return ref.get("bytes") if ref.get("bytes") is not None else ref.get("path")
+
+
+def _check_row(
+    obj: Any, base: Path, known_tasks: Collection[str] | None, check_images: bool, verified: set[str]
+) -> Row:
+    if not isinstance(obj, dict):
+        raise _BadRow(f"expected a JSON object, got {type(obj).__name__}")
+    try:
+        row = Row.model_validate(obj)
+    except ValidationError as e:
+        raise _BadRow(_describe(e)) from None
+    if known_tasks is not None and row.task not in known_tasks:
+        raise _BadRow(f"unknown task {row.task!r} (known: {', '.join(sorted(known_tasks))})")
+    row.images = [_resolve_image(i, ref, base, check_images, verified) for i, ref in enumerate(row.images)]
+    return row
+
+
+def _resolve_image(index: int, ref: ImageRef, base: Path, check: bool, verified: set[str]) -> ImageRef:
+    """Make a path absolute and, if asked, check that it (or the bytes) decodes; ``verified`` caches good paths."""
+    if isinstance(ref, bytes):
+        if check:
+            _verify(io.BytesIO(ref), f"image {index} ({len(ref)} bytes)")
+        return ref
+    resolved = str((base / ref).resolve())
+    if check and resolved not in verified:
+        if not Path(resolved).is_file():
+            raise _BadRow(f"image {ref!r} not found (resolved {resolved})")
+        _verify(resolved, f"image {ref!r} (resolved {resolved})")
+        verified.add(resolved)
+    return resolved
+
+
+def _verify(source: str | io.BytesIO, what: str) -> None:
+    try:
+        with Image.open(source) as image:
+            image.verify()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for corrupt files
+        raise _BadRow(f"{what} is not a readable image: {e}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    """A pydantic error in one line: ``missing field 'task'; messages.0.role: Input should be ...``."""
+    errors = error.errors(include_url=False)
+    # The `str | list` content union reports both branches and labels them in the location; when the input is
+    # not a string, the string branch's complaint is noise, and the labels are no field of the row.
+    errors = [e for e in errors if not (e["type"] == "string_type" and e["loc"][-1:] == ("str",))] or errors
+    parts = []
+    for e in errors[:3]:
+        loc = ".".join(str(x) for x in e["loc"] if x != "str" and "[" not in str(x))
+        if e["type"] == "missing":
+            parts.append(f"missing field {loc!r}")
+        elif e["type"] == "extra_forbidden":
+            parts.append(f"unknown field {loc!r}")
+        else:
+            msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
+            parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+# --- config -------------------------------------------------------------------------------------------------
+
+Weight = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class DatasetSpec(_Strict):
+    path: str
+    weight: Weight = 1.0
+
+
+class DataConfig(_Strict):
+    train: list[DatasetSpec] = []
+    eval: list[DatasetSpec] = []
+    on_bad_row: OnBadRow = "error"
+
+
+def load_datasets(
+    specs: Sequence[DatasetSpec], *, known_tasks: Collection[str] | None, on_bad_row: OnBadRow
+) -> list[LoadedDataset]:
+    """Load each spec's file, in order (weights stay with the specs, for ``MixtureSampler``)."""
+    return [load_dataset(s.path, known_tasks=known_tasks, on_bad_row=on_bad_row) for s in specs]
+
+
+# --- mixture sampling ---------------------------------------------------------------------------------------
+
+
+class MixtureSampler:
+    """Draws rows from several datasets by weight, deterministically from a seed.
+
+    Each draw picks a dataset with probability proportional to its weight, then takes that dataset's next row
+    in a per-epoch shuffled order, so every row is seen once per epoch of its dataset. All randomness is a pure
+    function of (seed, counters), so the state is a few integers and a restore continues the exact sequence.
+    """
+
+    def __init__(self, datasets: Sequence[LoadedDataset], weights: Sequence[float], seed: int) -> None:
+        if not datasets:
+            raise ValueError("MixtureSampler needs at least one dataset")
+        if len(weights) != len(datasets):
+            raise ValueError(f"got {len(weights)} weights for {len(datasets)} datasets")
+        for i, w in enumerate(weights):
+            if not (math.isfinite(w) and w > 0):
+                raise ValueError(f"weights[{i}] = {w!r}: a dataset weight must be finite and > 0")
+        for i, d in enumerate(datasets):
+            if not d.rows:
+                raise ValueError(f"datasets[{i}] ({d.path}) has no rows to sample")
+        self._datasets = list(datasets)
+        self._cumulative = np.cumsum(weights) / math.fsum(weights)
+        self._seed = seed
+        self._draws = 0
+        self._positions = [0] * len(datasets)
+        self._epochs = [0] * len(datasets)
+        self._orders = [self._epoch_order(i) for i in range(len(datasets))]
+
+    def next_batch(self, n: int) -> list[Row]:
+        return [self._next() for _ in range(n)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self._seed,
+            "draws": self._draws,
+            "positions": list(self._positions),
+            "epochs": list(self._epochs),
+            "sizes": [len(d.rows) for d in self._datasets],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a saved sequence; the datasets must be the same (checked by their sizes)."""
+        sizes = [len(d.rows) for d in self._datasets]
+        if state["sizes"] != sizes:
+            raise ValueError(f"sampler state is for dataset sizes {state['sizes']}, these have {sizes}")
+        self._seed = state["seed"]
+        self._draws = state["draws"]
+        self._positions = list(state["positions"])
+        self._epochs = list(state["epochs"])
+        self._orders = [self._epoch_order(i) for i in range(len(self._datasets))]
+
+    def _next(self) -> Row:
+        u = np.random.default_rng([self._seed, 0, self._draws]).random()
+        i = min(int(np.searchsorted(self._cumulative, u, side="right")), len(self._datasets) - 1)
+        self._draws += 1
+        if self._positions[i] == len(self._orders[i]):
+            self._epochs[i] += 1
+            self._positions[i] = 0
+            self._orders[i] = self._epoch_order(i)
+        row = self._datasets[i].rows[self._orders[i][self._positions[i]]]
+        self._positions[i] += 1
+        return row
+
+    def _epoch_order(self, i: int) -> np.ndarray:
+        return np.random.default_rng([self._seed, 1, i, self._epochs[i]]).permutation(len(self._datasets[i].rows))

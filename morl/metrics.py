@@ -1,0 +1,72 @@
+"""What a run shows and leaves behind: metrics.jsonl, a live progress line, the eval table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+
+class MetricsWriter:
+    """Appends one JSON object per step; each line is flushed, so a crash loses nothing written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics, sort_keys=True) + "\n")
+
+
+class ProgressDisplay:
+    """Step, mean reward, reward per task and seconds per step, on one live line."""
+
+    def __init__(self, total_steps: int):
+        self.progress = Progress(
+            TextColumn("step"),
+            MofNCompleteColumn(),
+            BarColumn(bar_width=20),
+            TextColumn("{task.fields[summary]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, summary="")
+
+    def __enter__(self) -> ProgressDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, m: dict) -> None:
+        per_task = " ".join(
+            f"{k.split('/', 1)[1]}={v:.2f}" for k, v in m.items() if k.startswith("reward/") and k.count("/") == 1
+            and k != "reward/mean"
+        )
+        summary = f"reward {m['reward/mean']:.3f} | {per_task} | {m['time/step']:.1f}s/step"
+        self.progress.update(self.task, advance=1, summary=summary)
+
+
+def eval_table(results: dict[str, dict[str, float]]) -> None:
+    """Held-out reward per task for each evaluated model (columns: sft, policy, delta)."""
+    names = list(results)
+    tasks = list(next(iter(results.values())))
+    table = Table(title="held-out reward (greedy)")
+    table.add_column("task")
+    for name in names:
+        table.add_column(name, justify="right")
+    if len(names) == 2:
+        table.add_column("delta", justify="right")
+    for task in tasks:
+        values = [results[name][task] for name in names]
+        cells = [f"{v:.3f}" for v in values]
+        if len(names) == 2:
+            cells.append(f"{values[1] - values[0]:+.3f}")
+        table.add_row(task, *cells)
+    console.print(table)

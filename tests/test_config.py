@@ -1,0 +1,96 @@
+"""Recipes and overrides: every mistake names its key."""
+
+import pytest
+import yaml
+
+from morl.config import ConfigError, apply_override, dump_config, load_config
+
+RECIPE = """
+toy_world: {root: /tmp/morl-test-world}
+rollout: {group_size: 4}
+learner: {lr: 1.0e-4}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+def test_recipe_and_overrides(recipe):
+    cfg = load_config(recipe, ["learner.lr=3e-6", "rollout.max_new_tokens=12", "trainer.max_steps=2"])
+    assert cfg.learner.lr == 3e-6
+    assert cfg.rollout.group_size == 4
+    assert cfg.rollout.max_new_tokens == 12
+    assert cfg.trainer.max_steps == 2
+
+
+def test_toy_world_fills_model_and_data(recipe):
+    cfg = load_config(recipe)
+    assert cfg.model.path == "/tmp/morl-test-world/sft"
+    assert [s.path for s in cfg.data.train][0] == "/tmp/morl-test-world/data/counting/train.jsonl"
+    assert len(cfg.data.eval) == len(cfg.toy_world.tasks)
+
+
+def test_dump_round_trips(recipe):
+    cfg = load_config(recipe, ["learner.lr=2e-6"])
+    path = recipe.parent / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("learner.lrr=1", "learner.lrr", "unknown key"),
+        ("learner.lr=abc", "learner.lr", "valid number"),
+        ("learner.lr=-1", "learner.lr", "greater than 0"),
+        ("rollout.engine=sglang", "rollout.engine", "'hf'"),
+        ("learner.zero_stage=5", "learner.zero_stage", "0, 1, 2 or 3"),
+        ("bogus.x=1", "bogus", "unknown key"),
+        ("rollout.group_size=1", "rollout.group_size", "greater than or equal to 2"),
+    ],
+)
+def test_bad_values_name_the_key(recipe, override, key, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, [override])
+    message = str(info.value)
+    assert f"{key}:" in message
+    assert words in message
+
+
+def test_unknown_key_lists_the_allowed_ones(recipe):
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["rollout.temprature=0.7"])
+    assert "allowed: engine, num_workers, group_size, temperature" in str(info.value)
+
+
+def test_override_must_have_equals(recipe):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(recipe, ["learner.lr"])
+
+
+def test_missing_model_path_without_toy_world(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"max_steps": 1}}))
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(path)
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_override_into_list():
+    raw = {"data": {"train": [{"path": "a.jsonl", "weight": 1.0}]}}
+    apply_override(raw, "data.train.0.weight=3")
+    assert raw["data"]["train"][0]["weight"] == 3
+    with pytest.raises(ConfigError, match="no item 4"):
+        apply_override(raw, "data.train.4.weight=3")

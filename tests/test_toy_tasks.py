@@ -1,0 +1,159 @@
+"""The toy tasks: deterministic, well-formed rows, and labels that agree with the pixels."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from morl.toy.tasks import BACKGROUND, GENERATORS, IMAGE_SIZE, INK, KINDS, PALETTE, TASKS, write_split
+
+N = 24  # rows per task and split: enough to cover every count, operator and kind
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy")
+    for task in TASKS:
+        write_split(task, N, seed=0, out_dir=out, split="train")
+    return out
+
+
+def rows(out: Path, task: str, split: str = "train"):
+    path = out / task / f"{split}.jsonl"
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        yield row, np.asarray(Image.open(path.parent / row["images"][0]))
+
+
+def colour_mask(image: np.ndarray, rgb) -> np.ndarray:
+    return np.all(image == np.array(rgb, dtype=np.uint8), axis=-1)
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_registry():
+    assert TASKS == ("counting", "grounding", "math", "choice")
+    assert set(GENERATORS) == set(TASKS)
+    with pytest.raises(ValueError, match="unknown toy task"):
+        write_split("nope", 1, 0, Path("/nonexistent"), "train")
+
+
+def test_determinism(tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        for task in TASKS:
+            write_split(task, 4, seed, tmp_path / name, "train")
+    a, b, c = (files(tmp_path / name) for name in "abc")
+    assert a == b
+    assert a.keys() == c.keys()
+    for task in TASKS:
+        assert a[f"{task}/train.jsonl"] != c[f"{task}/train.jsonl"]
+
+
+def test_rows_do_not_depend_on_n_and_splits_differ(tmp_path):
+    short = write_split("grounding", 3, 5, tmp_path / "short", "train").read_text().splitlines()
+    long = write_split("grounding", 6, 5, tmp_path / "long", "train").read_text().splitlines()
+    held = write_split("grounding", 6, 5, tmp_path / "long", "test").read_text().splitlines()
+    assert long[:3] == short
+    train_images = {p.read_bytes() for p in (tmp_path / "long/grounding/images").glob("train_*.png")}
+    test_images = {p.read_bytes() for p in (tmp_path / "long/grounding/images").glob("test_*.png")}
+    assert len(held) == 6 and not train_images & test_images
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_row_format_and_pixels(data, task):
+    allowed = {BACKGROUND, INK, *PALETTE.values()}
+    for i, (row, image) in enumerate(rows(data, task)):
+        assert set(row) == {"id", "task", "messages", "images", "label", "meta"}
+        assert row["id"] == f"{task}-train-{i:05d}" and row["task"] == task
+        assert row["images"] == [f"images/train_{i:05d}.png"]
+        (message,) = row["messages"]
+        assert message["role"] == "user"
+        assert message["content"][0] == {"type": "image"}
+        assert message["content"][1]["type"] == "text" and message["content"][1]["text"]
+        assert isinstance(row["meta"]["reference"], str)
+        assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+        assert {tuple(int(v) for v in p) for p in np.unique(image.reshape(-1, 3), axis=0)} <= allowed  # flat colours
+
+
+def test_counting(data):
+    counts = set()
+    for row, image in rows(data, "counting"):
+        n = row["label"]["count"]
+        _, components = ndimage.label(np.any(image != BACKGROUND, axis=-1))
+        assert components == n
+        assert row["meta"]["reference"] == f"\\boxed{{{n}}}"
+        counts.add(n)
+    assert counts == {1, 2, 3, 4, 5}
+
+
+def fill_ratio(image: np.ndarray, rgb, box) -> float:
+    x1, y1, x2, y2 = box
+    return colour_mask(image[y1:y2, x1:x2], rgb).mean()
+
+
+# how much of its tight box each kind fills: tells the kinds apart in the pixels
+FILL = {"square": (0.97, 1.0), "circle": (0.72, 0.85), "triangle": (0.40, 0.62)}
+
+
+def test_grounding(data):
+    for row, image in rows(data, "grounding"):
+        colour, kind = re.fullmatch(r"Locate the (\w+) (\w+)\. Answer in JSON with bbox_2d in pixels\.",
+                                    row["messages"][0]["content"][1]["text"]).groups()
+        (box,) = row["label"]["boxes"]
+        assert json.loads(row["meta"]["reference"]) == {"bbox_2d": box, "label": f"{colour} {kind}"}
+        x1, y1, x2, y2 = box
+        assert all(isinstance(v, int) for v in box)
+        assert 0 < x1 < x2 < IMAGE_SIZE and 0 < y1 < y2 < IMAGE_SIZE
+        assert 20 <= x2 - x1 <= 40 and 20 <= y2 - y1 <= 40
+        mask = colour_mask(image, PALETTE[colour])
+        # tight: every edge row/column of the box has the colour, the ring just outside it has none
+        assert mask[y1, x1:x2].any() and mask[y2 - 1, x1:x2].any()
+        assert mask[y1:y2, x1].any() and mask[y1:y2, x2 - 1].any()
+        ring = mask[y1 - 1:y2 + 1, x1 - 1:x2 + 1].copy()
+        ring[1:-1, 1:-1] = False
+        assert not ring.any()
+        lo, hi = FILL[kind]
+        assert lo <= fill_ratio(image, PALETTE[colour], box) <= hi
+        # the name is unique: every distractor is another kind
+        assert all(d["kind"] != kind for d in row["meta"]["distractors"])
+
+
+def test_math(data):
+    ops = set()
+    for row, image in rows(data, "math"):
+        a, op, b = (row["meta"][k] for k in ("a", "op", "b"))
+        assert 0 <= a <= 9 and 0 <= b <= 9
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        assert value >= 0
+        assert row["label"] == {"answer": str(value)}
+        assert row["meta"]["reference"] == f"\\boxed{{{value}}}"
+        ink = colour_mask(image, INK)
+        rows_with_ink = np.flatnonzero(ink.any(axis=1))
+        assert rows_with_ink.max() - rows_with_ink.min() + 1 >= 28  # big glyphs
+        ops.add(op)
+    assert ops == {"+", "-", "*"}
+
+
+def test_choice(data):
+    for row, image in rows(data, "choice"):
+        text = row["messages"][0]["content"][1]["text"]
+        kind = re.match(r"What colour is the (\w+)\?\n", text).group(1)
+        options = dict(re.findall(r"^([ABCD])\. (\w+)$", text, flags=re.M))
+        assert list(options) == list("ABCD") and len(set(options.values())) == 4
+        assert set(options.values()) <= set(PALETTE)
+        assert text.endswith("\nAnswer with the letter.")
+        letter = row["label"]["answer"]
+        assert row["meta"]["reference"] == letter
+        colour = options[letter]
+        shown = [c for c, rgb in PALETTE.items() if colour_mask(image, rgb).any()]
+        assert shown == [colour]
+        ys, xs = np.nonzero(colour_mask(image, PALETTE[colour]))
+        lo, hi = FILL[kind]
+        assert lo <= fill_ratio(image, PALETTE[colour], (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)) <= hi
+        assert kind in KINDS
