@@ -70,6 +70,7 @@ class LearnerConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(64, gt=0, description="sequences per forward/backward; still one optimizer step")
+    freeze_vision_tower: bool = Field(False, description="train the language model (and nothing of the ViT)")
     cpus: float = Field(1.0, gt=0)
     max_logprob_mismatch: float | None = Field(
         None, gt=0, description="stop the run when rollout and learner log-probs differ by more than this"

@@ -14,7 +14,7 @@ import os
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -157,9 +157,9 @@ class Trainer:
         n = len(self.workers)
         shards = [prompts[i::n] for i in range(n)]
         futures = [
-            w.generate.remote(shard, SamplingParams(**{**sampling.__dict__, "seed": sampling_seed(
-                self.cfg.trainer.seed, step, i)}))
-            for i, (w, shard) in enumerate(zip(self.workers, shards)) if shard
+            w.generate.remote(shard, replace(sampling, seed=sampling_seed(self.cfg.trainer.seed, step, i)))
+            for i, (w, shard) in enumerate(zip(self.workers, shards))
+            if shard
         ]
         results = ray.get(futures)
         merged: list[list[Completion]] = [None] * len(prompts)  # type: ignore[list-item]

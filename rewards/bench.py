@@ -9,10 +9,12 @@ which keeps the ratios steady on a machine shared with other work.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 from morl.rewards.adapters import resolve, to_score
 from morl.rewards.config import RewardsConfig
@@ -42,14 +44,36 @@ def bench_rewards(n: int = 3000, workers: int = 2, rounds: int = 3, seed: int = 
                 start = time.perf_counter()
                 rewards[name] = score(samples)
                 best[name] = max(best[name], n / (time.perf_counter() - start))
-            mismatches += sum(r != b or r1 != b for r, r1, b in zip(rewards["router"], rewards["router_1worker"], rewards["bare"]))
+            together = zip(rewards["router"], rewards["router_1worker"], rewards["bare"])
+            mismatches += sum(r != b or r1 != b for r, r1, b in together)
     report: dict[str, float | int] = {"n": n, "rounds": rounds, "workers": workers, "cpus": os.cpu_count() or 0}
     report["load_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine skews the ratios
+    report["parallel_capacity"] = round(parallel_capacity(workers), 2)  # the ceiling for "speedup" right now
     report.update({f"{name}_per_s": round(rate, 1) for name, rate in best.items()})
     report["speedup"] = round(best["router"] / best["bare"], 3)
     report["speedup_1worker"] = round(best["router_1worker"] / best["bare"], 3)
     report["mismatches"] = mismatches
     return report
+
+
+def parallel_capacity(workers: int, loops: int = 3_000_000) -> float:
+    """Cores' worth of throughput `workers` busy processes get right now: `workers` on an idle machine, less on a
+    shared one. Independent processes with no IPC, so no router can scale past it."""
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        list(pool.map(_spin, [1000] * workers))  # start the processes
+        start = time.perf_counter()
+        pool.submit(_spin, loops).result()
+        alone = time.perf_counter() - start
+        start = time.perf_counter()
+        list(pool.map(_spin, [loops] * workers))
+        return workers * alone / (time.perf_counter() - start)
+
+
+def _spin(loops: int) -> int:
+    total = 0
+    for i in range(loops):
+        total += i
+    return total
 
 
 def bare_score(samples: Sequence[RewardInput], cfg: RewardsConfig) -> list[float]:

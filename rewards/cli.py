@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 import yaml
@@ -25,7 +25,7 @@ console = Console()
 
 @app.command("list")
 def list_command(
-    recipe: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="also its rewards.modules"),
+    recipe: Path | None = typer.Option(None, exists=True, dir_okay=False, help="also its rewards.modules"),
 ) -> None:
     """Show every registered reward with its one-line doc."""
     _config(recipe)  # imports the recipe's reward modules, which registers their rewards
@@ -38,8 +38,8 @@ def list_command(
 @app.command()
 def score(
     responses: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL rows: task, response, label"),
-    recipe: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="take routes from its rewards:"),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="write each row with reward and error added"),
+    recipe: Path | None = typer.Option(None, exists=True, dir_okay=False, help="take routes from its rewards:"),
+    out: Path | None = typer.Option(None, "-o", "--out", help="write each row with reward and error added"),
 ) -> None:
     """Score model responses with the recipe's reward routes (built-in routing without --recipe)."""
     cfg = _config(recipe)

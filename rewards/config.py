@@ -45,7 +45,10 @@ class RewardsConfig(BaseModel, extra="forbid"):
     # @reward decorators have run) by the time the route names are checked.
     modules: list[str] = []  # extra modules to import, in the driver and in every worker, to register rewards
     routes: dict[str, Annotated[list[RewardSpec], Field(min_length=1)]] = Field(
-        default_factory=lambda: {task: [RewardSpec(**spec) for spec in specs] for task, specs in DEFAULT_ROUTES.items()}
+        # built-in names need no check, and skipping it keeps `import morl.config` from importing sympy and scipy
+        default_factory=lambda: {
+            task: [RewardSpec.model_construct(**spec) for spec in specs] for task, specs in DEFAULT_ROUTES.items()
+        }
     )
     num_workers: int = Field(2, ge=1)  # sandbox processes
     timeout_s: float = Field(10.0, gt=0)  # hard limit per reward call; a hung call is killed and counted as an error

@@ -102,16 +102,14 @@ class RewardRouter:
     def _combine(self, specs: list[RewardSpec], outcomes: list[Outcome]) -> RewardResult:
         """Weighted mean of the components; any failed component makes the whole reward None."""
         components = {spec.fn: score for spec, (score, _) in zip(specs, outcomes)}
-        errors = [f"{spec.fn}: {error}" for spec, (_, error) in zip(specs, outcomes) if error is not None]
+        failed = [(spec.fn, error) for spec, (_, error) in zip(specs, outcomes) if error is not None]
+        error = "; ".join(f"{fn}: {reason}" for fn, reason in failed) or None
         with self._lock:
-            self._window.append(bool(errors))
-            for spec, (_, error) in zip(specs, outcomes):
-                if error is not None:
-                    self._errors[spec.fn] += 1
-            if not errors:
-                total = sum(spec.weight for spec in specs)
-                reward = sum(spec.weight * score for spec, (score, _) in zip(specs, outcomes)) / total
-                return RewardResult(reward=reward, error=None, components=components)
-            self._last_error = "; ".join(errors)
-        log.warning("reward failed: %s", self._last_error)
-        return RewardResult(reward=None, error=self._last_error, components=components)
+            self._window.append(error is not None)
+            self._errors.update(fn for fn, _ in failed)
+            self._last_error = error or self._last_error
+        if error is not None:
+            log.warning("reward failed: %s", error)
+            return RewardResult(reward=None, error=error, components=components)
+        reward = sum(spec.weight * score for spec, (score, _) in zip(specs, outcomes)) / sum(s.weight for s in specs)
+        return RewardResult(reward=reward, error=None, components=components)

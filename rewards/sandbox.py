@@ -13,6 +13,7 @@ large chunk that fills the pipe can block only that thread, never the timeout en
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import math
 import multiprocessing as mp
@@ -78,6 +79,7 @@ class SandboxPool:
         self._workers = [self._spawn() for _ in range(num_workers)]
         self._thread = threading.Thread(target=self._run, name="morl-reward-dispatcher", daemon=True)
         self._thread.start()
+        atexit.register(self.close)  # before multiprocessing's own exit hook, which would kill workers under us
         if not self._started.wait(start_timeout_s) or self._broken:
             reason = self._broken or f"reward workers did not start within {start_timeout_s}s"
             self.close()
@@ -100,6 +102,7 @@ class SandboxPool:
 
     def close(self) -> None:
         """Stop the workers; samples still queued or running get a 'closed' error outcome."""
+        atexit.unregister(self.close)
         with self._lock:
             self._closing = True
         self._wake_w.send_bytes(b"")
@@ -217,7 +220,9 @@ class SandboxPool:
                 _finish(job, [(None, reason)] * len(job.calls))
         self._started.set()
         for worker in self._workers:
-            worker.outbox.put(None)  # asks the worker to exit
+            if worker.chunks:  # its calls were just failed; no point waiting for them
+                worker.process.kill()
+            worker.outbox.put(None)  # asks an idle worker to exit
         deadline = time.monotonic() + 2
         for worker in self._workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))

@@ -34,6 +34,7 @@ def score(name, text, label, **kwargs):
         (r"\boxed{5 \mathrm{m}}", "5", 1),
         (r"\boxed{30^\circ}", "30", 1),
         (r"\boxed{\$1,250}", "1250", 1),
+        (r"\boxed{50\%}", "50", 1),
         # thousands separators
         (r"\boxed{1,000,000}", "1000000", 1),
         (r"\boxed{1000}", "1,000", 1),

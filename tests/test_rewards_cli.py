@@ -44,7 +44,8 @@ def test_score_writes_reward_and_error_per_row_and_a_summary(tmp_path):
 
 def test_score_with_a_recipe_uses_its_routes(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("model: {path: x}\nrewards:\n  routes:\n    counting: [{fn: 'test_rewards_fixtures:fixture_half'}]\n")
+    route = "[{fn: 'test_rewards_fixtures:fixture_half'}]"
+    recipe.write_text(f"model: {{path: x}}\nrewards:\n  routes:\n    counting: {route}\n")
     out = tmp_path / "out.jsonl"
     args = ["score", str(write_rows(tmp_path / "r.jsonl", ROWS[2:3])), "--recipe", str(recipe), "-o", str(out)]
     result = runner.invoke(app, args)

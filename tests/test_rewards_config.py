@@ -85,7 +85,8 @@ def test_recipe_routes_override_task_by_task():
     cfg = RewardsConfig(
         routes={"grounding": [{"fn": "grounding", "weight": 0.8}, {"fn": f"{FIXTURES}:fixture_half", "weight": 0.2}]}
     )
-    assert [(s.fn, s.weight) for s in cfg.routes["grounding"]] == [("grounding", 0.8), (f"{FIXTURES}:fixture_half", 0.2)]
+    grounding = [(s.fn, s.weight) for s in cfg.routes["grounding"]]
+    assert grounding == [("grounding", 0.8), (f"{FIXTURES}:fixture_half", 0.2)]
     assert [s.fn for s in cfg.routes["math"]] == ["math"]
 
 

@@ -112,6 +112,12 @@ def test_adapters_end_to_end(router):
     assert [r.reward for r in results] == [1.0, 0.0, 1.0, 0.0]
 
 
+def test_long_responses_larger_than_a_pipe_buffer(router):
+    thinking = "<think>" + "let me think. " * 20_000 + "</think>"  # ~280 kB per sample, far past a pipe's buffer
+    samples = [sample("counting", thinking + rf"\boxed{{{i % 5}}}", {"count": i % 3}) for i in range(40)]
+    assert_counting_ok(router.score(samples), 40)
+
+
 def test_submit_returns_futures_as_responses_finish(router):
     futures = [router.submit(s) for s in counting_batch(12)]
     assert_counting_ok([f.result(timeout=30) for f in futures], 12)

@@ -14,7 +14,15 @@ from morl.toy.tasks import BACKGROUND, GENERATORS, IMAGE_SIZE, INK, KINDS, PALET
 N = 24  # rows per task and split: enough to cover every count, operator and kind
 
 
+def answer_of(row):
+    """The reference after its think block, which captions the image."""
+    think, answer = row["meta"]["reference"].split("</think>")
+    assert think.startswith("<think>") and len(think) > len("<think>")
+    return answer
+
+
 @pytest.fixture(scope="module")
+
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy")
     for task in TASKS:
@@ -87,7 +95,7 @@ def test_counting(data):
         n = row["label"]["count"]
         _, components = ndimage.label(np.any(image != BACKGROUND, axis=-1))
         assert components == n
-        assert row["meta"]["reference"] == f"\\boxed{{{n}}}"
+        assert answer_of(row) == f"\\boxed{{{n}}}"
         counts.add(n)
     assert counts == {1, 2, 3, 4, 5}
 
@@ -106,7 +114,7 @@ def test_grounding(data):
         colour, kind = re.fullmatch(r"Locate the (\w+) (\w+)\. Answer in JSON with bbox_2d in pixels\.",
                                     row["messages"][0]["content"][1]["text"]).groups()
         (box,) = row["label"]["boxes"]
-        assert json.loads(row["meta"]["reference"]) == {"bbox_2d": box, "label": f"{colour} {kind}"}
+        assert json.loads(answer_of(row)) == {"bbox_2d": box, "label": f"{colour} {kind}"}
         x1, y1, x2, y2 = box
         assert all(isinstance(v, int) for v in box)
         assert 0 < x1 < x2 < IMAGE_SIZE and 0 < y1 < y2 < IMAGE_SIZE
@@ -132,7 +140,7 @@ def test_math(data):
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
         assert value >= 0
         assert row["label"] == {"answer": str(value)}
-        assert row["meta"]["reference"] == f"\\boxed{{{value}}}"
+        assert answer_of(row) == f"\\boxed{{{value}}}"
         ink = colour_mask(image, INK)
         rows_with_ink = np.flatnonzero(ink.any(axis=1))
         assert rows_with_ink.max() - rows_with_ink.min() + 1 >= 28  # big glyphs
@@ -149,7 +157,7 @@ def test_choice(data):
         assert set(options.values()) <= set(PALETTE)
         assert text.endswith("\nAnswer with the letter.")
         letter = row["label"]["answer"]
-        assert row["meta"]["reference"] == letter
+        assert answer_of(row) == letter
         colour = options[letter]
         shown = [c for c, rgb in PALETTE.items() if colour_mask(image, rgb).any()]
         assert shown == [colour]

@@ -7,7 +7,6 @@ template shape, the real `Qwen2VLImageProcessor`, the real
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -55,8 +54,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on `corpus`, digits split one per token as in Qwen2."""
+# The template's own words appear in every prompt: the tokenizer learns them as often as the corpus has lines.
+TEMPLATE_WORDS = "system\nYou are a helpful assistant.\nuser\nassistant\n"
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `corpus` and the chat template, digits split one per token as in Qwen2."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -68,7 +71,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus, trainer)
+    tok.train_from_iterator(corpus + [TEMPLATE_WORDS] * len(corpus), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",

@@ -11,22 +11,19 @@ from morl.data import Row
 from morl.logprobs import response_logprobs
 from morl.multimodal import PromptEncoder
 
-THINK = "<think></think>"  # MiMo-VL answers after a think block; the toy one is empty
-
-
-def sft_target(row: Row) -> str:
-    return THINK + row.meta["reference"]
-
-
 def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
     """Cross-entropy on reference answers (the MORL loss with every advantage 1); returns the losses."""
     tokenizer = processor.tokenizer
     encode = PromptEncoder(processor, max_prompt_tokens=4096)
     examples = [
-        (encode(row), tokenizer(sft_target(row), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        (encode(row), tokenizer(row.meta["reference"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
         for row in rows
     ]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # The vision tower stays at its random init: trained from scratch this briefly it collapses into one
+    # constant feature (the language model uses image tokens as an attention sink), which erases the image.
+    model.model.visual.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
     rng = random.Random(seed)
     model.train()
@@ -39,9 +36,10 @@ def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, l
         loss = token_mean_loss(logprobs, torch.ones(len(chosen)), mask)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+    model.model.visual.requires_grad_(True)
     model.eval()
     return losses

@@ -131,6 +131,11 @@ def _draw_operator(draw: ImageDraw.ImageDraw, op: str, x: int, y: int) -> None:
 # ---------------------------------------------------------------- task generators
 
 
+def _think(caption: str) -> str:
+    """The reference answers think briefly first (what the image shows), as MiMo-VL-style SFT data does."""
+    return f"<think>{caption}</think>"
+
+
 def make_counting(rng: random.Random, image_path: Path) -> Sample:
     """1..5 shapes of one kind, one colour and one size (so the coloured area is proportional to the count)."""
     count = rng.randint(1, 5)
@@ -140,7 +145,8 @@ def make_counting(rng: random.Random, image_path: Path) -> Sample:
         _draw_shape(image, kind, colour, box)
     _save(image, image_path)
     question = "How many shapes are in the image? Answer with \\boxed{n}."
-    return question, {"count": count}, f"\\boxed{{{count}}}", {"kind": kind, "colour": colour}
+    reference = _think(f"{count} {colour} {kind}") + f"\\boxed{{{count}}}"
+    return question, {"count": count}, reference, {"kind": kind, "colour": colour}
 
 
 def make_grounding(rng: random.Random, image_path: Path) -> Sample:
@@ -155,7 +161,7 @@ def make_grounding(rng: random.Random, image_path: Path) -> Sample:
     _save(image, image_path)
     name = f"{colour} {kind}"
     question = f"Locate the {name}. Answer in JSON with bbox_2d in pixels."
-    reference = json.dumps({"bbox_2d": boxes[0], "label": name})
+    reference = _think(name) + json.dumps({"bbox_2d": boxes[0], "label": name})
     meta = {
         "kind": kind,
         "colour": colour,
@@ -182,7 +188,8 @@ def make_math(rng: random.Random, image_path: Path) -> Sample:
     _draw_digit(draw, b, x + 2 * (DIGIT_W + gap), y)
     _save(image, image_path)
     question = "Compute the expression shown in the image. Put the answer in \\boxed{}."
-    return question, {"answer": str(answer)}, f"\\boxed{{{answer}}}", {"a": a, "op": op, "b": b}
+    reference = _think(f"{a}{op}{b}") + f"\\boxed{{{answer}}}"
+    return question, {"answer": str(answer)}, reference, {"a": a, "op": op, "b": b}
 
 
 def make_choice(rng: random.Random, image_path: Path) -> Sample:
@@ -196,7 +203,8 @@ def make_choice(rng: random.Random, image_path: Path) -> Sample:
     letter = "ABCD"[options.index(colour)]
     lines = "\n".join(f"{l}. {c}" for l, c in zip("ABCD", options))
     question = f"What colour is the {kind}?\n{lines}\nAnswer with the letter."
-    return question, {"answer": letter}, letter, {"kind": kind, "colour": colour, "options": options}
+    reference = _think(f"{colour} {kind}") + letter
+    return question, {"answer": letter}, reference, {"kind": kind, "colour": colour, "options": options}
 
 
 GENERATORS: dict[str, Callable[[random.Random, Path], Sample]] = {

@@ -16,12 +16,12 @@ import torch
 from morl.config import ToyWorldConfig
 from morl.data import load_dataset
 from morl.toy.model import build_model, build_processor, build_tokenizer, save_checkpoint
-from morl.toy.sft import THINK, warm_up
+from morl.toy.sft import warm_up
 from morl.toy.tasks import write_split
 
 log = logging.getLogger("morl.toy")
 
-BUILD_VERSION = 1  # bump when the world's construction changes, so caches rebuild
+BUILD_VERSION = 3  # bump when the world's construction changes, so caches rebuild
 
 
 def _fingerprint(cfg: ToyWorldConfig) -> dict:
@@ -49,7 +49,7 @@ def build_toy_world(cfg: ToyWorldConfig, root: Path) -> None:
         train_file = write_split(task, cfg.train_per_task, cfg.seed, data_dir, "train")
         write_split(task, cfg.eval_per_task, cfg.seed, data_dir, "heldout")
         train_rows.extend(load_dataset(train_file, known_tasks=set(cfg.tasks)).rows)
-    corpus = [THINK] + [
+    corpus = [
         part.text for row in train_rows for m in row.messages if isinstance(m.content, list) for part in m.content
         if part.type == "text"
     ]

@@ -1,0 +1,78 @@
+"""The HF rollout engine on a tiny real Qwen2.5-VL: groups, log-probs, stop handling, vision tokens."""
+
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from morl.algorithm import token_logprobs
+from morl.data import load_dataset
+from morl.logprobs import response_logprobs
+from morl.multimodal import PromptEncoder, PromptTooLongError
+from morl.rollout.hf_engine import HFEngine, vision_token_ids
+from morl.rollout.types import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def world(toy_world):
+    processor = AutoProcessor.from_pretrained(toy_world / "sft")
+    rows = load_dataset(toy_world / "data" / "counting" / "train.jsonl", known_tasks=None).rows[:3]
+    prompts = [PromptEncoder(processor, 4096)(row) for row in rows]
+    return processor, rows, prompts, HFEngine(str(toy_world / "sft"), None, "float32")
+
+
+def test_groups_and_logprobs_match_a_teacher_forced_forward(world):
+    processor, _, prompts, engine = world
+    groups = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=10, seed=3))
+    assert len(groups) == 3 and all(len(g) == 4 for g in groups)
+    flat = [c for g in groups for c in g]
+    for c in flat:
+        assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
+        assert c.finish_reason == ("stop" if c.token_ids[-1] in engine.stop_ids else "length")
+    with torch.no_grad():
+        logprobs, mask = response_logprobs(
+            engine.model,
+            [p for p in prompts for _ in range(4)],
+            [c.token_ids for c in flat],
+            config=engine.model.config,
+            pad_id=processor.tokenizer.pad_token_id,
+            banned_ids=engine.banned_ids,
+        )
+    rollout = torch.zeros_like(logprobs)
+    for i, c in enumerate(flat):
+        rollout[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    assert ((logprobs - rollout).abs() * mask).max() < 1e-3
+
+
+def test_same_seed_same_samples(world):
+    _, _, prompts, engine = world
+    a = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=8, seed=7))
+    b = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=8, seed=7))
+    assert [c.token_ids for g in a for c in g] == [c.token_ids for g in b for c in g]
+
+
+def test_vision_placeholders_are_never_sampled(world):
+    processor, _, prompts, engine = world
+    banned = vision_token_ids(processor.tokenizer)
+    assert len(banned) == 4
+    head = engine.model.get_output_embeddings().weight
+    saved = head.data.clone()
+    try:
+        with torch.no_grad():
+            # make <|image_pad|> the most likely next token by far (its input embedding is unused:
+            # image positions take the vision features)
+            head[processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 50 * head.abs().max()
+        groups = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=6, seed=1))
+    finally:
+        head.data.copy_(saved)
+    assert not {t for g in groups for c in g for t in c.token_ids} & set(banned)
+
+
+def test_banned_tokens_have_zero_probability():
+    logits = torch.zeros((1, 1, 5))
+    assert token_logprobs(logits, torch.tensor([[2]]), banned_ids=[2]).item() == float("-inf")
+
+
+def test_long_multimodal_prompt_is_refused(world):
+    processor, rows, _, _ = world
+    with pytest.raises(PromptTooLongError, match=rows[0].id):
+        PromptEncoder(processor, max_prompt_tokens=20)(rows[0])
