@@ -12,17 +12,17 @@ from rich.console import Console
 from morl.config import ConfigError, RunConfig, dump_config, load_config
 from morl.data import DataError
 from morl.multimodal import PromptTooLongError
+from morl.rewards import cli as rewards_cli
+from morl.rewards.router import RewardErrorRateExceeded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixed On-policy RL for vision-language models.")
 console = Console(stderr=True)
-USER_ERRORS = (ConfigError, DataError, PromptTooLongError)
+USER_ERRORS = (ConfigError, DataError, PromptTooLongError, RewardErrorRateExceeded)
 
-try:
-    from morl.rewards.cli import app as rewards_app
-
-    app.add_typer(rewards_app, name="rewards", help="Inspect and run reward functions.")
-except ImportError:  # pragma: no cover - the rewards CLI is optional while it is being built
-    pass
+app.add_typer(rewards_cli.app, name="rewards")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, each against a bare baseline in the same run.")
+bench_app.command("rewards")(rewards_cli.bench)
+app.add_typer(bench_app, name="bench")
 
 
 def _resolve(recipe: Path, overrides: list[str], output_dir: Optional[Path]) -> RunConfig:

@@ -38,10 +38,10 @@ class ToyWorldConfig(Section):
     seed: int = 0
     tasks: tuple[str, ...] = ("counting", "grounding", "math", "choice")
     train_per_task: int = Field(512, gt=0)
-    eval_per_task: int = Field(64, gt=0)
-    sft_steps: int = Field(200, ge=0)
+    eval_per_task: int = Field(256, gt=0)
+    sft_steps: int = Field(900, ge=0)
     sft_batch_size: int = Field(32, gt=0)
-    sft_lr: float = Field(2e-3, gt=0)
+    sft_lr: float = Field(1e-3, gt=0)
 
 
 class RolloutConfig(Section):

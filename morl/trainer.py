@@ -108,6 +108,7 @@ class Trainer:
         results = {}
         if cfg.eval.enabled:
             results["sft"] = self.evaluate()
+            eval_table(results)
         metrics_file = MetricsWriter(self.out_dir / "metrics.jsonl")
         with ProgressDisplay(cfg.trainer.max_steps) as progress:
             for step in range(1, cfg.trainer.max_steps + 1):
@@ -149,6 +150,7 @@ class Trainer:
             log.warning("step %d: every group had zero reward variance or an error; no update", step)
         for name, count in self.router.error_counts().items():
             metrics[f"reward/{name}/errors"] = count
+        self.router.check_error_rate()
         metrics.update(timer.as_metrics())
         return metrics
 

@@ -34,6 +34,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 30),
 }
 KINDS = ("circle", "square", "triangle")
+LETTERS = "ABCDEF"  # one option letter per palette colour
 TASKS = ("counting", "grounding", "math", "choice")
 
 MARGIN = 4  # free pixels between any shape and the image border
@@ -193,15 +194,18 @@ def make_math(rng: random.Random, image_path: Path) -> Sample:
 
 
 def make_choice(rng: random.Random, image_path: Path) -> Sample:
-    """One shape (30..50 px) of one palette colour; four distinct colour options, shuffled."""
+    """One shape (30..50 px) of one palette colour; the options list the whole palette, always in one order.
+
+    A fixed option order keeps the task about perception (which colour is it?) rather than about finding a
+    colour among shuffled lines, which a model this small cannot learn within the quickstart's budget.
+    """
     kind, colour = rng.choice(KINDS), rng.choice(list(PALETTE))
     image = _new_image()
     _draw_shape(image, kind, colour, _layout(rng, [rng.randint(30, 50)])[0])
     _save(image, image_path)
-    options = [colour] + rng.sample([c for c in PALETTE if c != colour], 3)
-    rng.shuffle(options)
-    letter = "ABCD"[options.index(colour)]
-    lines = "\n".join(f"{l}. {c}" for l, c in zip("ABCD", options))
+    options = list(PALETTE)
+    letter = LETTERS[options.index(colour)]
+    lines = "\n".join(f"{l}. {c}" for l, c in zip(LETTERS, options))
     question = f"What colour is the {kind}?\n{lines}\nAnswer with the letter."
     reference = _think(f"{colour} {kind}") + letter
     return question, {"answer": letter}, reference, {"kind": kind, "colour": colour, "options": options}
