@@ -11,13 +11,14 @@ from rich.console import Console
 
 from morl.config import ConfigError, RunConfig, dump_config, load_config
 from morl.data import DataError
+from morl.learner import NonFiniteLossError
 from morl.multimodal import PromptTooLongError
 from morl.rewards import cli as rewards_cli
 from morl.rewards.router import RewardErrorRateExceeded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixed On-policy RL for vision-language models.")
 console = Console(stderr=True)
-USER_ERRORS = (ConfigError, DataError, PromptTooLongError, RewardErrorRateExceeded)
+USER_ERRORS = (ConfigError, DataError, PromptTooLongError, RewardErrorRateExceeded, NonFiniteLossError)
 
 app.add_typer(rewards_cli.app, name="rewards")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, each against a bare baseline in the same run.")
