@@ -1,16 +1,19 @@
 """Two real MORL steps through the CLI, Ray actors and DeepSpeed on CPU, on a tiny toy world."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-pytestmark = pytest.mark.slow
-
 from conftest import TINY_WORLD
+
+pytestmark = pytest.mark.slow
+TESTS = Path(__file__).parent
 
 OVERRIDES = [
     *(f"toy_world.{key}={value}" for key, value in TINY_WORLD.items()),
@@ -20,13 +23,17 @@ OVERRIDES = [
     "rollout.max_new_tokens=12",
     "algo.drop_zero_variance_groups=false",
     "rewards.num_workers=1",
+    # a registered custom reward (by module, as users do), whose groups always vary: a 2-step run must learn
+    "rewards.modules=[test_rewards_fixtures]",
+    *(f"rewards.routes.{task}=[{{fn: fixture_length}}]" for task in ("counting", "grounding", "math", "choice")),
 ]
 
 
 def morl_train(world, out_dir, *extra):
-    cmd = [sys.executable, "-m", "morl.cli", "train", "recipes/quickstart.yaml", f"toy_world.root={world}",
+    cmd = [sys.executable, "-m", "morl.cli", "train", str(TESTS.parent / "recipes" / "quickstart.yaml"), f"toy_world.root={world}",
            *OVERRIDES, *extra, "--output-dir", str(out_dir)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 

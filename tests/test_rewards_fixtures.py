@@ -45,3 +45,9 @@ def trl_exact(completions, solution, task, **columns):
 def verl_exact(data_source, solution_str, ground_truth, extra_info=None):
     """A verl-style compute_score returning a dict."""
     return {"score": float(solution_str.strip() == ground_truth), "data_source": data_source}
+
+
+@reward
+def fixture_length(response, sample):
+    """Grows with the response length: sampled groups always have reward variance, whatever the model knows."""
+    return min(len(response), 40) / 40

@@ -20,7 +20,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-IMAGE_SIDE = 112  # toy images are square and a multiple of 28: the processor keeps them as they are
+from morl.toy.tasks import IMAGE_SIZE
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -84,7 +84,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
 
 def build_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
     """The real Qwen2.5-VL processor around the toy tokenizer; pixel budget fixed to one toy image."""
-    pixels = IMAGE_SIDE * IMAGE_SIDE
+    pixels = IMAGE_SIZE * IMAGE_SIZE  # one toy image, a multiple of 28 on each side: kept as it is
     image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2)
     video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=8 * pixels, patch_size=14, merge_size=2)
     return Qwen2_5_VLProcessor(
