@@ -22,7 +22,7 @@ import torch
 
 from morl.algorithm import group_advantages, zero_variance_groups
 from morl.config import RunConfig, dump_config
-from morl.data import MixtureSampler, Row, load_datasets
+from morl.data import MixtureSampler, Row, counts_by_task, load_datasets
 from morl.learner import PolicyLearner, TrainBatch
 from morl.metrics import MetricsWriter, ProgressDisplay, eval_table
 from morl.multimodal import EncodedPrompt, PromptEncoder
@@ -258,11 +258,11 @@ def rollout_metrics(groups: Groups) -> dict[str, float]:
                 per_task[row.task].append((r, len(c.token_ids)))
     everything = [x for xs in per_task.values() for x in xs]
     metrics = {"reward/mean": _mean(r for r, _ in everything), "response_length/mean": _mean(n for _, n in everything)}
+    metrics.update({f"prompts/{task}": n for task, n in counts_by_task(groups.rows).items()})
     for task, xs in sorted(per_task.items()):
         metrics[f"reward/{task}"] = _mean(r for r, _ in xs)
         metrics[f"pass_rate/{task}"] = _mean(float(r >= 1.0) for r, _ in xs)
         metrics[f"response_length/{task}"] = _mean(n for _, n in xs)
-        metrics[f"prompts/{task}"] = len(xs) // max(1, len(groups.completions[0]))
     return metrics
 
 

@@ -66,6 +66,7 @@ def test_run_directory_contents(runs):
         assert m["logprob_mismatch"] < 1e-3
     tasks = {k.split("/")[1] for k in metrics[0] if k.startswith("pass_rate/")}
     assert tasks <= {"counting", "grounding", "math", "choice"} and tasks
+    assert sum(v for k, v in metrics[0].items() if k.startswith("prompts/")) == 4
 
 
 def test_final_policy_loads_and_differs_from_sft(runs):
