@@ -37,6 +37,12 @@ class TrainBatch:
         return len(self.responses)
 
 
+def trainable_parameters(model, *, freeze_vision_tower: bool) -> list[torch.nn.Parameter]:
+    """The parameters to optimise; with `freeze_vision_tower` the ViT and merger stay as loaded."""
+    model.model.visual.requires_grad_(not freeze_vision_tower)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,9 +82,7 @@ class PolicyLearner:
         self.banned_ids = banned_ids
         self.processor = AutoProcessor.from_pretrained(model_cfg.processor_path or model_cfg.path)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_cfg.path, dtype=torch.float32)
-        if cfg.freeze_vision_tower:
-            model.model.visual.requires_grad_(False)
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        trainable = trainable_parameters(model, freeze_vision_tower=cfg.freeze_vision_tower)
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,

@@ -32,7 +32,10 @@ OVERRIDES = [
 def morl_train(world, out_dir, *extra):
     cmd = [sys.executable, "-m", "morl.cli", "train", str(TESTS.parent / "recipes" / "quickstart.yaml"), f"toy_world.root={world}",
            *OVERRIDES, *extra, "--output-dir", str(out_dir)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    # a fresh process, as a user starts it: no torch.distributed variables left by in-process learner tests
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK",
+                                                             "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done

@@ -8,6 +8,7 @@ import torch
 
 from morl.algorithm import token_mean_loss
 from morl.data import Row
+from morl.learner import trainable_parameters
 from morl.logprobs import response_logprobs
 from morl.multimodal import PromptEncoder
 
@@ -21,8 +22,7 @@ def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, l
     ]
     # The vision tower stays at its random init: trained from scratch this briefly it collapses into one
     # constant feature (the language model uses image tokens as an attention sink), which erases the image.
-    model.model.visual.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = trainable_parameters(model, freeze_vision_tower=True)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
     rng = random.Random(seed)
@@ -40,6 +40,6 @@ def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, l
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    model.model.visual.requires_grad_(True)
+    trainable_parameters(model, freeze_vision_tower=False)
     model.eval()
     return losses
