@@ -59,3 +59,55 @@ def policy_gradient_loss_sum(logprobs: torch.Tensor, advantages: torch.Tensor, m
 def token_mean_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The MORL loss of one whole batch: [B, T] log-probs, [B] advantages, [B, T] 0/1 mask."""
     return policy_gradient_loss_sum(logprobs, advantages, mask) / mask.sum().clamp(min=1)
+
+
+# --- vanilla GRPO: the ablation MORL is compared against (shared/MORL.md section 1) -------------------------
+#
+#     r_t  = pi(o_t) / pi_old(o_t)                   pi_old: the policy that sampled the rollout batch
+#     loss = (1 / sum |o_i|) * sum_i sum_t [ -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i)
+#                                             + beta * KL_k3(pi || pi_ref)_t ]
+#
+# per mini-batch, several optimizer steps per rollout batch; beta = 0 needs no reference model.
+
+LOG_RATIO_LIMIT = 20.0
+"""Log-ratios are clamped to +-20 before `exp`, so one stray token cannot overflow the loss."""
+
+
+def mini_batch_slices(n: int, parts: int) -> list[range]:
+    """Cut n sequences into min(parts, n) contiguous mini-batches whose sizes differ by at most one."""
+    if n < 1 or parts < 1:
+        raise ValueError(f"need n >= 1 and parts >= 1, got n={n}, parts={parts}")
+    parts = min(parts, n)
+    bounds = [n * k // parts for k in range(parts + 1)]
+    return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
+def clipped_policy_loss_sum(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over response tokens of -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), and the clipped-token count.
+
+    A token whose ratio has already moved past the clip in the direction its advantage pushes gets no
+    gradient: that is what bounds how far several steps on one rollout batch move the policy. The count
+    is of tokens where the clipped term is the active one (the numerator of the clip fraction). Returned
+    as a sum, like `policy_gradient_loss_sum`, to be divided by the mini-batch's token count.
+    """
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    adv = advantages.unsqueeze(-1)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return (torch.maximum(unclipped, clipped) * mask).sum(), ((clipped > unclipped).float() * mask).sum()
+
+
+def k3_kl_sum(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over response tokens of k3 = exp(ref - logp) - (ref - logp) - 1, the KL(pi || ref) estimate GRPO uses.
+
+    Unbiased for sampled tokens, never negative, and exactly 0 (with zero gradient) where pi equals ref.
+    """
+    delta = (ref_logprobs - logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    return ((torch.exp(delta) - delta - 1) * mask).sum()

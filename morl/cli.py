@@ -1,4 +1,4 @@
-"""`morl` command line: train, config, rewards, bench."""
+"""`morl` command line: train, config, compare, filter, rewards, bench."""
 
 from __future__ import annotations
 
@@ -9,16 +9,29 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from morl.checkpoint import LATEST, CheckpointError
 from morl.config import ConfigError, RunConfig, dump_config, load_config
 from morl.data import DataError
 from morl.learner import NonFiniteLossError
-from morl.multimodal import PromptTooLongError
+from morl.model_check import ModelDirError
+from morl.multimodal import PromptTooLongError, UnsupportedInputError
 from morl.rewards import cli as rewards_cli
 from morl.rewards.router import RewardErrorRateExceeded
+from morl.weight_sync import StaleWeightsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixed On-policy RL for vision-language models.")
 console = Console(stderr=True)
-USER_ERRORS = (ConfigError, DataError, PromptTooLongError, RewardErrorRateExceeded, NonFiniteLossError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    PromptTooLongError,
+    UnsupportedInputError,
+    RewardErrorRateExceeded,
+    NonFiniteLossError,
+    CheckpointError,
+    ModelDirError,
+    StaleWeightsError,
+)
 
 app.add_typer(rewards_cli.app, name="rewards")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, each against a bare baseline in the same run.")
@@ -31,23 +44,41 @@ def _resolve(recipe: Path, overrides: list[str], output_dir: Optional[Path]) -> 
     return load_config(recipe, [*overrides, *extra])
 
 
+def _split_resume_path(args: list[str], resume: bool) -> tuple[list[str], str | None]:
+    """`--resume` is a flag, so its optional PATH arrives among the overrides: the one argument without `=`."""
+    paths = [a for a in args if "=" not in a]
+    if not resume:
+        return args, None
+    if len(paths) > 1:
+        raise ConfigError(f"--resume takes one checkpoint path, got {len(paths)}: {' '.join(paths)}")
+    return [a for a in args if "=" in a], paths[0] if paths else LATEST
+
+
 @app.command()
 def train(
     recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/quickstart.yaml"),
-    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides (and the PATH of --resume PATH)"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="run directory"),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="continue from the newest complete checkpoint of the run directory (from the beginning if it has none); "
+        "`--resume PATH`: from that checkpoint, or that run directory's newest",
+    ),
+    force: bool = typer.Option(False, "--force", help="resume even though the config changed keys that are not safe"),
 ) -> None:
     """Run a MORL recipe."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = _resolve(recipe, overrides or [], output_dir)
+        overrides, resume_from = _split_resume_path(overrides or [], resume)
+        cfg = _resolve(recipe, overrides, output_dir)
         if cfg.toy_world is not None:
             from morl.toy.world import ensure_toy_world
 
             ensure_toy_world(cfg.toy_world)
         from morl.trainer import Trainer
 
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, resume=resume_from, force=force)
         try:
             trainer.fit()
         finally:
@@ -70,6 +101,147 @@ def config(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     typer.echo(dump_config(cfg), nl=False)
+
+
+
+@app.command()
+def preflight(
+    recipe: Path = typer.Argument(..., help="YAML recipe"),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
+    gpus: int = typer.Option(1, min=0, help="GPUs per node the run gets (0: a CPU run)"),
+    gpu_mem_gib: float = typer.Option(80.0, min=1, help="memory of one GPU, GiB"),
+    host_mem_gib: Optional[float] = typer.Option(None, min=1, help="host memory, GiB (default: this machine's)"),
+) -> None:
+    """Estimate GPU and host memory for a recipe from its model's config.json; refuse one that cannot fit."""
+    from morl.preflight import Hardware, PreflightError, host_memory_gib, report
+
+    try:
+        cfg = load_config(recipe, overrides or [])
+        lines, fits = report(cfg, Hardware(gpus, gpu_mem_gib, host_mem_gib or host_memory_gib()))
+    except (ConfigError, PreflightError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    typer.echo("\n".join(lines))
+    if not fits:
+        raise typer.Exit(2)
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="run directories, each with the eval.json of a finished run"),
+) -> None:
+    """Held-out reward and response length per task of several runs, side by side (e.g. morl vs grpo)."""
+    from morl.compare import CompareError, load_run_eval, print_comparison
+    from morl.metrics import console as stdout
+
+    try:
+        print_comparison([load_run_eval(run) for run in runs], stdout)
+    except CompareError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@bench_app.command("rollout")
+def bench_rollout(
+    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/quickstart.yaml"),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
+    steps: int = typer.Option(8, min=1, help="rollout batches collected in each mode"),
+) -> None:
+    """Seamless vs synchronous rollout with dynamic sampling: seconds per batch, speedup and sample waste."""
+    from morl.rollout_bench import MODES, bench_rollout as run_bench
+
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        cfg = load_config(recipe, overrides or [])
+        if cfg.toy_world is not None:
+            from morl.toy.world import ensure_toy_world
+
+            ensure_toy_world(cfg.toy_world)
+        result = run_bench(cfg, steps)
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    typer.echo(f"{steps} batches of {cfg.trainer.prompts_per_step} groups x {cfg.rollout.group_size}, "
+               f"{result['workers']} rollout workers, dynamic sampling {'on' if cfg.algo.dynamic_sampling else 'off'}")
+    typer.echo(f"{'mode':<12} {'s/batch':>8} {'sample waste':>13} {'worker idle':>12}")
+    for mode in MODES:
+        r = result[mode]
+        typer.echo(f"{mode:<12} {r['seconds_per_step']:>8.2f} {r['sample_waste']:>13.1%} {r['worker_idle_fraction']:>12.1%}")
+    typer.echo(f"speedup (synchronous / seamless time): {result['speedup']:.2f}x; "
+               f"same batches in both modes: {'yes' if result['same_batches'] else 'NO'}")
+
+
+
+def _bench_config(recipe: Path, overrides: list[str]) -> RunConfig:
+    cfg = load_config(recipe, overrides)
+    if cfg.toy_world is not None:
+        from morl.toy.world import ensure_toy_world
+
+        ensure_toy_world(cfg.toy_world)
+    return cfg
+
+
+@bench_app.command("learner")
+def bench_learner(
+    recipe: Path = typer.Argument(..., help="YAML recipe: its model and learner settings"),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
+    sequences: int = typer.Option(8, min=1, help="sequences per update"),
+    prompt_tokens: int = typer.Option(256, min=1, help="prompt tokens per sequence"),
+    response_tokens: int = typer.Option(256, min=1, help="response tokens per sequence"),
+    steps: int = typer.Option(3, min=1, help="timed updates after one warm-up; the best counts"),
+) -> None:
+    """Tokens/s and MFU of one learner update, vs a matmul measured on the same device (and H100's 989 TFLOP/s)."""
+    from morl.learner_bench import bench_learner as run_bench
+
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        report = run_bench(_bench_config(recipe, overrides or []), sequences, prompt_tokens, response_tokens, steps)
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    typer.echo("\n".join(f"{key:<20} {value}" for key, value in report.items()))
+
+
+@bench_app.command("sync")
+def bench_sync(
+    recipe: Path = typer.Argument(..., help="YAML recipe: its model, rollout engine and workers"),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
+    rounds: int = typer.Option(3, min=1, help="timed syncs after one warm-up; the best counts"),
+) -> None:
+    """Seconds per GB of the learner -> rollout weight sync, vs a bare transfer of the same bytes."""
+    from morl.sync_bench import bench_sync as run_bench
+
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        report = run_bench(_bench_config(recipe, overrides or []), rounds)
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    typer.echo("\n".join(f"{key:<20} {value}" for key, value in report.items()))
+
+
+@app.command("filter")
+def filter_prompts(
+    recipe: Path = typer.Argument(..., help="YAML recipe whose model, rewards and train datasets are used"),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
+    samples: int = typer.Option(..., "--samples", "-k", help="K: responses sampled per prompt"),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="new (or empty) directory for the results"),
+    max_pass_rate: float = typer.Option(0.9, help="drop prompts whose pass rate is above this (too easy)"),
+    min_pass_rate: float = typer.Option(0.0, help="drop prompts whose pass rate is below this (too hard)"),
+    pass_threshold: float = typer.Option(1.0, help="a sample passes when its reward is >= this"),
+) -> None:
+    """Offline pass-rate filter: K samples per train prompt; keep the prompts neither too easy nor too hard."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from morl.filter import FilterError, FilterSettings, run_filter
+    from morl.metrics import console as stdout
+
+    try:
+        cfg = load_config(recipe, overrides or [])
+        settings = FilterSettings(samples, max_pass_rate, min_pass_rate, pass_threshold)
+        run_filter(cfg, settings, output_dir, stdout)
+    except (*USER_ERRORS, FilterError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

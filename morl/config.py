@@ -45,22 +45,72 @@ class ToyWorldConfig(Section):
 
 
 class RolloutConfig(Section):
-    engine: Literal["hf"] = "hf"
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate (CPU); vllm: GPU workers")
     num_workers: int = Field(1, ge=1)
     group_size: int = Field(8, ge=2, description="G: responses sampled per prompt")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, gt=0)
     max_prompt_tokens: int = Field(2048, gt=0, description="longer multimodal prompts are refused, never truncated")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPU cores per rollout worker (also its torch threads)")
+    mode: Literal["seamless", "synchronous"] = Field(
+        "seamless", description="seamless: dispatch, score and refill continuously; synchronous: whole batches"
+    )
+    prompts_per_call: int = Field(2, gt=0, description="seamless: prompts per generate call to one worker")
+    calls_per_worker: int = Field(2, gt=0, description="seamless: calls queued per worker, so none waits idle")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per rollout worker")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="vllm: share of each worker GPU's memory vLLM takes (weights + KV cache)"
+    )
+    colocate: bool = Field(False, description="vllm: share the learner's GPUs; vLLM sleeps during the update")
+    sleep_level: Literal[1, 2] = Field(
+        2, description="colocate: 1 keeps weights in host memory, 2 discards them (reloaded from the learner)"
+    )
+    max_images_per_prompt: int = Field(1, ge=0, description="vllm: images one prompt may carry (memory is profiled for it)")
+    sync_bucket_mb: int = Field(512, gt=0, description="weight sync: MiB per bucket (one transfer call per bucket)")
+
+    @model_validator(mode="after")
+    def _vllm_only_options(self) -> RolloutConfig:
+        if self.engine == "hf":
+            for key, value in (("tensor_parallel_size", self.tensor_parallel_size), ("colocate", self.colocate)):
+                if value != RolloutConfig.model_fields[key].default:
+                    raise ValueError(f"rollout.{key}={value} needs rollout.engine=vllm (the hf engine runs on CPU)")
+        return self
 
 
 class AlgoConfig(Section):
-    name: Literal["morl"] = "morl"
-    adv_eps: float = Field(1e-6, gt=0)
-    drop_zero_variance_groups: bool = Field(
-        True, description="keep groups whose rewards are all equal out of the update (they carry no signal)"
+    name: Literal["morl", "grpo"] = Field(
+        "morl", description="morl: one on-policy step per rollout batch; grpo: the vanilla GRPO ablation"
     )
+    adv_eps: float = Field(1e-6, gt=0)
+    dynamic_sampling: bool = Field(
+        True, description="drop groups whose rewards are all equal (no signal) and refill the batch with new prompts"
+    )
+    max_refill_rounds: int = Field(
+        4, ge=0, description="dynamic sampling: give up refilling after this many batches' worth of extra prompts"
+    )
+    easy_pool_alpha: float = Field(
+        0.1, ge=0, le=1, description="probability that a draw comes from the pool of prompts whose group was all correct"
+    )
+    # vanilla GRPO only (name: grpo); under morl a value other than the default is refused, not silently ignored
+    mini_batches: int = Field(4, ge=1, description="grpo: optimizer steps per pass over the rollout batch")
+    update_epochs: int = Field(1, ge=1, description="grpo: passes over the rollout batch")
+    clip_low: float = Field(0.2, gt=0, lt=1, description="grpo: the ratio is clipped below at 1 - clip_low")
+    clip_high: float = Field(0.28, gt=0, description="grpo: the ratio is clipped above at 1 + clip_high")
+    kl_coef: float = Field(
+        0.0, ge=0, description="grpo: weight of the k3 KL to the frozen SFT model (0: no reference model is loaded)"
+    )
+
+    @model_validator(mode="after")
+    def _grpo_only_options(self) -> AlgoConfig:
+        if self.name != "grpo":
+            for key in ("mini_batches", "update_epochs", "clip_low", "clip_high", "kl_coef"):
+                if (value := getattr(self, key)) != AlgoConfig.model_fields[key].default:
+                    raise ValueError(
+                        f"algo.{key}={value} needs algo.name=grpo (algo.name={self.name} takes one on-policy step "
+                        "per rollout batch: no mini-batches, ratio clip or KL)"
+                    )
+        return self
 
 
 class LearnerConfig(Section):
@@ -75,6 +125,17 @@ class LearnerConfig(Section):
     max_logprob_mismatch: float | None = Field(
         None, gt=0, description="stop the run when rollout and learner log-probs differ by more than this"
     )
+    offload_optimizer: bool = Field(False, description="ZeRO: optimizer states (and its step) in host memory")
+    offload_params: bool = Field(False, description="ZeRO-3: parameters in host memory between uses")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> LearnerConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"learner.offload_params needs learner.zero_stage=3 (got {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("learner.offload_optimizer needs learner.zero_stage 1, 2 or 3 (got 0)")
+        return self
 
 
 class TrainerConfig(Section):
@@ -82,6 +143,8 @@ class TrainerConfig(Section):
     max_steps: int = Field(100, ge=0)
     prompts_per_step: int = Field(16, gt=0)
     output_dir: str = "runs/quickstart"
+    save_every: int = Field(10, ge=0, description="checkpoint every N steps (0: only at the end); always at the end")
+    keep_last: int | None = Field(2, ge=1, description="checkpoints kept, newest first (null keeps every one)")
 
 
 class EvalConfig(Section):
@@ -105,7 +168,11 @@ class RunConfig(Section):
         """A toy world supplies the model and datasets the recipe leaves empty."""
         if self.toy_world is None:
             if self.model.path is None:
-                raise ValueError("model.path is required (or a toy_world section)")
+                raise ValueError(
+                    "model.path is required: set it in the recipe or pass model.path=/path/to/checkpoint on the "
+                    "command line (a local HF-format Qwen2.5-VL-compatible directory; nothing is downloaded), "
+                    "or add a toy_world section"
+                )
             return self
         root = Path(self.toy_world.root).expanduser()
         if self.model.path is None:

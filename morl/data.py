@@ -338,7 +338,15 @@ class MixtureSampler:
         self._orders = [self._epoch_order(i) for i in range(len(datasets))]
 
     def next_batch(self, n: int) -> list[Row]:
-        return [self._next() for _ in range(n)]
+        return [self.row(self.next_key()) for _ in range(n)]
+
+    def row(self, key: tuple[int, int]) -> Row:
+        """The row at (dataset index, row index)."""
+        return self._datasets[key[0]].rows[key[1]]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(len(d.rows) for d in self._datasets)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -360,7 +368,8 @@ class MixtureSampler:
         self._epochs = list(state["epochs"])
         self._orders = [self._epoch_order(i) for i in range(len(self._datasets))]
 
-    def _next(self) -> Row:
+    def next_key(self) -> tuple[int, int]:
+        """Draw the next row; returns where it is, (dataset index, row index)."""
         u = np.random.default_rng([self._seed, 0, self._draws]).random()
         i = min(int(np.searchsorted(self._cumulative, u, side="right")), len(self._datasets) - 1)
         self._draws += 1
@@ -368,9 +377,9 @@ class MixtureSampler:
             self._epochs[i] += 1
             self._positions[i] = 0
             self._orders[i] = self._epoch_order(i)
-        row = self._datasets[i].rows[self._orders[i][self._positions[i]]]
+        key = (i, int(self._orders[i][self._positions[i]]))
         self._positions[i] += 1
-        return row
+        return key
 
     def _epoch_order(self, i: int) -> np.ndarray:
         return np.random.default_rng([self._seed, 1, i, self._epochs[i]]).permutation(len(self._datasets[i].rows))

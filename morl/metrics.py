@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -22,11 +23,28 @@ class MetricsWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(metrics, sort_keys=True) + "\n")
 
+    def keep_until(self, step: int) -> None:
+        """Drop the lines of steps after `step` (and a line torn by a kill), so a resumed run logs each step once."""
+        if not self.path.exists():
+            return
+        lines = [(line, _step_of(line)) for line in self.path.read_text().splitlines()]
+        kept = [line for line, line_step in lines if line_step is not None and line_step <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
 
 class ProgressDisplay:
     """Step, mean reward, reward per task and seconds per step, on one live line."""
 
-    def __init__(self, total_steps: int):
+    def __init__(self, total_steps: int, completed: int = 0):
         self.progress = Progress(
             TextColumn("step"),
             MofNCompleteColumn(),
@@ -35,7 +53,7 @@ class ProgressDisplay:
             TimeElapsedColumn(),
             console=console,
         )
-        self.task = self.progress.add_task("train", total=total_steps, summary="")
+        self.task = self.progress.add_task("train", total=total_steps, completed=completed, summary="")
 
     def __enter__(self) -> ProgressDisplay:
         self.progress.start()

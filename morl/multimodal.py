@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from morl.data import Row, open_image
+from morl.data import ImageRef, Row, open_image
 
 
 class PromptTooLongError(ValueError):
@@ -24,6 +24,19 @@ class EncodedPrompt:
     input_ids: list[int]
     pixel_values: torch.Tensor | None  # [patches, C*T*P*P], all images of the prompt in order
     image_grid_thw: torch.Tensor | None  # [images, 3]
+    image_refs: tuple[ImageRef, ...] = ()  # the row's images as given, for engines that preprocess them (vLLM)
+
+
+class UnsupportedInputError(ValueError):
+    """A row the prompt encoder cannot turn into model inputs (yet): refused by name, never silently mangled."""
+
+
+def refuse_if_too_long(row_id: str, num_tokens: int, max_prompt_tokens: int) -> None:
+    if num_tokens > max_prompt_tokens:
+        raise PromptTooLongError(
+            f"row {row_id!r}: prompt is {num_tokens} tokens with its images, over "
+            f"rollout.max_prompt_tokens={max_prompt_tokens}; multimodal prompts are never truncated"
+        )
 
 
 class PromptEncoder:
@@ -34,16 +47,14 @@ class PromptEncoder:
         self.max_prompt_tokens = max_prompt_tokens
 
     def __call__(self, row: Row) -> EncodedPrompt:
+        if any(part.type == "video" for m in row.messages if isinstance(m.content, list) for part in m.content):
+            raise UnsupportedInputError(f"row {row.id!r}: video parts are not supported by the prompt encoder yet")
         text = self.processor.apply_chat_template([m.model_dump(exclude_none=True) for m in row.messages], add_generation_prompt=True, tokenize=False)
         images = [open_image(ref) for ref in row.images] or None
         enc = self.processor(text=[text], images=images, return_tensors="pt")
         ids = enc["input_ids"][0].tolist()
-        if len(ids) > self.max_prompt_tokens:
-            raise PromptTooLongError(
-                f"row {row.id!r}: prompt is {len(ids)} tokens with its images, over "
-                f"rollout.max_prompt_tokens={self.max_prompt_tokens}; multimodal prompts are never truncated"
-            )
-        return EncodedPrompt(row.id, ids, enc.get("pixel_values"), enc.get("image_grid_thw"))
+        refuse_if_too_long(row.id, len(ids), self.max_prompt_tokens)
+        return EncodedPrompt(row.id, ids, enc.get("pixel_values"), enc.get("image_grid_thw"), tuple(row.images))
 
 
 @dataclass

@@ -12,26 +12,33 @@ import json
 import logging
 import os
 import time
-import zlib
 from collections import defaultdict
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
 import torch
 
-from morl.algorithm import group_advantages, zero_variance_groups
+from morl.algorithm import group_advantages
+from morl.checkpoint import Checkpoint, CheckpointError, capture_rng, resolve_resume, restore_rng, save_checkpoint
 from morl.config import RunConfig, dump_config
-from morl.data import MixtureSampler, Row, counts_by_task, load_datasets
+from morl.data import Row, load_datasets
 from morl.learner import PolicyLearner, TrainBatch
-from morl.metrics import MetricsWriter, ProgressDisplay, eval_table
-from morl.multimodal import EncodedPrompt, PromptEncoder
-from morl.rewards.parsing import split_think
+from morl.metrics import MetricsWriter, ProgressDisplay, console, eval_table
+from morl.model_check import check_model_dir
+from morl.multimodal import PromptEncoder
+from morl.prompt_source import PromptSource
+from morl.weight_sync import check_logprob_mismatch, plan_buckets, sync_rollout_weights
 from morl.rewards.router import RewardRouter
-from morl.rewards.types import RewardInput
 from morl.rollout.hf_engine import vision_token_ids
 from morl.rollout.types import Completion, SamplingParams
-from morl.rollout.worker import RolloutWorker
+from morl.rollout_scheduler import (
+    Group,
+    RolloutScheduler,
+    generate_in_order,
+    reward_input,
+    start_rollout_workers,
+    threads_for,
+)
 
 log = logging.getLogger("morl.trainer")
 
@@ -44,25 +51,14 @@ QUIET_OFFLINE_ENV = {
 }
 
 
-@dataclass
-class Groups:
-    """One rollout batch: P prompts x G completions, with their scores."""
-
-    rows: list[Row]
-    prompts: list[EncodedPrompt]
-    completions: list[list[Completion]]
-    rewards: list[list[float | None]]
-
-
-def sampling_seed(run_seed: int, step: int, worker: int) -> int:
-    """A per-(step, worker) seed, so a run replays exactly whatever the order of calls."""
-    return zlib.crc32(f"{run_seed}:{step}:{worker}".encode())
-
-
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, resume: str | None = None, force: bool = False):
+        """`resume`: None (a new run), checkpoint.LATEST, or a checkpoint / run directory; see resolve_resume."""
         self.cfg = cfg
+        self.force = force
         self.out_dir = Path(cfg.trainer.output_dir)
+        check_model_dir(cfg.model.path, cfg.model.processor_path)
+        self.resume_from = resolve_resume(self.out_dir, resume, cfg, force)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(dump_config(cfg))
         os.environ.update(QUIET_OFFLINE_ENV)
@@ -79,156 +75,161 @@ class Trainer:
             for ds in load_datasets(cfg.data.eval, known_tasks=tasks, on_bad_row=cfg.data.on_bad_row)
             for row in ds.rows
         ]
-        self.sampler = MixtureSampler(self.train_sets, [s.weight for s in cfg.data.train], seed=cfg.trainer.seed)
+        self.sampler = PromptSource(
+            self.train_sets, [s.weight for s in cfg.data.train], cfg.trainer.seed, cfg.algo.easy_pool_alpha
+        )
         self.router = RewardRouter(cfg.rewards)
 
-        threads = os.cpu_count() or 1
-        if not ray.is_initialized():
-            ray.init(
-                num_cpus=max(threads, cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.cpus),
-                include_dashboard=False,
-                log_to_driver=True,
-                runtime_env={"env_vars": QUIET_OFFLINE_ENV},
-            )
-        self.workers = [
-            ray.remote(num_cpus=cfg.rollout.cpus_per_worker)(RolloutWorker).remote(
-                model.path, model.processor_path, model.dtype, threads
-            )
-            for _ in range(cfg.rollout.num_workers)
-        ]
+        init_ray(cfg)
+        start_weights = str(self.resume_from.policy_dir) if self.resume_from else model.path
+        self.workers = start_rollout_workers(cfg, start_weights)
         self.banned_ids = vision_token_ids(self.processor.tokenizer)
         self.learner = ray.remote(num_cpus=cfg.learner.cpus)(PolicyLearner).remote(
-            model, cfg.learner, cfg.rollout.temperature, self.banned_ids, cfg.trainer.seed, threads
+            model,
+            cfg.learner,
+            cfg.rollout.temperature,
+            self.banned_ids,
+            cfg.trainer.seed,
+            threads_for(cfg.learner.cpus),
+            algo=cfg.algo,
         )
+        self.scheduler = RolloutScheduler.from_config(cfg, self.workers, self.router, self.encode, self.sampler)
+        # engines that keep their weights between syncs get only what trains (vLLM sleep level 2 drops them all)
+        drops_weights = cfg.rollout.colocate and cfg.rollout.sleep_level == 2
+        sizes = ray.get(self.learner.weight_sizes.remote(model.dtype, trainable_only=not drops_weights))
+        self.sync_plan = plan_buckets(sizes, cfg.rollout.sync_bucket_mb * 2**20)
+        self.start_step = 0
+        self.sft_eval: dict[str, dict[str, float]] | None = None  # evaluate()'s reward and response_length
+        if self.resume_from is not None:
+            self.restore(self.resume_from)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
         cfg = self.cfg
-        results = {}
-        if cfg.eval.enabled:
-            results["sft"] = self.evaluate()
+        results, lengths = {}, {}
+        if cfg.eval.enabled and self.resume_from is None:
+            self.sft_eval = self.evaluate()
+        if cfg.eval.enabled and self.sft_eval is not None:
+            results["sft"], lengths["sft"] = self.sft_eval["reward"], self.sft_eval["response_length"]
             eval_table(results)
         metrics_file = MetricsWriter(self.out_dir / "metrics.jsonl")
-        with ProgressDisplay(cfg.trainer.max_steps) as progress:
-            for step in range(1, cfg.trainer.max_steps + 1):
+        metrics_file.keep_until(self.start_step)  # steps logged after the checkpoint are trained again
+        last = cfg.trainer.max_steps
+        if self.start_step >= last:
+            log.warning("the checkpoint is at step %d, trainer.max_steps=%d: no step to train", self.start_step, last)
+        with ProgressDisplay(last, completed=min(self.start_step, last)) as progress:
+            for step in range(self.start_step + 1, last + 1):
                 metrics = self.train_step(step)
                 metrics_file.write(metrics)
                 progress.update(metrics)
+                if step == last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
+                    self.save_checkpoint(step)
         ray.get(self.learner.save_hf.remote(str(self.out_dir / "final")))
         if cfg.eval.enabled:
-            results["policy"] = self.evaluate()
-            (self.out_dir / "eval.json").write_text(json.dumps(results, indent=2))
+            policy = self.evaluate()
+            results["policy"], lengths["policy"] = policy["reward"], policy["response_length"]
+            (self.out_dir / "eval.json").write_text(json.dumps({**results, "response_length": lengths}, indent=2))
             eval_table(results)
         return results
 
     def train_step(self, step: int) -> dict:
-        cfg = self.cfg
         timer = PhaseTimer()
-        rows = self.sampler.next_batch(cfg.trainer.prompts_per_step)
-        prompts = [self.encode(row) for row in rows]
-        sampling = SamplingParams(
-            n=cfg.rollout.group_size,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-        )
-        completions = self.generate(prompts, sampling, step)
-        timer.lap("rollout")
-        rewards = self.score(rows, completions)
-        timer.lap("reward")
-        groups = Groups(rows, prompts, completions, rewards)
-        batch, batch_metrics = self.build_batch(groups)
-        metrics = {"step": step, **rollout_metrics(groups), **batch_metrics}
+        rollout = self.scheduler.collect(self.cfg.trainer.prompts_per_step)
+        timer.lap("rollout")  # generation and scoring overlap: one phase
+        batch, batch_metrics = build_batch(rollout.groups, self.cfg.algo.adv_eps)
+        metrics = {"step": step, **reward_metrics(rollout.decided), **rollout.metrics, **batch_metrics}
         if len(batch):
+            colocated = self.cfg.rollout.colocate  # vLLM shares the learner's GPU: it sleeps during the update
+            if colocated:
+                ray.get([w.sleep.remote(self.cfg.rollout.sleep_level) for w in self.workers])
             metrics.update(ray.get(self.learner.train_step.remote(batch)))
             timer.lap("update")
-            weights = self.learner.named_weights.remote()
-            ray.get([w.load_weights.remote(weights) for w in self.workers])
+            # the rollouts this step trained on were sampled with the weights of the previous sync
+            check_logprob_mismatch(metrics["logprob_mismatch"], self.cfg.learner.max_logprob_mismatch, step)
+            if colocated:
+                ray.get([w.wake_up.remote(["weights"]) for w in self.workers])
+            sync = sync_rollout_weights(
+                self.learner, self.workers, self.sync_plan, dtype=self.cfg.model.dtype, cuda_ipc=colocated
+            )
+            if colocated:
+                ray.get([w.wake_up.remote(["kv_cache"]) for w in self.workers])
+            metrics.update(sync.as_metrics())
             timer.lap("sync")
         else:
-            log.warning("step %d: every group had zero reward variance or an error; no update", step)
+            log.warning("step %d: no group had reward variance (or every group had a reward error); no update", step)
         for name, count in self.router.error_counts().items():
             metrics[f"reward/{name}/errors"] = count
         self.router.check_error_rate()
         metrics.update(timer.as_metrics())
         return metrics
 
-    def generate(self, prompts: list[EncodedPrompt], sampling: SamplingParams, step: int) -> list[list[Completion]]:
-        """Split prompts evenly over the rollout workers and gather their groups in order."""
-        n = len(self.workers)
-        shards = [prompts[i::n] for i in range(n)]
-        futures = [
-            w.generate.remote(shard, replace(sampling, seed=sampling_seed(self.cfg.trainer.seed, step, i)))
-            for i, (w, shard) in enumerate(zip(self.workers, shards))
-            if shard
-        ]
-        results = ray.get(futures)
-        merged: list[list[Completion]] = [None] * len(prompts)  # type: ignore[list-item]
-        for i, groups in enumerate(results):
-            merged[i::n] = groups
-        return merged
-
     def score(self, rows: list[Row], completions: list[list[Completion]]) -> list[list[float | None]]:
-        inputs = [
-            RewardInput(
-                response=split_think(c.text),
-                full_response=c.text,
-                task=row.task,
-                label=row.label,
-                images=tuple(ref for ref in row.images if isinstance(ref, str)),
-                meta=row.meta,
-            )
-            for row, group in zip(rows, completions)
-            for c in group
-        ]
+        inputs = [reward_input(row, c) for row, group in zip(rows, completions) for c in group]
         flat = [r.reward for r in self.router.score(inputs)]
         g = len(completions[0]) if completions else 0
         return [flat[i * g : (i + 1) * g] for i in range(len(completions))]
 
-    def build_batch(self, groups: Groups) -> tuple[TrainBatch, dict]:
-        """Advantages per group; groups with a reward error, or (optionally) no variance, stay out."""
-        errored = [any(r is None for r in group) for group in groups.rewards]
-        rewards = torch.tensor([[0.0 if r is None else r for r in group] for group in groups.rewards])
-        advantages = group_advantages(rewards, self.cfg.algo.adv_eps)
-        flat_var = zero_variance_groups(rewards).tolist()
-        keep = [
-            not err and not (flat and self.cfg.algo.drop_zero_variance_groups) for err, flat in zip(errored, flat_var)
-        ]
-        batch = TrainBatch([], [], [], [])
-        for i in (i for i, k in enumerate(keep) if k):
-            for j, completion in enumerate(groups.completions[i]):
-                batch.prompts.append(groups.prompts[i])
-                batch.responses.append(completion.token_ids)
-                batch.rollout_logprobs.append(completion.logprobs)
-                batch.advantages.append(advantages[i, j].item())
-        kept_adv = torch.tensor(batch.advantages) if batch.advantages else torch.zeros(1)
-        metrics = {
-            "groups/total": len(keep),
-            "groups/kept": sum(keep),
-            "groups/dropped_zero_variance": sum(f and not e for f, e in zip(flat_var, errored)),
-            "groups/dropped_error": sum(errored),
-            "advantage/mean": kept_adv.mean().item(),
-            "advantage/std": kept_adv.std(unbiased=False).item(),
-            "advantage/abs_mean": kept_adv.abs().mean().item(),
-            "advantage/max": kept_adv.max().item(),
-            "advantage/min": kept_adv.min().item(),
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, step: int) -> Checkpoint:
+        """The policy, the optimizer, and every piece of driver state an exact resume needs, written atomically."""
+        state = {
+            "sampler": self.sampler.state_dict(),
+            "router": self.router.state_dict(),
+            "rollout_valid_rate": self.scheduler.valid_rate,  # sizes seamless refills: same dispatch after resume
+            "rng": capture_rng(),
+            "eval_sft": self.sft_eval,
         }
-        return batch, metrics
+        return save_checkpoint(
+            self.out_dir,
+            step,
+            lambda directory: ray.get(self.learner.save_checkpoint.remote(str(directory))),
+            state,
+            self.cfg,
+            self.cfg.trainer.keep_last,
+        )
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from `ckpt`: learner weights and optimizer, prompt order, reward counters, RNGs, step counter.
+
+        The rollout workers were started from the checkpoint's policy. A data set whose size changed cannot continue
+        its saved order; with --force the order starts over (the step counter still decides how many steps remain).
+        """
+        ray.get(self.learner.load_checkpoint.remote(str(ckpt.path)))
+        try:
+            self.sampler.load_state_dict(ckpt.state["sampler"])
+        except ValueError as exc:
+            if not self.force:
+                raise CheckpointError(
+                    f"checkpoint {ckpt.path}: the training data changed ({exc}); pass --force to resume with the "
+                    "data order started over"
+                ) from None
+            log.warning("--force: the data order starts over (%s)", exc)
+        self.router.load_state_dict(ckpt.state["router"])
+        self.scheduler.valid_rate = ckpt.state["rollout_valid_rate"]
+        restore_rng(ckpt.state["rng"])
+        self.start_step = ckpt.step
+        self.sft_eval = ckpt.state["eval_sft"]
+        console.print(f"resuming from {ckpt.path} (step {ckpt.step} of {self.cfg.trainer.max_steps})")
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict[str, float]:
-        """Greedy decoding on the held-out rows: mean reward per task, and the mean over tasks."""
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Greedy decoding on the held-out rows: "reward" and "response_length" (tokens), each per task and as
+        the mean over tasks. Lengths show what the reports watch: reasoning answers grow, grounding ones shrink."""
         rows = self._eval_subset()
         prompts = [self.encode(row) for row in rows]
         greedy = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True)
-        rewards = self.score(rows, self.generate(prompts, greedy, step=0))
-        by_task: dict[str, list[float]] = defaultdict(list)
-        for row, (r,) in zip(rows, rewards):
-            by_task[row.task].append(0.0 if r is None else r)
-        result = {task: sum(v) / len(v) for task, v in sorted(by_task.items())}
-        result["mean"] = sum(result.values()) / len(result)
+        completions = generate_in_order(self.workers, prompts, greedy, seeds=[0] * len(prompts))
+        rewards = self.score(rows, completions)
+        by_task: dict[str, list[tuple[float, int]]] = defaultdict(list)
+        for row, (r,), (c,) in zip(rows, rewards, completions):
+            by_task[row.task].append((0.0 if r is None else r, len(c.token_ids)))
+        result = {}
+        for k, name in enumerate(("reward", "response_length")):
+            per_task = {task: _mean(x[k] for x in xs) for task, xs in sorted(by_task.items())}
+            result[name] = {**per_task, "mean": _mean(per_task.values())}
         return result
 
     def _eval_subset(self) -> list[Row]:
@@ -249,21 +250,52 @@ class Trainer:
             ray.kill(actor)
 
 
-def rollout_metrics(groups: Groups) -> dict[str, float]:
-    """Reward, pass rate (full reward) and response length, overall and per task."""
+def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[str, float]]:
+    """Flatten the accepted groups into sequences, each with its group-normalised advantage."""
+    batch = TrainBatch([], [], [], [])
+    if not groups:
+        return batch, {}
+    advantages = group_advantages(torch.tensor([g.rewards for g in groups]), adv_eps)
+    for i, group in enumerate(groups):
+        for j, completion in enumerate(group.completions):
+            batch.prompts.append(group.encoded)
+            batch.responses.append(completion.token_ids)
+            batch.rollout_logprobs.append(completion.logprobs)
+            batch.advantages.append(advantages[i, j].item())
+    adv = torch.tensor(batch.advantages)
+    return batch, {
+        "advantage/mean": adv.mean().item(),
+        "advantage/std": adv.std(unbiased=False).item(),
+        "advantage/abs_mean": adv.abs().mean().item(),
+        "advantage/max": adv.max().item(),
+        "advantage/min": adv.min().item(),
+    }
+
+
+def reward_metrics(groups: list[Group]) -> dict[str, float]:
+    """Reward, pass rate (full reward) and response length over every group of the step, overall and per task."""
     per_task: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    for row, rewards, completions in zip(groups.rows, groups.rewards, groups.completions):
-        for r, c in zip(rewards, completions):
+    for group in groups:
+        for r, c in zip(group.rewards, group.completions):
             if r is not None:
-                per_task[row.task].append((r, len(c.token_ids)))
+                per_task[group.task].append((r, len(c.token_ids)))
     everything = [x for xs in per_task.values() for x in xs]
     metrics = {"reward/mean": _mean(r for r, _ in everything), "response_length/mean": _mean(n for _, n in everything)}
-    metrics.update({f"prompts/{task}": n for task, n in counts_by_task(groups.rows).items()})
     for task, xs in sorted(per_task.items()):
         metrics[f"reward/{task}"] = _mean(r for r, _ in xs)
         metrics[f"pass_rate/{task}"] = _mean(float(r >= 1.0) for r, _ in xs)
         metrics[f"response_length/{task}"] = _mean(n for _, n in xs)
     return metrics
+
+
+def init_ray(cfg: RunConfig) -> None:
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.cpus),
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": QUIET_OFFLINE_ENV},
+        )
 
 
 def _mean(values) -> float:

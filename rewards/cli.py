@@ -1,4 +1,5 @@
-"""`morl rewards ...`: list the registered rewards, score a JSONL of responses offline, benchmark the router."""
+"""`morl rewards ...`: list the registered rewards, score a JSONL of responses offline, benchmark the router, and
+serve a reward model over HTTP."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from morl.rewards.registry import list_rewards
 from morl.rewards.router import RewardRouter
 from morl.rewards.types import RewardInput, RewardResult
 
-app = typer.Typer(help="Reward functions: list them, score responses offline, benchmark the router.")
+app = typer.Typer(help="Reward functions: list them, score responses offline, benchmark the router, serve them.")
+serve_app = typer.Typer(help="Run a reward service standalone: an HTTP server speaking the reward service contract.")
+app.add_typer(serve_app, name="serve")
 console = Console()
 
 
@@ -27,11 +30,14 @@ console = Console()
 def list_command(
     recipe: Path | None = typer.Option(None, exists=True, dir_okay=False, help="also its rewards.modules"),
 ) -> None:
-    """Show every registered reward with its one-line doc."""
-    _config(recipe)  # imports the recipe's reward modules, which registers their rewards
+    """Show every registered reward with its one-line doc, and the recipe's reward services."""
+    cfg = _config(recipe)  # imports the recipe's reward modules, which registers their rewards
     table = Table("name", "doc")
     for name, doc in list_rewards().items():
         table.add_row(name, escape(doc))
+    for name, service in cfg.services.items():
+        where = service.url if service.kind == "http" else f"started on Ray Serve from {service.model_path}"
+        table.add_row(name, escape(f"{service.kind} service: {where}"))
     console.print(table)
 
 
@@ -71,6 +77,29 @@ def bench(
     for key, value in report.items():
         table.add_row(key, str(value))
     console.print(table)
+
+
+@serve_app.command("preference")
+def serve_preference(
+    model: Path = typer.Option(..., exists=True, file_okay=False, help="reward model checkpoint directory"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    device: str = typer.Option("auto", help="auto (cuda when there is a GPU), cpu or cuda"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16"),
+    batch_size: int = typer.Option(8, help="samples per forward pass"),
+) -> None:
+    """Serve a Bradley-Terry reward model: POST samples to http://HOST:PORT/score, sigmoid(score) back."""
+    from morl.rewards.preference import PreferenceScorer
+    from morl.rewards.server import make_server
+
+    server = make_server(PreferenceScorer(str(model), device, dtype, batch_size), host, port)
+    console.print(f"preference reward model {escape(str(model))} at http://{host}:{server.server_port}/score")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def _config(recipe: Path | None) -> RewardsConfig:

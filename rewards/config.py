@@ -1,15 +1,18 @@
 """The `rewards:` section of a recipe: which reward functions score each task type, and how they are run.
 
 Reward names are checked when the config is built, so a typo fails before any GPU time is spent, with the key
-named by pydantic (e.g. `rewards.routes.grounding.1.fn`).
+named by pydantic (e.g. `rewards.routes.grounding.1.fn`). A route may also name a reward service from `services`:
+a reward model the run starts on Ray Serve, or any URL speaking the HTTP contract of rewards/contract.py.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Annotated, Literal
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidatorFunctionWrapHandler, field_validator, model_validator
 
 from morl.rewards.registry import get_reward
 
@@ -17,9 +20,63 @@ DEFAULT_ROUTES: dict[str, list[dict[str, str]]] = {
     task: [{"fn": task}] for task in ("math", "grounding", "point", "counting", "temporal", "choice")
 }
 
+ImageMode = Literal["base64", "path", "none"]
+
+# The service names of the RewardsConfig being validated, so its RewardSpecs accept them as reward names.
+_SERVICE_NAMES: ContextVar[frozenset[str]] = ContextVar("service_names", default=frozenset())
+
+
+class ServiceClientConfig(BaseModel, extra="forbid"):
+    """How the router calls a reward service: batches of samples per HTTP request (rewards/README.md)."""
+
+    batch_size: int = Field(32, ge=1)  # samples per request
+    max_concurrency: int = Field(2, ge=1)  # requests in flight at once
+    timeout_s: float = Field(60.0, gt=0)  # no answer by then fails the request's samples (not retried)
+    max_retries: int = Field(3, ge=0)  # on connection errors and HTTP 503, with backoff
+    images: ImageMode = "base64"  # image files sent inline as data URLs, as paths (shared filesystem), or not at all
+
+
+class HttpService(ServiceClientConfig):
+    """A reward hosted anywhere that speaks the contract: the router posts to `url`."""
+
+    kind: Literal["http"]
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return url
+
+
+class PreferenceService(ServiceClientConfig):
+    """A Bradley-Terry reward model (rewards/preference.py) the run starts as a Ray Serve app."""
+
+    kind: Literal["preference"]
+    model_path: str  # HF checkpoint dir: *ForSequenceClassification, num_labels=1
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)  # Ray resources per replica
+    num_gpus: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the replica sees a GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    forward_batch_size: int = Field(8, ge=1)  # samples per forward pass inside a replica
+    start_timeout_s: float = Field(600.0, gt=0)  # replicas not serving by then stop the run with the reason
+
+    @field_validator("model_path")
+    @classmethod
+    def _checkpoint(cls, path: str) -> str:
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"no reward model checkpoint at {path!r} (no config.json)")
+        return path
+
+
+ServiceConfig = Annotated[HttpService | PreferenceService, Field(discriminator="kind")]
+
 
 class RewardSpec(BaseModel, extra="forbid"):
-    """One reward function on a route: its name (or `package.module:function`), weight and calling convention."""
+    """One reward on a route: a function name (or `package.module:function`) or a service name, its weight, and
+    the function's calling convention."""
 
     fn: str
     weight: float = Field(1.0, gt=0, allow_inf_nan=False)
@@ -28,22 +85,33 @@ class RewardSpec(BaseModel, extra="forbid"):
     @field_validator("fn")
     @classmethod
     def _known(cls, fn: str) -> str:
+        if fn in _SERVICE_NAMES.get():
+            return fn
         try:
             get_reward(fn)
         except LookupError as e:
-            raise ValueError(str(e)) from None
+            services = sorted(_SERVICE_NAMES.get())
+            raise ValueError(f"{e}{f'; services: {services}' if services else ''}") from None
         return fn
+
+    @model_validator(mode="after")
+    def _service_takes_no_adapter(self) -> RewardSpec:
+        if self.adapter != "morl" and self.fn in _SERVICE_NAMES.get():
+            raise ValueError(f"adapter: {self.fn!r} is a reward service (it speaks the HTTP contract): no adapter")
+        return self
 
 
 class RewardsConfig(BaseModel, extra="forbid"):
-    """Routes from task type to weighted reward functions, plus the sandbox pool that runs them.
+    """Routes from task type to weighted reward functions and services, plus the sandbox pool that runs the
+    functions.
 
     `routes` given in a recipe override the built-in routing task by task; tasks not named keep their default.
     """
 
     # Declared before `routes`: pydantic validates fields in order, so the modules are imported (and their
-    # @reward decorators have run) by the time the route names are checked.
+    # @reward decorators have run) and the service names are known by the time the route names are checked.
     modules: list[str] = []  # extra modules to import, in the driver and in every worker, to register rewards
+    services: dict[str, ServiceConfig] = {}  # reward services by name; routes name them like reward functions
     routes: dict[str, Annotated[list[RewardSpec], Field(min_length=1)]] = Field(
         # built-in names need no check, and skipping it keeps `import morl.config` from importing sympy and scipy
         default_factory=lambda: {
@@ -54,6 +122,7 @@ class RewardsConfig(BaseModel, extra="forbid"):
     timeout_s: float = Field(10.0, gt=0)  # hard limit per reward call; a hung call is killed and counted as an error
     max_error_rate: float = Field(0.05, ge=0, le=1)  # share of errored samples in the window that stops the run
     error_window: int = Field(1000, ge=1)  # samples in that window
+    serve_port: int = Field(8000, ge=1, le=65535)  # HTTP port of Ray Serve, for the services the run starts
 
     @field_validator("modules")
     @classmethod
@@ -65,7 +134,40 @@ class RewardsConfig(BaseModel, extra="forbid"):
                 raise ValueError(f"cannot import reward module {name!r}: {e}") from None
         return modules
 
+    @field_validator("services")
+    @classmethod
+    def _service_names(cls, services: dict[str, Any]) -> dict[str, Any]:
+        for name in services:
+            if ":" in name:
+                raise ValueError(f"service name {name!r} must not contain ':' (reserved for module:function paths)")
+            try:
+                get_reward(name)
+            except LookupError:
+                continue
+            raise ValueError(f"service name {name!r} is already a registered reward; pick another name")
+        return services
+
     @field_validator("routes", mode="before")
     @classmethod
     def _over_defaults(cls, routes: object) -> object:
         return {**DEFAULT_ROUTES, **routes} if isinstance(routes, dict) else routes
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _with_service_names(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Validate with the given service names in scope (even a service that fails its own checks), so the
+        routes accept them as reward names and only the service itself is reported."""
+        services = data.get("services") if isinstance(data, dict) else None
+        token = _SERVICE_NAMES.set(frozenset(services) if isinstance(services, dict) else frozenset())
+        try:
+            return handler(data)
+        finally:
+            _SERVICE_NAMES.reset(token)
+
+    @model_validator(mode="after")
+    def _services_are_routed(self) -> RewardsConfig:
+        routed = {spec.fn for specs in self.routes.values() for spec in specs}
+        unused = sorted(set(self.services) - routed)
+        if unused:
+            raise ValueError(f"services {unused} are not used by any route (name them as fn: in rewards.routes)")
+        return self

@@ -1,6 +1,7 @@
 """Route each response to its task's reward functions and combine their scores into one reward in [0, 1].
 
-The router is the trainer's single entry point to rewards: it sends calls to the sandbox pool, combines the
+The router is the trainer's single entry point to rewards: it sends reward function calls to the sandbox pool and
+samples for reward services to their HTTP clients (starting the services the recipe asks for), combines the
 components by weight, and keeps the error accounting the run needs (per-reward counts for metrics, and a windowed
 error rate that stops the run when rewards are broken rather than silently training on zeros).
 """
@@ -11,10 +12,11 @@ import functools
 import logging
 import threading
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
-from morl.rewards.config import RewardsConfig, RewardSpec
+from morl.rewards.config import PreferenceService, RewardsConfig, RewardSpec
+from morl.rewards.http_client import HttpRewardClient
 from morl.rewards.sandbox import Outcome, SandboxPool
 from morl.rewards.types import RewardInput, RewardResult
 
@@ -33,11 +35,22 @@ class RewardErrorRateExceeded(RuntimeError):
 
 
 class RewardRouter:
-    """Scores samples by task with the configured weighted reward functions, in a sandboxed process pool."""
+    """Scores samples by task with the configured weighted reward functions (in a sandboxed process pool) and
+    reward services (over HTTP).
+
+    Lifecycle: the constructor starts the sandbox pool; `start()` starts the recipe's Ray Serve services and
+    connects to all services (a no-op without services). `with` calls it, and so does the first `submit`, so a
+    driver that configures Ray itself only needs to build the router before `ray.init` and score after it;
+    `close()` stops everything the router started.
+    """
 
     def __init__(self, cfg: RewardsConfig):
         self.cfg = cfg
         self._pool = SandboxPool(cfg.num_workers, cfg.timeout_s, cfg.modules)
+        self._clients: dict[str, HttpRewardClient] = {}  # service name -> client, once started
+        self._serve = None  # RayServeServices, when the recipe has services for the run to start
+        self._started = self._closed = False
+        self._start_lock = threading.Lock()
         self._lock = threading.Lock()
         self._errors = Counter({spec.fn: 0 for specs in cfg.routes.values() for spec in specs})
         self._window: deque[bool] = deque(maxlen=cfg.error_window)  # per scored sample: did a reward fail?
@@ -48,11 +61,49 @@ class RewardRouter:
         """Task types that have a route."""
         return frozenset(self.cfg.routes)
 
+    def start(self) -> RewardRouter:
+        """Start the recipe's Ray Serve services (ray.init first if Ray is not up) and wait until every service
+        answers; idempotent. Raises RuntimeError naming a service that does not come up."""
+        with self._start_lock:
+            if self._closed:
+                raise RuntimeError("reward router is closed")
+            if self._started:
+                return self
+            services = self.cfg.services
+            urls = {name: s.url for name, s in services.items() if s.kind == "http"}
+            launched = {name: s for name, s in services.items() if isinstance(s, PreferenceService)}
+            try:
+                if launched:
+                    from morl.rewards.serve import RayServeServices  # needs ray[serve]: only when asked for
+
+                    self._serve = RayServeServices(launched, self.cfg.serve_port)
+                    urls.update(self._serve.start())
+                self._clients = {name: HttpRewardClient(url, services[name]) for name, url in urls.items()}
+                for name in launched:  # Serve's proxy may take a moment to route to a new app
+                    self._clients[name].wait_ready(launched[name].start_timeout_s)
+            except BaseException:
+                self._stop_services()
+                raise
+            self._started = True
+            return self
+
     def submit(self, sample: RewardInput) -> Future[RewardResult]:
         """Start scoring one sample now; the future never raises for a reward failure (see RewardResult.error)."""
         specs = self._route(sample.task)
-        calls = [(spec.fn, spec.adapter) for spec in specs]
-        return self._pool.submit(sample, calls, functools.partial(self._combine, specs))
+        if not self._started:
+            self.start()
+        finish = functools.partial(self._combine, specs)
+        local = [i for i, spec in enumerate(specs) if spec.fn not in self._clients]
+        if len(local) == len(specs):
+            return self._pool.submit(sample, [(spec.fn, spec.adapter) for spec in specs], finish)
+        parts: list[tuple[list[int], Future[list[Outcome]]]] = []
+        if local:
+            calls = [(specs[i].fn, specs[i].adapter) for i in local]
+            parts.append((local, self._pool.submit(sample, calls, list)))
+        for i, spec in enumerate(specs):
+            if spec.fn in self._clients:
+                parts.append(([i], _as_list(self._clients[spec.fn].submit(sample))))
+        return _join(parts, len(specs), finish)
 
     def score(self, samples: Sequence[RewardInput]) -> list[RewardResult]:
         """Score a batch, blocking; results in input order. Raises UnknownTaskError before scoring anything."""
@@ -65,6 +116,18 @@ class RewardRouter:
         """Failed calls so far per routed reward fn name, zeros included (for `reward/<name>/errors` metrics)."""
         with self._lock:
             return dict(self._errors)
+
+    def state_dict(self) -> dict:
+        """The error accounting (counts and the recent window), for a checkpoint: a resumed run keeps counting."""
+        with self._lock:
+            return {"errors": dict(self._errors), "window": list(self._window), "last_error": self._last_error}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._lock:
+            self._errors = Counter({**dict.fromkeys(self._errors, 0), **state["errors"]})
+            self._window.clear()
+            self._window.extend(state["window"])
+            self._last_error = state["last_error"]
 
     def check_error_rate(self) -> None:
         """Raise RewardErrorRateExceeded once more than max_error_rate x error_window of the recent samples failed.
@@ -82,10 +145,26 @@ class RewardRouter:
                 )
 
     def close(self) -> None:
+        """Stop the services the router started and the sandbox pool; samples still waiting get an error."""
+        with self._start_lock:
+            self._stop_services()
+            self._closed = True
         self._pool.close()
 
+    def _stop_services(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients = {}
+        if self._serve is not None:
+            self._serve.close()
+            self._serve = None
+
     def __enter__(self) -> RewardRouter:
-        return self
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -113,3 +192,35 @@ class RewardRouter:
             return RewardResult(reward=None, error=error, components=components)
         reward = sum(spec.weight * score for spec, (score, _) in zip(specs, outcomes)) / sum(s.weight for s in specs)
         return RewardResult(reward=reward, error=None, components=components)
+
+
+def _as_list(future: Future[Outcome]) -> Future[list[Outcome]]:
+    out: Future[list[Outcome]] = Future()
+    future.add_done_callback(lambda done: out.set_result([done.result()]))
+    return out
+
+
+def _join(
+    parts: list[tuple[list[int], Future[list[Outcome]]]], n: int, finish: Callable[[list[Outcome]], RewardResult]
+) -> Future[RewardResult]:
+    """One future for a sample scored in parts: part (indices, future) fills those outcomes; `finish` runs on all."""
+    result: Future[RewardResult] = Future()
+    outcomes: list[Outcome] = [(None, None)] * n
+    remaining = [len(parts)]
+    lock = threading.Lock()
+
+    def done(indices: list[int], future: Future[list[Outcome]]) -> None:
+        for i, outcome in zip(indices, future.result()):
+            outcomes[i] = outcome
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            try:
+                result.set_result(finish(outcomes))
+            except Exception as e:
+                result.set_exception(e)
+
+    for indices, future in parts:
+        future.add_done_callback(functools.partial(done, indices))
+    return result

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+
 import torch
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoTokenizer, LogitsProcessor, Qwen2_5_VLForConditionalGeneration, StoppingCriteria
 
 from morl.algorithm import token_logprobs
 from morl.multimodal import EncodedPrompt, collate
@@ -18,6 +21,50 @@ def vision_token_ids(tokenizer) -> list[int]:
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
+def sequence_seed(prompt_seed: int, sample: int) -> int:
+    return zlib.crc32(f"{prompt_seed}:{sample}".encode())
+
+
+class SeededSampler(LogitsProcessor):
+    """Samples every sequence from its own generator (Gumbel-max), so a sample never depends on its batch.
+
+    `generate` runs greedily over `logits / T + Gumbel noise`, which is an exact draw from the
+    temperature / top-p distribution. Because each row consumes its own random stream, prompt i's
+    samples are the same whether it is generated alone, in a chunk of 2, or with the whole batch:
+    the scheduler can dispatch prompts in any grouping and the run stays reproducible.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            logits = _top_p_filter(logits, self.top_p)
+        noise = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
+        return logits + gumbel.to(logits.device)
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches `top_p` (always at least the best one)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+class _StopWhen(StoppingCriteria):
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
+
+
 class HFEngine:
     def __init__(self, model_path: str, processor_path: str | None, dtype: str, max_batch_sequences: int = 512):
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype))
@@ -29,17 +76,35 @@ class HFEngine:
         self.pad_id = self.tokenizer.pad_token_id
         self.max_batch_sequences = max_batch_sequences
 
-    def generate(self, prompts: list[EncodedPrompt], sampling: SamplingParams) -> list[list[Completion]]:
-        torch.manual_seed(sampling.seed)
+    def generate(
+        self,
+        prompts: list[EncodedPrompt],
+        sampling: SamplingParams,
+        seeds: Sequence[int],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[Completion]]:
+        """`sampling.n` completions per prompt; prompt i's samples depend only on `seeds[i]` and the weights.
+
+        `should_stop` is polled every decoding step; when it turns true the call ends early and
+        the partial completions come back with finish reason "abort".
+        """
         per_chunk = max(1, self.max_batch_sequences // sampling.n)
         flat: list[Completion] = []
         for start in range(0, len(prompts), per_chunk):
-            expanded = [p for p in prompts[start : start + per_chunk] for _ in range(sampling.n)]
-            flat.extend(self._generate_batch(expanded, sampling))
+            chunk = range(start, min(start + per_chunk, len(prompts)))
+            expanded = [prompts[i] for i in chunk for _ in range(sampling.n)]
+            row_seeds = [sequence_seed(seeds[i], j) for i in chunk for j in range(sampling.n)]
+            flat.extend(self._generate_batch(expanded, row_seeds, sampling, should_stop))
         return [flat[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
 
     @torch.no_grad()
-    def _generate_batch(self, prompts: list[EncodedPrompt], sampling: SamplingParams) -> list[Completion]:
+    def _generate_batch(
+        self,
+        prompts: list[EncodedPrompt],
+        row_seeds: list[int],
+        sampling: SamplingParams,
+        should_stop: Callable[[], bool] | None,
+    ) -> list[Completion]:
         config = self.model.config
         batch = collate(
             [p.input_ids for p in prompts],
@@ -49,14 +114,12 @@ class HFEngine:
             video_token_id=config.video_token_id,
             left_pad=True,
         )
-        sample_kwargs = (
-            dict(do_sample=False)
-            if sampling.greedy
-            else dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        )
+        processors = [] if sampling.greedy else [SeededSampler(row_seeds, sampling.temperature, sampling.top_p)]
         out = self.model.generate(
             **batch.as_kwargs(),
-            **sample_kwargs,
+            do_sample=False,
+            logits_processor=processors,
+            stopping_criteria=[_StopWhen(should_stop)] if should_stop else None,
             max_new_tokens=sampling.max_new_tokens,
             suppress_tokens=self.banned_ids,
             output_logits=True,
@@ -66,16 +129,21 @@ class HFEngine:
         new_tokens = out.sequences[:, batch.input_ids.shape[1] :]
         temperature = 1.0 if sampling.greedy else sampling.temperature
         logprobs = token_logprobs(torch.stack(out.logits, dim=1), new_tokens, temperature, self.banned_ids)
-        return [self._completion(tokens.tolist(), lps.tolist()) for tokens, lps in zip(new_tokens, logprobs)]
+        aborted = should_stop is not None and should_stop()
+        return [self._completion(t.tolist(), lp.tolist(), aborted) for t, lp in zip(new_tokens, logprobs)]
 
-    def _completion(self, tokens: list[int], logprobs: list[float]) -> Completion:
+    def _completion(self, tokens: list[int], logprobs: list[float], aborted: bool) -> Completion:
         stop_at = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
         if stop_at is None:
-            return Completion(tokens, self.tokenizer.decode(tokens), logprobs, "length")
+            reason = "abort" if aborted else "length"
+            return Completion(tokens, self.tokenizer.decode(tokens), logprobs, reason)
         text = self.tokenizer.decode(tokens[:stop_at])
         return Completion(tokens[: stop_at + 1], text, logprobs[: stop_at + 1], "stop")
 
-    def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                param.copy_(named_tensors[name])
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise KeyError(f"the rollout model has no parameter {name!r}: learner and rollout models differ")
+                params[name].copy_(tensor)

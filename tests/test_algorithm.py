@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from morl.algorithm import group_advantages, token_logprobs, token_mean_loss, zero_variance_groups
+from morl.algorithm import (
+    clipped_policy_loss_sum,
+    group_advantages,
+    k3_kl_sum,
+    mini_batch_slices,
+    policy_gradient_loss_sum,
+    token_logprobs,
+    token_mean_loss,
+    zero_variance_groups,
+)
 
 
 def test_advantage_closed_form():
@@ -68,3 +77,80 @@ def test_token_logprobs_temperature_and_banned_tokens():
     # temperature 2 halves the logits: [1, sqrt 3] -> p(1) = sqrt3 / (1 + sqrt3)
     lp = token_logprobs(logits, tokens, temperature=2.0, banned_ids=[2])
     assert lp.item() == pytest.approx(math.log(math.sqrt(3) / (1 + math.sqrt(3))))
+
+
+# --- vanilla GRPO -------------------------------------------------------------------------------------------
+
+
+def test_clipped_loss_closed_form():
+    # row 0, A = +1: ratios 1.5 (past 1 + 0.28: clipped, no gradient), 0.5 (below 1 - 0.2 but A > 0: the
+    # unclipped term is the smaller objective, so it stays with gradient -A r), 1.1 (inside the clip)
+    # row 1, A = -1: ratios 1.5 (A < 0: unclipped stays), 0.5 (below 0.8 with A < 0: clipped), padding
+    ratios = torch.tensor([[1.5, 0.5, 1.1], [1.5, 0.5, 1.0]])
+    logprobs = ratios.log().requires_grad_(True)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    loss, clipped = clipped_policy_loss_sum(logprobs, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), mask, 0.2, 0.28)
+    # -1.28 (clipped) - 0.5 - 1.1 + 1.5 + 0.8 (clipped)
+    assert loss.item() == pytest.approx(-0.58, abs=1e-6)
+    assert clipped.item() == 2
+    loss.backward()
+    # d(-A r)/d log pi = -A r where unclipped; 0 where clipped or masked
+    expected = torch.tensor([[0.0, -0.5, -1.1], [1.5, 0.0, 0.0]])
+    assert torch.allclose(logprobs.grad, expected, atol=1e-6)
+
+
+def test_clipped_loss_at_ratio_one_has_the_policy_gradient():
+    # at the first step pi == pi_old: every ratio is 1, nothing is clipped and the gradient is MORL's
+    old = torch.tensor([[-1.0, -2.0], [-3.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    advantages = torch.tensor([2.0, -1.0])
+    grpo = old.clone().requires_grad_(True)
+    loss, clipped = clipped_policy_loss_sum(grpo, old, advantages, mask, 0.2, 0.28)
+    loss.backward()
+    morl = old.clone().requires_grad_(True)
+    policy_gradient_loss_sum(morl, advantages, mask).backward()
+    assert clipped.item() == 0
+    assert loss.item() == pytest.approx(-(2.0 + 2.0 - 1.0))  # sum of -A r over the 3 tokens, r = 1
+    assert torch.equal(grpo.grad, morl.grad)
+
+
+def test_clip_bounds_the_objective_of_a_runaway_ratio():
+    # a ratio of e^100 is clamped to e^20 before exp; with A > 0 the objective is capped at (1 + clip_high) A
+    logprobs, mask = torch.tensor([[100.0]]), torch.ones(1, 1)
+    loss, _ = clipped_policy_loss_sum(logprobs, torch.zeros(1, 1), torch.tensor([1.0]), mask, 0.2, 0.28)
+    assert loss.item() == pytest.approx(-1.28)
+    loss, _ = clipped_policy_loss_sum(logprobs, torch.zeros(1, 1), torch.tensor([-1.0]), mask, 0.2, 0.28)
+    assert loss.item() == pytest.approx(math.exp(20.0), rel=1e-5)
+
+
+def test_k3_kl_closed_form():
+    # pi = 1/2, ref = 1/4: delta = log 1/2, k3 = 1/2 + log 2 - 1; d k3 / d log pi = 1 - exp(delta) = 1/2
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.3)]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), math.log(0.9)]])
+    mask = torch.tensor([[1.0, 0.0]])
+    kl = k3_kl_sum(logprobs, ref, mask)
+    assert kl.item() == pytest.approx(0.5 + math.log(2.0) - 1.0)
+    kl.backward()
+    assert logprobs.grad[0].tolist() == pytest.approx([0.5, 0.0])
+
+
+def test_k3_kl_is_zero_with_zero_gradient_at_the_reference():
+    logprobs = torch.tensor([[-0.3, -2.0, -5.0]], requires_grad=True)
+    kl = k3_kl_sum(logprobs, logprobs.detach().clone(), torch.ones(1, 3))
+    kl.backward()
+    assert kl.item() == 0.0
+    assert torch.equal(logprobs.grad, torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize(
+    "n, parts, sizes", [(6, 4, [1, 2, 1, 2]), (7, 3, [2, 2, 3]), (3, 5, [1, 1, 1]), (8, 1, [8])]
+)
+def test_mini_batch_slices_cover_the_batch(n, parts, sizes):
+    slices = mini_batch_slices(n, parts)
+    assert [len(s) for s in slices] == sizes
+    assert [i for s in slices for i in s] == list(range(n))
+
+
+def test_mini_batch_slices_reject_empty():
+    with pytest.raises(ValueError, match="n >= 1"):
+        mini_batch_slices(0, 2)

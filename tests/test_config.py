@@ -1,5 +1,7 @@
 """Recipes and overrides: every mistake names its key."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -94,3 +96,37 @@ def test_override_into_list():
     assert raw["data"]["train"][0]["weight"] == 3
     with pytest.raises(ConfigError, match="no item 4"):
         apply_override(raw, "data.train.4.weight=3")
+
+
+def test_grpo_options(recipe):
+    cfg = load_config(recipe, ["algo.name=grpo", "algo.mini_batches=2", "algo.kl_coef=0.05"])
+    assert (cfg.algo.mini_batches, cfg.algo.update_epochs, cfg.algo.kl_coef) == (2, 1, 0.05)
+    # the resolved config (every key written out, grpo ones at their defaults) loads back under morl too
+    path = recipe.parent / "resolved.yaml"
+    path.write_text(dump_config(load_config(recipe)))
+    assert load_config(path).algo.name == "morl"
+
+
+@pytest.mark.parametrize("override", ["algo.mini_batches=2", "algo.clip_high=0.3", "algo.kl_coef=0.1"])
+def test_grpo_options_are_refused_under_morl(recipe, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}=.* needs algo.name=grpo"):
+        load_config(recipe, [override])
+
+
+def test_clip_low_must_leave_a_positive_ratio(recipe):
+    with pytest.raises(ConfigError, match="algo.clip_low"):
+        load_config(recipe, ["algo.name=grpo", "algo.clip_low=1.0"])
+
+
+def test_grpo_quickstart_differs_from_the_quickstart_only_in_the_algorithm():
+    # the ablation is only fair if world, data, rewards, rollout, learner and step budget are the same
+    recipes = Path(__file__).parent.parent / "recipes"
+    morl = load_config(recipes / "quickstart.yaml").model_dump()
+    grpo = load_config(recipes / "quickstart_grpo.yaml").model_dump()
+    assert (morl["algo"]["name"], grpo["algo"]["name"]) == ("morl", "grpo")
+    assert grpo["trainer"].pop("output_dir") == "runs/quickstart_grpo"
+    morl["trainer"].pop("output_dir")
+    for key in ("name", "mini_batches", "update_epochs", "clip_low", "clip_high", "kl_coef"):
+        morl["algo"].pop(key), grpo["algo"].pop(key)
+    assert morl == grpo

@@ -21,7 +21,7 @@ OVERRIDES = [
     "trainer.prompts_per_step=4",
     "rollout.group_size=4",
     "rollout.max_new_tokens=12",
-    "algo.drop_zero_variance_groups=false",
+    "algo.dynamic_sampling=false",
     "rewards.num_workers=1",
     # a registered custom reward (by module, as users do), whose groups always vary: a 2-step run must learn
     "rewards.modules=[test_rewards_fixtures]",
@@ -88,11 +88,34 @@ def test_final_policy_loads_and_differs_from_sft(runs):
 def test_eval_json(runs):
     root, first = runs
     results = json.loads((root / "run1" / "eval.json").read_text())
-    assert set(results) == {"sft", "policy"}
-    for scores in results.values():
+    assert set(results) == {"sft", "policy", "response_length"}
+    for scores in (results["sft"], results["policy"]):
         assert {"counting", "grounding", "math", "choice", "mean"} <= set(scores)
         assert all(0.0 <= v <= 1.0 for v in scores.values())
+    # mean greedy response length in tokens, per task (max_new_tokens=12)
+    assert set(results["response_length"]) == {"sft", "policy"}
+    for lengths in results["response_length"].values():
+        assert set(lengths) == set(results["sft"])
+        assert all(1.0 <= v <= 12.0 for v in lengths.values())
     assert "held-out reward" in first.stdout
+
+
+def test_grpo_ablation_runs_and_compares(runs):
+    # the same world trained one step with vanilla GRPO (2 mini-batches, KL to the frozen SFT model), then
+    # `morl compare` puts its held-out results beside the MORL run's
+    root, _ = runs
+    morl_train(root / "world", root / "grpo", "algo.name=grpo", "algo.mini_batches=2", "algo.kl_coef=0.05",
+               "trainer.max_steps=1")
+    (metrics,) = read_metrics(root / "grpo")
+    assert metrics["optimizer_steps"] == 2
+    assert metrics["kl"] >= 0.0 and 0.0 <= metrics["clip_fraction"] <= 1.0
+    assert read_metrics(root / "run1")[0]["optimizer_steps"] == 1
+    done = subprocess.run([sys.executable, "-m", "morl.cli", "compare", str(root / "run1"), str(root / "grpo")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert done.returncode == 0, done.stderr
+    assert "held-out reward" in done.stdout and "response length" in done.stdout
+    grpo = json.loads((root / "grpo" / "eval.json").read_text())
+    assert f"{grpo['policy']['mean']:.3f} ({grpo['policy']['mean'] - grpo['sft']['mean']:+.3f})" in done.stdout
 
 
 def test_same_seed_same_metrics(runs):

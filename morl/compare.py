@@ -1,0 +1,117 @@
+"""`morl compare RUN_A RUN_B ...`: the held-out results of several runs side by side.
+
+Each run directory's eval.json (written when `morl train` finishes) holds the greedy held-out reward per task
+of the SFT checkpoint and of the final policy, and the mean greedy response length per task:
+
+    {"sft": {"<task>": r, ..., "mean": r}, "policy": {...},
+     "response_length": {"sft": {"<task>": tokens, ..., "mean": tokens}, "policy": {...}}}
+
+The typical use is an ablation: the same world trained with `algo.name: morl` and with `algo.name: grpo`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+MODELS = ("sft", "policy")
+
+
+class CompareError(ValueError):
+    """A run directory or its eval.json is missing or unreadable; the message names the path."""
+
+
+@dataclass
+class RunEval:
+    """One run's held-out results: metric ("reward", "response_length") -> model ("sft", "policy") -> task -> value."""
+
+    name: str
+    results: dict[str, dict[str, dict[str, float]]]
+
+
+def load_run_eval(run_dir: str | Path) -> RunEval:
+    """Read and check `run_dir/eval.json`. Response lengths are optional (runs from before they were recorded)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CompareError(f"{run}: run directory not found")
+    path = run / "eval.json"
+    if not path.is_file():
+        raise CompareError(f"{path}: not found (`morl train` writes it at the end of a run with eval.enabled)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CompareError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise CompareError(f"{path}: expected a JSON object with keys {', '.join(MODELS)}")
+    results = {"reward": _models(raw, path, "")}
+    if "response_length" in raw:
+        results["response_length"] = _models(raw["response_length"], path, "response_length.")
+    return RunEval(str(run_dir), results)
+
+
+def _models(node: object, path: Path, prefix: str) -> dict[str, dict[str, float]]:
+    if not isinstance(node, dict):
+        raise CompareError(f"{path}: {prefix.rstrip('.')} must be an object with keys {', '.join(MODELS)}")
+    out = {}
+    for model in MODELS:
+        scores = node.get(model)
+        if not isinstance(scores, dict) or not scores:
+            raise CompareError(f"{path}: {prefix}{model} is missing or not an object of per-task numbers")
+        for task, value in scores.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise CompareError(f"{path}: {prefix}{model}.{task} must be a finite number, got {value!r}")
+        out[model] = {task: float(v) for task, v in scores.items()}
+    return out
+
+
+def comparison(runs: list[RunEval], metric: str, digits: int) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one metric's table: per task, the SFT value, then each run's policy (and its delta).
+
+    When every run evaluated the same SFT checkpoint on the same held-out set (identical SFT numbers), one SFT
+    column serves them all; otherwise each run gets its own. Deltas are against the run's own SFT value.
+    """
+    present = [run for run in runs if metric in run.results]
+    sft = [run.results[metric]["sft"] for run in present]
+    shared_sft = all(s == sft[0] for s in sft)
+    header = ["task", *(["sft"] if shared_sft else [f"sft {run.name}" for run in present]), *(r.name for r in present)]
+    tasks = sorted({task for run in present for model in MODELS for task in run.results[metric][model]} - {"mean"})
+    rows = []
+    for task in [*tasks, "mean"]:
+        cells = [_cell(s.get(task), None, digits) for s in (sft[:1] if shared_sft else sft)]
+        for run in present:
+            values = run.results[metric]
+            cells.append(_cell(values["policy"].get(task), values["sft"].get(task), digits))
+        rows.append([task, *cells])
+    return header, rows
+
+
+def _cell(value: float | None, base: float | None, digits: int) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}"
+    return text if base is None else f"{text} ({value - base:+.{digits}f})"
+
+
+def print_comparison(runs: list[RunEval], console: Console) -> None:
+    """The reward table, then the response-length table (runs without lengths are left out of it)."""
+    titles = {"reward": ("held-out reward (greedy)", 3), "response_length": ("response length (greedy, tokens)", 1)}
+    for metric, (title, digits) in titles.items():
+        missing = [run.name for run in runs if metric not in run.results]
+        if len(missing) == len(runs):
+            console.print(f"no {metric.replace('_', ' ')} in the eval.json of {', '.join(missing)}")
+            continue
+        header, rows = comparison(runs, metric, digits)
+        table = Table(title=title)
+        table.add_column(header[0])
+        for name in header[1:]:
+            table.add_column(name, justify="right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        if missing:
+            console.print(f"(no {metric.replace('_', ' ')} recorded for {', '.join(missing)})")

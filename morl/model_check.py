@@ -1,0 +1,119 @@
+"""Is a directory a model the learner and the rollout engines can load?
+
+Checked in the driver before any actor starts, so a wrong `model.path` is one error that says what the directory
+holds, not a stack trace from inside a Ray actor. It reads only small files: config.json, the weight index, the
+tokenizer and processor configs. MiMo-VL-7B-SFT, Qwen2.5-VL-*-Instruct and the toy world's SFT checkpoint all pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODEL_TYPE = "qwen2_5_vl"
+ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class ModelDirError(ValueError):
+    """`model.path` or `model.processor_path` is not a usable Qwen2.5-VL-compatible HF directory."""
+
+
+def check_model_dir(path: str, processor_path: str | None = None) -> None:
+    """Raise ModelDirError naming the config key, the directory, what is missing and what was found."""
+    model_dir = _existing_dir("model.path", path)
+    _raise_if("model.path", model_dir, model_problems(model_dir))
+    if processor_path is None:
+        hint = "; a tokenizer and processor kept elsewhere go in model.processor_path"
+        _raise_if("model.path", model_dir, processor_problems(model_dir), hint)
+    else:
+        processor_dir = _existing_dir("model.processor_path", processor_path)
+        _raise_if("model.processor_path", processor_dir, processor_problems(processor_dir))
+
+
+def model_problems(model_dir: Path) -> list[str]:
+    """What keeps `from_pretrained` from loading a Qwen2.5-VL model here: its config and its weights."""
+    problems = []
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        problems.append("no config.json")
+    else:
+        try:
+            config = json.loads(config_file.read_text())
+            model_type, architectures = config.get("model_type"), config.get("architectures") or []
+        except (ValueError, AttributeError) as exc:
+            problems.append(f"config.json is not a JSON object ({exc})")
+        else:
+            if model_type != MODEL_TYPE or (architectures and ARCHITECTURE not in architectures):
+                problems.append(
+                    f"config.json is for model_type {model_type!r} (architectures {architectures}), "
+                    f"not {MODEL_TYPE!r} ({ARCHITECTURE})"
+                )
+    problems.extend(_weight_problems(model_dir))
+    return problems
+
+
+def _weight_problems(model_dir: Path) -> list[str]:
+    for index_name in WEIGHT_INDEXES:
+        index = model_dir / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                return [f"{index_name} has no readable weight_map ({exc})"]
+            missing = [s for s in shards if not (model_dir / s).is_file()]
+            return [f"{index_name} lists weight shards that are missing: {', '.join(missing)}"] if missing else []
+    if any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        return []
+    return [f"no weights ({', '.join(WEIGHT_FILES)}, or a sharded index {' / '.join(WEIGHT_INDEXES)})"]
+
+
+def processor_problems(processor_dir: Path) -> list[str]:
+    """What keeps the prompts from being built the way the model was trained: tokenizer, image processor, template."""
+    def has(name: str) -> bool:
+        return (processor_dir / name).is_file()
+
+    problems = []
+    if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
+        problems.append("no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+    processor_config = _json_or_empty(processor_dir / "processor_config.json")
+    if not (has("preprocessor_config.json") or "image_processor" in processor_config):
+        problems.append("no image processor (preprocessor_config.json, or processor_config.json with image_processor)")
+    if not (
+        has("chat_template.jinja")
+        or has("chat_template.json")
+        or "chat_template" in processor_config
+        or "chat_template" in _json_or_empty(processor_dir / "tokenizer_config.json")
+    ):
+        problems.append(
+            "no chat template (chat_template.jinja, chat_template.json, or a chat_template entry in "
+            "tokenizer_config.json / processor_config.json)"
+        )
+    return problems
+
+
+def _json_or_empty(file: Path) -> dict:
+    try:
+        loaded = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _existing_dir(key: str, path: str) -> Path:
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ModelDirError(f"{key} {path}: no such directory")
+    return directory
+
+
+def _raise_if(key: str, directory: Path, problems: list[str], hint: str = "") -> None:
+    if not problems:
+        return
+    found = sorted(p.name for p in directory.iterdir())
+    shown = ", ".join(found[:30]) + (f", ... ({len(found)} entries)" if len(found) > 30 else "") or "nothing"
+    raise ModelDirError(
+        f"{key} {directory} is not an HF-format Qwen2.5-VL-compatible model directory: "
+        f"{'; '.join(problems)}. Found: {shown}{hint}"
+    )

@@ -1,0 +1,241 @@
+"""Rollout with vLLM on GPUs: G samples per prompt through vLLM's own `n`, images as multimodal data.
+
+The same contract as the HF engine (rollout/types.py). What keeps its samples and log-probs the
+ones the learner scores:
+- the prompt is the driver's token ids: each run of image placeholders is collapsed back to the one
+  the chat template wrote, vLLM's processor expands it again from the image itself
+  (`EncodedPrompt.image_refs`), and the expanded ids must equal the driver's, else the call fails
+  (the two processors disagree, so vLLM and the learner would see different inputs);
+- vision placeholders are vLLM `bad_words`, and the log-probs are vLLM's *processed* ones (after the
+  ban and the temperature): what `morl.algorithm.token_logprobs` computes, as long as top_p = 1
+  (with top_p < 1 vLLM's are those of the truncated distribution, the learner's are not);
+- the checkpoint's generation_config is ignored: no hidden top-k, top-p or repetition penalty;
+- a weight load marks the prefix cache stale, and it is reset before the next generate.
+
+Colocated with the learner on one GPU, each step:
+    sleep(2)                  before the update: weights and KV cache freed
+    wake_up(["weights"])      after it: weight memory back, contents undefined
+    load_weights(bucket) ...  every parameter, bucket by bucket (morl.weight_sync)
+    wake_up(["kv_cache"])
+
+NOT RUN ON A GPU YET: written against vLLM's documented API (V1 engine, 0.10 or newer); its tests are
+tests/test_vllm_gpu.py (marker `gpu`). See the README's "GPU path".
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from morl.config import ModelConfig, RolloutConfig
+from morl.data import open_image
+from morl.multimodal import EncodedPrompt, refuse_if_too_long
+from morl.rollout.hf_engine import vision_token_ids
+from morl.rollout.types import Completion, SamplingParams
+
+IMAGE_PLACEHOLDER = "<|image_pad|>"
+
+
+def collapse_placeholder_runs(ids: Sequence[int], placeholder: int) -> list[int]:
+    """`a P P P b P P c` -> `a P b P c`: each image's expanded placeholders back to the single one."""
+    return [t for i, t in enumerate(ids) if t != placeholder or i == 0 or ids[i - 1] != placeholder]
+
+
+def placeholder_bad_words(tokenizer, banned_ids: Sequence[int]) -> list[str]:
+    """The vision placeholders as vLLM `bad_words`; each must encode to exactly its own id, so the ban is exact."""
+    words = tokenizer.convert_ids_to_tokens(list(banned_ids))
+    for word, token_id in zip(words, banned_ids):
+        encoded = tokenizer.encode(word, add_special_tokens=False)
+        if encoded != [token_id]:
+            raise ValueError(
+                f"the tokenizer encodes {word!r} as {encoded}, not [{token_id}]: "
+                "vLLM's bad_words could not ban it exactly"
+            )
+    return words
+
+
+def stop_token_ids(model_path: str, tokenizer) -> list[int]:
+    """The ids that end a response: the generation_config's eos ids (as HF `generate` uses), else the tokenizer's."""
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        eos = tokenizer.eos_token_id
+    return sorted(set(eos if isinstance(eos, list) else [eos]))
+
+
+def vllm_prompt(prompt: EncodedPrompt, image_token_id: int, *, max_prompt_tokens: int, max_images: int) -> dict:
+    """vLLM's request for one encoded prompt: collapsed token ids, and its images as multimodal data."""
+    refuse_if_too_long(prompt.row_id, len(prompt.input_ids), max_prompt_tokens)
+    ids = collapse_placeholder_runs(prompt.input_ids, image_token_id)
+    placeholders = ids.count(image_token_id)
+    if placeholders != len(prompt.image_refs):
+        raise ValueError(
+            f"row {prompt.row_id!r}: {placeholders} image placeholder(s) but {len(prompt.image_refs)} image "
+            "reference(s); encode prompts with morl.multimodal.PromptEncoder, which keeps the row's images"
+        )
+    if placeholders > max_images:
+        raise ValueError(
+            f"row {prompt.row_id!r} has {placeholders} images, over rollout.max_images_per_prompt={max_images}"
+        )
+    request: dict = {"prompt_token_ids": ids}
+    if prompt.image_refs:
+        request["multi_modal_data"] = {"image": [open_image(ref) for ref in prompt.image_refs]}
+    return request
+
+
+def check_expanded_prompt(prompt: EncodedPrompt, expanded: Sequence[int]) -> None:
+    """vLLM's expansion of the collapsed prompt must give back the driver's ids exactly."""
+    if list(expanded) != prompt.input_ids:
+        raise RuntimeError(
+            f"row {prompt.row_id!r}: vLLM expanded the prompt to {len(expanded)} tokens where morl's PromptEncoder "
+            f"made {len(prompt.input_ids)} (or other ids): vLLM and the learner would see different images. Give both "
+            "the same processor (model.processor_path, the same preprocessor_config.json)."
+        )
+
+
+def _load_into_model(named: list[tuple[str, torch.Tensor]], model) -> None:
+    model.load_weights(weights=named)  # vLLM maps HF names (model.language_model.*, ...) onto its own
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model_path: str,
+        processor_path: str | None,
+        dtype: str,
+        *,
+        max_prompt_tokens: int,
+        max_new_tokens: int,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        max_images_per_prompt: int = 1,
+        enable_sleep_mode: bool = False,
+        seed: int = 0,
+    ):
+        if tensor_parallel_size == 1:
+            # the engine core runs in this process, so load_weights hands tensors over without serialising them
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        else:
+            # load_weights reaches the tensor-parallel workers as a pickled callable
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        from vllm import LLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(processor_path or model_path)
+        self.banned_ids = vision_token_ids(self.tokenizer)
+        self.bad_words = placeholder_bad_words(self.tokenizer, self.banned_ids)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        self.stop_ids = stop_token_ids(model_path, self.tokenizer)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_images = max_images_per_prompt
+        self.llm = LLM(
+            model=model_path,
+            tokenizer=processor_path or model_path,
+            dtype=dtype,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_prompt_tokens + max_new_tokens,
+            limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+            enable_sleep_mode=enable_sleep_mode,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+        )
+        self._request_ids = itertools.count()
+        self._prefix_cache_stale = False
+
+    def generate(
+        self,
+        prompts: list[EncodedPrompt],
+        sampling: SamplingParams,
+        seeds: Sequence[int],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[Completion]]:
+        """`sampling.n` completions per prompt, prompt i's drawn with seed `seeds[i]` (vLLM gives sample j seed + j).
+
+        vLLM returns a prompt's group only once all its samples finish, so when `should_stop` ends the
+        call, an unfinished prompt's samples come back empty with finish reason "abort".
+        """
+        requests = [
+            vllm_prompt(p, self.image_token_id, max_prompt_tokens=self.max_prompt_tokens, max_images=self.max_images)
+            for p in prompts
+        ]
+        if self._prefix_cache_stale:
+            self.llm.reset_prefix_cache()
+            self._prefix_cache_stale = False
+        engine = self.llm.llm_engine
+        ids = [f"morl{next(self._request_ids)}" for _ in prompts]
+        position = {request_id: i for i, request_id in enumerate(ids)}
+        for request_id, request, seed in zip(ids, requests, seeds):
+            engine.add_request(request_id, request, self._sampling_params(sampling, seed))
+        groups: list[list[Completion] | None] = [None] * len(prompts)
+        while engine.has_unfinished_requests():
+            if should_stop is not None and should_stop():
+                engine.abort_request([request_id for request_id, g in zip(ids, groups) if g is None])
+                break
+            for out in engine.step():
+                if out.finished:
+                    # newer vLLMs may suffix our id with "-<random>" internally
+                    i = position[out.request_id.split("-")[0]]
+                    check_expanded_prompt(prompts[i], out.prompt_token_ids)
+                    groups[i] = [self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)]
+        return [g if g is not None else [Completion([], "", [], "abort") for _ in range(sampling.n)] for g in groups]
+
+    def _sampling_params(self, sampling: SamplingParams, seed: int):
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VLLMSamplingParams(
+            n=sampling.n,
+            temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=1.0 if sampling.greedy else sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            seed=seed,
+            logprobs=0,  # the sampled token's log-prob only
+            bad_words=self.bad_words,
+            stop_token_ids=self.stop_ids,
+            detokenize=False,  # decoded here, as the HF engine does
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    def _completion(self, out) -> Completion:
+        tokens = list(out.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(out.logprobs, tokens)]
+        stopped = out.finish_reason == "stop" and bool(tokens) and tokens[-1] in self.stop_ids
+        text = self.tokenizer.decode(tokens[:-1] if stopped else tokens)
+        reason = out.finish_reason if out.finish_reason in ("stop", "abort") else "length"
+        return Completion(tokens, text, logprobs, reason)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.llm.apply_model(partial(_load_into_model, list(named_tensors)))
+        self._prefix_cache_stale = True
+
+    def sleep(self, level: int) -> None:
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.llm.wake_up(tags=tags)
+        self._prefix_cache_stale = True
+
+
+def vllm_engine_factory(
+    model_path: str, model: ModelConfig, rollout: RolloutConfig, seed: int
+) -> Callable[[], VLLMEngine]:
+    """What a `RolloutWorker` actor calls to build its engine (vLLM is imported inside the actor only)."""
+    return partial(
+        VLLMEngine,
+        model_path,
+        model.processor_path,
+        model.dtype,
+        max_prompt_tokens=rollout.max_prompt_tokens,
+        max_new_tokens=rollout.max_new_tokens,
+        tensor_parallel_size=rollout.tensor_parallel_size,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        max_images_per_prompt=rollout.max_images_per_prompt,
+        enable_sleep_mode=rollout.colocate,
+        seed=seed,
+    )

@@ -1,0 +1,41 @@
+"""The learner's memory options change where state lives and what is recomputed, never the update."""
+
+import pytest
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+from morl.config import LearnerConfig, ModelConfig
+from morl.data import load_dataset
+from morl.learner import PolicyLearner, TrainBatch
+from morl.multimodal import PromptEncoder
+
+LR = 1e-2
+
+
+@pytest.fixture(scope="module")
+def batch(toy_world):
+    processor = AutoProcessor.from_pretrained(toy_world / "sft")
+    rows = load_dataset(toy_world / "data" / "counting" / "train.jsonl", known_tasks=None).rows[:2]
+    prompts = [PromptEncoder(processor, 4096)(row) for row in rows]
+    special = set(processor.tokenizer.added_tokens_decoder)
+    plain = [i for i in range(100, 200) if i not in special][:5]
+    return TrainBatch(prompts, [plain[:3], plain[3:]], [[0.0] * 3, [0.0] * 2], [1.0, -1.0])
+
+
+def one_step(toy_world, batch, **options) -> tuple[PolicyLearner, dict[str, torch.Tensor]]:
+    cfg = LearnerConfig(lr=LR, micro_batch_size=1, **options)
+    learner = PolicyLearner(ModelConfig(path=str(toy_world / "sft")), cfg, 1.0, [], seed=0, threads=1)
+    learner.train_step(batch)
+    return learner, learner.named_weights()
+
+
+def test_checkpointing_and_offload_give_the_same_step(toy_world, batch):
+    _, plain = one_step(toy_world, batch, zero_stage=2)
+    lean, weights = one_step(toy_world, batch, zero_stage=2, offload_optimizer=True, gradient_checkpointing=True)
+    assert lean.engine.module.is_gradient_checkpointing
+    assert max((weights[k] - plain[k]).abs().max().item() for k in plain) < 0.02 * LR
+    _, sharded = one_step(toy_world, batch, zero_stage=3, offload_optimizer=True, offload_params=True)
+    assert max((sharded[k] - plain[k]).abs().max().item() for k in plain) < 0.02 * LR
+    start = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft").named_parameters())
+    moved = max((weights[k] - p).abs().max().item() for k, p in start.items())
+    assert moved > 0.5 * LR  # and the step did move the weights (Adam's first step is about lr)

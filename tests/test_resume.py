@@ -1,0 +1,178 @@
+"""Resume end to end, through the CLI, Ray and DeepSpeed on CPU, on the tiny toy world.
+
+One uninterrupted 4-step run is the reference. A second run is killed with SIGKILL (its whole process group, as a
+preemption does) in the middle of the step-4 save; `--resume` then continues it from step 2 and must log exactly
+what the reference logged, each step once. The data set is 4 rows at 2 prompts a step, so the resume lands on an
+epoch boundary. The model and its processor are separate `save_pretrained` directories, as users often have them.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+from test_end_to_end import OVERRIDES
+
+pytestmark = pytest.mark.slow
+TESTS = Path(__file__).parent
+RECIPE = TESTS.parent / "recipes" / "quickstart.yaml"
+
+# The CLI, with the checkpoint's final rename held back at one step: the test kills the run while it waits there,
+# every file of that checkpoint written and none of it published.
+PAUSED_CLI = """
+import os, sys, time
+from pathlib import Path
+import morl.checkpoint as checkpoint
+from morl.cli import app
+
+publish = checkpoint._commit
+
+def paused(tmp, final):
+    if final.name == os.environ["PAUSE_AT"]:
+        Path(os.environ["PAUSE_SIGNAL"]).touch()
+        time.sleep(600)
+    publish(tmp, final)
+
+checkpoint._commit = paused
+app(sys.argv[1:], prog_name="morl")
+"""
+
+
+def write_rows(world: Path, out: Path, n: int) -> Path:
+    """The first train row of each task, round robin, with absolute image paths, as one JSONL data set."""
+    tasks = ("counting", "grounding", "math", "choice")
+    per_task = {t: (world / "data" / t / "train.jsonl").read_text().splitlines() for t in tasks}
+    rows = []
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        row = json.loads(per_task[task][i // len(tasks)])
+        row["images"] = [str(world / "data" / task / image) for image in row["images"]]
+        rows.append(json.dumps(row))
+    out.write_text("\n".join(rows) + "\n")
+    return out
+
+
+def command(world: Path, root: Path, out_dir: Path, data: Path, *extra: str) -> list[str]:
+    return [
+        "train", str(RECIPE), f"toy_world.root={world}", *OVERRIDES,
+        f"model.path={root / 'sft_model'}", f"model.processor_path={root / 'sft_processor'}",
+        f"data.train=[{{path: {data}}}]", "trainer.prompts_per_step=2", "eval.max_prompts_per_task=1",
+        *extra, "--output-dir", str(out_dir),
+    ]  # fmt: skip
+
+
+def environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK",
+                                                             "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    return env
+
+
+def morl(args: list[str], expect_rc: int = 0) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "morl.cli", *args], capture_output=True, text=True, timeout=600, env=environment()
+    )
+    assert done.returncode == expect_rc, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def killed_in_save(args: list[str], pause_at: str, signal_file: Path) -> None:
+    env = {**environment(), "PAUSE_AT": pause_at, "PAUSE_SIGNAL": str(signal_file)}
+    with open(signal_file.with_suffix(".log"), "w") as log:
+        run = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, *args], env=env, stdout=log, stderr=log,
+                               start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not signal_file.exists():
+            assert run.poll() is None, signal_file.with_suffix(".log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the save"
+            time.sleep(0.1)
+        os.killpg(run.pid, signal.SIGKILL)  # the driver, Ray, the reward sandbox: everything the run started
+        run.wait()
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def learning_signal(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k.startswith(("reward/", "loss", "grad_norm", "advantage/", "prompts/"))}
+
+
+def listing(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, toy_world):
+    root = tmp_path_factory.mktemp("resume")
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft").save_pretrained(root / "sft_model")
+    AutoProcessor.from_pretrained(toy_world / "sft").save_pretrained(root / "sft_processor")
+    four, three = write_rows(toy_world, root / "four.jsonl", 4), write_rows(toy_world, root / "three.jsonl", 3)
+    snapshots = {}
+
+    def run(out: str, data: Path, *extra: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
+        return morl(command(toy_world, root, root / out, data, *extra), expect_rc)
+
+    run("full", four, "trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_last=1")
+
+    signal_file = root / "paused"
+    killed_in_save(command(toy_world, root, root / "resumed", four, "trainer.max_steps=6", "trainer.save_every=2"),
+                   "step_000004", signal_file)
+    snapshots["killed"] = {"checkpoints": listing(root / "resumed"), "metrics": metrics(root / "resumed")}
+
+    # max_steps changes from 6 to 4 on resume: safe to change
+    run("resumed", four, "trainer.max_steps=4", "trainer.save_every=2", "--resume")
+    snapshots["resumed"] = {"checkpoints": listing(root / "resumed"), "metrics": metrics(root / "resumed"),
+                            "eval": json.loads((root / "resumed" / "eval.json").read_text())}
+
+    # a different data set (3 rows, so the saved data order cannot continue) is refused, then forced
+    refused = run("resumed", three, "trainer.max_steps=5", "--resume", expect_rc=2)
+    snapshots["refused"] = refused.stderr
+    run("resumed", three, "trainer.max_steps=5", "eval.enabled=false", "--resume", "--force")
+    return root, snapshots
+
+
+def test_checkpoints_hold_an_hf_policy_and_keep_last_bounds_them(runs):
+    root, _ = runs
+    assert listing(root / "full") == ["step_000004"]  # step 2 was pruned by keep_last=1
+    ckpt = root / "full" / "checkpoints" / "step_000004"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["sampler"] and state["router"] and state["rng"]["torch"]
+    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt / "policy")
+    final = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "full" / "final")
+    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), final.parameters()))
+    processor = AutoProcessor.from_pretrained(ckpt / "policy")
+    assert "<|im_start|>" in processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert any((ckpt / "deepspeed" / "state").glob("*optim_states.pt"))
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint(runs):
+    _, snap = runs
+    killed = snap["killed"]
+    assert killed["checkpoints"] == ["step_000002", "step_000004.tmp"]
+    assert [m["step"] for m in killed["metrics"]] == [1, 2, 3, 4]  # steps 3 and 4 ran, their checkpoint did not land
+
+
+def test_resume_continues_exactly_and_logs_each_step_once(runs):
+    root, snap = runs
+    resumed, full = snap["resumed"]["metrics"], metrics(root / "full")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [learning_signal(m) for m in resumed] == [learning_signal(m) for m in full]
+    assert all(m["grad_norm"] > 0 for m in full)  # every step updated the policy: an exact match is not trivial
+    assert snap["resumed"]["checkpoints"] == ["step_000002", "step_000004"]  # the dead save's leftovers are gone
+    # the held-out evaluation of the SFT model comes from the checkpoint, the policy's is of the same weights
+    assert snap["resumed"]["eval"] == json.loads((root / "full" / "eval.json").read_text())
+
+
+def test_an_unsafe_change_is_refused_and_a_forced_one_trains_the_remaining_steps(runs):
+    root, snap = runs
+    assert "data.train" in snap["refused"] and "four.jsonl" in snap["refused"] and "--force" in snap["refused"]
+    assert [m["step"] for m in metrics(root / "resumed")] == [1, 2, 3, 4, 5]
+    assert listing(root / "resumed") == ["step_000004", "step_000005"]
