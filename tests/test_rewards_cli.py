@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from morl.rewards.bench import bench_rewards
@@ -71,4 +72,5 @@ def test_bench_reports_throughputs_and_agrees_with_the_bare_loop():
     report = bench_rewards(n=60, workers=1, rounds=1)
     assert report["mismatches"] == 0
     assert report["bare_per_s"] > 0 and report["router_per_s"] > 0 and report["router_1worker_per_s"] > 0
-    assert report["speedup"] == round(report["router_per_s"] / report["bare_per_s"], 3)
+    # the report rounds each figure on its own: compare the ratio to that precision
+    assert report["speedup"] == pytest.approx(report["router_per_s"] / report["bare_per_s"], rel=1e-2)
