@@ -18,6 +18,7 @@ modes train on exactly the same prompts and samples; they differ only in time an
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import time
@@ -42,6 +43,7 @@ from morl.rollout.worker import CONCURRENCY_GROUPS, GenerateResult, RolloutWorke
 log = logging.getLogger("morl.rollout")
 
 POLL_SECONDS = 0.005
+_CALL_IDS = itertools.count()  # unique per driver process: an abort never hits another scheduler's call
 
 
 @dataclass
@@ -119,7 +121,6 @@ class RolloutScheduler:
         self.calls_per_worker = calls_per_worker
         self.run_seed = run_seed
         self.valid_rate = 1.0  # running estimate of the share of groups that survive; sizes seamless refills
-        self._next_call_id = 0
 
     @classmethod
     def from_config(
@@ -162,8 +163,7 @@ class RolloutScheduler:
         return not group.errored and not (self.dynamic_sampling and group.zero_variance)
 
     def start_call(self, worker: int, groups: list[Group]) -> tuple[ray.ObjectRef, _Call]:
-        call = _Call(worker, self._next_call_id, groups)
-        self._next_call_id += 1
+        call = _Call(worker, next(_CALL_IDS), groups)
         seeds = [prompt_seed(self.run_seed, g.prompt.seq) for g in groups]
         ref = self.workers[worker].generate.remote([g.encoded for g in groups], self.sampling, seeds, call.call_id)
         return ref, call
