@@ -39,11 +39,6 @@ bench_app.command("rewards")(rewards_cli.bench)
 app.add_typer(bench_app, name="bench")
 
 
-def _resolve(recipe: Path, overrides: list[str], output_dir: Optional[Path]) -> RunConfig:
-    extra = [f"trainer.output_dir={output_dir}"] if output_dir else []
-    return load_config(recipe, [*overrides, *extra])
-
-
 def _split_resume_path(args: list[str], resume: bool) -> tuple[list[str], str | None]:
     """`--resume` is a flag, so its optional PATH arrives among the overrides: the one argument without `=`."""
     paths = [a for a in args if "=" not in a]
@@ -52,6 +47,16 @@ def _split_resume_path(args: list[str], resume: bool) -> tuple[list[str], str | 
     if len(paths) > 1:
         raise ConfigError(f"--resume takes one checkpoint path, got {len(paths)}: {' '.join(paths)}")
     return [a for a in args if "=" in a], paths[0] if paths else LATEST
+
+
+def _config_with_world(recipe: Path, overrides: list[str]) -> RunConfig:
+    """The resolved config, with its toy world built first when the recipe has one."""
+    cfg = load_config(recipe, overrides)
+    if cfg.toy_world is not None:
+        from morl.toy.world import ensure_toy_world
+
+        ensure_toy_world(cfg.toy_world)
+    return cfg
 
 
 @app.command()
@@ -71,11 +76,8 @@ def train(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         overrides, resume_from = _split_resume_path(overrides or [], resume)
-        cfg = _resolve(recipe, overrides, output_dir)
-        if cfg.toy_world is not None:
-            from morl.toy.world import ensure_toy_world
-
-            ensure_toy_world(cfg.toy_world)
+        extra = [f"trainer.output_dir={output_dir}"] if output_dir else []
+        cfg = _config_with_world(recipe, [*overrides, *extra])
         from morl.trainer import Trainer
 
         trainer = Trainer(cfg, resume=resume_from, force=force)
@@ -152,11 +154,7 @@ def bench_rollout(
 
     logging.basicConfig(level=logging.ERROR)
     try:
-        cfg = load_config(recipe, overrides or [])
-        if cfg.toy_world is not None:
-            from morl.toy.world import ensure_toy_world
-
-            ensure_toy_world(cfg.toy_world)
+        cfg = _config_with_world(recipe, overrides or [])
         result = run_bench(cfg, steps)
     except USER_ERRORS as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -169,16 +167,6 @@ def bench_rollout(
         typer.echo(f"{mode:<12} {r['seconds_per_step']:>8.2f} {r['sample_waste']:>13.1%} {r['worker_idle_fraction']:>12.1%}")
     typer.echo(f"speedup (synchronous / seamless time): {result['speedup']:.2f}x; "
                f"same batches in both modes: {'yes' if result['same_batches'] else 'NO'}")
-
-
-
-def _bench_config(recipe: Path, overrides: list[str]) -> RunConfig:
-    cfg = load_config(recipe, overrides)
-    if cfg.toy_world is not None:
-        from morl.toy.world import ensure_toy_world
-
-        ensure_toy_world(cfg.toy_world)
-    return cfg
 
 
 @bench_app.command("learner")
@@ -195,7 +183,7 @@ def bench_learner(
 
     logging.basicConfig(level=logging.ERROR)
     try:
-        report = run_bench(_bench_config(recipe, overrides or []), sequences, prompt_tokens, response_tokens, steps)
+        report = run_bench(_config_with_world(recipe, overrides or []), sequences, prompt_tokens, response_tokens, steps)
     except USER_ERRORS as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -213,7 +201,7 @@ def bench_sync(
 
     logging.basicConfig(level=logging.ERROR)
     try:
-        report = run_bench(_bench_config(recipe, overrides or []), rounds)
+        report = run_bench(_config_with_world(recipe, overrides or []), rounds)
     except USER_ERRORS as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
