@@ -312,10 +312,11 @@ class _Collection:
             self.s.valid_rate = min(1.0, max(0.1, 0.5 * self.s.valid_rate + 0.5 * observed))
         if len(self.accepted) < self.target:
             log.warning(
-                "only %d of %d groups had reward variance after %d prompts (algo.max_refill_rounds); "
-                "training on what there is",
+                "only %d of %d groups were usable (scored without error%s) after %d prompts "
+                "(algo.max_refill_rounds); training on what there is",
                 len(self.accepted),
                 self.target,
+                ", with reward variance" if self.s.dynamic_sampling else "",
                 len(self.groups),
             )
         return RolloutBatch(self.accepted, decided, self._metrics(decided, tail_seconds))
