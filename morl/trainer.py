@@ -1,7 +1,9 @@
 """The driver: one process that runs the MORL loop over Ray actors.
 
-    prompts -> rollout workers (G samples each) -> reward router -> group advantages
-            -> learner (one on-policy step) -> weights back to the rollout workers
+    prompt source -> rollout scheduler: workers sample G responses per prompt, the reward router scores each
+                     call as it returns, groups without reward variance are dropped and refilled
+                  -> group advantages -> learner (one on-policy step; the GRPO ablation: several)
+                  -> weights back to the rollout workers, in buckets
 
 The same loop drives a laptop CPU and a GPU cluster; only the actors' backends differ.
 """
@@ -19,7 +21,14 @@ import ray
 import torch
 
 from morl.algorithm import group_advantages
-from morl.checkpoint import Checkpoint, CheckpointError, capture_rng, resolve_resume, restore_rng, save_checkpoint
+from morl.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    capture_rng,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
 from morl.config import RunConfig, dump_config
 from morl.data import Row, load_datasets
 from morl.learner import PolicyLearner, TrainBatch
@@ -27,7 +36,6 @@ from morl.metrics import MetricsWriter, ProgressDisplay, console, eval_table
 from morl.model_check import check_model_dir
 from morl.multimodal import PromptEncoder
 from morl.prompt_source import PromptSource
-from morl.weight_sync import check_logprob_mismatch, plan_buckets, sync_rollout_weights
 from morl.rewards.router import RewardRouter
 from morl.rollout.hf_engine import vision_token_ids
 from morl.rollout.types import Completion, SamplingParams
@@ -39,6 +47,7 @@ from morl.rollout_scheduler import (
     start_rollout_workers,
     threads_for,
 )
+from morl.weight_sync import check_logprob_mismatch, plan_buckets, sync_rollout_weights
 
 log = logging.getLogger("morl.trainer")
 
