@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +51,16 @@ def _split_resume_path(args: list[str], resume: bool) -> tuple[list[str], str | 
     return [a for a in args if "=" in a], paths[0] if paths else LATEST
 
 
+@contextlib.contextmanager
+def exit_on(*errors: type[Exception]) -> Iterator[None]:
+    """Bad input (a user's recipe, data, checkpoint, ...) ends the command with its message and exit status 2."""
+    try:
+        yield
+    except errors as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 def _config_with_world(recipe: Path, overrides: list[str]) -> RunConfig:
     """The resolved config, with its toy world built first when the recipe has one."""
     cfg = load_config(recipe, overrides)
@@ -74,7 +86,7 @@ def train(
 ) -> None:
     """Run a MORL recipe."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with exit_on(*USER_ERRORS):
         overrides, resume_from = _split_resume_path(overrides or [], resume)
         extra = [f"trainer.output_dir={output_dir}"] if output_dir else []
         cfg = _config_with_world(recipe, [*overrides, *extra])
@@ -85,9 +97,6 @@ def train(
             trainer.fit()
         finally:
             trainer.close()
-    except USER_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     console.print(f"run directory: {cfg.trainer.output_dir}")
 
 
@@ -97,13 +106,9 @@ def config(
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
 ) -> None:
     """Print the resolved config of a recipe (defaults filled, overrides applied)."""
-    try:
+    with exit_on(ConfigError):
         cfg = load_config(recipe, overrides or [])
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     typer.echo(dump_config(cfg), nl=False)
-
 
 
 @app.command()
@@ -117,12 +122,9 @@ def preflight(
     """Estimate GPU and host memory for a recipe from its model's config.json; refuse one that cannot fit."""
     from morl.preflight import Hardware, PreflightError, host_memory_gib, report
 
-    try:
+    with exit_on(ConfigError, PreflightError):
         cfg = load_config(recipe, overrides or [])
         lines, fits = report(cfg, Hardware(gpus, gpu_mem_gib, host_mem_gib or host_memory_gib()))
-    except (ConfigError, PreflightError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     typer.echo("\n".join(lines))
     if not fits:
         raise typer.Exit(2)
@@ -136,11 +138,8 @@ def compare(
     from morl.compare import CompareError, load_run_eval, print_comparison
     from morl.metrics import console as stdout
 
-    try:
+    with exit_on(CompareError):
         print_comparison([load_run_eval(run) for run in runs], stdout)
-    except CompareError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
 
 
 @bench_app.command("rollout")
@@ -153,12 +152,9 @@ def bench_rollout(
     from morl.rollout_bench import MODES, bench_rollout as run_bench
 
     logging.basicConfig(level=logging.ERROR)
-    try:
+    with exit_on(*USER_ERRORS):
         cfg = _config_with_world(recipe, overrides or [])
         result = run_bench(cfg, steps)
-    except USER_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     typer.echo(f"{steps} batches of {cfg.trainer.prompts_per_step} groups x {cfg.rollout.group_size}, "
                f"{result['workers']} rollout workers, dynamic sampling {'on' if cfg.algo.dynamic_sampling else 'off'}")
     typer.echo(f"{'mode':<12} {'s/batch':>8} {'sample waste':>13} {'worker idle':>12}")
@@ -182,11 +178,8 @@ def bench_learner(
     from morl.learner_bench import bench_learner as run_bench
 
     logging.basicConfig(level=logging.ERROR)
-    try:
+    with exit_on(*USER_ERRORS):
         report = run_bench(_config_with_world(recipe, overrides or []), sequences, prompt_tokens, response_tokens, steps)
-    except USER_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     typer.echo("\n".join(f"{key:<20} {value}" for key, value in report.items()))
 
 
@@ -200,11 +193,8 @@ def bench_sync(
     from morl.sync_bench import bench_sync as run_bench
 
     logging.basicConfig(level=logging.ERROR)
-    try:
+    with exit_on(*USER_ERRORS):
         report = run_bench(_config_with_world(recipe, overrides or []), rounds)
-    except USER_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     typer.echo("\n".join(f"{key:<20} {value}" for key, value in report.items()))
 
 
@@ -223,13 +213,10 @@ def filter_prompts(
     from morl.filter import FilterError, FilterSettings, run_filter
     from morl.metrics import console as stdout
 
-    try:
+    with exit_on(*USER_ERRORS, FilterError):
         cfg = load_config(recipe, overrides or [])
         settings = FilterSettings(samples, max_pass_rate, min_pass_rate, pass_threshold)
         run_filter(cfg, settings, output_dir, stdout)
-    except (*USER_ERRORS, FilterError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":
