@@ -121,7 +121,13 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(64, gt=0, description="sequences per forward/backward; still one optimizer step")
     freeze_vision_tower: bool = Field(False, description="train the language model (and nothing of the ViT)")
-    cpus: float = Field(1.0, gt=0)
+    cpus: float = Field(1.0, gt=0, description="CPU cores per learner rank (also its torch threads)")
+    num_ranks: int = Field(
+        1,
+        ge=1,
+        description="data-parallel DeepSpeed ranks: one GPU each on a GPU cluster (learner.cpus cores each on CPU); "
+        "each trains on a token-balanced share of the batch, with the 1-rank step's maths",
+    )
     max_logprob_mismatch: float | None = Field(
         None, gt=0, description="stop the run when rollout and learner log-probs differ by more than this"
     )
@@ -162,6 +168,15 @@ class RunConfig(Section):
     learner: LearnerConfig = LearnerConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _colocated_learner_is_one_rank(self) -> RunConfig:
+        if self.rollout.colocate and self.learner.num_ranks > 1:
+            raise ValueError(
+                f"rollout.colocate=true needs learner.num_ranks=1 (got {self.learner.num_ranks}): colocated vLLM "
+                "workers share one learner GPU; for several learner GPUs set rollout.colocate=false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fill_from_toy_world(self) -> RunConfig:

@@ -1,7 +1,9 @@
 """The policy learner: a DeepSpeed engine that applies one on-policy MORL update per rollout batch.
 
-Runs inside a Ray actor. On a machine without CUDA, DeepSpeed runs on its CPU accelerator
-with the gloo backend, so the laptop and the cluster share this code.
+Runs inside a Ray actor, one actor per data-parallel rank (`morl.learner_group` starts them). On a machine
+without CUDA, DeepSpeed runs on its CPU accelerator with the gloo backend, so the laptop and the cluster
+share this code. Each rank trains on its share of the batch (`morl.data_parallel`); losses are normalised
+by the whole batch's token count and metrics summed over ranks, so N ranks take the 1-rank step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from morl.algorithm import clipped_policy_loss_sum, k3_kl_sum, mini_batch_slices, policy_gradient_loss_sum
 from morl.checkpoint import ENGINE_DIR, POLICY_DIR, CheckpointError, capture_rng, restore_rng
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
+from morl.data_parallel import MicroBatch, rank_micro_batches
 from morl.logprobs import response_logprobs
 from morl.multimodal import EncodedPrompt
 from morl.weight_sync import PackedBucket, SharedBuckets, pack_bucket
@@ -89,17 +92,30 @@ def _padded(per_sequence: Sequence, idx: Sequence[int], like: torch.Tensor) -> t
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now: torch.distributed's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _init_single_process_group() -> None:
-    """torch.distributed for a one-rank learner; multi-rank learners get these from their launcher."""
-    for key, value in dict(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
-    ).items():
+def _set_rendezvous(rendezvous: dict[str, str] | None) -> None:
+    """torch.distributed's MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK and WORLD_SIZE for this rank.
+
+    `None` (a learner built in-process, as tests do) is a one-rank group on a free local port, unless the
+    process already has these variables.
+    """
+    if rendezvous is not None:
+        os.environ.update(rendezvous)
+        return
+    one_rank = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }
+    for key, value in one_rank.items():
         os.environ.setdefault(key, value)
 
 
@@ -113,6 +129,7 @@ class PolicyLearner:
         seed: int,
         threads: int,
         algo: AlgoConfig = AlgoConfig(),
+        rendezvous: dict[str, str] | None = None,
     ):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -121,8 +138,9 @@ class PolicyLearner:
 
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
-        _init_single_process_group()
+        _set_rendezvous(rendezvous)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
         self.cfg = cfg
         self.temperature = temperature
@@ -156,11 +174,12 @@ class PolicyLearner:
         return self._morl_update(batch)
 
     def _morl_update(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step over the whole batch, accumulated over micro-batches.
+        """One optimizer step over the whole batch, accumulated over micro-batches and ranks.
 
         Each micro-batch's loss is its sum of -A * log pi divided by the token count of the
         whole batch, so the step equals the token-mean loss of shared/MORL.md whatever the
-        micro-batch size. The rollout-vs-learner log-prob mismatch comes free with the training forward.
+        micro-batch size and rank count. The rollout-vs-learner log-prob mismatch comes free
+        with the training forward.
         """
         total_tokens = _token_count(batch, range(len(batch)))
 
@@ -184,17 +203,16 @@ class PolicyLearner:
 
         The old log-probs (and, with a KL term, the reference's) are computed once, without gradient,
         before the first step and over the same micro-batches the steps use, so the first step's ratio
-        is exactly 1. Each mini-batch's loss is its own token-mean. A non-finite loss stops the update at
-        that step; the steps before it stay applied.
+        is exactly 1. Each mini-batch's loss is its own token-mean, its sequences shared over the ranks.
+        A non-finite loss stops the update at that step; the steps before it stay applied.
         """
         algo = self.algo
         slices = mini_batch_slices(len(batch), algo.mini_batches)
         old = self._frozen_logprobs(self.engine, batch, slices)
         ref = self._frozen_logprobs(self.reference, batch, slices) if self.reference is not None else None
         total_tokens = _token_count(batch, range(len(batch)))
-        mismatch = sum(
-            (old[i].cpu() - torch.tensor(batch.rollout_logprobs[i])).abs().sum().item() for i in range(len(batch))
-        )
+        mine = [i for indices in slices for micro in self._plan(batch, indices) for i in micro.rows]
+        mismatch = sum((old[i].cpu() - torch.tensor(batch.rollout_logprobs[i])).abs().sum().item() for i in mine)
         losses, grad_norms, sums = [], [], Counter()
         for epoch in range(algo.update_epochs):
             for m, indices in enumerate(slices):
@@ -207,7 +225,7 @@ class PolicyLearner:
         metrics = {
             "loss": sum(losses) / len(losses),
             "grad_norm": sum(grad_norms) / len(grad_norms),
-            "logprob_mismatch": mismatch / max(total_tokens, 1),
+            "logprob_mismatch": self._sum_over_ranks({"mismatch": mismatch})["mismatch"] / max(total_tokens, 1),
             "train_tokens": float(total_tokens),
             "train_sequences": float(len(batch)),
             "optimizer_steps": float(len(losses)),
@@ -230,23 +248,28 @@ class PolicyLearner:
         return loss / tokens, stats
 
     def _optimizer_step(self, batch: TrainBatch, indices: Sequence[int], loss_of, where: str = ""):
-        """One optimizer step over `batch[indices]`, gradients accumulated over micro-batches.
+        """One optimizer step over `batch[indices]`, gradients accumulated over micro-batches and ranks.
 
         `loss_of(idx, logprobs, mask)` gives a micro-batch's share of the step's loss (already divided by
-        the token count the step normalises by) and stats to sum over micro-batches.
-        Returns (loss, grad norm, summed stats).
+        the token count the step normalises by) and stats to sum over micro-batches; it may get no rows.
+        DeepSpeed averages gradients over ranks, so each rank's loss is scaled by the rank count to make
+        the step the sum of every share's gradient. Returns (loss, grad norm, summed stats) of all ranks.
         """
         self.engine.train()
+        if self.cfg.zero_stage > 0:
+            self._clear_kept_gradients()
         loss_total, sums = 0.0, Counter()
-        chunks = self._micro_batches(indices)
-        for k, idx in enumerate(chunks):
-            logprobs, mask = self._logprobs(self.engine, batch, idx)
-            loss, stats = loss_of(idx, logprobs, mask)
-            if not torch.isfinite(loss):
+        chunks = self._plan(batch, indices)
+        for k, micro in enumerate(chunks):
+            logprobs, mask = self._logprobs(self.engine, batch, micro.forward_rows)
+            counted = len(micro.rows)
+            loss, stats = loss_of(micro.rows, logprobs[:counted], mask[:counted])
+            if self._any_rank(not torch.isfinite(loss)):
                 self.engine.zero_grad()
-                raise NonFiniteLossError(f"loss is {loss.item()} in micro-batch {k}{where}; the update was skipped")
+                raise NonFiniteLossError(f"loss is not finite in micro-batch {k}{where}; the update was skipped")
             self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
-            self.engine.backward(loss)
+            # the filler's term moves no weight but runs the backward through the modules other ranks use
+            self.engine.backward(loss * self.world + 0.0 * logprobs[counted:].sum())
             loss_total += loss.item()
             sums.update(stats)
         self.engine.step()
@@ -255,23 +278,62 @@ class PolicyLearner:
             raise NonFiniteLossError(
                 f"gradient norm is {grad_norm}: the weights after this step are not trusted; resume from a checkpoint"
             )
-        return loss_total, grad_norm, sums
+        totals = self._sum_over_ranks({"loss": loss_total, **sums})
+        return totals.pop("loss"), grad_norm, Counter(totals)
+
+    def _clear_kept_gradients(self) -> None:
+        """Zero the gradients ZeRO keeps from the previous step.
+
+        DeepSpeed overwrites a kept gradient only in the step's first micro-batch (and, offloaded, copies it
+        to the host only when the last micro-batch reaches it): a weight those leave untouched (the ViT, on a
+        text-only prompt) would add to, or step on, the previous step's gradient.
+        """
+        optimizer = self.engine.optimizer
+        if self.cfg.zero_stage == 3:
+            kept = [optimizer.grad_partitions_flat_buffer]
+            masters = optimizer.fp32_partitioned_groups_flat
+        else:
+            kept = list(getattr(optimizer, "accumulated_grads_in_cpu", {}).values())
+            masters = optimizer.single_partition_of_fp32_groups
+        for grad in kept + [m.grad for m in masters]:
+            if grad is not None:
+                grad.zero_()
+
+    def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Each rank's share of batch statistics -> the batch's (every rank must pass the same keys)."""
+        keys = sorted(values)
+        summed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.engine.device)
+        torch.distributed.all_reduce(summed)
+        return dict(zip(keys, summed.tolist()))
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is on any: all ranks stop together, none waits in a collective."""
+        flags = torch.tensor([float(flag)], device=self.engine.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags.item())
 
     @torch.no_grad()
     def _frozen_logprobs(self, model, batch: TrainBatch, slices: list[range]) -> list[torch.Tensor]:
-        """Each response's log-probs under `model`, without gradient, over the micro-batches the steps use."""
+        """This rank's responses' log-probs under `model`, without gradient, over the micro-batches the steps use."""
         model.eval()
         per_sequence: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         for indices in slices:
-            for idx in self._micro_batches(indices):
-                logprobs, _ = self._logprobs(model, batch, idx)
-                for row, i in enumerate(idx):
+            for micro in self._plan(batch, indices):
+                logprobs, _ = self._logprobs(model, batch, micro.forward_rows)
+                for row, i in enumerate(micro.rows):
                     per_sequence[i] = logprobs[row, : len(batch.responses[i])]
         return per_sequence
 
-    def _micro_batches(self, indices: Sequence[int]) -> list[Sequence[int]]:
-        size = self.cfg.micro_batch_size
-        return [indices[start : start + size] for start in range(0, len(indices), size)]
+    def _plan(self, batch: TrainBatch, indices: Sequence[int]) -> list[MicroBatch]:
+        """This rank's micro-batches of the sequences `indices`: its token-balanced share, in step with the others."""
+        return rank_micro_batches(
+            list(indices),
+            [len(p.input_ids) + len(r) for p, r in zip(batch.prompts, batch.responses)],
+            [p.pixel_values is not None for p in batch.prompts],
+            ranks=self.world,
+            rank=self.rank,
+            size=self.cfg.micro_batch_size,
+        )
 
     def _logprobs(self, model, batch: TrainBatch, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return response_logprobs(
@@ -305,9 +367,10 @@ class PolicyLearner:
             if p.requires_grad or not trainable_only
         ]
 
-    def weight_bucket(self, names: list[str], dtype: str, cuda_ipc: bool = False) -> PackedBucket:
-        """These parameters gathered from their ZeRO-3 shards into one flat `dtype` buffer.
+    def weight_bucket(self, names: list[str], dtype: str, cuda_ipc: bool = False) -> PackedBucket | None:
+        """These parameters gathered from their ZeRO-3 shards into one flat `dtype` buffer, on rank 0.
 
+        Under ZeRO-3 every rank must take part in the gather; only rank 0 packs (the others return None).
         On CPU for Ray's object store, or (`cuda_ipc`) left on this GPU and shared by a handle,
         kept alive by `shared_buckets` until the receivers have loaded it.
         """
@@ -316,35 +379,44 @@ class PolicyLearner:
         params = dict(self.engine.module.named_parameters())
         chosen = [params[name] for name in names]
         with deepspeed.zero.GatheredParameters(chosen, enabled=self.cfg.zero_stage == 3):
+            if self.rank != 0:
+                return None
             bucket = pack_bucket([(n, p.detach()) for n, p in zip(names, chosen)], getattr(torch, dtype))
         return self.shared_buckets.share(bucket) if cuda_ipc else bucket.to_cpu()
 
     def release_shared_buckets(self) -> None:
         self.shared_buckets.release()
 
+    def apply(self, fn, *args):
+        """`fn(self, *args)` in this actor: for tools (benchmarks) that need the learner's own device."""
+        return fn(self, *args)
+
     def save_hf(self, out_dir: str) -> None:
-        """The policy in HF format (model + processor), loadable by `from_pretrained` as it is."""
+        """The policy in HF format (model + processor), loadable by `from_pretrained` as it is.
+
+        Every rank takes part in the ZeRO-3 gather of the full model; rank 0 writes it.
+        """
         import deepspeed
 
-        path = Path(out_dir)
-        path.mkdir(parents=True, exist_ok=True)
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.zero_stage == 3):
-            module.save_pretrained(path)
-        self.processor.save_pretrained(path)
+            if self.rank == 0:
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                module.save_pretrained(out_dir)
+                self.processor.save_pretrained(out_dir)
 
     def save_checkpoint(self, out_dir: str) -> None:
         """The policy in HF format (for users, vLLM and the rollout workers) and the engine state for an exact resume.
 
-        DeepSpeed writes the optimizer moments and master weights in its own layout (any ZeRO stage, any rank count
-        it supports); the learner's RNGs travel in its client state.
+        Called on every rank. DeepSpeed writes the optimizer moments and master weights in its own layout, a file
+        per rank (so a resume needs the same `learner.num_ranks`); rank 0's RNGs travel in its client state.
         """
         self.save_hf(str(Path(out_dir) / POLICY_DIR))
         engine_dir = Path(out_dir) / ENGINE_DIR
         self.engine.save_checkpoint(str(engine_dir), tag=ENGINE_TAG, client_state={"rng": capture_rng()})
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
-        """Weights, optimizer state and RNGs as `save_checkpoint` left them."""
+        """Weights, optimizer state and RNGs as `save_checkpoint` left them (called on every rank)."""
         engine_dir = Path(ckpt_dir) / ENGINE_DIR
         if not (engine_dir / ENGINE_TAG).is_dir():
             raise CheckpointError(f"checkpoint {ckpt_dir}: no DeepSpeed engine state in {engine_dir / ENGINE_TAG}")

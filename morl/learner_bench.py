@@ -1,7 +1,8 @@
 """`morl bench learner`: tokens/s and MFU of the learner's update, against a matmul measured on the same device.
 
-The update is `PolicyLearner.train_step` on synthetic text sequences (random ids, no special tokens)
-of the recipe's model with its learner settings (ZeRO stage, micro-batch, checkpointing, offload).
+The update is the run's own learner (`LearnerGroup.train_step`, all `learner.num_ranks` ranks, timed from the
+driver) on synthetic text sequences (random ids, no special tokens) of the recipe's model with its learner
+settings (ZeRO stage, micro-batch, checkpointing, offload).
 Model FLOPs of one update over T tokens of sequences of length S:
 
     6 N T + 6 L h S T     N: the weights every token meets in a matmul (decoder layers and lm_head;
@@ -9,8 +10,8 @@ Model FLOPs of one update over T tokens of sequences of length S:
                           attention adds 6 L h S per token (half of the 12 L h S of full attention)
 
 Activation recomputation under gradient checkpointing is not counted (model FLOPs, not hardware FLOPs).
-MFU is reported against the best bf16/fp32 matmul measured here in the same run, and against H100's
-989 TFLOP/s dense bf16 when the device is one.
+MFU is reported against the best bf16/fp32 matmul measured on rank 0's device in the same run, times the
+rank count, and against H100's 989 TFLOP/s dense bf16 per rank when the device is one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from morl.config import RunConfig
 from morl.learner import PolicyLearner, TrainBatch
+from morl.learner_group import LearnerGroup
 from morl.multimodal import EncodedPrompt
 from morl.preflight import ModelShape
 
@@ -61,41 +63,51 @@ def synthetic_batch(
     return TrainBatch(prompts, [ids(response_tokens) for _ in range(sequences)], zeros, advantages)
 
 
+def rank0_device(learner: PolicyLearner) -> tuple[str, str, float]:
+    """Inside rank 0: its device's name, the parameters' dtype, and the matmul FLOP/s the device sustains."""
+    device = learner.engine.device
+    dtype = next(learner.engine.module.parameters()).dtype
+    peak = matmul_flops_per_s(device, dtype, n=8192 if device.type == "cuda" else 1024)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return name, str(dtype).removeprefix("torch."), peak
+
+
 def bench_learner(cfg: RunConfig, sequences: int, prompt_tokens: int, response_tokens: int, steps: int) -> dict:
-    learner = PolicyLearner(
-        cfg.model, cfg.learner, temperature=1.0, banned_ids=[], seed=0, threads=torch.get_num_threads()
-    )
-    tokenizer = learner.processor.tokenizer
+    from transformers import AutoProcessor
+
+    from morl.trainer import init_ray
+
+    init_ray(cfg)
+    tokenizer = AutoProcessor.from_pretrained(cfg.model.processor_path or cfg.model.path).tokenizer
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)  # chat and vision tokens
     vocab = [i for i in range(len(tokenizer)) if i not in special]
-    device = learner.engine.device
+    learner = LearnerGroup(cfg)
     seq_len = prompt_tokens + response_tokens
     learner.train_step(synthetic_batch(vocab, sequences, prompt_tokens, response_tokens, seed=-1))  # warm-up
     best = float("inf")
     for step in range(steps):
         batch = synthetic_batch(vocab, sequences, prompt_tokens, response_tokens, seed=step)
-        _sync(device)
         start = time.perf_counter()
-        learner.train_step(batch)
-        _sync(device)
+        learner.train_step(batch)  # returns once every rank has stepped and read its metrics off the device
         best = min(best, time.perf_counter() - start)
+    name, dtype, peak = learner.apply_on_rank0(rank0_device)
+    learner.close()
+    ranks = cfg.learner.num_ranks
     tokens = sequences * seq_len
     achieved = update_flops(ModelShape.from_checkpoint(cfg.model.path), tokens, seq_len) / best
-    dtype = next(learner.engine.module.parameters()).dtype
-    peak = matmul_flops_per_s(device, dtype, n=8192 if device.type == "cuda" else 1024)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {
         "device": name,
-        "dtype": str(dtype).removeprefix("torch."),
+        "ranks": ranks,
+        "dtype": dtype,
         "tokens_per_step": tokens,
         "seconds_per_step": round(best, 4),
         "tokens_per_s": round(tokens / best, 1),
         "model_tflops": round(achieved / 1e12, 4),
-        "matmul_tflops": round(peak / 1e12, 4),
-        "mfu_vs_matmul": round(achieved / peak, 4),
+        "matmul_tflops": round(ranks * peak / 1e12, 4),
+        "mfu_vs_matmul": round(achieved / (ranks * peak), 4),
     }
     if "H100" in name:
-        report["mfu_vs_989_tflops"] = round(achieved / H100_BF16_FLOPS, 4)
+        report["mfu_vs_989_tflops"] = round(achieved / (ranks * H100_BF16_FLOPS), 4)
     return report
 
 

@@ -1,7 +1,7 @@
 """Will a recipe fit? GPU and host memory estimated from the model's config.json before any GPU time is spent.
 
 Closed-form estimates, upper bounds where there is a choice. P parameters, T trainable (P without the
-ViT when it is frozen), b bytes per element of `model.dtype`, n learner GPUs (ZeRO ranks), and a
+ViT when it is frozen), b bytes per element of `model.dtype`, n = `learner.num_ranks` (ZeRO ranks), and a
 micro-batch of B sequences padded to S = max_prompt_tokens + max_new_tokens tokens:
 
     learner weights      b P, / n under ZeRO-3; with offload_params only the live layers stay on the GPU
@@ -245,21 +245,33 @@ def host_parts(shape: ModelShape, cfg: RunConfig, n: int, vllm_workers: int) -> 
     return parts
 
 
+def gpus_of_rollout(cfg: RunConfig) -> int:
+    """GPUs the vLLM workers take (none for the CPU hf engine)."""
+    rc = cfg.rollout
+    return rc.num_workers * rc.tensor_parallel_size if rc.engine == "vllm" else 0
+
+
 def estimate(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> Estimate:
     rc = cfg.rollout
     vllm = rc.engine == "vllm"
-    rollout_gpus = rc.num_workers * rc.tensor_parallel_size if vllm else 0
+    rollout_gpus = gpus_of_rollout(cfg)
+    n = cfg.learner.num_ranks
     if hw.gpus == 0:
         if vllm:
             return Estimate(0, [], problems=["rollout.engine=vllm needs GPUs (--gpus)"])
-        learner = {**learner_resident(shape, cfg, 1), **learner_activations(shape, cfg)}
-        host = {**host_parts(shape, cfg, 1, 0), **{f"{k} (CPU run)": v for k, v in learner.items()}}
+        learner = {**learner_resident(shape, cfg, n), **learner_activations(shape, cfg)}
+        ranks = f"(CPU run, {n} ranks)" if n > 1 else "(CPU run)"
+        host = {**host_parts(shape, cfg, n, 0), **{f"{k} {ranks}": n * v for k, v in learner.items()}}
         return Estimate(0, [Budget("host", host, hw.host_bytes)])
-    n = hw.gpus if (rc.colocate or not vllm) else hw.gpus - rollout_gpus
-    if n < 1 or (rc.colocate and rollout_gpus > hw.gpus):
-        need = f"rollout.num_workers x rollout.tensor_parallel_size = {rollout_gpus} GPUs"
-        fix = "the learner's GPUs are all it may share" if rc.colocate else "none is left for the learner"
-        return Estimate(0, [], problems=[f"{need} of {hw.gpus}: {fix}; lower them or add GPUs (--gpus)"])
+    workers = f"rollout.num_workers x rollout.tensor_parallel_size = {rollout_gpus} GPUs"
+    if rc.colocate and rollout_gpus > hw.gpus:
+        problem = f"{workers} of {hw.gpus}: the learner's GPUs are all it may share"
+    elif not rc.colocate and rollout_gpus + n > hw.gpus:
+        problem = f"{workers} and learner.num_ranks = {n} need {rollout_gpus + n} GPUs, of {hw.gpus}"
+    else:
+        problem = None
+    if problem:
+        return Estimate(0, [], problems=[f"{problem}; lower them or add GPUs (--gpus)"])
     resident = {**learner_resident(shape, cfg, n), "runtime": RUNTIME}
     update = {**resident, **learner_activations(shape, cfg)}
     budgets: list[Budget] = []
@@ -291,8 +303,11 @@ def _candidate_changes(cfg: RunConfig, hw: Hardware) -> list[dict[str, Any]]:
         changes += [
             {"learner.micro_batch_size": m} for m in sorted({max(1, lc.micro_batch_size // 4), 1}, reverse=True)
         ]
-    if lc.zero_stage < 3 and hw.gpus > 1:
+    if lc.zero_stage < 3 and lc.num_ranks > 1:
         changes.append({"learner.zero_stage": 3})
+    spare = hw.gpus - lc.num_ranks - gpus_of_rollout(cfg)
+    if spare > 0 and not rc.colocate:  # more ranks: smaller ZeRO shards each
+        changes.append({"learner.num_ranks": lc.num_ranks + spare})
     if not lc.offload_optimizer:
         changes.append({"learner.offload_optimizer": True})
     if not lc.offload_params:

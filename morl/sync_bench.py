@@ -15,7 +15,7 @@ import ray
 import torch
 
 from morl.config import RunConfig
-from morl.learner import PolicyLearner
+from morl.learner_group import LearnerGroup
 from morl.weight_sync import plan_buckets, sync_rollout_weights
 
 
@@ -36,16 +36,15 @@ class _BareReceiver:
 
 
 def bench_sync(cfg: RunConfig, rounds: int) -> dict:
-    from morl.rollout_scheduler import start_rollout_workers, threads_for
+    from morl.rollout_scheduler import start_rollout_workers
     from morl.trainer import init_ray
 
     init_ray(cfg)
     rc = cfg.rollout
-    threads = threads_for(cfg.learner.cpus)
-    learner = ray.remote(num_cpus=cfg.learner.cpus)(PolicyLearner).remote(cfg.model, cfg.learner, 1.0, [], 0, threads)
     workers = start_rollout_workers(cfg, cfg.model.path)
+    learner = LearnerGroup(cfg)
     cuda_ipc = rc.engine == "vllm" and rc.colocate
-    plan = plan_buckets(ray.get(learner.weight_sizes.remote(cfg.model.dtype)), rc.sync_bucket_mb * 2**20)
+    plan = plan_buckets(learner.weight_sizes(cfg.model.dtype), rc.sync_bucket_mb * 2**20)
     nbytes = sum(b.nbytes for b in plan)
     sender = ray.remote(num_cpus=0)(_BareSender).remote(nbytes)
     receivers = [ray.remote(num_cpus=0)(_BareReceiver).remote(nbytes) for _ in workers]
@@ -63,7 +62,8 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
         for _ in range(rounds)
     )
     best_bare = min(bare() for _ in range(rounds))
-    for actor in [learner, *workers, sender, *receivers]:
+    learner.close()
+    for actor in [*workers, sender, *receivers]:
         ray.kill(actor)
     gb = nbytes / 1e9
     return {

@@ -31,7 +31,8 @@ from morl.checkpoint import (
 )
 from morl.config import RunConfig, dump_config
 from morl.data import Row, load_datasets
-from morl.learner import PolicyLearner, TrainBatch
+from morl.learner import TrainBatch
+from morl.learner_group import LearnerGroup
 from morl.metrics import MetricsWriter, ProgressDisplay, console, eval_table
 from morl.model_check import check_model_dir
 from morl.multimodal import PromptEncoder
@@ -45,7 +46,6 @@ from morl.rollout_scheduler import (
     generate_in_order,
     reward_input,
     start_rollout_workers,
-    threads_for,
 )
 from morl.weight_sync import check_logprob_mismatch, plan_buckets, sync_rollout_weights
 
@@ -93,19 +93,11 @@ class Trainer:
         start_weights = str(self.resume_from.policy_dir) if self.resume_from else model.path
         self.workers = start_rollout_workers(cfg, start_weights)
         self.banned_ids = vision_token_ids(self.processor.tokenizer)
-        self.learner = ray.remote(num_cpus=cfg.learner.cpus)(PolicyLearner).remote(
-            model,
-            cfg.learner,
-            cfg.rollout.temperature,
-            self.banned_ids,
-            cfg.trainer.seed,
-            threads_for(cfg.learner.cpus),
-            algo=cfg.algo,
-        )
+        self.learner = LearnerGroup(cfg, self.banned_ids)
         self.scheduler = RolloutScheduler.from_config(cfg, self.workers, self.router, self.encode, self.sampler)
         # engines that keep their weights between syncs get only what trains (vLLM sleep level 2 drops them all)
         drops_weights = cfg.rollout.colocate and cfg.rollout.sleep_level == 2
-        sizes = ray.get(self.learner.weight_sizes.remote(model.dtype, trainable_only=not drops_weights))
+        sizes = self.learner.weight_sizes(model.dtype, trainable_only=not drops_weights)
         self.sync_plan = plan_buckets(sizes, cfg.rollout.sync_bucket_mb * 2**20)
         self.start_step = 0
         self.sft_eval: dict[str, dict[str, float]] | None = None  # evaluate()'s reward and response_length
@@ -134,7 +126,7 @@ class Trainer:
                 progress.update(metrics)
                 if step == last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                     self.save_checkpoint(step)
-        ray.get(self.learner.save_hf.remote(str(self.out_dir / "final")))
+        self.learner.save_hf(str(self.out_dir / "final"))
         if cfg.eval.enabled:
             policy = self.evaluate()
             results["policy"], lengths["policy"] = policy["reward"], policy["response_length"]
@@ -152,7 +144,7 @@ class Trainer:
             colocated = self.cfg.rollout.colocate  # vLLM shares the learner's GPU: it sleeps during the update
             if colocated:
                 ray.get([w.sleep.remote(self.cfg.rollout.sleep_level) for w in self.workers])
-            metrics.update(ray.get(self.learner.train_step.remote(batch)))
+            metrics.update(self.learner.train_step(batch))
             timer.lap("update")
             # the rollouts this step trained on were sampled with the weights of the previous sync
             check_logprob_mismatch(metrics["logprob_mismatch"], self.cfg.learner.max_logprob_mismatch, step)
@@ -193,7 +185,7 @@ class Trainer:
         return save_checkpoint(
             self.out_dir,
             step,
-            lambda directory: ray.get(self.learner.save_checkpoint.remote(str(directory))),
+            lambda directory: self.learner.save_checkpoint(str(directory)),
             state,
             self.cfg,
             self.cfg.trainer.keep_last,
@@ -205,7 +197,7 @@ class Trainer:
         The rollout workers were started from the checkpoint's policy. A data set whose size changed cannot continue
         its saved order; with --force the order starts over (the step counter still decides how many steps remain).
         """
-        ray.get(self.learner.load_checkpoint.remote(str(ckpt.path)))
+        self.learner.load_checkpoint(str(ckpt.path))
         try:
             self.sampler.load_state_dict(ckpt.state["sampler"])
         except ValueError as exc:
@@ -255,8 +247,9 @@ class Trainer:
 
     def close(self) -> None:
         self.router.close()
-        for actor in [*self.workers, self.learner]:
+        for actor in self.workers:
             ray.kill(actor)
+        self.learner.close()
 
 
 def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[str, float]]:
@@ -300,7 +293,10 @@ def reward_metrics(groups: list[Group]) -> dict[str, float]:
 def init_ray(cfg: RunConfig) -> None:
     if not ray.is_initialized():
         ray.init(
-            num_cpus=max(os.cpu_count() or 1, cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.cpus),
+            num_cpus=max(
+                os.cpu_count() or 1,
+                cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus,
+            ),
             include_dashboard=False,
             log_to_driver=True,
             runtime_env={"env_vars": QUIET_OFFLINE_ENV},

@@ -159,7 +159,7 @@ def sync_weights(plan: Sequence[Bucket], fetch: Callable[[Bucket], Any], deliver
 def sync_rollout_weights(
     learner, workers: Sequence[Any], plan: Sequence[Bucket], *, dtype: str, cuda_ipc: bool
 ) -> SyncStats:
-    """`sync_weights` between a `PolicyLearner` Ray actor and `RolloutWorker` Ray actors.
+    """`sync_weights` between a `morl.learner_group.LearnerGroup` and `RolloutWorker` Ray actors.
 
     `cuda_ipc` (vLLM colocated on the learner's GPU) sends handles instead of bytes; otherwise each
     bucket travels once through Ray's object store (CPU), shared by all workers.
@@ -169,9 +169,9 @@ def sync_rollout_weights(
     def deliver(ref) -> None:
         ray.get([w.load_weights.remote(ref) for w in workers])
 
-    stats = sync_weights(plan, lambda b: learner.weight_bucket.remote(list(b.names), dtype, cuda_ipc), deliver)
+    stats = sync_weights(plan, lambda b: learner.weight_bucket(list(b.names), dtype, cuda_ipc), deliver)
     if cuda_ipc:
-        ray.get(learner.release_shared_buckets.remote())
+        learner.release_shared_buckets()
     return stats
 
 

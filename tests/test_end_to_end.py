@@ -118,6 +118,20 @@ def test_grpo_ablation_runs_and_compares(runs):
     assert f"{grpo['policy']['mean']:.3f} ({grpo['policy']['mean'] - grpo['sft']['mean']:+.3f})" in done.stdout
 
 
+def test_two_learner_ranks_log_the_one_rank_run(runs):
+    # the same run with its learner split over 2 ZeRO-3 ranks (gloo): the same update each step, weights gathered
+    # from both ranks' shards for the rollout workers, and so the same rollouts and rewards
+    root, _ = runs
+    morl_train(root / "world", root / "two_ranks", "learner.num_ranks=2", "learner.zero_stage=3", "eval.enabled=false")
+    one, two = read_metrics(root / "run1"), read_metrics(root / "two_ranks")
+    assert [m["step"] for m in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert b["reward/mean"] == a["reward/mean"] and b["train_tokens"] == a["train_tokens"]
+        for key in ("loss", "grad_norm", "logprob_mismatch"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    assert (root / "two_ranks" / "final" / "config.json").is_file()
+
+
 def test_same_seed_same_metrics(runs):
     root, _ = runs
     keys = lambda m: {k: v for k, v in m.items() if k.startswith(("reward/", "loss", "grad_norm", "advantage/"))}

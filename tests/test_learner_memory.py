@@ -5,7 +5,7 @@ import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from morl.config import LearnerConfig, ModelConfig
-from morl.data import load_dataset
+from morl.data import Row, load_dataset
 from morl.learner import PolicyLearner, TrainBatch
 from morl.multimodal import PromptEncoder
 
@@ -39,3 +39,37 @@ def test_checkpointing_and_offload_give_the_same_step(toy_world, batch):
     start = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft").named_parameters())
     moved = max((weights[k] - p).abs().max().item() for k, p in start.items())
     assert moved > 0.5 * LR  # and the step did move the weights (Adam's first step is about lr)
+
+
+
+ZERO_OPTIONS = {
+    "zero2 offload": {"zero_stage": 2, "offload_optimizer": True},
+    "zero3": {"zero_stage": 3},
+    "zero3 offload": {"zero_stage": 3, "offload_optimizer": True},
+}
+
+
+def test_a_step_that_leaves_the_vit_untouched_does_not_reuse_old_gradients(toy_world, batch):
+    # ZeRO keeps gradient partitions between steps (ZeRO-3 always, ZeRO-2 when offloaded) and overwrites them only
+    # in a step's first micro-batch: after an image step, a text-only step and a step whose first micro-batch is
+    # text-only must not train the ViT on an older gradient. ZeRO-2 without offload keeps none: the reference.
+    processor = AutoProcessor.from_pretrained(toy_world / "sft")
+    question = Row(id="text", task="math", messages=[{"role": "user", "content": "2 + 3?"}], images=[], label={})
+    text = PromptEncoder(processor, 4096)(question)
+    response = batch.responses[0]
+    text_only = TrainBatch([text, text], [response, response[:2]], [[0.0] * 3, [0.0] * 2], [1.0, -1.0])
+    mixed = TrainBatch(
+        [text, *batch.prompts], [response, *batch.responses], [[0.0] * 3, *batch.rollout_logprobs], [0.5, 1.0, -1.0]
+    )
+
+    def three_steps(**options):
+        cfg = LearnerConfig(lr=LR, micro_batch_size=1, **options)
+        learner = PolicyLearner(ModelConfig(path=str(toy_world / "sft")), cfg, 1.0, [], seed=0, threads=1)
+        norms = [learner.train_step(b)["grad_norm"] for b in (batch, text_only, mixed)]
+        return norms, learner.named_weights()
+
+    norms, plain = three_steps(zero_stage=2)
+    for name, options in ZERO_OPTIONS.items():
+        other_norms, weights = three_steps(**options)
+        assert other_norms == pytest.approx(norms, rel=1e-5), name
+        assert max((weights[k] - plain[k]).abs().max().item() for k in plain) < 0.02 * LR, name

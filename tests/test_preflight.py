@@ -159,7 +159,19 @@ def test_zero_shards_over_the_learner_gpus(tmp_path):
     assert learner["learner gradients"] == 2 * T7 // 4
     assert learner["learner weights"] == 2 * P7 // 4
     crowded = estimate(with_overrides(cfg, {"rollout.num_workers": 8}), shape, Hardware(8, 80, 1024))
-    assert not crowded.fits and "none is left for the learner" in crowded.problems[0]
+    assert not crowded.fits and "learner.num_ranks = 4 need 12 GPUs, of 8" in crowded.problems[0]
+
+
+def test_the_learner_takes_num_ranks_gpus_and_spare_gpus_are_suggested(tmp_path):
+    cfg = load_config(
+        RECIPES / "mimo_vl_7b_morl_8gpu.yaml",
+        [f"model.path={checkpoint(tmp_path, QWEN25VL_7B)}", "learner.num_ranks=1"],
+    )
+    shape, hw = ModelShape.from_config(QWEN25VL_7B), Hardware(8, 80, 1024)
+    est = estimate(cfg, shape, hw)
+    assert est.learner_gpus == 1 and not est.fits  # 85 GiB of Adam states on one GPU
+    assert {b.where: b for b in est.budgets}["learner GPU, update"].parts["learner optimizer states"] == 12 * T7
+    assert "learner.num_ranks=4" in suggestions(cfg, shape, hw)  # the 3 GPUs the 4 vLLM workers leave
 
 
 def test_recipes_need_a_model_path_and_say_so():
@@ -214,8 +226,16 @@ def test_cli_refuses_what_does_not_fit(tmp_path):
         ("learner.offload_params=true", "learner.offload_params needs learner.zero_stage=3"),
         ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization"),
         ("rollout.sleep_level=3", "rollout.sleep_level"),
+        ("learner.num_ranks=0", "learner.num_ranks"),
     ],
 )
 def test_gpu_options_are_validated_by_name(override, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
         load_config(None, ["model.path=/ckpt", override])
+
+
+def test_colocated_vllm_needs_a_one_rank_learner():
+    colocated = ["model.path=/ckpt", "rollout.engine=vllm", "rollout.colocate=true"]
+    assert load_config(None, colocated).learner.num_ranks == 1
+    with pytest.raises(ConfigError, match=r"rollout\.colocate=true needs learner\.num_ranks=1 \(got 2\)"):
+        load_config(None, [*colocated, "learner.num_ranks=2"])
