@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from pydantic import BaseModel
 
 from morl.config import RunConfig, dump_config
 
@@ -283,13 +284,26 @@ def check_resume_config(ckpt: Checkpoint, cfg: RunConfig, force: bool) -> None:
 
 
 def unsafe_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ between two config dumps and are not SAFE_TO_CHANGE: {key: (old, new)}."""
-    old_flat, new_flat = _flatten(saved), _flatten(new)
+    """Dotted keys whose values differ between two config dumps and are not SAFE_TO_CHANGE: {key: (old, new)}.
+
+    A key the saved config lacks (written before the key existed) counts as its default value.
+    """
+    old_flat, new_flat = {**_defaults(), **_flatten(saved)}, _flatten(new)
     return {
         key: (old_flat.get(key), new_flat.get(key))
         for key in sorted(old_flat.keys() | new_flat.keys())
         if old_flat.get(key) != new_flat.get(key) and not _is_safe(key)
     }
+
+
+def _defaults() -> dict[str, Any]:
+    """Every config section's default values as dotted keys."""
+    sections = {
+        name: field.default.model_dump(mode="json")
+        for name, field in RunConfig.model_fields.items()
+        if isinstance(field.default, BaseModel)
+    }
+    return _flatten(sections)
 
 
 def _is_safe(key: str) -> bool:

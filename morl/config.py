@@ -30,6 +30,11 @@ class ModelConfig(Section):
     processor_path: str | None = Field(None, description="tokenizer/processor directory when it is not `path`")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
+    @property
+    def processor_dir(self) -> str | None:
+        """Where the tokenizer, image processor and chat template live: their own directory or the model's."""
+        return self.processor_path or self.path
+
 
 class ToyWorldConfig(Section):
     """The locally built quickstart world: tiny Qwen2.5-VL, synthetic image tasks, SFT warm-up."""
@@ -39,7 +44,7 @@ class ToyWorldConfig(Section):
     tasks: tuple[str, ...] = ("counting", "grounding", "math", "choice")
     train_per_task: int = Field(512, gt=0)
     eval_per_task: int = Field(256, gt=0)
-    sft_steps: int = Field(900, ge=0)
+    sft_steps: int = Field(400, ge=0)
     sft_batch_size: int = Field(32, gt=0)
     sft_lr: float = Field(1e-3, gt=0)
 
@@ -115,7 +120,12 @@ class AlgoConfig(Section):
 
 class LearnerConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
-    lr: float = Field(1e-6, gt=0)
+    lr: float = Field(1e-6, gt=0, description="peak learning rate")
+    lr_warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up to learner.lr")
+    lr_decay: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="after warm-up: stay at learner.lr, or decay to learner.min_lr_ratio x lr by the last step"
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the decay's floor, as a fraction of learner.lr")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)

@@ -112,7 +112,7 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
     paths = list(dict.fromkeys(spec.path for spec in cfg.data.train))  # a file listed twice is filtered once
     tasks = set(cfg.rewards.routes)
     datasets = [load_dataset(p, known_tasks=tasks, on_bad_row=cfg.data.on_bad_row) for p in paths]
-    processor = AutoProcessor.from_pretrained(cfg.model.processor_path or cfg.model.path)
+    processor = AutoProcessor.from_pretrained(cfg.model.processor_dir)
     encode = PromptEncoder(processor, cfg.rollout.max_prompt_tokens)
     sampling = SamplingParams(
         n=settings.samples,

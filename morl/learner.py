@@ -24,6 +24,7 @@ from morl.checkpoint import ENGINE_DIR, POLICY_DIR, CheckpointError, capture_rng
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
 from morl.data_parallel import MicroBatch, rank_micro_batches
 from morl.logprobs import response_logprobs
+from morl.lr_schedule import lr_multiplier
 from morl.multimodal import EncodedPrompt
 from morl.weight_sync import PackedBucket, SharedBuckets, pack_bucket
 
@@ -119,6 +120,11 @@ def _set_rendezvous(rendezvous: dict[str, str] | None) -> None:
         os.environ.setdefault(key, value)
 
 
+def optimizer_steps_per_batch(algo: AlgoConfig) -> int:
+    """MORL takes one step per rollout batch; the GRPO ablation one per mini-batch and epoch."""
+    return algo.mini_batches * algo.update_epochs if algo.name == "grpo" else 1
+
+
 class PolicyLearner:
     def __init__(
         self,
@@ -130,7 +136,9 @@ class PolicyLearner:
         threads: int,
         algo: AlgoConfig = AlgoConfig(),
         rendezvous: dict[str, str] | None = None,
+        max_steps: int = 1,
     ):
+        """`max_steps`: the run's rollout batches, which the learning-rate decay spans."""
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
@@ -145,7 +153,7 @@ class PolicyLearner:
         self.cfg = cfg
         self.temperature = temperature
         self.banned_ids = banned_ids
-        self.processor = AutoProcessor.from_pretrained(model_cfg.processor_path or model_cfg.path)
+        self.processor = AutoProcessor.from_pretrained(model_cfg.processor_dir)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_cfg.path, dtype=torch.float32)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -160,7 +168,14 @@ class PolicyLearner:
             "fp16": {"enabled": model_cfg.dtype == "float16"},
             "steps_per_print": 1 << 30,
         }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        total = max_steps * optimizer_steps_per_batch(algo)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step, warmup_steps=cfg.lr_warmup_steps, total_steps=total, decay=cfg.lr_decay, min_ratio=cfg.min_lr_ratio
+            ),
+        )
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.shared_buckets = SharedBuckets()
         self.algo = algo
@@ -169,9 +184,9 @@ class PolicyLearner:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """The update of one rollout batch: MORL's single on-policy step, or the GRPO ablation's several."""
-        if self.algo.name == "grpo":
-            return self._grpo_update(batch)
-        return self._morl_update(batch)
+        lr = self.engine.get_lr()[0]  # the (first) step's learning rate; the scheduler moves it after each step
+        update = self._grpo_update if self.algo.name == "grpo" else self._morl_update
+        return {**update(batch), "lr": lr}
 
     def _morl_update(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step over the whole batch, accumulated over micro-batches and ranks.

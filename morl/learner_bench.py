@@ -78,7 +78,7 @@ def bench_learner(cfg: RunConfig, sequences: int, prompt_tokens: int, response_t
     from morl.trainer import init_ray
 
     init_ray(cfg)
-    tokenizer = AutoProcessor.from_pretrained(cfg.model.processor_path or cfg.model.path).tokenizer
+    tokenizer = AutoProcessor.from_pretrained(cfg.model.processor_dir).tokenizer
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)  # chat and vision tokens
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     learner = LearnerGroup(cfg)

@@ -62,6 +62,7 @@ class LearnerGroup:
                 cfg.trainer.seed,
                 threads_for(lc.cpus),
                 algo=cfg.algo,
+                max_steps=cfg.trainer.max_steps,
                 # each rank sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES), hence local rank 0
                 rendezvous={
                     "MASTER_ADDR": addr,

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from morl.data import LoadedDataset, MixtureSampler, Row
+from morl.data import LoadedDataset, MixtureSampler, Row, load_datasets
+
+if TYPE_CHECKING:
+    from morl.config import RunConfig
 
 Key = tuple[int, int]  # (dataset index, row index)
 
@@ -36,6 +39,12 @@ class PromptSource:
         self.draws = 0
         self.easy_pool: list[Key] = []
         self._in_pool: set[Key] = set()
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> PromptSource:
+        """The run's training mixture (`data.train`, rows checked against the routed tasks) and easy pool."""
+        datasets = load_datasets(cfg.data.train, known_tasks=set(cfg.rewards.routes), on_bad_row=cfg.data.on_bad_row)
+        return cls(datasets, [s.weight for s in cfg.data.train], cfg.trainer.seed, cfg.algo.easy_pool_alpha)
 
     def draw(self) -> DrawnPrompt:
         rng = np.random.default_rng([self.seed, 2, self.draws])

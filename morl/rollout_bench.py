@@ -35,16 +35,14 @@ class ModeTotals:
 def bench_rollout(cfg: RunConfig, steps: int) -> dict:
     from transformers import AutoProcessor
 
-    from morl.data import load_datasets
     from morl.multimodal import PromptEncoder
     from morl.prompt_source import PromptSource
     from morl.rewards.router import RewardRouter
     from morl.trainer import init_ray
 
-    processor = AutoProcessor.from_pretrained(cfg.model.processor_path or cfg.model.path)
+    processor = AutoProcessor.from_pretrained(cfg.model.processor_dir)
     encode = PromptEncoder(processor, cfg.rollout.max_prompt_tokens)
-    datasets = load_datasets(cfg.data.train, known_tasks=set(cfg.rewards.routes), on_bad_row=cfg.data.on_bad_row)
-    source = PromptSource(datasets, [s.weight for s in cfg.data.train], cfg.trainer.seed, cfg.algo.easy_pool_alpha)
+    source = PromptSource.from_config(cfg)
     router = RewardRouter(cfg.rewards)
     init_ray(cfg)
     workers = start_rollout_workers(cfg, cfg.model.path)
@@ -53,7 +51,7 @@ def bench_rollout(cfg: RunConfig, steps: int) -> dict:
         for mode in MODES:
             schedulers[mode] = RolloutScheduler.from_config(cfg, workers, router, encode, source)
             schedulers[mode].mode = mode
-        warm = [encode(datasets[0].rows[0])] * len(workers)
+        warm = [encode(source.sampler.row((0, 0)))] * len(workers)
         generate_in_order(workers, warm, schedulers["seamless"].sampling, seeds=[0] * len(warm))
         totals = {mode: ModeTotals() for mode in MODES}
         same_batches = True

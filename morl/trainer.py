@@ -75,18 +75,14 @@ class Trainer:
         from transformers import AutoProcessor
 
         model = cfg.model
-        self.processor = AutoProcessor.from_pretrained(model.processor_path or model.path)
+        self.processor = AutoProcessor.from_pretrained(model.processor_dir)
         self.encode = PromptEncoder(self.processor, cfg.rollout.max_prompt_tokens)
-        tasks = set(cfg.rewards.routes)
-        self.train_sets = load_datasets(cfg.data.train, known_tasks=tasks, on_bad_row=cfg.data.on_bad_row)
+        self.sampler = PromptSource.from_config(cfg)
         self.eval_rows = [
             row
-            for ds in load_datasets(cfg.data.eval, known_tasks=tasks, on_bad_row=cfg.data.on_bad_row)
+            for ds in load_datasets(cfg.data.eval, known_tasks=set(cfg.rewards.routes), on_bad_row=cfg.data.on_bad_row)
             for row in ds.rows
         ]
-        self.sampler = PromptSource(
-            self.train_sets, [s.weight for s in cfg.data.train], cfg.trainer.seed, cfg.algo.easy_pool_alpha
-        )
         self.router = RewardRouter(cfg.rewards)
 
         init_ray(cfg)

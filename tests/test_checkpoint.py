@@ -20,6 +20,7 @@ from morl.checkpoint import (
     resolve_resume,
     restore_rng,
     save_checkpoint,
+    unsafe_changes,
 )
 from morl.config import ModelConfig, load_config
 from morl.metrics import MetricsWriter
@@ -145,6 +146,15 @@ def test_safe_config_changes_resume_and_unsafe_ones_name_their_keys(tmp_path):
     assert "data.train:" in text and "b.jsonl" in text and "--force" in text
     assert "max_steps" not in text.split("safe to change")[0]
     assert resolve_resume(tmp_path, LATEST, unsafe, force=True).step == 2
+
+
+def test_a_key_newer_than_the_checkpoint_counts_as_its_default():
+    saved = config().model_dump(mode="json")
+    del saved["learner"]["lr_decay"]  # a checkpoint written before the key existed
+    assert unsafe_changes(saved, config().model_dump(mode="json")) == {}
+    assert unsafe_changes(saved, config("learner.lr_decay=cosine").model_dump(mode="json")) == {
+        "learner.lr_decay": ("constant", "cosine")
+    }
 
 
 def test_rng_state_survives_json(tmp_path):

@@ -148,3 +148,19 @@ def test_grpo_takes_a_step_per_mini_batch_and_epoch(toy_world, batch):
     assert math.isfinite(metrics["loss"]) and 0.0 <= metrics["clip_fraction"] <= 1.0
     after = grpo.named_weights()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_learning_rate_follows_the_schedule_and_survives_a_checkpoint(toy_world, batch, tmp_path):
+    train_batch, banned = batch
+    cfg = LearnerConfig(lr=LR, micro_batch_size=6, lr_warmup_steps=2, lr_decay="linear", min_lr_ratio=0.1)
+
+    def start():
+        return PolicyLearner(ModelConfig(path=str(toy_world / "sft")), cfg, 1.0, banned, seed=0, threads=1, max_steps=4)
+
+    policy = start()
+    lrs = [policy.train_step(train_batch)["lr"] for _ in range(2)]
+    policy.save_checkpoint(str(tmp_path / "ckpt"))
+    resumed = start()
+    resumed.load_checkpoint(str(tmp_path / "ckpt"))
+    lrs += [resumed.train_step(train_batch)["lr"] for _ in range(2)]
+    assert lrs == pytest.approx([LR / 2, LR, LR, LR / 10])
