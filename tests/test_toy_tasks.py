@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from morl.toy.tasks import BACKGROUND, GENERATORS, IMAGE_SIZE, INK, KINDS, PALETTE, TASKS, write_split
+from morl.toy.tasks import BACKGROUND, CELL, DIGIT_H, GENERATORS, IMAGE_SIZE, INK, KINDS, PALETTE, TASKS, write_split
 
 N = 24  # rows per task and split: enough to cover every count, operator and kind
 
@@ -89,12 +89,21 @@ def test_row_format_and_pixels(data, task):
         assert {tuple(int(v) for v in p) for p in np.unique(image.reshape(-1, 3), axis=0)} <= allowed  # flat colours
 
 
+def cells_of(mask: np.ndarray) -> set[tuple[int, int]]:
+    """The (column, row) grid cells, one per merged vision token, that hold a True pixel."""
+    ys, xs = np.nonzero(mask)
+    return set(zip((xs // CELL).tolist(), (ys // CELL).tolist()))
+
+
 def test_counting(data):
     counts = set()
     for row, image in rows(data, "counting"):
         n = row["label"]["count"]
-        _, components = ndimage.label(np.any(image != BACKGROUND, axis=-1))
+        labels, components = ndimage.label(np.any(image != BACKGROUND, axis=-1))
         assert components == n
+        # each shape inside one grid cell, no two in the same cell
+        shape_cells = [cells_of(labels == k) for k in range(1, n + 1)]
+        assert all(len(cells) == 1 for cells in shape_cells) and len(set().union(*shape_cells)) == n
         assert answer_of(row) == f"\\boxed{{{n}}}"
         counts.add(n)
     assert counts == {1, 2, 3, 4, 5}
@@ -143,7 +152,10 @@ def test_math(data):
         assert answer_of(row) == f"\\boxed{{{value}}}"
         ink = colour_mask(image, INK)
         rows_with_ink = np.flatnonzero(ink.any(axis=1))
-        assert rows_with_ink.max() - rows_with_ink.min() + 1 >= 28  # big glyphs
+        assert rows_with_ink.max() - rows_with_ink.min() + 1 == DIGIT_H
+        # digit, operator, digit: one per cell, three neighbouring cells of one grid row
+        (column, row_), *_ = sorted(cells_of(ink))
+        assert cells_of(ink) == {(column, row_), (column + 1, row_), (column + 2, row_)}
         ops.add(op)
     assert ops == {"+", "-", "*"}
 

@@ -96,7 +96,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2_5_VLForConditionalGeneration:
-    """A ~3M-parameter Qwen2.5-VL: 4 text layers of width 128, a 2-block ViT of width 64."""
+    """A ~1.1M-parameter Qwen2.5-VL: 4 text layers of width 128, a 2-block ViT of width 64."""
     vocab = (len(tokenizer) + 63) // 64 * 64
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(

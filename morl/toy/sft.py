@@ -10,10 +10,19 @@ from morl.algorithm import token_mean_loss
 from morl.data import Row
 from morl.learner import trainable_parameters
 from morl.logprobs import response_logprobs
+from morl.lr_schedule import lr_multiplier
 from morl.multimodal import PromptEncoder
 
+WARMUP_STEPS = 20
+MIN_LR_RATIO = 0.1
+
+
 def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    """Cross-entropy on reference answers (the MORL loss with every advantage 1); returns the losses."""
+    """Cross-entropy on reference answers (the MORL loss with every advantage 1); returns the losses.
+
+    The learning rate warms up, then decays (cosine) to MIN_LR_RATIO x lr, so the checkpoint is a settled model
+    rather than a snapshot of a constant-rate run, whose held-out reward jumps from one step to the next.
+    """
     tokenizer = processor.tokenizer
     encode = PromptEncoder(processor, max_prompt_tokens=4096)
     examples = [
@@ -24,7 +33,12 @@ def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, l
     # constant feature (the language model uses image tokens as an attention sink), which erases the image.
     trainable = trainable_parameters(model, freeze_vision_tower=True)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            step, warmup_steps=WARMUP_STEPS, total_steps=steps, decay="cosine", min_ratio=MIN_LR_RATIO
+        ),
+    )
     rng = random.Random(seed)
     model.train()
     losses = []

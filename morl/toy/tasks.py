@@ -5,6 +5,11 @@ byte-identical on every machine with the same Pillow: every pixel is the backgro
 black. Images are ``IMAGE_SIZE`` x ``IMAGE_SIZE`` (a multiple of 28), so the Qwen2.5-VL processor with
 ``min_pixels = max_pixels = IMAGE_SIZE**2`` keeps them as they are and boxes are in pixels of the resized image.
 
+Counting and math draw each shape or glyph inside one ``CELL`` x ``CELL`` cell of a grid that matches the
+model's merged vision tokens (2 x 2 patches of 14 px), jittered within it. The toy model's vision tower is
+never trained (see ``morl.toy.sft``), so an object cut across token borders at a random offset is one the
+tiny language model cannot learn to read within the quickstart's budget; one object per token it can.
+
 Boxes are ``[x1, y1, x2, y2]`` in pixel-edge coordinates: the shape covers exactly the pixels
 ``image[y1:y2, x1:x2]`` (``x2``/``y2`` are one past the last covered column/row) and touches all four edges.
 
@@ -39,6 +44,8 @@ TASKS = ("counting", "grounding", "math", "choice")
 
 MARGIN = 4  # free pixels between any shape and the image border
 GAP = 4  # free pixels between any two shapes
+CELL = 28  # one merged vision token: 2 x 2 patches of 14 px
+GRID = IMAGE_SIZE // CELL  # cells per side
 
 Box = list[int]
 Sample = tuple[str, dict, str, dict]
@@ -75,6 +82,13 @@ def _layout(rng: random.Random, sizes: list[int], tries: int = 200) -> list[Box]
     raise RuntimeError(f"cannot place shapes of sizes {sizes} in {IMAGE_SIZE}x{IMAGE_SIZE}")
 
 
+def _in_cell(rng: random.Random, cell: int, width: int, height: int) -> tuple[int, int]:
+    """Top-left corner of a ``width`` x ``height`` object at a random offset inside grid cell ``cell``, 1 px clear."""
+    x = (cell % GRID) * CELL + rng.randint(1, CELL - 1 - width)
+    y = (cell // GRID) * CELL + rng.randint(1, CELL - 1 - height)
+    return x, y
+
+
 def _apart(a: Box, b: Box) -> bool:
     return a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1]
 
@@ -98,7 +112,7 @@ def _draw_shape(image: Image.Image, kind: str, colour: str, box: Box) -> Box:
 
 # 7-segment digits: segment name -> its end points (x1, y1, x2, y2) as fractions of the glyph's inner span;
 # each segment is a STROKE-thick bar between them (bars overlap at the corners, so a digit is one blob).
-DIGIT_W, DIGIT_H, STROKE = 18, 30, 4
+DIGIT_W, DIGIT_H, STROKE = 16, 24, 4  # a glyph fits in one CELL
 _SEGMENTS = {
     "a": (0, 0, 1, 0), "g": (0, 0.5, 1, 0.5), "d": (0, 1, 1, 1),
     "f": (0, 0, 0, 0.5), "b": (1, 0, 1, 0.5), "e": (0, 0.5, 0, 1), "c": (1, 0.5, 1, 1),
@@ -138,12 +152,14 @@ def _think(caption: str) -> str:
 
 
 def make_counting(rng: random.Random, image_path: Path) -> Sample:
-    """1..5 shapes of one kind, one colour and one size (so the coloured area is proportional to the count)."""
+    """1..5 shapes of one kind, one colour and one size, each in its own grid cell."""
     count = rng.randint(1, 5)
     kind, colour = rng.choice(KINDS), rng.choice(list(PALETTE))
+    size = 20
     image = _new_image()
-    for box in _layout(rng, [20] * count):
-        _draw_shape(image, kind, colour, box)
+    for cell in rng.sample(range(GRID * GRID), count):
+        x, y = _in_cell(rng, cell, size, size)
+        _draw_shape(image, kind, colour, [x, y, x + size, y + size])
     _save(image, image_path)
     question = "How many shapes are in the image? Answer with \\boxed{n}."
     reference = _think(f"{count} {colour} {kind}") + f"\\boxed{{{count}}}"
@@ -172,21 +188,20 @@ def make_grounding(rng: random.Random, image_path: Path) -> Sample:
 
 
 def make_math(rng: random.Random, image_path: Path) -> Sample:
-    """``a op b`` in big black 7-segment glyphs; ``+``/``-`` on digits 0..9 (result >= 0), ``*`` on digits 0..5."""
+    """``a op b`` in black 7-segment glyphs, one per cell of a grid row; ``+``/``-`` on digits 0..9 (result >= 0),
+    ``*`` on digits 0..5."""
     op = rng.choice("+-*")
     a, b = (rng.randint(0, 5), rng.randint(0, 5)) if op == "*" else (rng.randint(0, 9), rng.randint(0, 9))
     if op == "-" and a < b:
         a, b = b, a
     answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-    gap = 8
-    width = 3 * DIGIT_W + 2 * gap
-    x = rng.randint(MARGIN, IMAGE_SIZE - MARGIN - width)
-    y = rng.randint(MARGIN, IMAGE_SIZE - MARGIN - DIGIT_H)
+    row, column = rng.randrange(GRID), rng.randrange(GRID - 2)  # the expression's three cells stay in one row
+    x, y = _in_cell(rng, row * GRID + column, DIGIT_W, DIGIT_H)
     image = _new_image()
     draw = ImageDraw.Draw(image)
     _draw_digit(draw, a, x, y)
-    _draw_operator(draw, op, x + DIGIT_W + gap, y)
-    _draw_digit(draw, b, x + 2 * (DIGIT_W + gap), y)
+    _draw_operator(draw, op, x + CELL, y)
+    _draw_digit(draw, b, x + 2 * CELL, y)
     _save(image, image_path)
     question = "Compute the expression shown in the image. Put the answer in \\boxed{}."
     reference = _think(f"{a}{op}{b}") + f"\\boxed{{{answer}}}"

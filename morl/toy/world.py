@@ -21,7 +21,7 @@ from morl.toy.tasks import write_split
 
 log = logging.getLogger("morl.toy")
 
-BUILD_VERSION = 4  # bump when the world's construction changes, so caches rebuild
+BUILD_VERSION = 5  # bump when the world's construction changes, so caches rebuild
 
 
 def _fingerprint(cfg: ToyWorldConfig) -> dict:
