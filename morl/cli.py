@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from morl.checkpoint import LATEST, CheckpointError
 from morl.config import ConfigError, RunConfig, dump_config, load_config
@@ -57,7 +58,8 @@ def exit_on(*errors: type[Exception]) -> Iterator[None]:
     try:
         yield
     except errors as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        # one line however long (paths stay whole for copying), and brackets in the message are text, not markup
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 

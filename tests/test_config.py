@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 
 from morl.config import ConfigError, apply_override, dump_config, load_config
@@ -130,3 +131,13 @@ def test_grpo_quickstart_differs_from_the_quickstart_only_in_the_algorithm():
     for key in ("name", "mini_batches", "update_epochs", "clip_low", "clip_high", "kl_coef"):
         morl["algo"].pop(key), grpo["algo"].pop(key)
     assert morl == grpo
+
+
+def test_cli_errors_print_the_whole_message_on_one_line(capsys):
+    from morl.cli import exit_on
+
+    message = f"{'/long' * 40}/data.jsonl:3: label [b]boxes[/b] is not a list"
+    with pytest.raises(typer.Exit) as exit_info, exit_on(ConfigError):
+        raise ConfigError(message)
+    assert exit_info.value.exit_code == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
