@@ -20,7 +20,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from morl.toy.tasks import IMAGE_SIZE
+from morl.toy.tasks import IMAGE_SIZE, MERGE, PATCH
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -84,9 +84,11 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
 
 def build_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
     """The real Qwen2.5-VL processor around the toy tokenizer; pixel budget fixed to one toy image."""
-    pixels = IMAGE_SIZE * IMAGE_SIZE  # one toy image, a multiple of 28 on each side: kept as it is
-    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=8 * pixels, patch_size=14, merge_size=2)
+    pixels = IMAGE_SIZE * IMAGE_SIZE  # one toy image, a multiple of CELL on each side: kept as it is
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=PATCH, merge_size=MERGE)
+    video_processor = Qwen2VLVideoProcessor(
+        min_pixels=pixels, max_pixels=8 * pixels, patch_size=PATCH, merge_size=MERGE
+    )
     return Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -120,8 +122,8 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2_5_VLForC
             intermediate_size=128,
             num_heads=4,
             out_hidden_size=128,
-            patch_size=14,
-            spatial_merge_size=2,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
             temporal_patch_size=2,
             window_size=112,
             fullatt_block_indexes=[1],

@@ -44,7 +44,8 @@ TASKS = ("counting", "grounding", "math", "choice")
 
 MARGIN = 4  # free pixels between any shape and the image border
 GAP = 4  # free pixels between any two shapes
-CELL = 28  # one merged vision token: 2 x 2 patches of 14 px
+PATCH, MERGE = 14, 2  # the toy model's ViT patch side and spatial merge (morl.toy.model builds it from these)
+CELL = PATCH * MERGE  # one merged vision token: 2 x 2 patches of 14 px
 GRID = IMAGE_SIZE // CELL  # cells per side
 
 Box = list[int]
