@@ -37,6 +37,7 @@ from morl.metrics import MetricsWriter, ProgressDisplay, console, eval_table
 from morl.model_check import check_model_dir
 from morl.multimodal import PromptEncoder
 from morl.prompt_source import PromptSource
+from morl.rewards.parsing import split_think
 from morl.rewards.router import RewardRouter
 from morl.rollout.hf_engine import vision_token_ids
 from morl.rollout.types import Completion, SamplingParams
@@ -271,18 +272,28 @@ def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[s
 
 
 def reward_metrics(groups: list[Group]) -> dict[str, float]:
-    """Reward, pass rate (full reward) and response length over every group of the step, overall and per task."""
-    per_task: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    """Reward, pass rate (full reward), response length and empty-answer rate over every group of the step,
+    overall and per task.
+
+    An empty answer (nothing after the last ``</think>``) scores 0 like a wrong one, so rewards alone do not show
+    it; with no format reward, negative advantages on a wrong answer can move its probability onto ending the
+    response right after ``</think>``; ``empty_answer/<task>`` rising is that collapse.
+    """
+    per_task: dict[str, list[tuple[float, int, bool]]] = defaultdict(list)
     for group in groups:
         for r, c in zip(group.rewards, group.completions):
             if r is not None:
-                per_task[group.task].append((r, len(c.token_ids)))
+                per_task[group.task].append((r, len(c.token_ids), not split_think(c.text).strip()))
     everything = [x for xs in per_task.values() for x in xs]
-    metrics = {"reward/mean": _mean(r for r, _ in everything), "response_length/mean": _mean(n for _, n in everything)}
+    metrics = {
+        "reward/mean": _mean(r for r, _, _ in everything),
+        "response_length/mean": _mean(n for _, n, _ in everything),
+    }
     for task, xs in sorted(per_task.items()):
-        metrics[f"reward/{task}"] = _mean(r for r, _ in xs)
-        metrics[f"pass_rate/{task}"] = _mean(float(r >= 1.0) for r, _ in xs)
-        metrics[f"response_length/{task}"] = _mean(n for _, n in xs)
+        metrics[f"reward/{task}"] = _mean(r for r, _, _ in xs)
+        metrics[f"pass_rate/{task}"] = _mean(float(r >= 1.0) for r, _, _ in xs)
+        metrics[f"response_length/{task}"] = _mean(n for _, n, _ in xs)
+        metrics[f"empty_answer/{task}"] = _mean(float(empty) for _, _, empty in xs)
     return metrics
 
 
