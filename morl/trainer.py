@@ -16,6 +16,7 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import ray
 import torch
@@ -271,6 +272,14 @@ def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[s
     }
 
 
+class _Scored(NamedTuple):
+    """One scored sample, as the step metrics see it."""
+
+    reward: float
+    length: int  # response tokens
+    empty_answer: bool  # nothing but blanks after the last </think>
+
+
 def reward_metrics(groups: list[Group]) -> dict[str, float]:
     """Reward, pass rate (full reward), response length and empty-answer rate over every group of the step,
     overall and per task.
@@ -279,21 +288,21 @@ def reward_metrics(groups: list[Group]) -> dict[str, float]:
     it; with no format reward, negative advantages on a wrong answer can move its probability onto ending the
     response right after ``</think>``; ``empty_answer/<task>`` rising is that collapse.
     """
-    per_task: dict[str, list[tuple[float, int, bool]]] = defaultdict(list)
+    per_task: dict[str, list[_Scored]] = defaultdict(list)
     for group in groups:
         for r, c in zip(group.rewards, group.completions):
             if r is not None:
-                per_task[group.task].append((r, len(c.token_ids), not split_think(c.text).strip()))
+                per_task[group.task].append(_Scored(r, len(c.token_ids), not split_think(c.text).strip()))
     everything = [x for xs in per_task.values() for x in xs]
     metrics = {
-        "reward/mean": _mean(r for r, _, _ in everything),
-        "response_length/mean": _mean(n for _, n, _ in everything),
+        "reward/mean": _mean(x.reward for x in everything),
+        "response_length/mean": _mean(x.length for x in everything),
     }
     for task, xs in sorted(per_task.items()):
-        metrics[f"reward/{task}"] = _mean(r for r, _, _ in xs)
-        metrics[f"pass_rate/{task}"] = _mean(float(r >= 1.0) for r, _, _ in xs)
-        metrics[f"response_length/{task}"] = _mean(n for _, n, _ in xs)
-        metrics[f"empty_answer/{task}"] = _mean(float(empty) for _, _, empty in xs)
+        metrics[f"reward/{task}"] = _mean(x.reward for x in xs)
+        metrics[f"pass_rate/{task}"] = _mean(float(x.reward >= 1.0) for x in xs)
+        metrics[f"response_length/{task}"] = _mean(x.length for x in xs)
+        metrics[f"empty_answer/{task}"] = _mean(float(x.empty_answer) for x in xs)
     return metrics
 
 

@@ -6,6 +6,7 @@ import pytest
 import typer
 import yaml
 
+from morl.cli import exit_on
 from morl.config import ConfigError, apply_override, dump_config, load_config
 
 RECIPE = """
@@ -134,8 +135,6 @@ def test_grpo_quickstart_differs_from_the_quickstart_only_in_the_algorithm():
 
 
 def test_cli_errors_print_the_whole_message_on_one_line(capsys):
-    from morl.cli import exit_on
-
     message = f"{'/long' * 40}/data.jsonl:3: label [b]boxes[/b] is not a list"
     with pytest.raises(typer.Exit) as exit_info, exit_on(ConfigError):
         raise ConfigError(message)
