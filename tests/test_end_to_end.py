@@ -136,3 +136,31 @@ def test_same_seed_same_metrics(runs):
     root, _ = runs
     keys = lambda m: {k: v for k, v in m.items() if k.startswith(("reward/", "loss", "grad_norm", "advantage/"))}
     assert [keys(m) for m in read_metrics(root / "run1")] == [keys(m) for m in read_metrics(root / "run2")]
+
+
+def test_two_steps_with_vllm_rollout_workers(tmp_path, toy_world):
+    """The same loop with vLLM (its CPU build) in the Ray rollout actors: samples, two updates, syncs into vLLM."""
+    (tmp_path / "world").symlink_to(toy_world)
+    done = morl_train(tmp_path / "world", tmp_path / "run", "rollout.engine=vllm")
+    steps = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in steps] == [1, 2]
+    # step 2 trains on samples drawn after step 1's sync: its gap says vLLM sampled the learner's new weights
+    assert all(m["logprob_mismatch"] < 1e-5 for m in steps), [m["logprob_mismatch"] for m in steps]
+    assert all(m["weight_sync/buckets"] >= 1 and m["loss"] == m["loss"] for m in steps)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["policy"].keys() >= {"mean", "counting"}
+    assert "Traceback" not in done.stderr
+
+
+def test_a_skipped_sync_into_vllm_is_stopped_by_the_mismatch_guard(toy_world):
+    """`morl bench sync` with vLLM workers: real updates, a gap at numerics level after each sync, and a sync
+    skipped on purpose that `learner.max_logprob_mismatch` stops."""
+    cmd = [sys.executable, "-m", "morl.cli", "bench", "sync", str(TESTS.parent / "recipes" / "quickstart.yaml"),
+           f"toy_world.root={toy_world}", *(f"toy_world.{key}={value}" for key, value in TINY_WORLD.items()),
+           "rollout.engine=vllm", "trainer.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=12",
+           "learner.max_logprob_mismatch=1e-4", "learner.lr=1e-3", "--rounds", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = {key: value.strip() for key, _, value in (line.partition(" ") for line in done.stdout.splitlines())}
+    assert float(report["mismatch_after_sync_max"]) < 1e-5
+    assert float(report["mismatch_stale"]) > 1e-4
+    assert report["stale_run_stopped"] == "True"

@@ -80,6 +80,62 @@ def test_saved_policy_is_a_loadable_hf_directory(toy_world, batch, tmp_path):
     AutoProcessor.from_pretrained(tmp_path / "final")
 
 
+# --- rollout correction: a rollout engine whose log-probs are off by hand-chosen gaps -----------------------
+
+
+def rollout_off_by(train_batch, gaps, advantages=None):
+    """The batch with sequence i's rollout log-probs lowered by gaps[i] (so pi / pi_rollout = exp(gaps[i]))."""
+    logprobs = [[lp - gaps.get(i, 0.0) for lp in lps] for i, lps in enumerate(train_batch.rollout_logprobs)]
+    return TrainBatch(train_batch.prompts, train_batch.responses, logprobs, advantages or train_batch.advantages)
+
+
+def assert_same_step(toy_world, a, metrics_a, b, metrics_b):
+    """Same gradient (norm) and same update, up to the accumulation order (see test_micro_batching_gives_the_same_step)."""
+    assert metrics_a["grad_norm"] == pytest.approx(metrics_b["grad_norm"], rel=1e-4)
+    w1, w2 = a.named_weights(), b.named_weights()
+    w0 = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft").named_parameters())
+    difference = math.sqrt(sum(((w1[k] - w2[k]) ** 2).sum().item() for k in w1))
+    update = math.sqrt(sum(((w1[k] - w0[k].detach()) ** 2).sum().item() for k in w1))
+    assert update > 0 and difference < 1e-2 * update
+
+
+def test_tis_step_is_the_step_with_advantages_scaled_by_the_truncated_ratio(toy_world, batch):
+    # the learner's log-probs are the rollout's (up to ~1e-7), so pi / pi_rollout is 3 on sequence 0 (truncated to
+    # the cap 2), 0.8 on sequence 3 and 1 elsewhere: the step of A = (2 * 1.0, ..., 0.8 * 0.8, ...) without correction
+    train_batch, banned = batch
+    off = rollout_off_by(train_batch, {0: math.log(3.0), 3: math.log(0.8)})
+    tis = learner(toy_world, banned, micro_batch_size=2, algo=AlgoConfig(rollout_correction="tis"))
+    advantages = [2.0, -0.5, -0.5, 0.64, 0.0, -0.8]
+    plain = learner(toy_world, banned, micro_batch_size=6)
+    m_tis, m_plain = tis.train_step(off), plain.train_step(rollout_off_by(train_batch, {}, advantages))
+    assert m_tis["loss"] == pytest.approx(m_plain["loss"], abs=1e-6)
+    assert_same_step(toy_world, tis, m_tis, plain, m_plain)
+    tokens = [len(r) for r in train_batch.responses]
+    assert m_tis["rollout_correction/weighted_share"] == pytest.approx(tokens[0] / sum(tokens))
+    assert not any(k.startswith("rollout_correction/") for k in m_plain)  # mode none logs nothing
+
+
+def test_seq_mask_drops_responses_and_keeps_their_tokens_in_the_token_mean(toy_world, batch):
+    # geometric-mean ratios 4 (sequence 1) and 1/4 (sequence 5) are outside [1/2, 2]: both are dropped, which is
+    # the step with their advantages set to 0 over the same token count (not the kept tokens' count), under GRPO too
+    train_batch, banned = batch
+    off = rollout_off_by(train_batch, {1: math.log(4.0), 5: -math.log(4.0)})
+    seq_mask = AlgoConfig(rollout_correction="seq_mask")
+    morl = learner(toy_world, banned, micro_batch_size=2, algo=seq_mask)
+    grpo = learner(toy_world, banned, 2, algo=AlgoConfig(name="grpo", mini_batches=1, rollout_correction="seq_mask"))
+    plain = learner(toy_world, banned, micro_batch_size=6)
+    m_morl, m_grpo = morl.train_step(off), grpo.train_step(off)
+    m_plain = plain.train_step(rollout_off_by(train_batch, {}, [1.0, 0.0, -0.5, 0.8, 0.0, 0.0]))
+    assert m_morl["loss"] == pytest.approx(m_plain["loss"], abs=1e-6)
+    assert_same_step(toy_world, morl, m_morl, plain, m_plain)
+    assert_same_step(toy_world, grpo, m_grpo, plain, m_plain)
+    tokens = [len(r) for r in train_batch.responses]
+    share = (tokens[1] + tokens[5]) / sum(tokens)
+    assert m_morl["rollout_correction/masked_share"] == pytest.approx(share)
+    assert m_grpo["rollout_correction/masked_share"] == pytest.approx(share)
+    assert "rollout_correction/weighted_share" not in m_morl
+
+
 # --- the GRPO ablation ---------------------------------------------------------------------------------------
 
 

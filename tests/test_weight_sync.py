@@ -16,6 +16,7 @@ from morl.weight_sync import (
     check_logprob_mismatch,
     pack_bucket,
     plan_buckets,
+    weight_unit,
     sync_weights,
 )
 
@@ -32,6 +33,31 @@ def test_buckets_are_consecutive_and_bounded():
     assert plan_buckets([], max_bytes=8) == []
     with pytest.raises(ValueError, match="positive"):
         plan_buckets(sizes, max_bytes=0)
+
+
+def test_a_transformer_block_never_spans_two_buckets():
+    """vLLM reloads layer by layer; q/k/v of one block fuse into one layer there, so a block travels whole."""
+    sizes = [
+        ("model.embed_tokens.weight", 4),
+        ("model.layers.0.self_attn.q_proj.weight", 4),
+        ("model.layers.0.self_attn.k_proj.weight", 4),
+        ("model.layers.0.mlp.up_proj.weight", 4),
+        ("model.layers.1.self_attn.q_proj.weight", 4),
+        ("model.layers.10.self_attn.q_proj.weight", 4),
+        ("model.visual.blocks.0.attn.qkv.weight", 4),
+        ("model.visual.blocks.0.mlp.fc1.weight", 4),
+        ("model.norm.weight", 4),
+    ]
+    assert [b.names for b in plan_buckets(sizes, max_bytes=8)] == [
+        ("model.embed_tokens.weight",),
+        ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+         "model.layers.0.mlp.up_proj.weight"),  # 12 bytes > 8: the block travels alone, whole
+        ("model.layers.1.self_attn.q_proj.weight", "model.layers.10.self_attn.q_proj.weight"),
+        ("model.visual.blocks.0.attn.qkv.weight", "model.visual.blocks.0.mlp.fc1.weight"),
+        ("model.norm.weight",),
+    ]
+    assert weight_unit("model.layers.10.self_attn.q_proj.weight") == "model.layers.10"
+    assert weight_unit("model.visual.merger.mlp.0.weight") == "model.visual.merger.mlp.0"
 
 
 def test_every_parameter_once_in_order():
