@@ -1,9 +1,14 @@
-"""`morl bench rewards`: router throughput against a bare single-process loop over the same reward functions.
+"""`morl bench rewards`: router throughput against a bare single-process loop over the same reward functions, and
+the time each built-in reward takes on hostile inputs.
 
 Both run in the same process on the same synthetic mix of math / grounding / counting responses (groups of 8
 responses per prompt, as in training), so the ratios are comparable on any machine. Each round scores a fresh set
 with every contender in turn (nobody profits from caches another pass filled), and the best round of each counts,
 which keeps the ratios steady on a machine shared with other work.
+
+Hostile inputs are model text built to stall a parser (long runs of digits or spaces, power towers, deep nesting,
+huge JSON, absurd coordinates, ...). Each must get its score (0 for garbage) within HOSTILE_BUDGET_MS: a reward
+that hits the sandbox timeout instead is counted as an error and can stop the run.
 """
 
 from __future__ import annotations
@@ -15,13 +20,19 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import math_verify.parser
 
 from morl.rewards.adapters import resolve, to_score
 from morl.rewards.config import RewardsConfig
+from morl.rewards.registry import get_reward
 from morl.rewards.router import RewardRouter
 from morl.rewards.types import RewardInput
 
 GROUP = 8
+HOSTILE_BUDGET_MS = 50.0
 
 
 def bench_rewards(n: int = 3000, workers: int = 2, rounds: int = 3, seed: int = 0) -> dict[str, float | int]:
@@ -119,3 +130,91 @@ def _counting(rng: random.Random, problem: float) -> RewardInput:
     guess = count + rng.choice([0, 0, 1, -1])
     text = rng.choice([f"There are \\boxed{{{guess}}} shapes.", f"I count {guess}.", "many"])
     return RewardInput.from_text(f"<think>count</think>{text}", "counting", {"count": count})
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """A response built to stall a built-in reward, and the score it must get all the same."""
+
+    name: str
+    task: str
+    text: str
+    label: dict[str, Any]
+    score: float = 0.0
+
+
+def hostile_inputs() -> list[Hostile]:
+    """The worst inputs found for each built-in parser; the tests score every one of them too."""
+    box = {"boxes": [[0, 0, 10, 10]]}
+    nested = "{" * 100000 + "1" + "}" * 100000
+    binomials = "".join(f"({a}+{b})" for a, b in zip("acgkmoqsuwy", "bdhlnprtvxz"))
+    return [
+        Hostile("temporal: 8k digits", "temporal", "1" * 8000, {"segment": [1, 2]}),
+        Hostile("temporal: 4k 'd:' pairs", "temporal", "1:" * 4000, {"segment": [1, 2]}),
+        Hostile("temporal: digit, 8k spaces, x", "temporal", "1" + " " * 8000 + "x", {"segment": [1, 2]}),
+        Hostile("temporal: 400-digit times", "temporal", f"[{'9' * 400}, {'9' * 401}]", {"segment": [1, 2]}),
+        Hostile("temporal: 10k segments", "temporal", "[0:01, 0:02] " * 10000, {"segment": [1, 2]}, 1.0),
+        Hostile("choice: 8k spaces", "choice", " " * 8000, {"answer": "B"}),
+        Hostile("choice: 'answer' + 8k spaces", "choice", "answer" + " " * 8000, {"answer": "B"}),
+        Hostile("choice: 'The answer is' + 8k spaces", "choice", "The answer is" + " " * 8000 + "!", {"answer": "B"}),
+        Hostile("choice: 'answer' + 8k asterisks", "choice", "answer " + "*" * 8000, {"answer": "B"}),
+        Hostile("choice: 20k unclosed \\text{", "choice", "\\text{" * 20000, {"answer": "red"}),
+        Hostile("choice: 5k 'the answer is B'", "choice", "the answer is B " * 5000, {"answer": "B"}, 1.0),
+        Hostile("math: power tower", "math", "\\boxed{9^{9^{9^{9}}}}", {"answer": "1"}),
+        Hostile("math: plain power tower", "math", "2**9**9**9", {"answer": "1"}),
+        Hostile("math: power of powers", "math", "\\boxed{((2^{99})^{99})^{99}}", {"answer": "1"}),
+        Hostile("math: 240-digit exponent", "math", "\\boxed{2^{" + "9" * 240 + "}}", {"answer": "1"}),
+        Hostile("math: 100000!", "math", "\\boxed{100000!}", {"answer": "1"}),
+        Hostile("math: (10^{10})!", "math", "\\boxed{(10^{10})!}", {"answer": "1"}),
+        Hostile("math: binomial", "math", "\\boxed{\\binom{99999}{49999}}", {"answer": "1"}),
+        Hostile("math: Gamma", "math", "\\boxed{\\Gamma(99999)}", {"answer": "1"}),
+        Hostile("math: gcd of a tower", "math", "\\boxed{\\gcd(10^{10^{10}}, 2)}", {"answer": "2"}),
+        Hostile("math: integral", "math", "\\boxed{\\int e^{x^2}\\sin(x^3) dx}", {"answer": "1"}),
+        Hostile("math: (x+1)^{999}", "math", "\\boxed{(x+1)^{999}}", {"answer": "1"}),
+        Hostile("math: 11 binomials multiplied", "math", f"\\boxed{{{binomials}}}", {"answer": "1"}),
+        Hostile("math: 100k nested braces", "math", "\\boxed{" + nested + "}", {"answer": "1"}),
+        Hostile("math: 30 nested parentheses", "math", "\\boxed{" + "(" * 30 + "2" + ")" * 30 + "}", {"answer": "2"}),
+        Hostile("math: 200k unclosed \\boxed{", "math", "\\boxed{" * 200000, {"answer": "1"}),
+        Hostile("math: 10k-char answer", "math", "\\boxed{" + "1+" * 5000 + "1}", {"answer": "5001"}),
+        Hostile("math: 100k-digit last line", "math", "1" * 100000, {"answer": "1"}),
+        Hostile("math: 50k </think>", "math", "</think>" * 50000 + "\\boxed{2}", {"answer": "2"}, 1.0),
+        Hostile("math: 50k \\boxed{}", "math", "\\boxed{1} " * 50000, {"answer": "1"}, 1.0),
+        Hostile("counting: 100k digits", "counting", "1" * 100000, {"count": 3}),
+        Hostile("counting: 50k unclosed \\boxed{", "counting", "\\boxed{" * 50000, {"count": 3}),
+        Hostile("grounding: coordinates near 1e308", "grounding", "[1e308, 1e308, 1.7e308, 1.7e308]", box),
+        Hostile("grounding: -1.7e308 to 1.7e308", "grounding", "[-1.7e308, -1.7e308, 1.7e308, 1.7e308]", box),
+        Hostile("grounding: 400-digit coordinate", "grounding", f"[0, 0, {'9' * 400}, 10]", box),
+        Hostile("grounding: 1e400 coordinate", "grounding", "[0, 0, 1e400, 10]", box),
+        Hostile("grounding: 20k boxes of JSON", "grounding", json.dumps([{"bbox_2d": [0, 0, 10, 10]}] * 20000), box),
+        Hostile("grounding: 10k bare boxes", "grounding", "[0, 0, 10, 10] " * 10000, box),
+        Hostile("grounding: 200k-number list", "grounding", json.dumps(list(range(200000))), box),
+        Hostile("grounding: 100k nested brackets", "grounding", "[" * 100000 + "]" * 100000, box),
+        Hostile("grounding: 200k unclosed brackets", "grounding", "[" * 200000, box),
+        Hostile("grounding: 50k nested bbox_2d", "grounding", '{"bbox_2d": ' * 50000, box),
+        Hostile("point: near 1e308", "point", "[1e308, 1.7e308]", box),
+        Hostile("point: 8k-digit (x, y)", "point", f"(1, {'1' * 8000})", box),
+        Hostile("point: '(' + 8k digits", "point", "(" + "1" * 8000, box),
+    ]
+
+
+def bench_hostile(repeats: int = 3) -> list[dict[str, Any]]:
+    """Per hostile input: its score, the score it must get, and the best of `repeats` times to score it, in ms."""
+    rows = []
+    for case in hostile_inputs():
+        best, score = float("inf"), None
+        for _ in range(repeats):
+            _clear_parse_caches()
+            start = time.perf_counter()
+            sample = RewardInput.from_text(case.text, case.task, case.label)
+            score = to_score(get_reward(case.task)(sample.response, sample))
+            best = min(best, time.perf_counter() - start)
+        rows.append({"input": case.name, "chars": len(case.text), "score": score, "expected": case.score,
+                     "ms": round(1000 * best, 2)})
+    return rows
+
+
+def _clear_parse_caches() -> None:
+    """Empty math-verify's parse caches, so a repeat pays what a first call pays."""
+    for value in vars(math_verify.parser).values():
+        if hasattr(value, "cache_clear"):
+            value.cache_clear()

@@ -69,14 +69,22 @@ def bench(
     workers: int = typer.Option(2, help="sandbox workers of the router under test"),
     rounds: int = typer.Option(3, help="rounds; the best of each contender counts"),
 ) -> None:
-    """Router throughput vs a bare single-process loop on mixed math / grounding / counting responses."""
-    from morl.rewards.bench import bench_rewards
+    """Router throughput vs a bare single-process loop on mixed math / grounding / counting responses, then the time
+    each built-in reward takes on hostile inputs (each must get its score in under 50 ms)."""
+    from morl.rewards.bench import HOSTILE_BUDGET_MS, bench_hostile, bench_rewards
 
     report = bench_rewards(n=n, workers=workers, rounds=rounds)
     table = Table("metric", "value")
     for key, value in report.items():
         table.add_row(key, str(value))
     console.print(table)
+    rows = bench_hostile()
+    hostile = Table("hostile input", "chars", "score", "expected", "ms (best of 3)", "ok", title="hostile inputs")
+    for row in rows:
+        ok = row["score"] == row["expected"] and row["ms"] < HOSTILE_BUDGET_MS
+        hostile.add_row(escape(row["input"]), str(row["chars"]), str(row["score"]), str(row["expected"]),
+                        str(row["ms"]), "yes" if ok else "NO")
+    console.print(hostile)
 
 
 @serve_app.command("preference")

@@ -8,6 +8,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 Box = Sequence[float]  # [x1, y1, x2, y2]; a box with x2 < x1 or y2 < y1 has zero area
+MAX_COORD = 1e6  # pixels; far beyond any image a VLM sees, and small enough that areas stay finite
 
 
 def box_area(box: Box) -> float:
@@ -29,13 +30,19 @@ def matched_giou_reward(pred: Sequence[Box], gold: Sequence[Box]) -> float:
     """Optimal one-to-one matching on (GIoU + 1) / 2; sum of matched rewards / max(#pred, #gold).
 
     Unmatched boxes on either side score 0, so extra or missing boxes cost reward. No boxes on both sides is 1.
-    A predicted box with its corners swapped (x2 < x1 or y2 < y1) is malformed and scores 0 against every box.
+    A predicted box with its corners swapped (x2 < x1 or y2 < y1) or a coordinate beyond MAX_COORD is malformed and
+    scores 0 against every box.
     """
     if not pred or not gold:
         return float(not pred and not gold)
-    scores = np.array([[(giou(p, g) + 1) / 2 if p[0] <= p[2] and p[1] <= p[3] else 0.0 for g in gold] for p in pred])
+    scores = np.array([[(giou(p, g) + 1) / 2 if well_formed(p) else 0.0 for g in gold] for p in pred])
     rows, cols = linear_sum_assignment(scores, maximize=True)
     return float(scores[rows, cols].sum()) / max(len(pred), len(gold))
+
+
+def well_formed(box: Box) -> bool:
+    """Corners in order and every coordinate within MAX_COORD, so areas and GIoU stay finite."""
+    return box[0] <= box[2] and box[1] <= box[3] and all(abs(v) <= MAX_COORD for v in box)
 
 
 def contains(box: Box, x: float, y: float) -> bool:

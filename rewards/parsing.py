@@ -1,6 +1,8 @@
 """Pulling answers out of untrusted model text: no eval, every parser returns None / [] on garbage.
 
-A malformed answer is the model's fault and must score 0, so these functions never raise on bad input.
+A malformed answer is the model's fault and must score 0, so these functions never raise on bad input, and none can
+be stalled by it: every one runs in linear time on any text (no regex here can backtrack over a run of characters
+more than a constant number of times), and the costly steps see a bounded slice of it.
 """
 
 from __future__ import annotations
@@ -12,15 +14,20 @@ from collections.abc import Iterator
 from typing import Any
 
 THINK_END = "</think>"
+MAX_BOXED_CHARS = 1000  # a \boxed{ not closed within this many characters counts as unclosed
 MAX_JSON_DEPTH = 3  # [{"bbox_2d": [...]}]
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+MAX_JSON_CHARS = 20_000  # JSON is looked for in the answer's last 20k characters: a Python pass over each bracket
+# Anchored at the start, the greedy (?s:.*) backs off from the end: one linear pass finds the last \boxed{.
+_LAST_BOXED = re.compile(r"(?s:.*)\\(?:boxed|fbox)\s*\{")
 _BRACE = re.compile(r"[{}]")
 _BRACKET = re.compile(r"[\[\]{}]")
 _FENCE = re.compile(r"```[A-Za-z]*")
 _NUM = r"\d+(?:\.\d+)?"
 _TIME = rf"(?:\d+:){{0,2}}{_NUM}"
 _PAREN_POINT = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)")
-_SEGMENT = re.compile(rf"({_TIME})\s*(?:s|sec|seconds)?\s*(?:,|-|–|~|to|and)\s*({_TIME})")
+# Linear: a match starts only where a run of digits does (not at each of its digits), and each run of spaces is
+# matched by one quantifier only (the unit takes its own trailing spaces).
+_SEGMENT = re.compile(rf"(?<!\d)({_TIME})\s*(?:(?:seconds|sec|s)\s*)?(?:,|-|–|~|to|and)\s*({_TIME})")
 
 
 def split_think(text: str) -> str:
@@ -30,14 +37,15 @@ def split_think(text: str) -> str:
 
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`), nested braces included; None if absent or unclosed."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
+    match = _LAST_BOXED.match(text)
+    if match is None:
         return None
+    start = match.end()
     depth = 1
-    for brace in _BRACE.finditer(text, starts[-1]):
+    for brace in _BRACE.finditer(text, start, start + MAX_BOXED_CHARS + 1):
         depth += 1 if brace.group() == "{" else -1
         if depth == 0:
-            return text[starts[-1] : brace.start()]
+            return text[start : brace.start()]
     return None
 
 
@@ -45,9 +53,11 @@ def json_values(text: str) -> Iterator[Any]:
     """Every outermost JSON object or array embedded in prose or ```json fences, in order of appearance.
 
     Only bracket spans nested at most MAX_JSON_DEPTH deep are tried (answers are lists of objects of lists), each
-    once, so adversarial text such as "[[[[..." costs linear time instead of a decode attempt per bracket.
+    once, so adversarial text such as "[[[[..." costs linear time instead of a decode attempt per bracket. Only the
+    last MAX_JSON_CHARS characters are searched: answers end with their JSON, and that many hold more boxes than
+    any answer may (rewards.builtin.boxes.MAX_PRED_BOXES).
     """
-    text = _FENCE.sub(" ", text)
+    text = _FENCE.sub(" ", text[-MAX_JSON_CHARS:])
     end_of_last = -1
     for start, end in _shallow_spans(text):
         if start < end_of_last:
@@ -77,12 +87,15 @@ def parse_point(text: str) -> tuple[float, float] | None:
 
 
 def parse_segment(text: str) -> tuple[float, float] | None:
-    """The last time segment in the answer, `[mm:ss, mm:ss]` (or h:mm:ss, or seconds), in seconds; None if none."""
+    """The last time segment in the answer, `[mm:ss, mm:ss]` (or h:mm:ss, or seconds), in seconds; None if none.
+
+    A time too large for a float makes no segment.
+    """
     matches = _SEGMENT.findall(text)
     if not matches:
         return None
     start, end = (_seconds(t) for t in matches[-1])
-    return (start, end)
+    return (start, end) if math.isfinite(start) and math.isfinite(end) else None
 
 
 def _shallow_spans(text: str) -> list[tuple[int, int]]:
@@ -111,9 +124,19 @@ def _numbers(value: Any, n: int) -> list[float] | None:
     """`value` as a list of n finite numbers, else None."""
     if not isinstance(value, list) or len(value) != n:
         return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+    floats = [f for f in map(_finite_float, value) if f is not None]
+    return floats if len(floats) == n else None
+
+
+def _finite_float(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else, inf/NaN, or an int too large for a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
-    return [float(v) for v in value]
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _boxes_in(value: Any) -> list[list[float]]:

@@ -8,7 +8,9 @@ import random
 
 import pytest
 
-from morl.rewards.geometry import giou, matched_giou_reward, segment_iou
+from morl.rewards.bench import hostile_inputs
+from morl.rewards.builtin.math_answer import MAX_ANSWER_CHARS
+from morl.rewards.geometry import MAX_COORD, giou, matched_giou_reward, segment_iou
 from morl.rewards.registry import get_reward
 from morl.rewards.types import RewardInput
 
@@ -227,3 +229,52 @@ def test_choice_short_answer():
     assert score("choice", "Red.", {"answer": "red"}) == 1
     assert score("choice", r"The answer is \boxed{dark red}", {"answer": "Dark  red"}) == 1
     assert score("choice", "blue", {"answer": "red"}) == 0
+
+
+# --- hostile inputs: the worst text found for each parser gets its score (0 for garbage) and never raises ---------
+
+@pytest.mark.parametrize("case", hostile_inputs(), ids=lambda case: case.name)
+def test_hostile_input_gets_its_score(case):
+    assert score(case.task, case.text, case.label) == case.score
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "expected"),
+    [
+        (r"\boxed{2^{2008}}", "2^{2008}", 1),  # big numbers within MAX_DIGITS still verify
+        (r"\boxed{1000!}", "1000!", 1),
+        (r"\boxed{(x+1)^{3}}", "x^3+3x^2+3x+1", 1),
+        (r"\boxed{\left(\frac{1}{2}, \frac{\sqrt{3}}{2}\right)}", r"\left(\frac{1}{2}, \frac{\sqrt{3}}{2}\right)", 1),
+        (r"\boxed{(x+1)^{999}}", "(x+1)^{999}", 0),  # refused even when equal: it multiplies out to 1000 terms
+        (r"\boxed{2^{99999}}", "2^{99999}", 0),  # over MAX_DIGITS
+        (r"\boxed{\binom{10}{3}}", "120", 0),  # a computation, not a value
+        (r"\boxed{" + "(" * 9 + "2" + ")" * 9 + "}", "2", 0),  # nested deeper than MAX_NESTING
+        (r"\boxed{" + "1+" * MAX_ANSWER_CHARS + "1}", "1", 0),  # longer than MAX_ANSWER_CHARS
+    ],
+)
+def test_math_bounds(response, gold, expected):
+    assert score("math", response, {"answer": gold}) == expected
+
+
+def test_math_reads_the_end_of_a_long_last_line():
+    prose = "After weighing every case and checking the arithmetic twice, " * 10
+    assert score("math", prose + "the final answer is 42.", {"answer": "42"}) == 1
+    assert score("math", "x" * 1000 + "42", {"answer": "42"}) == 0  # the cut word is dropped, not read as 42
+
+
+def test_absurd_predicted_box_is_malformed():
+    gold = [[0, 0, 10, 10]]
+    assert matched_giou_reward([[0, 0, 10, 10], [0, 0, 2 * MAX_COORD, 10]], gold) == 0.5
+    assert matched_giou_reward([[-1.7e308, -1.7e308, 1.7e308, 1.7e308]], gold) == 0.0
+
+
+def test_flood_of_predicted_boxes_scores_zero():
+    label = {"boxes": [[0, 0, 10, 10]]}
+    assert score("grounding", "[0, 0, 10, 10] " * 100, label) == pytest.approx(0.01)
+    assert score("grounding", "[0, 0, 10, 10] " * 101, label) == 0.0
+
+
+def test_choice_still_reads_spaced_answers():
+    assert score("choice", "The answer is   B", {"answer": "B"}) == 1
+    assert score("choice", "answer :  (B)", {"answer": "B"}) == 1
+    assert score("choice", "Answer is:   C", {"answer": "B"}) == 0

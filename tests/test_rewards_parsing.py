@@ -2,7 +2,15 @@
 
 import pytest
 
-from morl.rewards.parsing import last_boxed, parse_boxes, parse_point, parse_segment, split_think
+from morl.rewards.parsing import (
+    MAX_BOXED_CHARS,
+    MAX_JSON_CHARS,
+    last_boxed,
+    parse_boxes,
+    parse_point,
+    parse_segment,
+    split_think,
+)
 
 
 @pytest.mark.parametrize(
@@ -64,3 +72,46 @@ def test_parse_point():
 )
 def test_parse_segment(text, segment):
     assert parse_segment(text) == segment
+
+
+# --- hostile text: parsers stay linear and bounded, garbage still gives None / [] ---------------------------------
+
+def test_last_boxed_finds_the_last_of_many_and_bounds_its_scan():
+    assert last_boxed(r"\boxed{1} " * 50000 + r"\boxed {2}") == "2"
+    assert last_boxed(r"\boxed{" * 200000) is None
+    assert last_boxed(r"\boxed{" + "x" * MAX_BOXED_CHARS + "}") == "x" * MAX_BOXED_CHARS
+    assert last_boxed(r"\boxed{" + "x" * (MAX_BOXED_CHARS + 1) + "}") is None  # not closed in time: unclosed
+
+
+@pytest.mark.parametrize(
+    ("text", "segment"),
+    [
+        ("from 10 seconds to 20", (10, 20)),
+        ("1 s - 2 s", (1, 2)),
+        ("1" * 8000, None),
+        ("1:" * 4000, None),
+        ("1" + " " * 8000 + "x", None),
+        (f"[{'9' * 400}, {'9' * 401}]", None),  # too large for a float: no segment
+        ("[0:01, 0:02] " * 20000 + "[0:03, 0:04]", (3, 4)),
+    ],
+)
+def test_parse_segment_on_hostile_text(text, segment):
+    assert parse_segment(text) == segment
+
+
+@pytest.mark.parametrize(
+    "text",
+    [f"[0, 0, {'9' * 400}, 10]", "[0, 0, 1e400, 10]", "[" * 100000 + "]" * 100000, '{"bbox_2d": ' * 50000],
+)
+def test_parse_boxes_hostile_text_is_empty(text):
+    assert parse_boxes(text) == []
+
+
+def test_parse_boxes_keeps_finite_absurd_coordinates_for_the_reward_to_refuse():
+    assert parse_boxes("[1e308, 1e308, 1.7e308, 1.7e308]") == [[1e308, 1e308, 1.7e308, 1.7e308]]
+
+
+def test_json_is_looked_for_at_the_end_of_a_long_answer():
+    early, late = "[1, 2, 3, 4]", "[5, 6, 7, 8]"
+    assert parse_boxes(early + " " * MAX_JSON_CHARS + late) == [[5, 6, 7, 8]]
+    assert parse_boxes(early + " " * (MAX_JSON_CHARS - 30) + late) == [[1, 2, 3, 4], [5, 6, 7, 8]]

@@ -91,11 +91,11 @@ def test_a_hung_reward_is_killed_and_the_pool_keeps_working(router):
     assert_counting_ok(router.score(counting_batch(20)), 20)
 
 
-def test_a_pathological_sympy_expression_times_out(router):
-    hang = sample("math", r"\boxed{9^{9^{9^{9}}}}", {"answer": "3"})
-    result, ok = router.score([hang, sample("math", r"\boxed{3}", {"answer": "3"})])
-    assert result.reward is None and "TimeoutError" in result.error
-    assert ok.reward == 1.0
+def test_a_pathological_math_answer_scores_zero_without_error(router):
+    hostile = [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{100000!}", "1" * 8000]  # once past the timeout, now refused
+    results = router.score([*(sample("math", text, {"answer": "3"}) for text in hostile),
+                            sample("math", r"\boxed{3}", {"answer": "3"})])
+    assert [(r.reward, r.error) for r in results] == [(0.0, None)] * 3 + [(1.0, None)]
 
 
 def test_a_crashing_worker_is_replaced(router):

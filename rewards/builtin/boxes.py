@@ -14,11 +14,16 @@ from morl.rewards.parsing import parse_boxes, parse_point
 from morl.rewards.registry import reward
 from morl.rewards.types import RewardInput
 
+MAX_PRED_BOXES = 100  # more predicted boxes than this and than twice the gold count: refused, as a flood
+
 
 @reward("grounding")
 def grounding(response: str, sample: RewardInput) -> float:
     """(GIoU + 1) / 2 of predicted bbox_2d boxes vs label["boxes"], matched one-to-one, / max(#pred, #gold)."""
-    return matched_giou_reward(parse_boxes(response), gold_boxes(sample))
+    pred, gold = parse_boxes(response), gold_boxes(sample)
+    if len(pred) > max(MAX_PRED_BOXES, 2 * len(gold)):  # worth under 1/2 anyway; matching costs #pred x #gold
+        return 0.0
+    return matched_giou_reward(pred, gold)
 
 
 @reward("point")

@@ -9,9 +9,12 @@ from morl.rewards.registry import reward
 from morl.rewards.types import RewardInput
 
 _TEXT = re.compile(r"\\text\{([^{}]*)\}")
-_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is\s*)?[:：]?\s*", re.I)
+# Each run of spaces is matched by one quantifier only ("is" and ":" take their own trailing spaces), so a long run
+# cannot be split between two of them: linear time on any text.
+_IS = r"\s*(?:is\s*)?(?:[:：]\s*)?"
+_PREFIX = re.compile(rf"^(?:the\s+)?(?:final\s+)?(?:correct\s+)?(?:answer|option|choice){_IS}", re.I)
 _OPTION_START = re.compile(r"^\(?([A-Z])[.):]\s")
-_ANSWER_IS = re.compile(r"(?i:answer|option|choice)\s*(?:is\s*)?[:：]?\s*\(?\**([A-Z])\b")
+_ANSWER_IS = re.compile(rf"(?i:answer|option|choice){_IS}\(?\**([A-Z])\b")
 
 
 @reward("choice")
