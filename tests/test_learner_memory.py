@@ -71,5 +71,7 @@ def test_a_step_that_leaves_the_vit_untouched_does_not_reuse_old_gradients(toy_w
     norms, plain = three_steps(zero_stage=2)
     for name, options in ZERO_OPTIONS.items():
         other_norms, weights = three_steps(**options)
-        assert other_norms == pytest.approx(norms, rel=1e-5), name
+        # ZeRO-3 sums its partitions in another order: 1.3e-5 apart under transformers 5.19; an old gradient reused
+        # would move the norm by far more
+        assert other_norms == pytest.approx(norms, rel=1e-4), name
         assert max((weights[k] - plain[k]).abs().max().item() for k in plain) < 0.02 * LR, name
