@@ -39,7 +39,6 @@ from morl.config import RunConfig, dump_config
 from morl.data import LoadedDataset, load_dataset
 from morl.multimodal import PromptEncoder
 from morl.rewards.router import RewardRouter
-from morl.rollout.types import SamplingParams
 
 DECISIONS = ("kept", "too_easy", "too_hard", "unscored")
 KEPT = ("kept", "unscored")
@@ -100,7 +99,13 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
     from transformers import AutoProcessor
 
     from morl.model_check import check_model_dir
-    from morl.rollout_scheduler import generate_in_order, prompt_seed, reward_input, start_rollout_workers
+    from morl.rollout_scheduler import (
+        generate_in_order,
+        prompt_seed,
+        reward_input,
+        rollout_sampling,
+        start_rollout_workers,
+    )
     from morl.trainer import QUIET_OFFLINE_ENV, init_ray
 
     if cfg.toy_world is not None:
@@ -114,12 +119,7 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
     datasets = [load_dataset(p, known_tasks=tasks, on_bad_row=cfg.data.on_bad_row) for p in paths]
     processor = AutoProcessor.from_pretrained(cfg.model.processor_dir)
     encode = PromptEncoder(processor, cfg.rollout.max_prompt_tokens)
-    sampling = SamplingParams(
-        n=settings.samples,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-    )
+    sampling = rollout_sampling(cfg.rollout, n=settings.samples)
     prompts = [(d, row) for d, ds in enumerate(datasets) for row in ds.rows]
     chunk = cfg.trainer.prompts_per_step
 

@@ -26,6 +26,7 @@ from morl.rollout_scheduler import (
     RolloutBatch,
     RolloutScheduler,
     generate_in_order,
+    rollout_sampling,
     start_rollout_workers,
     threads_for,
 )
@@ -121,7 +122,7 @@ def bench_engine(cfg: RunConfig, rounds: int) -> dict:
     encode = PromptEncoder(AutoProcessor.from_pretrained(cfg.model.processor_dir), cfg.rollout.max_prompt_tokens)
     prompts = [encode(row) for row in rows]
     rc = cfg.rollout
-    sampling = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens)
+    sampling = rollout_sampling(rc)
     seeds = list(range(len(prompts)))
     (worker,) = start_rollout_workers(one, cfg.model.path)
     bare = ray.remote(num_cpus=rc.cpus_per_worker)(BareEngine).remote(cfg, threads_for(rc.cpus_per_worker))

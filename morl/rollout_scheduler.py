@@ -31,7 +31,7 @@ import ray
 import torch
 
 from morl.algorithm import zero_variance_groups
-from morl.config import RunConfig
+from morl.config import RolloutConfig, RunConfig
 from morl.multimodal import EncodedPrompt, PromptEncoder
 from morl.data import Row
 from morl.prompt_source import DrawnPrompt, PromptSource
@@ -88,6 +88,16 @@ class RolloutBatch:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def rollout_sampling(rollout: RolloutConfig, n: int | None = None) -> SamplingParams:
+    """The recipe's sampling settings; `n` samples per prompt (default: the group size G)."""
+    return SamplingParams(
+        n=rollout.group_size if n is None else n,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        max_new_tokens=rollout.max_new_tokens,
+    )
+
+
 def prompt_seed(run_seed: int, seq: int) -> int:
     """The seed of the samples of the seq-th prompt of the run, whichever worker and call draw them."""
     return zlib.crc32(f"{run_seed}:{seq}".encode())
@@ -131,12 +141,7 @@ class RolloutScheduler:
             router,
             encode,
             source,
-            SamplingParams(
-                n=cfg.rollout.group_size,
-                temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p,
-                max_new_tokens=cfg.rollout.max_new_tokens,
-            ),
+            rollout_sampling(cfg.rollout),
             mode=cfg.rollout.mode,
             dynamic_sampling=cfg.algo.dynamic_sampling,
             max_refill_rounds=cfg.algo.max_refill_rounds,

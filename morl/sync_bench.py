@@ -75,7 +75,7 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
         for _ in range(rounds)
     )
     best_bare = min(bare() for _ in range(rounds))
-    gaps = logprob_gaps(cfg, learner, workers, plan, rounds)
+    gaps = logprob_gaps(cfg, learner, workers, plan, rounds, cuda_ipc)
     learner.close()
     for actor in [*workers, sender, *receivers]:
         ray.kill(actor)
@@ -94,19 +94,18 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
     }
 
 
-def logprob_gaps(cfg: RunConfig, learner: LearnerGroup, workers: list, plan: list, rounds: int) -> dict:
+def logprob_gaps(cfg: RunConfig, learner: LearnerGroup, workers: list, plan: list, rounds: int, cuda_ipc: bool) -> dict:
     """The learner's log-prob gap on batches sampled after each of `rounds` syncs, and after a skipped one."""
     from transformers import AutoProcessor
 
     from morl.multimodal import PromptEncoder
     from morl.prompt_source import PromptSource
-    from morl.rollout.types import SamplingParams
-    from morl.rollout_scheduler import generate_in_order
+    from morl.rollout_scheduler import generate_in_order, rollout_sampling
 
     rc = cfg.rollout
     encode = PromptEncoder(AutoProcessor.from_pretrained(cfg.model.processor_dir), rc.max_prompt_tokens)
     source = PromptSource.from_config(cfg)
-    sampling = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens)
+    sampling = rollout_sampling(rc)
     guard = cfg.learner.max_logprob_mismatch or DEFAULT_GUARD
 
     def step(seed: int) -> float:
@@ -120,7 +119,6 @@ def logprob_gaps(cfg: RunConfig, learner: LearnerGroup, workers: list, plan: lis
                            [c.logprobs for c in completions], advantages)
         return learner.train_step(batch)["logprob_mismatch"]
 
-    cuda_ipc = rc.engine == "vllm" and rc.colocate
     step(0)
     synced = []
     for k in range(rounds):
