@@ -53,6 +53,9 @@ SAFE_TO_CHANGE = (
     "trainer.save_every",
     "trainer.keep_last",
     "trainer.output_dir",
+    "trainer.log_every",
+    "trainer.on_signal",
+    "ray",  # where the actors run, not what they train
     "eval",
     "rollout.num_workers",
     "rollout.cpus_per_worker",
@@ -167,12 +170,20 @@ def save_checkpoint(
         shutil.rmtree(stale)
     tmp = root / (step_name(step) + _TEMPORARY)
     tmp.mkdir()
-    write_files(tmp)
-    (tmp / CONFIG_FILE).write_text(dump_config(cfg))
-    manifest = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-    full_state = {"format": FORMAT_VERSION, **state, "step": step, "manifest": manifest}
-    (tmp / STATE_FILE).write_text(json.dumps(full_state))
-    _commit(tmp, final)
+    try:
+        write_files(tmp)
+        (tmp / CONFIG_FILE).write_text(dump_config(cfg))
+        manifest = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        full_state = {"format": FORMAT_VERSION, **state, "step": step, "manifest": manifest}
+        (tmp / STATE_FILE).write_text(json.dumps(full_state))
+        _commit(tmp, final)
+    except OSError as exc:  # a full or failing disk: what was written before stays, the partial save goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = [c.path.name for c in list_checkpoints(run_dir)]
+        raise CheckpointError(
+            f"checkpoint {final} could not be written ({exc}); the earlier checkpoints are intact "
+            f"({', '.join(kept) or 'none yet'}); free space and continue with --resume"
+        ) from exc
     prune(run_dir, keep_last)
     return Checkpoint(final, step, full_state)
 

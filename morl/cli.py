@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +16,13 @@ from rich.markup import escape
 from morl.checkpoint import LATEST, CheckpointError
 from morl.config import ConfigError, RunConfig, dump_config, load_config
 from morl.data import DataError
+from morl.interrupts import RunInterrupted
 from morl.learner import NonFiniteLossError
 from morl.model_check import ModelDirError
 from morl.multimodal import PromptTooLongError, UnsupportedInputError
 from morl.rewards import cli as rewards_cli
 from morl.rewards.router import RewardErrorRateExceeded
+from morl.run_lock import RunDirBusyError
 from morl.weight_sync import StaleWeightsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixed On-policy RL for vision-language models.")
@@ -34,7 +37,11 @@ USER_ERRORS = (
     CheckpointError,
     ModelDirError,
     StaleWeightsError,
+    RunDirBusyError,
 )
+
+# a full disk, an exceeded quota, a failing or read-only one: the machine's state, not a bug to trace
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 app.add_typer(rewards_cli.app, name="rewards")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, each against a bare baseline in the same run.")
@@ -54,13 +61,22 @@ def _split_resume_path(args: list[str], resume: bool) -> tuple[list[str], str | 
 
 @contextlib.contextmanager
 def exit_on(*errors: type[Exception]) -> Iterator[None]:
-    """Bad input (a user's recipe, data, checkpoint, ...) ends the command with its message and exit status 2."""
+    """Bad input (a user's recipe, data, checkpoint, ...) or a full or failing disk ends the command with its
+    message and exit status 2."""
     try:
         yield
     except errors as exc:
-        # one line however long (paths stay whole for copying), and brackets in the message are text, not markup
-        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        _error_line(str(exc))
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        _error_line(f"writing to disk failed: {exc}")
+
+
+def _error_line(message: str) -> None:
+    # one line however long (paths stay whole for copying), and brackets in the message are text, not markup
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2) from None
 
 
 def _config_with_world(recipe: Path, overrides: list[str]) -> RunConfig:
@@ -88,6 +104,7 @@ def train(
 ) -> None:
     """Run a MORL recipe."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    interrupted: RunInterrupted | None = None
     with exit_on(*USER_ERRORS):
         overrides, resume_from = _split_resume_path(overrides or [], resume)
         extra = [f"trainer.output_dir={output_dir}"] if output_dir else []
@@ -97,8 +114,18 @@ def train(
         trainer = Trainer(cfg, resume=resume_from, force=force)
         try:
             trainer.fit()
+        except RunInterrupted as stopped:
+            interrupted = stopped
         finally:
             trainer.close()
+    if interrupted:
+        where = (
+            f"its checkpoint is in {cfg.trainer.output_dir}; run the same command with --resume to continue"
+            if interrupted.step
+            else "no step was trained"
+        )
+        console.print(f"{interrupted}: {where}", soft_wrap=True)
+        raise typer.Exit(interrupted.exit_status)
     console.print(f"run directory: {cfg.trainer.output_dir}")
 
 

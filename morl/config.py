@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from morl.data import DataConfig, DatasetSpec
 from morl.rewards.config import RewardsConfig
@@ -190,11 +190,41 @@ class TrainerConfig(Section):
     output_dir: str = "runs/quickstart"
     save_every: int = Field(10, ge=0, description="checkpoint every N steps (0: only at the end); always at the end")
     keep_last: int | None = Field(2, ge=1, description="checkpoints kept, newest first (null keeps every one)")
+    on_signal: Literal["finish", "abandon"] = Field(
+        "finish",
+        description="on SIGTERM / SIGINT: finish the step in progress, or abandon its rollout (an update already "
+        "under way still finishes); then checkpoint, shut down and exit 128 + the signal number",
+    )
+    log_every: int = Field(
+        1, ge=1, description="off a terminal (nohup, SLURM, a pipe), one plain progress line every N steps; a terminal "
+        "shows a live line instead"
+    )
 
 
 class EvalConfig(Section):
     enabled: bool = True
     max_prompts_per_task: int | None = Field(None, gt=0)
+
+
+class RayConfig(Section):
+    """Which Ray the run's actors live in (morl/ray_setup.py)."""
+
+    address: str | None = Field(
+        None,
+        description='null: a private Ray instance of the run, listening on 127.0.0.1 only (RAY_ADDRESS is ignored); '
+        '"auto" (RAY_ADDRESS, else the cluster `ray start` made on this machine) or "host:port" (a cluster\'s GCS '
+        "address): join that cluster",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _auto_or_host_port(cls, address: str | None) -> str | None:
+        if address is None or address == "auto":
+            return address
+        host, _, port = address.rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return address
+        raise ValueError('must be "auto" or host:port (null, the default, starts a private local instance)')
 
 
 class RunConfig(Section):
@@ -207,6 +237,7 @@ class RunConfig(Section):
     learner: LearnerConfig = LearnerConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _colocated_learner_is_one_rank(self) -> RunConfig:
@@ -228,13 +259,15 @@ class RunConfig(Section):
                     "or add a toy_world section"
                 )
             return self
-        root = Path(self.toy_world.root).expanduser()
+        from morl.toy import world_dir  # the folder of this settings' world, beside worlds of other settings
+
+        world = world_dir(self.toy_world)
         if self.model.path is None:
-            self.model.path = str(root / "sft")
+            self.model.path = str(world / "sft")
         if not self.data.train:
-            self.data.train = [DatasetSpec(path=str(root / "data" / t / "train.jsonl")) for t in self.toy_world.tasks]
+            self.data.train = [DatasetSpec(path=str(world / "data" / t / "train.jsonl")) for t in self.toy_world.tasks]
         if not self.data.eval:
-            self.data.eval = [DatasetSpec(path=str(root / "data" / t / "heldout.jsonl")) for t in self.toy_world.tasks]
+            self.data.eval = [DatasetSpec(path=str(world / "data" / t / "heldout.jsonl")) for t in self.toy_world.tasks]
         return self
 
 

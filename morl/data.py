@@ -1,7 +1,7 @@
 """Training data: the row contract, loading JSONL/Parquet files, and the weighted mixture sampler.
 
-A row is one prompt of one task type. Loading checks every row up front (schema, task type, images), so a
-bad row fails in seconds with ``file:line: what is wrong`` instead of hours into a run.
+A row is one prompt of one task type. Loading checks every row up front (schema, task type, images, image size),
+so a bad row fails in seconds with ``file:line: what is wrong`` instead of hours into a run.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +26,18 @@ log = logging.getLogger("morl.data")
 
 OnBadRow = Literal["error", "skip"]
 ImageRef = str | bytes
-"""An image as a row holds it: an absolute file path, or the encoded file's bytes (from Parquet)."""
+"""An image as a row holds it: an absolute file path, or the encoded file's bytes (from Parquet).
+
+A path may point anywhere the run can read, inside the data file's folder or not (``../shared/x.png``, an
+absolute path): a data file is trusted like the recipe that names it.
+"""
 
 MAX_SKIP_REASONS = 5
+# PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS, where it only warns): 256 MiB decoded as RGB.
+# Above every real photo or scan (48 MP camera: 8000 x 6000; A4 at 600 dpi: 4960 x 7016) and far above what a
+# vision processor keeps (Qwen2.5-VL resizes to at most 12.8 MP), so only bombs and mistaken exports are refused.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+PIL_HARD_LIMIT_PIXELS = 2 * DEFAULT_MAX_IMAGE_PIXELS  # PIL refuses to open larger images at all
 
 
 class DataError(ValueError):
@@ -123,12 +133,14 @@ def load_dataset(
     known_tasks: Collection[str] | None,
     on_bad_row: OnBadRow = "error",
     check_images: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> LoadedDataset:
     """Load and check a ``.jsonl`` or ``.parquet`` file of rows.
 
-    Relative paths resolve against the working directory; relative image paths against the data file's folder.
-    A bad row raises ``DataError``, or with ``on_bad_row="skip"`` is counted and logged once per file.
-    ``check_images=False`` skips opening image files (paths are still made absolute).
+    Relative paths resolve against the working directory; relative image paths against the data file's folder
+    (they may lead out of it). A bad row raises ``DataError``, or with ``on_bad_row="skip"`` is counted and logged
+    once per file. An image over ``max_image_pixels`` (width x height, read from its header) is a bad row.
+    ``check_images=False`` skips opening image files (paths are still made absolute; sizes are not checked).
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -150,7 +162,7 @@ def load_dataset(
     verified: set[str] = set()
     for where, raw in records:
         try:
-            row = _check_row(decode(raw), file.parent, known_tasks, check_images, verified)
+            row = _check_row(decode(raw), file.parent, known_tasks, check_images, max_image_pixels, verified)
             if row.id in first_seen:
                 raise _BadRow(f"duplicate id {row.id!r} (first at {first_seen[row.id]})")
         except _BadRow as bad:
@@ -228,7 +240,12 @@ def _hf_image(ref: dict[str, Any]) -> Any:
 
 
 def _check_row(
-    obj: Any, base: Path, known_tasks: Collection[str] | None, check_images: bool, verified: set[str]
+    obj: Any,
+    base: Path,
+    known_tasks: Collection[str] | None,
+    check_images: bool,
+    max_pixels: int,
+    verified: set[str],
 ) -> Row:
     if not isinstance(obj, dict):
         raise _BadRow(f"expected a JSON object, got {type(obj).__name__}")
@@ -238,29 +255,44 @@ def _check_row(
         raise _BadRow(_describe(e)) from None
     if known_tasks is not None and row.task not in known_tasks:
         raise _BadRow(f"unknown task {row.task!r} (known: {', '.join(sorted(known_tasks))})")
-    row.images = [_resolve_image(i, ref, base, check_images, verified) for i, ref in enumerate(row.images)]
+    images = enumerate(row.images)
+    row.images = [_resolve_image(i, ref, base, check_images, max_pixels, verified) for i, ref in images]
     return row
 
 
-def _resolve_image(index: int, ref: ImageRef, base: Path, check: bool, verified: set[str]) -> ImageRef:
-    """Make a path absolute and, if asked, check that it (or the bytes) decodes; ``verified`` caches good paths."""
+def _resolve_image(
+    index: int, ref: ImageRef, base: Path, check: bool, max_pixels: int, verified: set[str]
+) -> ImageRef:
+    """Make a path absolute and, if asked, check that it (or the bytes) decodes and is at most `max_pixels`;
+    ``verified`` caches good paths."""
     if isinstance(ref, bytes):
         if check:
-            _verify(io.BytesIO(ref), f"image {index} ({len(ref)} bytes)")
+            _verify(io.BytesIO(ref), f"image {index} ({len(ref)} bytes)", max_pixels)
         return ref
     resolved = str((base / ref).resolve())
     if check and resolved not in verified:
         if not Path(resolved).is_file():
             raise _BadRow(f"image {ref!r} not found (resolved {resolved})")
-        _verify(resolved, f"image {ref!r} (resolved {resolved})")
+        _verify(resolved, f"image {ref!r} (resolved {resolved})", max_pixels)
         verified.add(resolved)
     return resolved
 
 
-def _verify(source: str | io.BytesIO, what: str) -> None:
+def _verify(source: str | io.BytesIO, what: str, max_pixels: int) -> None:
+    """Check the size in the header, then the file, without decoding the pixels."""
+    too_big = f"{what} is over data.max_image_pixels={max_pixels:,}"
     try:
-        with Image.open(source) as image:
-            image.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check says it, per row
+            with Image.open(source) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise _BadRow(f"{too_big}: {width} x {height} = {width * height:,} pixels")
+                image.verify()
+    except _BadRow:
+        raise
+    except Image.DecompressionBombError as e:  # past PIL's own hard limit, which stops it before the size is known
+        raise _BadRow(f"{too_big}: {e}") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for corrupt files
         raise _BadRow(f"{what} is not a readable image: {e}") from None
 
@@ -290,7 +322,10 @@ Weight = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class DatasetSpec(_Strict):
-    path: str
+    path: str = Field(
+        description="a .jsonl or .parquet file of rows; relative image paths in it resolve against its folder and "
+        "may lead outside it, like absolute ones"
+    )
     weight: Weight = 1.0
 
 
@@ -298,13 +333,42 @@ class DataConfig(_Strict):
     train: list[DatasetSpec] = []
     eval: list[DatasetSpec] = []
     on_bad_row: OnBadRow = "error"
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        gt=0,
+        le=PIL_HARD_LIMIT_PIXELS,
+        description="largest image (width x height, read from the file header before decoding) a row may have; "
+        "a larger one is a bad row (see on_bad_row). Default: PIL's decompression-bomb threshold; at most twice "
+        "that, past which PIL refuses to open an image",
+    )
 
 
 def load_datasets(
-    specs: Sequence[DatasetSpec], *, known_tasks: Collection[str] | None, on_bad_row: OnBadRow
+    specs: Sequence[DatasetSpec],
+    *,
+    known_tasks: Collection[str] | None,
+    on_bad_row: OnBadRow,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> list[LoadedDataset]:
-    """Load each spec's file, in order (weights stay with the specs, for ``MixtureSampler``)."""
-    return [load_dataset(s.path, known_tasks=known_tasks, on_bad_row=on_bad_row) for s in specs]
+    """Load each spec's file, in order (weights stay with the specs, for ``MixtureSampler``).
+
+    A file with no usable row is a ``DataError``: a mixture cannot draw from it, an evaluation has nothing to score.
+    """
+    datasets = []
+    for spec in specs:
+        dataset = load_dataset(
+            spec.path, known_tasks=known_tasks, on_bad_row=on_bad_row, max_image_pixels=max_image_pixels
+        )
+        if not dataset.rows:
+            why = (
+                f"all {dataset.skipped} rows are bad and were skipped (data.on_bad_row=skip; first: "
+                f"{dataset.skip_reasons[0]})"
+                if dataset.skipped
+                else "the file has no rows"
+            )
+            raise DataError(f"{spec.path}: no rows to use: {why}")
+        datasets.append(dataset)
+    return datasets
 
 
 # --- mixture sampling ---------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
         rollout_sampling,
         start_rollout_workers,
     )
-    from morl.trainer import QUIET_OFFLINE_ENV, init_ray
+    from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
 
     if cfg.toy_world is not None:
         from morl.toy.world import ensure_toy_world

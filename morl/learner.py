@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import socket
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from morl.algorithm import (
     clipped_policy_loss_sum,
@@ -470,7 +472,10 @@ class PolicyLearner:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.zero_stage == 3):
             if self.rank == 0:
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
-                module.save_pretrained(out_dir)
+                try:
+                    module.save_pretrained(out_dir)
+                except SafetensorError as exc:
+                    raise _as_os_error(exc, out_dir) from exc
                 self.processor.save_pretrained(out_dir)
 
     def save_checkpoint(self, out_dir: str) -> None:
@@ -490,3 +495,13 @@ class PolicyLearner:
             raise CheckpointError(f"checkpoint {ckpt_dir}: no DeepSpeed engine state in {engine_dir / ENGINE_TAG}")
         _, client_state = self.engine.load_checkpoint(str(engine_dir), tag=ENGINE_TAG)
         restore_rng(client_state["rng"])
+
+
+def _as_os_error(exc: Exception, path: str) -> Exception:
+    """safetensors reports a failed write (a full disk) as its own error, "... (os error 28)": give it back its
+    errno, so the driver tells a full disk from a bug. Any other safetensors error stays as it is."""
+    found = re.search(r"os error (\d+)", str(exc))
+    if not found:
+        return exc
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number), path)

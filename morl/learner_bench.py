@@ -75,7 +75,7 @@ def rank0_device(learner: PolicyLearner) -> tuple[str, str, float]:
 def bench_learner(cfg: RunConfig, sequences: int, prompt_tokens: int, response_tokens: int, steps: int) -> dict:
     from transformers import AutoProcessor
 
-    from morl.trainer import init_ray
+    from morl.ray_setup import init_ray
 
     init_ray(cfg)
     tokenizer = AutoProcessor.from_pretrained(cfg.model.processor_dir).tokenizer

@@ -79,8 +79,16 @@ class LearnerGroup:
         return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)
 
     def _on_all(self, method: str, *args) -> Any:
-        """`method` on every rank at once (a collective); rank 0's result."""
-        return ray.get([getattr(rank, method).remote(*args) for rank in self.ranks])[0]
+        """`method` on every rank at once (a collective); rank 0's result.
+
+        A rank's OSError (a full disk under a save) is raised as itself, so the caller can tell it from a bug.
+        """
+        try:
+            return ray.get([getattr(rank, method).remote(*args) for rank in self.ranks])[0]
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, OSError):
+                raise exc.cause from None
+            raise
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One update of the rollout batch; every rank gets the whole batch and trains on its share."""

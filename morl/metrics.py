@@ -1,9 +1,11 @@
-"""What a run shows and leaves behind: metrics.jsonl, a live progress line, the eval table."""
+"""What a run shows and leaves behind: metrics.jsonl, progress (live or plain lines), the eval table."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from datetime import timedelta
 from pathlib import Path
 
 from rich.console import Console
@@ -11,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console()
+stderr_console = Console(stderr=True)  # progress beside the run's output, e.g. of the toy world's build
 
 
 class MetricsWriter:
@@ -41,34 +44,55 @@ def _step_of(line: str) -> int | None:
         return None
 
 
-class ProgressDisplay:
-    """Step, mean reward, reward per task and seconds per step, on one live line."""
+class StepProgress:
+    """Steps done of N and a summary: a live line on a terminal; elsewhere (nohup, SLURM, a pipe) a plain line
+    every `log_every` steps and at the last, flushed, so a log file or `tail -f` sees the run move."""
 
-    def __init__(self, total_steps: int, completed: int = 0):
+    def __init__(self, label: str, total: int, *, completed: int = 0, log_every: int = 1, out: Console = console):
+        self.label, self.total, self.done, self.log_every, self.out = label, total, completed, log_every, out
+        self.live = out.is_terminal
+        self.started = time.monotonic()
         self.progress = Progress(
-            TextColumn("step"),
+            TextColumn(label),
             MofNCompleteColumn(),
             BarColumn(bar_width=20),
             TextColumn("{task.fields[summary]}"),
             TimeElapsedColumn(),
-            console=console,
+            console=out,
         )
-        self.task = self.progress.add_task("train", total=total_steps, completed=completed, summary="")
+        self.task = self.progress.add_task(label, total=total, completed=completed, summary="")
 
-    def __enter__(self) -> ProgressDisplay:
-        self.progress.start()
+    def __enter__(self) -> StepProgress:
+        if self.live:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.live:
+            self.progress.stop()
+
+    def advance(self, summary: str) -> None:
+        self.done += 1
+        if self.live:
+            self.progress.update(self.task, advance=1, summary=summary)
+        elif self.done % self.log_every == 0 or self.done == self.total:
+            elapsed = timedelta(seconds=int(time.monotonic() - self.started))
+            line = f"{self.label} {self.done}/{self.total} {summary} {elapsed}"
+            self.out.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+class ProgressDisplay(StepProgress):
+    """The training loop's progress: step, mean reward, reward per task and seconds per step."""
+
+    def __init__(self, total_steps: int, completed: int = 0, log_every: int = 1):
+        super().__init__("step", total_steps, completed=completed, log_every=log_every)
 
     def update(self, m: dict) -> None:
         per_task = " ".join(
             f"{k.split('/', 1)[1]}={v:.2f}" for k, v in m.items() if k.startswith("reward/") and k.count("/") == 1
             and k != "reward/mean"
         )
-        summary = f"reward {m['reward/mean']:.3f} | {per_task} | {m['time/step']:.1f}s/step"
-        self.progress.update(self.task, advance=1, summary=summary)
+        self.advance(f"reward {m['reward/mean']:.3f} | {per_task} | {m['time/step']:.1f}s/step")
 
 
 def eval_table(results: dict[str, dict[str, float]]) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from morl.data import LoadedDataset, MixtureSampler, Row, load_datasets
+from morl.data import DataError, LoadedDataset, MixtureSampler, Row, load_datasets
 
 if TYPE_CHECKING:
     from morl.config import RunConfig
@@ -42,9 +42,18 @@ class PromptSource:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> PromptSource:
-        """The run's training mixture (`data.train`, rows checked against the routed tasks) and easy pool."""
-        datasets = load_datasets(cfg.data.train, known_tasks=set(cfg.rewards.routes), on_bad_row=cfg.data.on_bad_row)
-        return cls(datasets, [s.weight for s in cfg.data.train], cfg.trainer.seed, cfg.algo.easy_pool_alpha)
+        """The run's training mixture (`data.train`, rows checked against the routed tasks) and easy pool.
+
+        Raises DataError for a mixture without rows: no data file, or one without a usable row.
+        """
+        data = cfg.data
+        if not data.train:
+            raise DataError("data.train lists no data file: there is nothing to train on")
+        tasks = set(cfg.rewards.routes)
+        datasets = load_datasets(
+            data.train, known_tasks=tasks, on_bad_row=data.on_bad_row, max_image_pixels=data.max_image_pixels
+        )
+        return cls(datasets, [s.weight for s in data.train], cfg.trainer.seed, cfg.algo.easy_pool_alpha)
 
     def draw(self) -> DrawnPrompt:
         rng = np.random.default_rng([self.seed, 2, self.draws])

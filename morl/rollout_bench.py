@@ -113,7 +113,7 @@ def bench_engine(cfg: RunConfig, rounds: int) -> dict:
 
     from morl.multimodal import PromptEncoder
     from morl.prompt_source import PromptSource
-    from morl.trainer import init_ray
+    from morl.ray_setup import init_ray
 
     one = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_workers": 1})})
     init_ray(one)
@@ -164,7 +164,7 @@ def bench_rollout(cfg: RunConfig, steps: int) -> dict:
     from morl.multimodal import PromptEncoder
     from morl.prompt_source import PromptSource
     from morl.rewards.router import RewardRouter
-    from morl.trainer import init_ray
+    from morl.ray_setup import init_ray
 
     processor = AutoProcessor.from_pretrained(cfg.model.processor_dir)
     encode = PromptEncoder(processor, cfg.rollout.max_prompt_tokens)

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -43,6 +43,7 @@ from morl.rollout.worker import CONCURRENCY_GROUPS, GenerateResult, RolloutWorke
 log = logging.getLogger("morl.rollout")
 
 POLL_SECONDS = 0.005
+STOP_POLL_SECONDS = 0.5  # how soon an abandoned rollout notices the stop request
 _CALL_IDS = itertools.count()  # unique per driver process: an abort never hits another scheduler's call
 
 
@@ -103,6 +104,10 @@ def prompt_seed(run_seed: int, seq: int) -> int:
     return zlib.crc32(f"{run_seed}:{seq}".encode())
 
 
+class RolloutAbandoned(Exception):
+    """`collect` gave up its batch because the run was asked to stop; its prompts and samples are discarded."""
+
+
 class RolloutScheduler:
     def __init__(
         self,
@@ -152,10 +157,17 @@ class RolloutScheduler:
 
     # ------------------------------------------------------------------ one batch
 
-    def collect(self, num_groups: int) -> RolloutBatch:
-        """Roll out until `num_groups` valid groups exist (or the refill budget is spent)."""
-        run = _Collection(self, num_groups)
+    def collect(self, num_groups: int, should_stop: Callable[[], bool] | None = None) -> RolloutBatch:
+        """Roll out until `num_groups` valid groups exist (or the refill budget is spent).
+
+        `should_stop()` true abandons the batch (RolloutAbandoned) within STOP_POLL_SECONDS: the calls in flight are
+        aborted, and the prompt source and easy pool are left as they are, for the caller to discard.
+        """
+        run = _Collection(self, num_groups, stop_poll=STOP_POLL_SECONDS if should_stop else None)
         while not run.done():
+            if should_stop and should_stop():
+                run.abort_calls()
+                raise RolloutAbandoned
             if self.mode == "seamless":
                 run.dispatch_seamless()
             else:
@@ -190,8 +202,9 @@ def reward_input(row: Row, completion: Completion) -> RewardInput:
 class _Collection:
     """The state of one `collect` call."""
 
-    def __init__(self, scheduler: RolloutScheduler, num_groups: int):
+    def __init__(self, scheduler: RolloutScheduler, num_groups: int, stop_poll: float | None = None):
         self.s = scheduler
+        self.stop_poll = stop_poll  # the longest wait for a call, so a stop request is seen (None: no limit)
         self.target = num_groups
         self.budget = num_groups * (1 + (scheduler.max_refill_rounds if scheduler.dynamic_sampling else 0))
         self.groups: list[Group] = []  # every dispatched group, in dispatch order
@@ -250,7 +263,7 @@ class _Collection:
 
     def wait_and_absorb(self) -> None:
         if self.calls:
-            timeout = POLL_SECONDS if self.scoring else None
+            timeout = POLL_SECONDS if self.scoring else self.stop_poll
             ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=timeout)
             for ref in ready:
                 self._absorb_call(self.calls.pop(ref), ray.get(ref), score=self.s.mode == "seamless")
@@ -302,8 +315,7 @@ class _Collection:
     def finish(self) -> RolloutBatch:
         """Abort what still runs, put unused prompts back, feed the easy pool, and report."""
         if self.calls:
-            for worker in {c.worker for c in self.calls.values()}:
-                self.s.workers[worker].abort.remote([c.call_id for c in self.calls.values() if c.worker == worker])
+            self.abort_calls()
             for ref, call in self.calls.items():
                 self._absorb_call(call, ray.get(ref), score=False)
         tail_seconds = time.perf_counter() - self.last_accept_time
@@ -325,6 +337,11 @@ class _Collection:
                 len(self.groups),
             )
         return RolloutBatch(self.accepted, decided, self._metrics(decided, tail_seconds))
+
+    def abort_calls(self) -> None:
+        """Ask each worker to end its calls in flight now (they return what they sampled, marked "abort")."""
+        for worker in {c.worker for c in self.calls.values()}:
+            self.s.workers[worker].abort.remote([c.call_id for c in self.calls.values() if c.worker == worker])
 
     def _metrics(self, decided: list[Group], tail_seconds: float) -> dict[str, float]:
         wall = time.perf_counter() - self.start

@@ -50,7 +50,7 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
 
     from morl.rollout.hf_engine import vision_token_ids
     from morl.rollout_scheduler import start_rollout_workers
-    from morl.trainer import init_ray
+    from morl.ray_setup import init_ray
 
     init_ray(cfg)
     rc = cfg.rollout

@@ -10,6 +10,7 @@ The same loop drives a laptop CPU and a GPU cluster; only the actors' backends d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,18 +33,22 @@ from morl.checkpoint import (
 )
 from morl.config import RunConfig, dump_config
 from morl.data import Row, load_datasets
+from morl.interrupts import RunInterrupted, StopRequest, children_ignore_sigint
 from morl.learner import TrainBatch
 from morl.learner_group import LearnerGroup
 from morl.metrics import MetricsWriter, ProgressDisplay, console, eval_table
 from morl.model_check import check_model_dir
 from morl.multimodal import PromptEncoder
 from morl.prompt_source import PromptSource
+from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
+from morl.run_lock import RunDirLock
 from morl.rewards.parsing import split_think
 from morl.rewards.router import RewardRouter
 from morl.rollout.hf_engine import vision_token_ids
 from morl.rollout.types import Completion, SamplingParams
 from morl.rollout_scheduler import (
     Group,
+    RolloutAbandoned,
     RolloutScheduler,
     generate_in_order,
     reward_input,
@@ -53,16 +58,6 @@ from morl.weight_sync import check_logprob_mismatch, plan_buckets, sync_rollout_
 
 log = logging.getLogger("morl.trainer")
 
-# Ray workers inherit these: nothing is fetched from a hub, and library chatter stays quiet.
-QUIET_OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-    "VLLM_NO_USAGE_STATS": "1",  # vLLM would report usage over the network
-}
-
 
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None, force: bool = False):
@@ -70,6 +65,7 @@ class Trainer:
         self.cfg = cfg
         self.force = force
         self.out_dir = Path(cfg.trainer.output_dir)
+        self.run_lock = RunDirLock(self.out_dir).acquire()  # before anything reads or prunes the directory
         check_model_dir(cfg.model.path, cfg.model.processor_path)
         self.resume_from = resolve_resume(self.out_dir, resume, cfg, force)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,14 +78,21 @@ class Trainer:
         self.processor = AutoProcessor.from_pretrained(model.processor_dir)
         self.encode = PromptEncoder(self.processor, cfg.rollout.max_prompt_tokens)
         self.sampler = PromptSource.from_config(cfg)
-        self.eval_rows = [
-            row
-            for ds in load_datasets(cfg.data.eval, known_tasks=set(cfg.rewards.routes), on_bad_row=cfg.data.on_bad_row)
-            for row in ds.rows
-        ]
-        self.router = RewardRouter(cfg.rewards)
+        held_out = load_datasets(
+            cfg.data.eval if cfg.eval.enabled else [],  # files of a disabled evaluation are not read
+            known_tasks=set(cfg.rewards.routes),
+            on_bad_row=cfg.data.on_bad_row,
+            max_image_pixels=cfg.data.max_image_pixels,
+        )
+        self.eval_rows = [row for ds in held_out for row in ds.rows]
+        self.router = RewardRouter(cfg.rewards, log_dir=self.out_dir / "logs")
 
-        init_ray(cfg)
+        self.owns_ray = not ray.is_initialized()
+        with children_ignore_sigint():  # a terminal's Ctrl-C must not kill the actors the checkpoint needs
+            init_ray(cfg)
+        abandon = cfg.trainer.on_signal == "abandon"
+        self.stop = StopRequest("abandoning this step's rollout" if abandon else "finishing this step")
+        self.stop.install()
         start_weights = str(self.resume_from.policy_dir) if self.resume_from else model.path
         self.workers = start_rollout_workers(cfg, start_weights)
         self.banned_ids = vision_token_ids(self.processor.tokenizer)
@@ -100,7 +103,8 @@ class Trainer:
         sizes = self.learner.weight_sizes(model.dtype, trainable_only=not drops_weights)
         self.sync_plan = plan_buckets(sizes, cfg.rollout.sync_bucket_mb * 2**20)
         self.start_step = 0
-        self.sft_eval: dict[str, dict[str, float]] | None = None  # evaluate()'s reward and response_length
+        self.saved_step = 0  # the newest step with a checkpoint (0: none)
+        self.sft_eval: dict | None = None  # evaluate()'s reward, response_length and prompts
         if self.resume_from is not None:
             self.restore(self.resume_from)
 
@@ -111,7 +115,7 @@ class Trainer:
         results, lengths = {}, {}
         if cfg.eval.enabled and self.resume_from is None:
             self.sft_eval = self.evaluate()
-        if cfg.eval.enabled and self.sft_eval is not None:
+        if cfg.eval.enabled and self.sft_eval is not None and self._same_eval_prompts(self.sft_eval):
             results["sft"], lengths["sft"] = self.sft_eval["reward"], self.sft_eval["response_length"]
             eval_table(results)
         metrics_file = MetricsWriter(self.out_dir / "metrics.jsonl")
@@ -119,13 +123,21 @@ class Trainer:
         last = cfg.trainer.max_steps
         if self.start_step >= last:
             log.warning("the checkpoint is at step %d, trainer.max_steps=%d: no step to train", self.start_step, last)
-        with ProgressDisplay(last, completed=min(self.start_step, last)) as progress:
+        with ProgressDisplay(last, completed=min(self.start_step, last), log_every=cfg.trainer.log_every) as progress:
             for step in range(self.start_step + 1, last + 1):
-                metrics = self.train_step(step)
+                if self.stop.requested:  # asked during the SFT evaluation or a save
+                    self._stop(step - 1, self.driver_state())
+                before = self.driver_state()  # what a checkpoint of step - 1 holds, should this step be abandoned
+                try:
+                    metrics = self.train_step(step)
+                except RolloutAbandoned:
+                    self._stop(step - 1, before)
                 metrics_file.write(metrics)
                 progress.update(metrics)
                 if step == last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                     self.save_checkpoint(step)
+                if self.stop.requested:
+                    self._stop(step, self.driver_state())  # the last step included: final/ and the eval wait
         self.learner.save_hf(str(self.out_dir / "final"))
         if cfg.eval.enabled:
             policy = self.evaluate()
@@ -134,9 +146,16 @@ class Trainer:
             eval_table(results)
         return results
 
+    def _stop(self, step: int, state: dict) -> None:
+        """End the run after `step` on a signal: checkpoint it unless that is done (or no step trained), then raise."""
+        if step > self.saved_step:
+            self.save_checkpoint(step, state)
+        raise RunInterrupted(self.stop.signum, step)
+
     def train_step(self, step: int) -> dict:
         timer = PhaseTimer()
-        rollout = self.scheduler.collect(self.cfg.trainer.prompts_per_step)
+        abandon = self.cfg.trainer.on_signal == "abandon"
+        rollout = self.scheduler.collect(self.cfg.trainer.prompts_per_step, lambda: abandon and self.stop.requested)
         timer.lap("rollout")  # generation and scoring overlap: one phase
         batch, batch_metrics = build_batch(rollout.groups, self.cfg.algo.adv_eps)
         metrics = {"step": step, **reward_metrics(rollout.decided), **rollout.metrics, **batch_metrics}
@@ -161,6 +180,8 @@ class Trainer:
             log.warning("step %d: no group had reward variance (or every group had a reward error); no update", step)
         for name, count in self.router.error_counts().items():
             metrics[f"reward/{name}/errors"] = count
+        for name, count in self.router.out_of_range_counts().items():
+            metrics[f"reward/{name}/out_of_range"] = count
         self.router.check_error_rate()
         metrics.update(timer.as_metrics())
         return metrics
@@ -173,8 +194,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, step: int) -> Checkpoint:
-        """The policy, the optimizer, and every piece of driver state an exact resume needs, written atomically."""
+    def driver_state(self) -> dict:
+        """Every piece of driver state an exact resume needs, as a JSON copy that later steps do not touch."""
         state = {
             "sampler": self.sampler.state_dict(),
             "router": self.router.state_dict(),
@@ -182,14 +203,21 @@ class Trainer:
             "rng": capture_rng(),
             "eval_sft": self.sft_eval,
         }
-        return save_checkpoint(
+        return json.loads(json.dumps(state))
+
+    def save_checkpoint(self, step: int, state: dict | None = None) -> Checkpoint:
+        """The policy, the optimizer and the driver state (now, or `state` taken when the learner was as it is now),
+        written atomically."""
+        ckpt = save_checkpoint(
             self.out_dir,
             step,
             lambda directory: self.learner.save_checkpoint(str(directory)),
-            state,
+            state or self.driver_state(),
             self.cfg,
             self.cfg.trainer.keep_last,
         )
+        self.saved_step = step
+        return ckpt
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from `ckpt`: learner weights and optimizer, prompt order, reward counters, RNGs, step counter.
@@ -210,15 +238,16 @@ class Trainer:
         self.router.load_state_dict(ckpt.state["router"])
         self.scheduler.valid_rate = ckpt.state["rollout_valid_rate"]
         restore_rng(ckpt.state["rng"])
-        self.start_step = ckpt.step
+        self.start_step = self.saved_step = ckpt.step
         self.sft_eval = ckpt.state["eval_sft"]
         console.print(f"resuming from {ckpt.path} (step {ckpt.step} of {self.cfg.trainer.max_steps})")
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
+    def evaluate(self) -> dict:
         """Greedy decoding on the held-out rows: "reward" and "response_length" (tokens), each per task and as
-        the mean over tasks. Lengths show what the reports watch: reasoning answers grow, grounding ones shrink."""
+        the mean over tasks, and which "prompts" (prompt_set). Lengths show what the reports watch: reasoning
+        answers grow, grounding ones shrink."""
         rows = self._eval_subset()
         prompts = [self.encode(row) for row in rows]
         greedy = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True)
@@ -231,7 +260,22 @@ class Trainer:
         for k, name in enumerate(("reward", "response_length")):
             per_task = {task: _mean(x[k] for x in xs) for task, xs in sorted(by_task.items())}
             result[name] = {**per_task, "mean": _mean(per_task.values())}
-        return result
+        return {**result, "prompts": prompt_set(rows)}
+
+    def _same_eval_prompts(self, sft_eval: dict) -> bool:
+        """Whether the SFT score (from the checkpoint, on a resume) was taken on the prompts the policy's will be:
+        a resume with other `eval.*` settings would otherwise compare scores of different prompt sets."""
+        current = prompt_set(self._eval_subset())
+        if sft_eval.get("prompts") == current:
+            return True
+        saved = sft_eval.get("prompts", {}).get("count", "an unrecorded number of")
+        log.warning(
+            "the SFT checkpoint was evaluated on %s held-out prompts, the policy will be on %d others (eval.* changed "
+            "on resume): no SFT score or delta is reported; resume with the original eval settings to compare",
+            saved,
+            current["count"],
+        )
+        return False
 
     def _eval_subset(self) -> list[Row]:
         cap = self.cfg.eval.max_prompts_per_task
@@ -246,10 +290,15 @@ class Trainer:
         return subset
 
     def close(self) -> None:
+        """Stop every process the run started (Ray's too, when the run started Ray) and free the run directory."""
         self.router.close()
         for actor in self.workers:
             ray.kill(actor)
         self.learner.close()
+        if self.owns_ray:
+            ray.shutdown()
+        self.stop.uninstall()
+        self.run_lock.release()
 
 
 def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[str, float]]:
@@ -308,17 +357,10 @@ def reward_metrics(groups: list[Group]) -> dict[str, float]:
     return metrics
 
 
-def init_ray(cfg: RunConfig) -> None:
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=max(
-                os.cpu_count() or 1,
-                cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus,
-            ),
-            include_dashboard=False,
-            log_to_driver=True,
-            runtime_env={"env_vars": QUIET_OFFLINE_ENV},
-        )
+def prompt_set(rows: list[Row]) -> dict:
+    """How many prompts, and a digest of which: two evaluations compare only on the same set."""
+    digest = hashlib.sha256("\n".join(f"{row.task}/{row.id}" for row in rows).encode()).hexdigest()[:16]
+    return {"count": len(rows), "digest": digest}
 
 
 def _mean(values) -> float:

@@ -1,7 +1,7 @@
 """Turn reward functions written for morl, TRL or verl into one callable, and their return values into a score.
 
-The sandbox workers call `resolve(name, adapter)(response, sample)` then `to_score(...)`; nothing else needs to
-know which framework a function was written for.
+The sandbox workers call `resolve(name, adapter)(response, sample)` then `finite_score(...)` (the router clamps);
+nothing else needs to know which framework a function was written for.
 """
 
 from __future__ import annotations
@@ -24,10 +24,17 @@ def resolve(name: str, adapter: Adapter = "morl") -> RewardFn:
 
 
 def to_score(value: Any) -> float:
-    """A reward function's return value as a score clamped to [0, 1].
+    """A reward function's return value as a score clamped to [0, 1] (what `finite_score` accepts)."""
+    return min(1.0, max(0.0, finite_score(value)))
 
-    Accepts a number (bool included) or a dict holding one under "score". Anything else, NaN included, is the
-    reward function's bug and raises, so it is counted as an error instead of becoming a silent 0.
+
+def finite_score(value: Any) -> float:
+    """A reward function's return value as a finite float, not yet clamped, so the router can count values
+    outside [0, 1].
+
+    Accepts a number (a bool is 0 or 1: comparisons and math_verify's `verify` return one) or a dict holding one
+    under "score". Anything else, NaN and infinities included, is the reward function's bug and raises, so it is
+    counted as an error instead of becoming a silent 0 or 1.
     """
     if isinstance(value, Mapping):
         if "score" not in value:
@@ -36,9 +43,9 @@ def to_score(value: Any) -> float:
     if not isinstance(value, numbers.Real):
         raise TypeError(f"reward returned {type(value).__name__}, expected a number")
     score = float(value)
-    if math.isnan(score):
-        raise ValueError("reward returned NaN")
-    return min(1.0, max(0.0, score))
+    if not math.isfinite(score):
+        raise ValueError(f"reward returned {score}")
+    return score
 
 
 def from_trl(fn: Callable[..., Any]) -> RewardFn:

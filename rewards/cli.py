@@ -15,15 +15,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from morl.rewards.config import RewardsConfig
+from morl.rewards.config import RewardsConfig, check_token
 from morl.rewards.registry import list_rewards
 from morl.rewards.router import RewardRouter
+from morl.rewards.server import DEFAULT_MAX_REQUEST_MB, make_server
 from morl.rewards.types import RewardInput, RewardResult
 
 app = typer.Typer(help="Reward functions: list them, score responses offline, benchmark the router, serve them.")
 serve_app = typer.Typer(help="Run a reward service standalone: an HTTP server speaking the reward service contract.")
 app.add_typer(serve_app, name="serve")
 console = Console()
+TOKEN_ENV = "MORL_REWARDS_TOKEN"  # the serve commands' --token, kept out of the process list
 
 
 @app.command("list")
@@ -87,6 +89,14 @@ def bench(
     console.print(hostile)
 
 
+def _header_safe(token: str | None) -> str | None:
+    """The --token as given, checked before the model loads."""
+    try:
+        return None if token is None else check_token(token)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 @serve_app.command("preference")
 def serve_preference(
     model: Path = typer.Option(..., exists=True, file_okay=False, help="reward model checkpoint directory"),
@@ -95,13 +105,33 @@ def serve_preference(
     device: str = typer.Option("auto", help="auto (cuda when there is a GPU), cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16"),
     batch_size: int = typer.Option(8, help="samples per forward pass"),
+    token: str | None = typer.Option(
+        None, envvar=TOKEN_ENV, show_envvar=True, callback=_header_safe,
+        help=f"answer only requests with 'Authorization: Bearer TOKEN' (401 otherwise); prefer ${TOKEN_ENV}: a "
+        "flag shows in `ps`",
+    ),
+    image_root: Path | None = typer.Option(
+        None, exists=True, file_okay=False, help="open image paths only for files under this folder (without it "
+        "every image path is refused; data: URLs always work)",
+    ),
+    max_request_mb: int = typer.Option(
+        DEFAULT_MAX_REQUEST_MB, min=1, help="refuse a request body over this many MiB (413), before reading it"
+    ),
 ) -> None:
     """Serve a Bradley-Terry reward model: POST samples to http://HOST:PORT/score, sigmoid(score) back."""
     from morl.rewards.preference import PreferenceScorer
-    from morl.rewards.server import make_server
 
-    server = make_server(PreferenceScorer(str(model), device, dtype, batch_size), host, port)
-    console.print(f"preference reward model {escape(str(model))} at http://{host}:{server.server_port}/score")
+    server = make_server(
+        PreferenceScorer(str(model), device, dtype, batch_size), host, port,
+        token=token, image_root=image_root, max_request_bytes=max_request_mb * 2**20,
+    )
+    guards = [
+        "token required" if token else "no token",
+        f"image paths under {escape(str(image_root.resolve()))}" if image_root else "no image paths",
+        f"requests up to {max_request_mb} MiB",
+    ]
+    url = f"http://{host}:{server.server_port}/score"
+    console.print(f"preference reward model {escape(str(model))} at {url} ({', '.join(guards)})")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidatorFunctionWrapHandler, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidatorFunctionWrapHandler, field_validator, model_validator
 
 from morl.rewards.registry import get_reward
 
@@ -34,6 +34,25 @@ class ServiceClientConfig(BaseModel, extra="forbid"):
     timeout_s: float = Field(60.0, gt=0)  # no answer by then fails the request's samples (not retried)
     max_retries: int = Field(3, ge=0)  # on connection errors and HTTP 503, with backoff
     images: ImageMode = "base64"  # image files sent inline as data URLs, as paths (shared filesystem), or not at all
+    token: SecretStr | None = Field(
+        None,
+        description="the service's shared token (`morl rewards serve --token`), sent as `Authorization: Bearer "
+        "<token>`; config dumps (the run's config.yaml) show it masked",
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _header_safe(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None:
+            check_token(token.get_secret_value())
+        return token
+
+
+def check_token(token: str) -> str:
+    """A shared token both sides compare as the same bytes of an HTTP header: visible ASCII, no spaces."""
+    if not token or not all("!" <= char <= "~" for char in token):
+        raise ValueError("a token must be visible ASCII characters, without spaces")
+    return token
 
 
 class HttpService(ServiceClientConfig):

@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from morl.data import open_image as open_image_ref
-from morl.rewards.adapters import to_score
+from morl.rewards.adapters import finite_score
 from morl.rewards.sandbox import MAX_ERROR_CHARS, Outcome
 from morl.rewards.types import RewardInput
 
@@ -82,7 +82,7 @@ def _outcome(reward: Any, error: Any) -> Outcome:
     if reward is None:
         return None, "service returned a null reward without an error"
     try:
-        return to_score(reward), None
+        return finite_score(reward), None  # the router clamps it, counting values outside [0, 1]
     except (TypeError, ValueError) as e:
         return None, f"service: {e}"
 

@@ -145,7 +145,10 @@ class HttpRewardClient:
         raise ServiceError(f"cannot reach {self.url} ({self.cfg.max_retries + 1} attempts): {reason}")
 
     def _post_once(self, body: bytes) -> object:
-        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.cfg.token is not None:
+            headers["Authorization"] = f"Bearer {self.cfg.token.get_secret_value()}"
+        request = urllib.request.Request(self.url, data=body, headers=headers)
         with _DIRECT.open(request, timeout=self.cfg.timeout_s) as reply:
             text = reply.read()
         try:

@@ -1,9 +1,10 @@
 """Route each response to its task's reward functions and combine their scores into one reward in [0, 1].
 
 The router is the trainer's single entry point to rewards: it sends reward function calls to the sandbox pool and
-samples for reward services to their HTTP clients (starting the services the recipe asks for), combines the
-components by weight, and keeps the error accounting the run needs (per-reward counts for metrics, and a windowed
-error rate that stops the run when rewards are broken rather than silently training on zeros).
+samples for reward services to their HTTP clients (starting the services the recipe asks for), clamps each
+component to [0, 1] and combines them by weight, and keeps the accounting the run needs: per-reward counts of
+errors and of scores outside [0, 1] for metrics, and a windowed error rate that stops the run when rewards are
+broken rather than silently training on zeros.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 
+from morl.rewards.adapters import to_score
 from morl.rewards.config import PreferenceService, RewardsConfig, RewardSpec
 from morl.rewards.http_client import HttpRewardClient
 from morl.rewards.sandbox import Outcome, SandboxPool
@@ -42,17 +45,23 @@ class RewardRouter:
     connects to all services (a no-op without services). `with` calls it, and so does the first `submit`, so a
     driver that configures Ray itself only needs to build the router before `ray.init` and score after it;
     `close()` stops everything the router started.
+
+    What reward functions print is appended to `log_dir/rewards.log` (a run's `logs/`); without a log directory
+    only a first excerpt per reward function reaches the console (rewards/worker_output.py).
     """
 
-    def __init__(self, cfg: RewardsConfig):
+    def __init__(self, cfg: RewardsConfig, log_dir: Path | None = None):
         self.cfg = cfg
-        self._pool = SandboxPool(cfg.num_workers, cfg.timeout_s, cfg.modules)
+        output_log = log_dir / "rewards.log" if log_dir is not None else None
+        self._pool = SandboxPool(cfg.num_workers, cfg.timeout_s, cfg.modules, output_log=output_log)
         self._clients: dict[str, HttpRewardClient] = {}  # service name -> client, once started
         self._serve = None  # RayServeServices, when the recipe has services for the run to start
         self._started = self._closed = False
         self._start_lock = threading.Lock()
         self._lock = threading.Lock()
         self._errors = Counter({spec.fn: 0 for specs in cfg.routes.values() for spec in specs})
+        self._out_of_range = Counter(dict.fromkeys(self._errors, 0))  # scores clamped into [0, 1]
+        self._warned_out_of_range: set[str] = set()
         self._window: deque[bool] = deque(maxlen=cfg.error_window)  # per scored sample: did a reward fail?
         self._last_error: str | None = None
 
@@ -117,14 +126,28 @@ class RewardRouter:
         with self._lock:
             return dict(self._errors)
 
-    def state_dict(self) -> dict:
-        """The error accounting (counts and the recent window), for a checkpoint: a resumed run keeps counting."""
+    def out_of_range_counts(self) -> dict[str, int]:
+        """Scores outside [0, 1] so far per routed reward fn name, zeros included (for `reward/<name>/out_of_range`
+        metrics); each was clamped to 0 or 1."""
         with self._lock:
-            return {"errors": dict(self._errors), "window": list(self._window), "last_error": self._last_error}
+            return dict(self._out_of_range)
+
+    def state_dict(self) -> dict:
+        """The accounting (error and out-of-range counts, the recent window), for a checkpoint: a resumed run keeps
+        counting."""
+        with self._lock:
+            return {
+                "errors": dict(self._errors),
+                "out_of_range": dict(self._out_of_range),
+                "window": list(self._window),
+                "last_error": self._last_error,
+            }
 
     def load_state_dict(self, state: dict) -> None:
         with self._lock:
             self._errors = Counter({**dict.fromkeys(self._errors, 0), **state["errors"]})
+            # checkpoints written before out-of-range scores were counted have no counts: they start at 0
+            self._out_of_range = Counter({**dict.fromkeys(self._out_of_range, 0), **state.get("out_of_range", {})})
             self._window.clear()
             self._window.extend(state["window"])
             self._last_error = state["last_error"]
@@ -179,18 +202,28 @@ class RewardRouter:
             ) from None
 
     def _combine(self, specs: list[RewardSpec], outcomes: list[Outcome]) -> RewardResult:
-        """Weighted mean of the components; any failed component makes the whole reward None."""
-        components = {spec.fn: score for spec, (score, _) in zip(specs, outcomes)}
+        """Weighted mean of the components clamped to [0, 1]; any failed component makes the whole reward None."""
+        scores = [None if score is None else to_score(score) for score, _ in outcomes]
+        outside = [(spec.fn, raw) for spec, (raw, _), score in zip(specs, outcomes, scores) if raw != score]
+        components = {spec.fn: score for spec, score in zip(specs, scores)}
         failed = [(spec.fn, error) for spec, (_, error) in zip(specs, outcomes) if error is not None]
         error = "; ".join(f"{fn}: {reason}" for fn, reason in failed) or None
         with self._lock:
             self._window.append(error is not None)
             self._errors.update(fn for fn, _ in failed)
+            self._out_of_range.update(fn for fn, _ in outside)
             self._last_error = error or self._last_error
+            first = {fn: raw for fn, raw in outside if fn not in self._warned_out_of_range}
+            self._warned_out_of_range.update(first)
+        for fn, raw in first.items():
+            log.warning(
+                "reward %r returned %r, outside [0, 1]: clamped to %s; later ones are only counted "
+                "(reward/%s/out_of_range)", fn, raw, to_score(raw), fn,
+            )
         if error is not None:
             log.warning("reward failed: %s", error)
             return RewardResult(reward=None, error=error, components=components)
-        reward = sum(spec.weight * score for spec, (score, _) in zip(specs, outcomes)) / sum(s.weight for s in specs)
+        reward = sum(spec.weight * score for spec, score in zip(specs, scores)) / sum(s.weight for s in specs)
         return RewardResult(reward=reward, error=None, components=components)
 
 

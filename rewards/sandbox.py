@@ -5,7 +5,8 @@ Model text is untrusted and sympy can hang on it, so no reward runs in the drive
 keep IPC off the hot path; each worker holds up to two chunks so it never waits on the driver between them. A call
 that runs past the timeout has its worker killed and replaced; the call fails, the rest of the worker's chunks are
 re-queued, and the pool goes on. Workers resolve rewards by name, importing `morl.rewards.builtin` and the
-configured modules, so no function objects cross the process boundary.
+configured modules, so no function objects cross the process boundary. What a reward prints is captured per
+call and kept truncated in the run's log (rewards/worker_output.py), never on the console.
 
 One dispatcher thread owns the pool; callers only append to the queue. Each worker has a sender thread, so a
 large chunk that fills the pipe can block only that thread, never the timeout enforcement.
@@ -27,13 +28,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from morl.rewards.adapters import resolve, to_score
+from morl.rewards.adapters import finite_score, resolve
 from morl.rewards.types import RewardInput
+from morl.rewards.worker_output import OutputCapture, OutputLog, Printed
 
 T = TypeVar("T")
-Outcome = tuple[float | None, str | None]  # (clamped score, None) | (None, error) | (None, None): not run
+Outcome = tuple[float | None, str | None]  # (score, None) | (None, error) | (None, None): not run
+# A score is finite but not yet clamped to [0, 1]: the router clamps it and counts those outside.
 
 MAX_CHUNK = 32  # samples per message: big enough to amortize IPC, small enough to balance work across workers
 CHUNKS_IN_FLIGHT = 2  # per worker: one running, one waiting in its pipe
@@ -63,11 +67,22 @@ class _Worker:
 
 
 class SandboxPool:
-    """`num_workers` warm processes running reward calls under a hard per-call timeout."""
+    """`num_workers` warm processes running reward calls under a hard per-call timeout.
 
-    def __init__(self, num_workers: int, timeout_s: float, modules: Sequence[str] = (), start_timeout_s: float = 120):
+    What the calls print goes to `output_log` (appended; None: only a first excerpt per reward on the console).
+    """
+
+    def __init__(
+        self,
+        num_workers: int,
+        timeout_s: float,
+        modules: Sequence[str] = (),
+        start_timeout_s: float = 120,
+        output_log: Path | None = None,
+    ):
         self.timeout_s = timeout_s
         self._modules = list(modules)
+        self._output = OutputLog(output_log)
         self._lock = threading.Lock()
         self._pending: deque[_Job[Any]] = deque()
         self._seq = 0
@@ -159,6 +174,8 @@ class SandboxPool:
             self._replace(worker, f"worker died (exit code {worker.process.exitcode})")
             return
         if kind == "ready":
+            if payload is not None:
+                self._output.add("start-up", "a reward worker starting (importing the reward modules)", payload)
             worker.ready = True
             if all(w.ready for w in self._workers):
                 self._started.set()
@@ -167,7 +184,10 @@ class SandboxPool:
         else:
             chunk = worker.chunks.popleft()
             self._dispatch()  # refill the worker before running callbacks
-            for job, outcomes in zip(chunk, payload):
+            for job, (outcomes, printed) in zip(chunk, payload):
+                for index, output in printed:
+                    name = job.calls[index][0]
+                    self._output.add(name, f"reward {name!r} on a {job.sample.task!r} sample", output)
                 _finish(job, outcomes)
 
     def _enforce_timeouts(self) -> None:
@@ -253,15 +273,19 @@ def _send_loop(conn: Connection, outbox: queue.SimpleQueue[Any]) -> None:
 
 
 def _worker_main(conn: Connection, progress: Any, modules: list[str]) -> None:
-    """Worker process: import the rewards, then run chunks of jobs until told to stop."""
+    """Worker process: import the rewards, then run chunks of jobs until told to stop.
+
+    A chunk's answer holds, per job, its outcomes and [(call index, what that call printed)].
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it stops the pool
+    capture = OutputCapture()
     try:
         for name in ["morl.rewards.builtin", *modules]:
             importlib.import_module(name)
     except BaseException:
         conn.send(("init_error", traceback.format_exc()))
         return
-    conn.send(("ready", None))
+    conn.send(("ready", capture.take()))
     fns: dict[tuple[str, str], Any] = {}
     while True:
         try:
@@ -273,6 +297,7 @@ def _worker_main(conn: Connection, progress: Any, modules: list[str]) -> None:
         results = []
         for seq, calls, sample in chunk:
             outcomes: list[Outcome] = []
+            printed: list[tuple[int, Printed]] = []
             for index, (name, adapter) in enumerate(calls):
                 progress[2] = time.monotonic()  # written before the ids: the driver reads the ids first
                 progress[1] = index
@@ -280,9 +305,12 @@ def _worker_main(conn: Connection, progress: Any, modules: list[str]) -> None:
                 try:
                     if (name, adapter) not in fns:
                         fns[name, adapter] = resolve(name, adapter)
-                    outcomes.append((to_score(fns[name, adapter](sample.response, sample)), None))
+                    outcomes.append((finite_score(fns[name, adapter](sample.response, sample)), None))
                 except Exception as e:
                     outcomes.append((None, f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]))
-            results.append(outcomes)
+                output = capture.take()
+                if output is not None:
+                    printed.append((index, output))
+            results.append((outcomes, printed))
         progress[0] = _IDLE
         conn.send(("results", results))

@@ -17,6 +17,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from morl.ray_setup import start_ray
 from morl.rewards.config import PreferenceService
 from morl.rewards.contract import handle
 from morl.rewards.preference import PreferenceScorer
@@ -48,9 +49,7 @@ class RayServeServices:
 
     def start(self) -> dict[str, str]:
         """Deploy every service and wait for it; its URL by name. Raises RuntimeError naming a service that fails."""
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, runtime_env={"env_vars": REPLICA_ENV})
-            self._owns_ray = True
+        self._owns_ray = start_ray()  # Ray not up yet: a private instance on 127.0.0.1, like a run's
         status = serve.status()
         self._owns_serve = not (status.proxies or status.applications)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})

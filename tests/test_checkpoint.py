@@ -25,6 +25,8 @@ from morl.checkpoint import (
 from morl.config import ModelConfig, load_config
 from morl.metrics import MetricsWriter
 
+from filesystems import small_tmpfs
+
 sys.path.insert(0, str(Path(__file__).parent))  # spawned reward workers find the fixtures too
 
 
@@ -102,6 +104,26 @@ def test_a_damaged_checkpoint_is_skipped_and_refused_by_name(tmp_path, caplog, d
         resolve_resume(tmp_path, str(damaged), config(), force=False)
     save(tmp_path, 4)  # a damaged checkpoint's name can be written again
     assert latest_checkpoint(tmp_path).step == 4
+
+
+def test_a_full_disk_keeps_the_earlier_checkpoints_and_says_so(tmp_path):
+    def policy_of(kib):
+        def write(directory: Path):
+            (directory / "policy").mkdir()
+            (directory / "policy" / "model.safetensors").write_bytes(b"w" * kib * 1024)
+
+        return write
+
+    with small_tmpfs(tmp_path / "disk", size_kib=96) as disk:
+        run = disk / "run"
+        save_checkpoint(run, 1, policy_of(48), {}, config(), keep_last=1)
+        with pytest.raises(CheckpointError, match=r"step_000002 could not be written .*No space left on device.*"
+                                                  r"earlier checkpoints are intact \(step_000001\)"):
+            save_checkpoint(run, 2, policy_of(48), {}, config(), keep_last=1)
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001"]  # the partial save is gone
+        assert read_checkpoint(run / "checkpoints" / "step_000001").step == 1  # whole, manifest and all
+        save_checkpoint(run, 2, policy_of(8), {}, config(), keep_last=1)  # space enough again: the run goes on
+        assert [c.step for c in list_checkpoints(run)] == [2]
 
 
 def test_a_complete_checkpoint_is_never_overwritten(tmp_path):

@@ -33,8 +33,9 @@ def test_recipe_and_overrides(recipe):
 
 def test_toy_world_fills_model_and_data(recipe):
     cfg = load_config(recipe)
-    assert cfg.model.path == "/tmp/morl-test-world/sft"
-    assert [s.path for s in cfg.data.train][0] == "/tmp/morl-test-world/data/counting/train.jsonl"
+    world = Path(cfg.model.path).parent  # the world of these settings: its own folder under the root
+    assert world.parent == Path("/tmp/morl-test-world") and len(world.name) == 12 and cfg.model.path == f"{world}/sft"
+    assert [s.path for s in cfg.data.train][0] == f"{world}/data/counting/train.jsonl"
     assert len(cfg.data.eval) == len(cfg.toy_world.tasks)
 
 

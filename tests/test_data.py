@@ -16,6 +16,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from morl.data import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    PIL_HARD_LIMIT_PIXELS,
     DataConfig,
     DataError,
     DatasetSpec,
@@ -245,6 +247,74 @@ def test_parquet_hugging_face_image_structs(data_dir: Path) -> None:
     assert isinstance(ds.rows[0].images[0], bytes) and ds.rows[1].images == [str(data_dir / "img" / "1.png")]
 
 
+# --- image size cap -----------------------------------------------------------------------------------------
+
+
+def blank_png(path: Path, width: int, height: int) -> Path:
+    """A real PNG of width x height one-bit pixels, all black: huge in pixels, small on disk."""
+    Image.new("1", (width, height)).save(path)
+    return path
+
+
+def test_an_image_over_the_cap_names_file_line_image_and_size(data_dir: Path, recwarn: pytest.WarningsRecorder) -> None:
+    huge = blank_png(data_dir / "img" / "huge.png", 10_000, 10_000)
+    path = write_jsonl(data_dir / "train.jsonl", [make_row(0), make_row(1, ["img/huge.png"])])
+    with pytest.raises(DataError) as error:
+        load_dataset(path, known_tasks=TASKS)
+    assert str(error.value) == (
+        f"{path}:2: image 'img/huge.png' (resolved {huge}) is over data.max_image_pixels=89,478,485: "
+        "10000 x 10000 = 100,000,000 pixels"
+    )
+    ds = load_dataset(path, known_tasks=TASKS, on_bad_row="skip")
+    assert [r.id for r in ds.rows] == ["r0"] and ds.skipped == 1 and "10000 x 10000" in ds.skip_reasons[0]
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]  # the error says it
+
+
+def test_the_cap_is_inclusive_and_configurable(data_dir: Path) -> None:
+    path = write_jsonl(data_dir / "train.jsonl", [make_row(0)])  # an 8 x 6 image: 48 pixels
+    assert len(load_dataset(path, known_tasks=TASKS, max_image_pixels=48)) == 1
+    with pytest.raises(DataError, match=r":1: image 'img/0.png' .* over data.max_image_pixels=47: 8 x 6 = 48 pixels"):
+        load_dataset(path, known_tasks=TASKS, max_image_pixels=47)
+
+
+def test_the_size_is_read_from_the_header_before_the_pixels(data_dir: Path) -> None:
+    full = blank_png(data_dir / "img" / "full.png", 10_000, 10_000).read_bytes()
+    (data_dir / "img" / "cut.png").write_bytes(full[:200])  # the header, then the pixel data cut short
+    path = write_jsonl(data_dir / "train.jsonl", [make_row(0, ["img/cut.png"])])
+    with pytest.raises(DataError, match="over data.max_image_pixels=89,478,485: 10000 x 10000"):
+        load_dataset(path, known_tasks=TASKS)
+    with pytest.raises(DataError, match="is not a readable image"):  # under a cap that allows it, the file is read
+        load_dataset(path, known_tasks=TASKS, max_image_pixels=10**8)
+
+
+def test_an_image_past_pils_own_limit_is_the_same_bad_row(data_dir: Path) -> None:
+    blank_png(data_dir / "img" / "bomb.png", 20_000, 10_000)  # PIL refuses to open it, whatever the cap
+    path = write_jsonl(data_dir / "train.jsonl", [make_row(0, ["img/bomb.png"]), make_row(1)])
+    ds = load_dataset(path, known_tasks=TASKS, on_bad_row="skip", max_image_pixels=PIL_HARD_LIMIT_PIXELS)
+    assert [r.id for r in ds.rows] == ["r1"]
+    assert f"over data.max_image_pixels={PIL_HARD_LIMIT_PIXELS:,}: Image size (200000000 pixels)" in ds.skip_reasons[0]
+
+
+def test_image_bytes_over_the_cap(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(buf, format="PNG")
+    rows = [make_row(0, [buf.getvalue()]), make_row(1, [png_bytes()])]
+    for r in rows:
+        r["messages"] = json.dumps(r["messages"])
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    ds = load_dataset(tmp_path / "train.parquet", known_tasks=TASKS, on_bad_row="skip", max_image_pixels=100)
+    assert [r.id for r in ds.rows] == ["r1"]
+    assert ds.skip_reasons == [
+        f"{tmp_path / 'train.parquet'}:row 0: image 0 ({len(buf.getvalue())} bytes) is over "
+        "data.max_image_pixels=100: 20 x 20 = 400 pixels"
+    ]
+
+
+def test_image_paths_may_lead_outside_the_data_folder(data_dir: Path) -> None:
+    path = write_jsonl(data_dir / "sub" / "train.jsonl", [make_row(0, ["../img/0.png"])])
+    assert load_dataset(path, known_tasks=TASKS).rows[0].images == [str(data_dir / "img" / "0.png")]
+
+
 # --- config -------------------------------------------------------------------------------------------------
 
 
@@ -259,6 +329,27 @@ def test_data_config_forbids_unknown_keys() -> None:
         DataConfig.model_validate({"train": [{"path": "a.jsonl"}], "shuffle": True})
     with pytest.raises(ValidationError, match="on_bad_row"):
         DataConfig(on_bad_row="warn")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("pixels", [0, PIL_HARD_LIMIT_PIXELS + 1])
+def test_max_image_pixels_bounds(pixels: int) -> None:
+    assert DataConfig().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ValidationError, match="max_image_pixels"):
+        DataConfig(max_image_pixels=pixels)
+
+
+def test_load_datasets_refuses_a_file_without_rows(data_dir: Path) -> None:
+    good = write_jsonl(data_dir / "good.jsonl", [make_row(0)])
+    empty = write_jsonl(data_dir / "empty.jsonl", ["", "  "])  # blank lines are no rows
+    bad = write_jsonl(data_dir / "bad.jsonl", [make_row(0, ["img/9.png"]), "{"])
+    specs = [DatasetSpec(path=str(p)) for p in (good, empty)]
+    with pytest.raises(DataError, match=rf"^{empty}: no rows to use: the file has no rows$"):
+        load_datasets(specs, known_tasks=TASKS, on_bad_row="error")
+    with pytest.raises(DataError) as error:
+        load_datasets([DatasetSpec(path=str(bad))], known_tasks=TASKS, on_bad_row="skip")
+    assert str(error.value).startswith(
+        f"{bad}: no rows to use: all 2 rows are bad and were skipped (data.on_bad_row=skip; first: {bad}:1: image"
+    )
 
 
 def test_load_datasets_resolves_home_and_cwd(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,12 +5,12 @@ differ in size and the micro-batch plan needs fillers of both kinds (a rank with
 rank without an image where the other runs the vision tower). References are one-rank learners in-process.
 """
 
+import errno
 import math
 
 import pytest
 import ray
 import torch
-from morl.rollout.hf_engine import vision_token_ids
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig, RunConfig
@@ -19,8 +19,11 @@ from morl.data_parallel import rank_micro_batches
 from morl.learner import NonFiniteLossError, PolicyLearner, TrainBatch
 from morl.learner_group import LearnerGroup
 from morl.multimodal import PromptEncoder
-from morl.trainer import init_ray
+from morl.ray_setup import init_ray
+from morl.rollout.hf_engine import vision_token_ids
 from morl.weight_sync import plan_buckets
+
+from filesystems import small_tmpfs
 
 pytestmark = pytest.mark.slow
 LR = 1e-2
@@ -116,6 +119,10 @@ def two_ranks(request, toy_world, batch, cluster, tmp_path_factory):
             group.train_step(TrainBatch(train_batch.prompts, train_batch.responses, train_batch.rollout_logprobs,
                                         nan_first))
         seen["after_nan"] = group_weights(group)
+        # last: a rank that failed its save has left the others in the save's collectives (a run stops here)
+        with small_tmpfs(out / "full_disk", size_kib=256) as disk, pytest.raises(OSError) as full:
+            group.save_checkpoint(str(disk / "ckpt"))
+        seen["disk_full"] = full.value
     finally:
         group.close()
     return out, seen
@@ -160,6 +167,12 @@ def test_checkpoint_round_trip_on_two_ranks(two_ranks):
     assert all(torch.equal(weights_again[k], weights[k]) for k in weights)
     assert any(not torch.equal(weights[k], seen["after"][k]) for k in weights)  # the second step did move them
     assert len(list((out / "ckpt" / "deepspeed" / "state").glob("*optim_states.pt"))) == 2  # one shard per rank
+
+
+def test_a_full_disk_under_a_save_raises_the_ranks_os_error(two_ranks):
+    _, seen = two_ranks
+    error = seen["disk_full"]
+    assert error.errno == errno.ENOSPC and not isinstance(error, ray.exceptions.RayTaskError)
 
 
 def test_a_non_finite_loss_on_one_rank_stops_both_and_keeps_the_weights(two_ranks):

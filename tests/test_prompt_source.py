@@ -1,11 +1,15 @@
 """The prompt source: mixture draws, the easy pool (probability alpha), put-back and state round-trips."""
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 
-from morl.data import LoadedDataset, Row
+from PIL import Image
+
+from morl.config import RunConfig
+from morl.data import DataError, LoadedDataset, Row
 from morl.prompt_source import PromptSource
 
 
@@ -88,3 +92,28 @@ def test_state_round_trip_continues_the_exact_stream():
     restored.draw()
     restored.load_state_dict(state)
     assert ids(restored.draw() for _ in range(40)) == expected
+
+
+def run_config(tmp_path: Path, train: list[dict], **data) -> RunConfig:
+    """A recipe whose model is never read: `from_config` only loads data."""
+    return RunConfig(model={"path": str(tmp_path / "unread-model")}, data={"train": train, **data})
+
+
+def test_a_mixture_without_rows_is_a_data_error(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=f"^{empty}: no rows to use: the file has no rows$"):
+        PromptSource.from_config(run_config(tmp_path, [{"path": str(empty)}]))
+    with pytest.raises(DataError, match="^data.train lists no data file"):
+        PromptSource.from_config(run_config(tmp_path, []))
+
+
+def test_from_config_applies_the_image_size_cap(tmp_path):
+    Image.new("RGB", (8, 6)).save(tmp_path / "0.png")
+    row = {"id": "r0", "task": "counting", "images": ["0.png"], "label": {"count": 1},
+           "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many?"}]}]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n")
+    train = [{"path": str(tmp_path / "train.jsonl")}]
+    assert PromptSource.from_config(run_config(tmp_path, train, max_image_pixels=48)).sampler.num_rows == 1
+    with pytest.raises(DataError, match="over data.max_image_pixels=47: 8 x 6 = 48 pixels"):
+        PromptSource.from_config(run_config(tmp_path, train, max_image_pixels=47))

@@ -4,6 +4,10 @@ One uninterrupted 4-step run is the reference. A second run is killed with SIGKI
 preemption does) in the middle of the step-4 save; `--resume` then continues it from step 2 and must log exactly
 what the reference logged, each step once. The data set is 4 rows at 2 prompts a step, so the resume lands on an
 epoch boundary. The model and its processor are separate `save_pretrained` directories, as users often have them.
+
+Signals: a SIGTERM to the driver (what Kubernetes and a batch scheduler send) and a Ctrl-C (SIGINT to the whole
+process group, as a terminal sends it) each stop a run after a checkpoint, with no process of the run left; the
+resumed runs log what the reference logged. A second Ctrl-C exits at once.
 """
 
 import json
@@ -14,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -97,6 +102,43 @@ def killed_in_save(args: list[str], pause_at: str, signal_file: Path) -> None:
         run.wait()
 
 
+def signalled(args: list[str], out_dir: Path, signals: list[int], *, group: bool) -> dict:
+    """Start a run, send `signals` once its first step is logged (to the driver, or to its process group), and
+    report its exit status, its checkpoints and the processes it had started that are still alive."""
+    log_file = out_dir.with_suffix(".log")
+    with open(log_file, "w") as log:
+        run = subprocess.Popen([sys.executable, "-m", "morl.cli", *args], env=environment(), stdout=log, stderr=log,
+                               start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not (out_dir / "metrics.jsonl").is_file() or not (out_dir / "metrics.jsonl").read_text():
+            assert run.poll() is None, log_file.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never logged a step"
+            time.sleep(0.05)
+        started = psutil.Process(run.pid).children(recursive=True)  # Ray's processes, actors, reward workers
+        for n, sig in enumerate(signals):
+            if n:  # signals that arrive before the handler runs count once: wait until it has seen the one before
+                while "send it again to exit at once" not in log_file.read_text() and run.poll() is None:
+                    time.sleep(0.05)
+            (os.killpg if group else os.kill)(run.pid, sig)
+        rc = run.wait(timeout=600)
+    _, alive = psutil.wait_procs(started, timeout=30)
+    return {
+        "rc": rc,
+        "left": [p.info for p in alive if _running(p)],
+        "checkpoints": listing(out_dir) if (out_dir / "checkpoints").is_dir() else [],
+        "steps": [m["step"] for m in metrics(out_dir)],
+        "log": log_file.read_text(),
+    }
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        process.info = {"pid": process.pid, "cmd": " ".join(process.cmdline())[:200]}
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -131,6 +173,23 @@ def runs(tmp_path_factory, toy_world):
     run("resumed", four, "trainer.max_steps=4", "trainer.save_every=2", "--resume")
     snapshots["resumed"] = {"checkpoints": listing(root / "resumed"), "metrics": metrics(root / "resumed"),
                             "eval": json.loads((root / "resumed" / "eval.json").read_text())}
+
+    # SIGTERM to the driver: the step in progress finishes and is checkpointed; the resume evaluates fewer prompts
+    # than the SFT evaluation the checkpoint holds, so no delta against it is reported
+    stop = ["trainer.max_steps=4", "trainer.save_every=0"]
+    snapshots["sigterm"] = signalled(command(toy_world, root, root / "sigterm", four, *stop), root / "sigterm",
+                                     [signal.SIGTERM], group=False)
+    resumed = run("sigterm", four, *stop, "eval.max_prompts_per_task=2", "--resume")
+    snapshots["sigterm_resumed"] = {"metrics": metrics(root / "sigterm"), "stderr": resumed.stderr,
+                                    "eval": json.loads((root / "sigterm" / "eval.json").read_text())}
+    # Ctrl-C with on_signal=abandon: the rollout in progress is dropped, the step before it is checkpointed
+    abandon = [*stop, "trainer.on_signal=abandon"]
+    snapshots["ctrl_c"] = signalled(command(toy_world, root, root / "ctrl_c", four, *abandon), root / "ctrl_c",
+                                    [signal.SIGINT], group=True)
+    run("ctrl_c", four, *abandon, "--resume")
+    snapshots["ctrl_c_resumed"] = metrics(root / "ctrl_c")
+    snapshots["twice"] = signalled(command(toy_world, root, root / "twice", four, *stop), root / "twice",
+                                   [signal.SIGINT, signal.SIGINT], group=True)
 
     # a different data set (3 rows, so the saved data order cannot continue) is refused, then forced
     refused = run("resumed", three, "trainer.max_steps=5", "--resume", expect_rc=2)
@@ -176,3 +235,38 @@ def test_an_unsafe_change_is_refused_and_a_forced_one_trains_the_remaining_steps
     assert "data.train" in snap["refused"] and "four.jsonl" in snap["refused"] and "--force" in snap["refused"]
     assert [m["step"] for m in metrics(root / "resumed")] == [1, 2, 3, 4, 5]
     assert listing(root / "resumed") == ["step_000004", "step_000005"]
+
+
+@pytest.mark.parametrize("name, status", [("sigterm", 143), ("ctrl_c", 130)])
+def test_a_signal_checkpoints_the_last_step_shuts_down_and_exits_with_its_status(runs, name, status):
+    _, snap = runs
+    stopped = snap[name]
+    assert stopped["rc"] == status, stopped["log"][-3000:]
+    assert stopped["left"] == []  # Ray's processes, the actors and the reward workers all ended with the run
+    last = stopped["steps"][-1]
+    assert 1 <= last < 4 and stopped["checkpoints"] == [f"step_{last:06d}"]  # save_every=0: written for the signal
+    assert f"after step {last}" in stopped["log"] and "--resume" in stopped["log"]
+    assert "Fatal Python error" not in stopped["log"] and "Traceback" not in stopped["log"]
+
+
+def test_a_run_stopped_by_a_signal_resumes_exactly(runs):
+    root, snap = runs
+    full = [learning_signal(m) for m in metrics(root / "full")]
+    assert [learning_signal(m) for m in snap["sigterm_resumed"]["metrics"]] == full
+    assert [learning_signal(m) for m in snap["ctrl_c_resumed"]] == full
+
+
+def test_a_resume_that_evaluates_other_prompts_reports_no_delta(runs):
+    _, snap = runs
+    resumed = snap["sigterm_resumed"]
+    assert "sft" not in resumed["eval"] and "policy" in resumed["eval"]
+    assert "evaluated on 4 held-out prompts, the policy will be on 8 others" in resumed["stderr"]
+
+
+def test_a_second_ctrl_c_exits_at_once_and_leaves_no_process(runs):
+    _, snap = runs
+    twice = snap["twice"]
+    assert twice["rc"] == 130 and twice["left"] == []
+    assert twice["checkpoints"] in ([], [f"step_{twice['steps'][-1] + 1:06d}.tmp"])  # nothing saved, or a save cut
+    assert "exiting now, without a checkpoint" in twice["log"]
+

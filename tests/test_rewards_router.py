@@ -1,7 +1,11 @@
 """The router and its sandbox, with real worker processes: weighting, order, adapters, failures that are ours
-(raise, hang, crash: reward None, counted, pool keeps working) versus malformed answers (0, no error)."""
+(raise, hang, crash: reward None, counted, pool keeps working) versus malformed answers (0, no error), and scores
+outside [0, 1] (clamped, counted, warned once; infinities are errors)."""
 
+import logging
+import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from morl.rewards.types import RewardInput
 sys.path.insert(0, str(Path(__file__).parent))  # spawned workers inherit sys.path, so they find the fixtures too
 
 FX = "test_rewards_fixtures"
+AS_RETURNED = "reward_output_fixtures:as_returned"
 TIMEOUT_S = 1.0
 
 
@@ -31,6 +36,7 @@ def router():
             "die": [{"fn": f"{FX}:die"}],
             "trl": [{"fn": f"{FX}:trl_exact", "adapter": "trl"}],
             "verl": [{"fn": f"{FX}:verl_exact", "adapter": "verl"}],
+            "returned": [{"fn": AS_RETURNED}],
         },
     )
     with RewardRouter(cfg) as r:
@@ -58,9 +64,76 @@ def test_weighted_mean_of_components_in_input_order(router):
 
 
 def test_scores_are_clamped_and_non_numbers_are_errors(router):
+    before = router.out_of_range_counts()[f"{FX}:raw_score"]
     results = router.score([sample("raw", t) for t in ("1.7", "-3", "{0.25}", "none")])
     assert [r.reward for r in results[:3]] == [1.0, 0.0, 0.25]
+    assert results[0].components == {f"{FX}:raw_score": 1.0}
     assert results[3].reward is None and "expected a number" in results[3].error
+    assert router.out_of_range_counts()[f"{FX}:raw_score"] == before + 2
+
+
+def test_out_of_range_scores_are_counted_and_warned_once_per_reward(router, caplog):
+    before = router.out_of_range_counts()[AS_RETURNED]
+    with caplog.at_level(logging.WARNING, logger="morl.rewards.router"):
+        results = router.score([sample("returned", t) for t in ("2.5", "-1", "0.5", "1", "0", "True", "False")])
+        assert [(r.reward, r.error) for r in results] == [(1.0, None), (0.0, None), (0.5, None), (1.0, None),
+                                                          (0.0, None), (1.0, None), (0.0, None)]
+        assert router.out_of_range_counts()[AS_RETURNED] == before + 2  # bools are 0 and 1: in range
+        router.score([sample("returned", "7")])
+    assert router.out_of_range_counts()[AS_RETURNED] == before + 3 and router.error_counts()[AS_RETURNED] == 0
+    warned = [r.getMessage() for r in caplog.records if "outside [0, 1]" in r.getMessage()]
+    assert len(warned) == 1
+    assert re.fullmatch(
+        rf"reward '{AS_RETURNED}' returned (2\.5|-1\.0), outside \[0, 1\]: clamped to (1\.0|0\.0); later ones are "
+        rf"only counted \(reward/{AS_RETURNED}/out_of_range\)", warned[0]
+    )
+
+
+def test_infinities_and_nan_are_errors_not_clamped(router):
+    before = router.out_of_range_counts()[AS_RETURNED]
+    results = router.score([sample("returned", t) for t in ("inf", "-inf", "nan")])
+    assert [(r.reward, r.error) for r in results] == [
+        (None, f"{AS_RETURNED}: ValueError: reward returned {value}") for value in ("inf", "-inf", "nan")
+    ]
+    assert router.out_of_range_counts()[AS_RETURNED] == before
+
+
+def test_a_service_score_out_of_range_is_counted_and_inf_is_an_error():
+    from morl.rewards.server import make_server
+
+    server = make_server(lambda samples: [(float(s.response), None) for s in samples], port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cfg = RewardsConfig(
+        num_workers=1,
+        services={"svc": {"kind": "http", "url": f"http://127.0.0.1:{server.server_port}/score"}},
+        routes={"svc": [{"fn": "svc"}]},
+    )
+    try:
+        with RewardRouter(cfg) as router:
+            results = router.score([sample("svc", t) for t in ("1.5", "0.25", "inf")])
+            assert [(r.reward, r.error) for r in results[:2]] == [(1.0, None), (0.25, None)]
+            assert results[2].reward is None and results[2].error == "svc: service: reward returned inf"
+            assert router.out_of_range_counts() == {**dict.fromkeys(router.error_counts(), 0), "svc": 1}
+            assert router.error_counts()["svc"] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_counts_survive_a_checkpoint_round_trip(router):
+    router.score([sample("returned", "-2"), sample("boom", r"\boxed{1}", {"count": 1})])
+    state = router.state_dict()
+    cfg = RewardsConfig(modules=[FX], num_workers=1, routes=router.cfg.routes)
+    with RewardRouter(cfg) as resumed:
+        resumed.load_state_dict(state)
+        assert resumed.out_of_range_counts() == router.out_of_range_counts()
+        assert resumed.error_counts() == router.error_counts()
+        resumed.score([sample("returned", "3")])
+        assert resumed.out_of_range_counts()[AS_RETURNED] == router.out_of_range_counts()[AS_RETURNED] + 1
+        old = {key: value for key, value in state.items() if key != "out_of_range"}  # a checkpoint from before
+        resumed.load_state_dict(old)
+        assert set(resumed.out_of_range_counts().values()) == {0}
+        assert resumed.error_counts() == router.error_counts()
 
 
 def test_malformed_answers_score_zero_without_error(router):

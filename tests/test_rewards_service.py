@@ -1,13 +1,16 @@
 """Reward services over real HTTP: the standalone server with a tiny reward model, the router's batching client,
 servers that fail in every way (counted errors, never silent zeros), the CLI, and one Ray Serve run."""
 
+import http.client
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from contextlib import ExitStack, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +24,7 @@ from typer.testing import CliRunner
 
 from morl.rewards.cli import app
 from morl.rewards.config import HttpService, RewardsConfig
+from morl.rewards.contract import open_image
 from morl.rewards.http_client import HttpRewardClient
 from morl.rewards.preference import PreferenceScorer
 from morl.rewards.router import RewardErrorRateExceeded, RewardRouter
@@ -51,9 +55,9 @@ def scorer(text_rm):
 
 
 @contextmanager
-def serving(score):
-    """`score` behind the standalone server on a free port; yields its URL."""
-    server = make_server(score, port=0)
+def serving(score, **options):
+    """`score` behind the standalone server (made with `options`) on a free port; yields its URL."""
+    server = make_server(score, port=0, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -131,7 +135,7 @@ def test_images_travel_as_paths_or_inline_and_score_the_same(tmp_path):
     images = [write_image(tmp_path / "red.png", (220, 30, 30)), write_image(tmp_path / "blue.png", (30, 30, 220))]
     samples = vl_samples(images)
     in_process = vl(samples)
-    with serving(vl) as url:
+    with serving(vl, image_root=tmp_path) as url:
         by_path = client(url, images="path").score(samples)
         inline = client(url, images="base64").score(samples)
         without = client(url, images="none").score(samples[:1])
@@ -151,6 +155,100 @@ def test_a_request_off_the_contract_is_a_400_naming_the_key(scorer):
             with pytest.raises(urllib.error.HTTPError) as info:
                 urllib.request.urlopen(request, timeout=10)
             assert info.value.code == 400 and message in json.loads(info.value.read())["error"]
+
+
+# --- the service's guards: token, image root, request size ---
+
+
+def image_sizes(samples):
+    """A scorer that opens every image of a sample, as a reward model does: its total width / 1000."""
+    return [(sum(open_image(ref).size[0] for ref in s.images) / 1000, None) for s in samples]
+
+
+def post_headers(url, headers):
+    """A POST of `headers` alone, no body: (status, JSON answer). The server must answer without reading one."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.putrequest("POST", parts.path)
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders()
+        reply = connection.getresponse()
+        return reply.status, json.loads(reply.read())
+    finally:
+        connection.close()
+
+
+def test_a_token_guards_the_service_and_the_client_sends_it():
+    with serving(image_sizes, token="s3cret-Token_1") as url:
+        (_, no_token), = client(url).score([sample()])
+        (_, wrong), = client(url, token="s3cret-Token_2").score([sample()])
+        right = client(url, token="s3cret-Token_1").score([sample(), sample()])
+        refused_first = post_headers(url, [("Content-Length", str(2**40))])  # 401 before the size is looked at
+        health = urllib.request.urlopen(url.replace("/score", "/health"), timeout=10).read()
+    assert no_token == wrong == f'HTTP 401 from {url}: {{"error": "unauthorized"}}'
+    assert right == [(0.0, None)] * 2
+    assert refused_first == (401, {"error": "unauthorized"})
+    assert json.loads(health) == {"status": "ok"}  # liveness needs no token
+
+
+def test_a_token_is_masked_in_config_dumps():
+    cfg = RewardsConfig(services={"rm": {"kind": "http", "url": "http://h/s", "token": "s3cret"}},
+                        routes={"c": [{"fn": "rm"}]})
+    assert cfg.services["rm"].token.get_secret_value() == "s3cret"
+    assert "s3cret" not in json.dumps(cfg.model_dump(mode="json"))
+
+
+def test_image_paths_are_opened_only_under_the_image_root(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    inside = write_image(root / "sub" / "ok.png", (220, 30, 30))  # 112 pixels wide
+    secret = write_image(outside / "secret.png", (30, 30, 220))
+    (root / "escape.png").symlink_to(secret)
+    (root / "ring.png").symlink_to(root / "ring.png")
+    refs = {
+        "inside": inside, "relative": "sub/ok.png", "dotdot inside": str(root / "sub" / ".." / "sub" / "ok.png"),
+        "outside": secret, "symlink out": str(root / "escape.png"), "dotdot out": str(root / ".." / "outside" /
+        "secret.png"), "relative out": "../outside/secret.png", "system file": "/etc/passwd",
+        "missing inside": str(root / "nope.png"), "missing outside": str(outside / "nope.png"),
+        "a folder": str(root / "sub"), "symlink loop": str(root / "ring.png"), "nul byte": str(root / "a\0.png"),
+    }
+    samples = [sample(images=(ref,)) for ref in refs.values()]
+    with serving(image_sizes, image_root=root) as url:
+        outcomes = dict(zip(refs, client(url, images="path").score(samples)))
+    with serving(image_sizes) as url:  # no image root: no path at all, inline images still
+        without_root = client(url, images="path").score([sample(images=(inside,))])
+        inline = client(url, images="base64").score([sample(images=(inside,))])
+    for name in ("inside", "relative", "dotdot inside"):
+        assert outcomes.pop(name) == (0.112, None), name
+    assert {outcome for outcome in outcomes.values()} == {
+        (None, "service: images[0]: no image file at this path under the service's image root")
+    }  # forbidden, missing or odd: one message, naming no path
+    assert without_root[0][0] is None and "started without an image root" in without_root[0][1]
+    assert inline == [(0.112, None)]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "error"),
+    [
+        ([("Content-Length", str(2**40))], 413, "over this service's limit of 1000 bytes"),
+        ([("Content-Length", "1001")], 413, "over this service's limit of 1000 bytes"),
+        ([], 411, "a Content-Length header is required"),
+        ([("Transfer-Encoding", "chunked")], 411, "a Content-Length header is required"),
+        ([("Content-Length", "ten")], 400, "invalid Content-Length"),
+        ([("Content-Length", "-1")], 400, "invalid Content-Length"),
+        ([("Content-Length", b"\xb2")], 400, "invalid Content-Length"),  # a superscript 2: a digit, not ASCII
+        ([("Content-Length", "10"), ("Content-Length", "20")], 400, "invalid Content-Length"),
+    ],
+)
+def test_a_request_body_is_refused_on_its_headers_before_it_is_read(headers, status, error):
+    with serving(image_sizes, max_request_bytes=1000) as url:
+        answer = post_headers(url, headers)
+        scored = client(url).score([sample()])  # a body within the cap is still read and scored
+    assert answer == (status, {"error": error if status != 413 else f"the request body is {error}"})
+    assert scored == [(0.0, None)]
 
 
 # --- the router's client: batching, retries, failures ---
@@ -232,7 +330,7 @@ def test_per_sample_errors_and_values_off_the_scale():
     answer = rewards_json([0.25, None, 1.7, "high", None], [None, "image unreadable", None, None, None])
     with scripted(lambda n, p: answer) as (url, _):
         outcomes = client(url).score([sample() for _ in range(5)])
-    assert outcomes[:3] == [(0.25, None), (None, "service: image unreadable"), (1.0, None)]
+    assert outcomes[:3] == [(0.25, None), (None, "service: image unreadable"), (1.7, None)]  # the router clamps
     assert outcomes[3] == (None, "service: reward returned str, expected a number")
     assert outcomes[4] == (None, "service returned a null reward without an error")
 
@@ -266,6 +364,9 @@ def test_a_sample_that_cannot_be_sent_fails_alone():
         ({"services": {"rm": {"kind": "http", "url": "http://h/s"}}, "routes": {"c": [{"fn": "rm", "adapter": "trl"}]}},
          "routes.c.0", "is a reward service"),
         ({"services": {"rm": {"kind": "http", "url": "http://h/s"}}}, "", "services ['rm'] are not used by any route"),
+        ({"services": {"rm": {"kind": "http", "url": "http://h/s", "token": "two words"}},
+          "routes": {"c": [{"fn": "rm"}]}},
+         "services.rm.http.token", "a token must be visible ASCII characters, without spaces"),
     ],
 )
 def test_service_config_errors_name_the_key(rewards, key, message):
@@ -295,22 +396,36 @@ def test_cli_score_routes_a_task_to_the_http_reward(tmp_path, text_rm, scorer):
     assert "rm" in listed.output and "http service" in listed.output
 
 
-def test_cli_serve_preference_runs_a_standalone_service(text_rm):
+def test_cli_serve_preference_runs_a_standalone_service_with_its_guards(text_rm, tmp_path):
     port = free_port()
     rewards_cli = "from morl.rewards.cli import app; app()"  # `morl rewards`, without importing the trainer
-    command = [sys.executable, "-c", rewards_cli, "serve", "preference", "--model", str(text_rm), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-c", rewards_cli, "serve", "preference", "--model", str(text_rm), "--port", str(port),
+               "--image-root", str(tmp_path), "--max-request-mb", "1"]
+    env = {**os.environ, "MORL_REWARDS_TOKEN": "cli-token", "COLUMNS": "500"}  # the token is not on the command line
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        client(f"{url}/score").wait_ready(120)
+        client(f"{url}/score", token="cli-token").wait_ready(120)
         assert json.loads(urllib.request.urlopen(f"{url}/health", timeout=10).read()) == {"status": "ok"}
         samples = text_samples()[:2]
-        outcomes = client(f"{url}/score").score(samples)
+        outcomes = client(f"{url}/score", token="cli-token").score(samples)
+        (_, no_token), = client(f"{url}/score").score(samples[:1])
+        too_big = post_headers(f"{url}/score", [("Authorization", "Bearer cli-token"),
+                                                ("Content-Length", str(2**20 + 1))])
     finally:
         process.terminate()
         process.wait(30)
     expected = reference_text_rewards(text_rm, samples)
     assert [r for r, _ in outcomes] == pytest.approx(expected, abs=1e-5)
+    assert no_token.startswith("HTTP 401") and too_big[0] == 413
+    banner = process.stdout.read().decode()
+    assert f"token required, image paths under {tmp_path.resolve()}, requests up to 1 MiB" in banner
+
+
+def test_cli_serve_refuses_a_token_http_cannot_carry(text_rm):
+    args = ["serve", "preference", "--model", str(text_rm), "--port", str(free_port())]
+    result = CliRunner().invoke(app, args, env={"MORL_REWARDS_TOKEN": "tab\tinside"})
+    assert result.exit_code == 2 and "visible ASCII" in result.output
 
 
 # --- Ray Serve, started and stopped by the router ---

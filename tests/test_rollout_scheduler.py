@@ -7,6 +7,7 @@ HF engine itself is tested in test_rollout.py, and with the scheduler in the las
 """
 
 import functools
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from morl.rewards.config import RewardsConfig
 from morl.rewards.router import RewardRouter
 from morl.rollout.types import Completion, SamplingParams
 from morl.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
-from morl.rollout_scheduler import RolloutScheduler
+from morl.rollout_scheduler import RolloutAbandoned, RolloutScheduler
 
 # Ray workers cannot import this test module: ship the scripted engine to them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -153,6 +154,19 @@ def test_fifo_waits_for_an_early_slow_group_and_aborts_the_rest(pool, router):
     assert [g.prompt.row.id for g in batch.groups] == order[:2]
     assert time.perf_counter() - start < 20  # the 30 s call was aborted
     assert batch.metrics["rollout/sample_waste"] >= 0.0
+
+
+def test_a_stop_request_abandons_the_batch_and_aborts_the_calls_in_flight(pool, router):
+    kinds = ["mixed"] * 8
+    scheduler, source = make_scheduler(pool, router, kinds, [30.0] * 8)  # no call would end by itself for 30 s
+    polls = itertools.count()
+    with pytest.raises(RolloutAbandoned):
+        scheduler.collect(4, should_stop=lambda: next(polls) >= 2)  # asked after the calls were dispatched
+    # the workers were told to abort: the next batch runs on them at once, not after the abandoned calls
+    fresh, _ = make_scheduler(pool, router, ["mixed"] * 4)
+    ready, _ = ray.wait([w.generate.remote([], SamplingParams(n=G), [], -1) for w in pool], num_returns=2, timeout=20)
+    assert len(ready) == 2
+    assert len(fresh.collect(2).groups) == 2
 
 
 def test_without_dynamic_sampling_zero_variance_groups_stay(pool, router):

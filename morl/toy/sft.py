@@ -11,10 +11,12 @@ from morl.data import Row
 from morl.learner import trainable_parameters
 from morl.logprobs import response_logprobs
 from morl.lr_schedule import lr_multiplier
+from morl.metrics import StepProgress, stderr_console
 from morl.multimodal import PromptEncoder
 
 WARMUP_STEPS = 20
 MIN_LR_RATIO = 0.1
+PROGRESS_LINES = 10  # off a terminal: about this many plain lines for the whole warm-up
 
 
 def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
@@ -42,18 +44,21 @@ def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, l
     rng = random.Random(seed)
     model.train()
     losses = []
-    for _ in range(steps):
-        chosen = rng.sample(examples, min(batch_size, len(examples)))
-        logprobs, mask = response_logprobs(
-            model, [p for p, _ in chosen], [r for _, r in chosen], config=model.config, pad_id=tokenizer.pad_token_id
-        )
-        loss = token_mean_loss(logprobs, torch.ones(len(chosen)), mask)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+    with StepProgress("toy SFT step", steps, log_every=max(1, steps // PROGRESS_LINES), out=stderr_console) as progress:
+        for _ in range(steps):
+            chosen = rng.sample(examples, min(batch_size, len(examples)))
+            prompts, responses = [p for p, _ in chosen], [r for _, r in chosen]
+            logprobs, mask = response_logprobs(
+                model, prompts, responses, config=model.config, pad_id=tokenizer.pad_token_id
+            )
+            loss = token_mean_loss(logprobs, torch.ones(len(chosen)), mask)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            progress.advance(f"loss {losses[-1]:.3f}")
     trainable_parameters(model, freeze_vision_tower=False)
     model.eval()
     return losses

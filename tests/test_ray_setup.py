@@ -1,0 +1,156 @@
+"""The run's Ray, started for real: a private instance listens on loopback only, and joining a cluster takes
+`ray.address`, never an address found in the environment."""
+
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+
+from morl.config import ConfigError, RunConfig, load_config
+from morl.ray_setup import init_ray
+
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
+
+
+def run_config(tmp_path, **ray_section):
+    return RunConfig(model={"path": str(tmp_path)}, ray=ray_section)
+
+
+def listeners(root: psutil.Process) -> dict[psutil.Process, list[tuple[str, int]]]:
+    """Every listening TCP socket of `root` and its descendants, by process."""
+    found = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            sockets = [c.laddr for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+        found[process] = [(addr.ip, addr.port) for addr in sockets]
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # a dual-stack socket bound to ::ffff:127.0.0.1
+    return (mapped or address).is_loopback
+
+
+def ports(found: dict[psutil.Process, list[tuple[str, int]]]) -> set[int]:
+    return {port for sockets in found.values() for _, port in sockets}
+
+
+@ray.remote(num_cpus=0)
+class Echo:
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+
+@pytest.fixture
+def shutdown_ray():
+    yield
+    ray.shutdown()
+
+
+def test_a_local_run_listens_on_loopback_only(tmp_path, monkeypatch, shutdown_ray):
+    # Ray's metrics servers, the last of its servers to start, on ports of this test's own (no other Ray holds them)
+    metrics_ports = {name: free_port() for name in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")}
+    for name, port in metrics_ports.items():
+        monkeypatch.setenv(name, str(port))
+    assert not ray.is_initialized()
+    init_ray(run_config(tmp_path))
+    echo = Echo.remote()  # a worker process, with its own server
+    assert ray.get(echo.node_ip.remote()) == "127.0.0.1"
+    driver = psutil.Process()
+    deadline = time.monotonic() + 120
+    found = listeners(driver)
+    while not set(metrics_ports.values()) <= ports(found) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = listeners(driver)
+    everywhere = {f"{p.name()} (pid {p.pid}) on {ip}:{port}" for p, sockets in found.items() for ip, port in sockets
+                  if not is_loopback(ip)}
+    assert not everywhere
+    gcs_host, gcs_port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+    assert gcs_host == "127.0.0.1"
+    assert {int(gcs_port), *metrics_ports.values()} <= ports(found)  # the walk saw Ray's servers, the last included
+    names = {p.name() for p, sockets in found.items() if sockets}
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::Echo"} <= names
+
+
+JOIN = """
+import sys, ray
+from morl.config import RunConfig
+from morl.ray_setup import init_ray
+init_ray(RunConfig(model={"path": "/m"}, ray={"address": sys.argv[1]}))
+print(ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"])
+"""
+
+
+def test_joining_a_cluster_is_the_recipes_choice_not_the_environments(tmp_path, monkeypatch, shutdown_ray):
+    temp_dir = tempfile.mkdtemp(prefix="morl-ray-")  # short: Ray's socket paths must fit in 107 bytes
+    address = f"127.0.0.1:{free_port()}"
+    # Ray's local-only mode, for the cluster and its driver: this test opens nothing beyond loopback either
+    loopback = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    head = subprocess.Popen(
+        [RAY_CLI, "start", "--head", "--block", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=1",
+         "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=loopback, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        ready = Path(temp_dir) / "ray_current_cluster"  # `ray start` writes it once the head is up
+        deadline = time.monotonic() + 120
+        while not ready.exists() and head.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ready.read_text().strip() == address
+
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        init_ray(run_config(tmp_path))  # no ray.address: a private instance, RAY_ADDRESS or not
+        assert ray.get_runtime_context().gcs_address != address
+        ray.shutdown()
+
+        monkeypatch.delenv("RAY_ADDRESS")
+        auth = {"RAY_AUTH_MODE": "token"}  # `ray start` made the head require its token (~/.ray/auth_token)
+        joined = subprocess.run([sys.executable, "-c", JOIN, address], env={**loopback, **auth},
+                                capture_output=True, text=True, timeout=300)
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        gcs_address, cpus = joined.stdout.split()
+        assert gcs_address == address and float(cpus) == 1  # the cluster's own size, not the run's
+    finally:
+        stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("address", ["local", ":6379", "head:", "head:0", "head:65536", "head:port"])
+def test_a_ray_address_that_is_not_auto_or_host_port_names_the_key(address):
+    with pytest.raises(ConfigError, match=r"ray\.address: .*must be \"auto\" or host:port"):
+        load_config(None, ["model.path=/m", f"ray.address='{address}'"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(head: subprocess.Popen) -> None:
+    """End the head's processes, by their ids (never `ray stop`, which would end every Ray on this host)."""
+    try:
+        processes = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:  # it ended already, and with it what it started (`ray start --block` sees to it)
+        return
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    for process in alive:
+        process.kill()
