@@ -70,7 +70,7 @@ def exit_on(*errors: type[Exception]) -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:
             raise
-        _error_line(f"writing to disk failed: {exc}")
+        _error_line(f"disk error: {exc}")
 
 
 def _error_line(message: str) -> None:

@@ -8,7 +8,9 @@ by the whole batch's token count and metrics summed over ranks, so N ranks take 
 
 from __future__ import annotations
 
+import datetime
 import functools
+import ipaddress
 import math
 import os
 import re
@@ -131,6 +133,25 @@ def _set_rendezvous(rendezvous: dict[str, str] | None) -> None:
         os.environ.setdefault(key, value)
 
 
+def _init_process_group(backend: str) -> None:
+    """torch.distributed for this rank (from the rendezvous variables), listening on MASTER_ADDR only.
+
+    torch's TCPStore listens on every interface by itself: rank 0 hands it a socket bound to MASTER_ADDR instead,
+    so a local run (MASTER_ADDR 127.0.0.1, Ray on loopback) opens no port beyond loopback; gloo's and NCCL's own
+    sockets then stay on the loopback interface too.
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if ipaddress.ip_address(addr).is_loopback:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    listen_fd = socket.create_server((addr, port)).detach() if rank == 0 else None  # the store owns it from here
+    store = torch.distributed.TCPStore(
+        addr, port, world, is_master=rank == 0, timeout=datetime.timedelta(minutes=5), master_listen_fd=listen_fd
+    )
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
 def optimizer_steps_per_batch(algo: AlgoConfig) -> int:
     """MORL takes one step per rollout batch; the GRPO ablation one per mini-batch and epoch."""
     return algo.mini_batches * algo.update_epochs if algo.name == "grpo" else 1
@@ -158,7 +179,10 @@ class PolicyLearner:
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         _set_rendezvous(rendezvous)
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not torch.distributed.is_initialized():
+            _init_process_group(backend)
+        deepspeed.init_distributed(dist_backend=backend)  # finds the group above and adopts it
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
         self.cfg = cfg

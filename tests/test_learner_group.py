@@ -8,6 +8,7 @@ rank without an image where the other runs the vision tower). References are one
 import errno
 import math
 
+import psutil
 import pytest
 import ray
 import torch
@@ -24,6 +25,7 @@ from morl.rollout.hf_engine import vision_token_ids
 from morl.weight_sync import plan_buckets
 
 from filesystems import small_tmpfs
+from test_ray_setup import is_loopback, listeners
 
 pytestmark = pytest.mark.slow
 LR = 1e-2
@@ -107,6 +109,8 @@ def two_ranks(request, toy_world, batch, cluster, tmp_path_factory):
     group = LearnerGroup(config(toy_world, stage, 2), banned)
     try:
         seen["before"] = group_weights(group)
+        seen["listening"] = {(proc.name(), ip, port) for proc, sockets in listeners(psutil.Process()).items()
+                             for ip, port in sockets if proc.name() == "ray::PolicyLearner"}
         seen["metrics"] = group.train_step(train_batch)
         seen["after"] = group_weights(group)
         group.save_hf(str(out / "final"))
@@ -167,6 +171,12 @@ def test_checkpoint_round_trip_on_two_ranks(two_ranks):
     assert all(torch.equal(weights_again[k], weights[k]) for k in weights)
     assert any(not torch.equal(weights[k], seen["after"][k]) for k in weights)  # the second step did move them
     assert len(list((out / "ckpt" / "deepspeed" / "state").glob("*optim_states.pt"))) == 2  # one shard per rank
+
+
+def test_the_ranks_rendezvous_listens_on_loopback_only(two_ranks):
+    _, seen = two_ranks
+    assert seen["listening"]  # rank 0's torch.distributed store (and gloo's pairs) were found
+    assert all(is_loopback(ip) for _, ip, _ in seen["listening"]), seen["listening"]
 
 
 def test_a_full_disk_under_a_save_raises_the_ranks_os_error(two_ranks):

@@ -69,9 +69,23 @@ def test_a_step_that_leaves_the_vit_untouched_does_not_reuse_old_gradients(toy_w
         return norms, learner.named_weights()
 
     norms, plain = three_steps(zero_stage=2)
+    sft = Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft")
+    start = {k: p.detach() for k, p in sft.named_parameters()}
+    vit = [k for k in plain if ".visual." in f".{k}"]
+    assert vit and any(not torch.equal(plain[k], start[k]) for k in vit)  # the ViT trains: a reused gradient shows
     for name, options in ZERO_OPTIONS.items():
         other_norms, weights = three_steps(**options)
         # ZeRO-3 sums its partitions in another order: 1.3e-5 apart under transformers 5.19; an old gradient reused
         # would move the norm by far more
         assert other_norms == pytest.approx(norms, rel=1e-4), name
-        assert max((weights[k] - plain[k]).abs().max().item() for k in plain) < 0.02 * LR, name
+        # whole updates, not single weights: where a gradient is ~0, another summation order can flip the sign of
+        # Adam's step for that weight (3e-4 of a 1e-2 step seen on one machine); an old ViT gradient moves them all
+        assert relative_gap(weights, plain, start, vit) < 1e-2, name
+        assert relative_gap(weights, plain, start, list(plain)) < 1e-2, name
+
+
+def relative_gap(weights, reference, start, keys) -> float:
+    """|weights - reference| over |reference - start| on `keys`: how far apart two updates are, for their size."""
+    gap = sum(((weights[k] - reference[k]) ** 2).sum().item() for k in keys) ** 0.5
+    update = sum(((reference[k] - start[k]) ** 2).sum().item() for k in keys) ** 0.5
+    return gap / update if update else gap

@@ -66,17 +66,20 @@ def test_a_local_run_listens_on_loopback_only(tmp_path, monkeypatch, shutdown_ra
     for name, port in metrics_ports.items():
         monkeypatch.setenv(name, str(port))
     assert not ray.is_initialized()
+    driver = psutil.Process()
+    # sockets this process (or an earlier test's child) already had, a test's in-process torch.distributed store
+    # among them: not Ray's
+    before = {(p.pid, ip, port) for p, sockets in listeners(driver).items() for ip, port in sockets}
     init_ray(run_config(tmp_path))
     echo = Echo.remote()  # a worker process, with its own server
     assert ray.get(echo.node_ip.remote()) == "127.0.0.1"
-    driver = psutil.Process()
     deadline = time.monotonic() + 120
     found = listeners(driver)
     while not set(metrics_ports.values()) <= ports(found) and time.monotonic() < deadline:
         time.sleep(0.5)
         found = listeners(driver)
     everywhere = {f"{p.name()} (pid {p.pid}) on {ip}:{port}" for p, sockets in found.items() for ip, port in sockets
-                  if not is_loopback(ip)}
+                  if not is_loopback(ip) and (p.pid, ip, port) not in before}
     assert not everywhere
     gcs_host, gcs_port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
     assert gcs_host == "127.0.0.1"
