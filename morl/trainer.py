@@ -90,8 +90,8 @@ class Trainer:
         self.owns_ray = not ray.is_initialized()
         with children_ignore_sigint():  # a terminal's Ctrl-C must not kill the actors the checkpoint needs
             init_ray(cfg)
-        abandon = cfg.trainer.on_signal == "abandon"
-        self.stop = StopRequest("abandoning this step's rollout" if abandon else "finishing this step")
+        self.abandon_on_signal = cfg.trainer.on_signal == "abandon"
+        self.stop = StopRequest("abandoning this step's rollout" if self.abandon_on_signal else "finishing this step")
         self.stop.install()
         start_weights = str(self.resume_from.policy_dir) if self.resume_from else model.path
         self.workers = start_rollout_workers(cfg, start_weights)
@@ -127,7 +127,8 @@ class Trainer:
             for step in range(self.start_step + 1, last + 1):
                 if self.stop.requested:  # asked during the SFT evaluation or a save
                     self._stop(step - 1, self.driver_state())
-                before = self.driver_state()  # what a checkpoint of step - 1 holds, should this step be abandoned
+                # what a checkpoint of step - 1 holds, should this step be abandoned
+                before = self.driver_state() if self.abandon_on_signal else None
                 try:
                     metrics = self.train_step(step)
                 except RolloutAbandoned:
@@ -154,8 +155,9 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         timer = PhaseTimer()
-        abandon = self.cfg.trainer.on_signal == "abandon"
-        rollout = self.scheduler.collect(self.cfg.trainer.prompts_per_step, lambda: abandon and self.stop.requested)
+        rollout = self.scheduler.collect(
+            self.cfg.trainer.prompts_per_step, lambda: self.abandon_on_signal and self.stop.requested
+        )
         timer.lap("rollout")  # generation and scoring overlap: one phase
         batch, batch_metrics = build_batch(rollout.groups, self.cfg.algo.adv_eps)
         metrics = {"step": step, **reward_metrics(rollout.decided), **rollout.metrics, **batch_metrics}
