@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from morl.data import DataConfig, DatasetSpec
+from morl.data.config import DataConfig, DatasetSpec
 from morl.rewards.config import RewardsConfig
 
 
@@ -115,7 +115,7 @@ class AlgoConfig(Section):
     # both algorithms; the cap and the threshold are each refused under the other modes, like the grpo keys above
     rollout_correction: Literal["none", "tis", "seq_mask"] = Field(
         "none",
-        description="correct for the rollout engine's numerics (morl.algorithm): tis weights each token by "
+        description="correct for the rollout engine's numerics (morl.algo.core): tis weights each token by "
         "min(pi / pi_rollout, cap); seq_mask drops a response whose geometric-mean ratio is outside "
         "[1/threshold, threshold]; under grpo, pi is pi_old",
     )

@@ -18,7 +18,7 @@ from rich.table import Table
 from morl.rewards.config import RewardsConfig, check_token
 from morl.rewards.registry import list_rewards
 from morl.rewards.router import RewardRouter
-from morl.rewards.server import DEFAULT_MAX_REQUEST_MB, make_server
+from morl.rewards.http_server import DEFAULT_MAX_REQUEST_MB, make_server
 from morl.rewards.types import RewardInput, RewardResult
 
 app = typer.Typer(help="Reward functions: list them, score responses offline, benchmark the router, serve them.")
@@ -73,7 +73,7 @@ def bench(
 ) -> None:
     """Router throughput vs a bare single-process loop on mixed math / grounding / counting responses, then the time
     each built-in reward takes on hostile inputs (each must get its score in under 50 ms)."""
-    from morl.rewards.bench import HOSTILE_BUDGET_MS, bench_hostile, bench_rewards
+    from morl.bench.rewards import HOSTILE_BUDGET_MS, bench_hostile, bench_rewards
 
     report = bench_rewards(n=n, workers=workers, rounds=rounds)
     table = Table("metric", "value")

@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from morl.data import open_image as open_image_ref
+from morl.data.rows import open_image as open_image_ref
 from morl.rewards.adapters import finite_score
 from morl.rewards.sandbox import MAX_ERROR_CHARS, Outcome
 from morl.rewards.types import RewardInput

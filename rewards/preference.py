@@ -1,6 +1,6 @@
 """`preference`: a Bradley-Terry reward model, its scalar score for (prompt, response) mapped to [0, 1] by a sigmoid.
 
-Runs inside a reward service (rewards/serve.py on Ray Serve, or rewards/server.py standalone), never in the
+Runs inside a reward service (rewards/ray_serve.py on Ray Serve, or rewards/http_server.py standalone), never in the
 router. Checkpoints:
 - text-only: any HF `AutoModelForSequenceClassification` checkpoint with `num_labels=1`; images are ignored.
 - multimodal: a Qwen2.5-VL checkpoint with `"architectures": ["Qwen2_5_VLForSequenceClassification"]` (the class

@@ -83,7 +83,7 @@ class RewardRouter:
             launched = {name: s for name, s in services.items() if isinstance(s, PreferenceService)}
             try:
                 if launched:
-                    from morl.rewards.serve import RayServeServices  # needs ray[serve]: only when asked for
+                    from morl.rewards.ray_serve import RayServeServices  # needs ray[serve]: only when asked for
 
                     self._serve = RayServeServices(launched, self.cfg.serve_port)
                     urls.update(self._serve.start())

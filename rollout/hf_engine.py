@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from transformers import AutoTokenizer, LogitsProcessor, Qwen2_5_VLForConditionalGeneration, StoppingCriteria
 
-from morl.algorithm import token_logprobs
-from morl.multimodal import EncodedPrompt, collate
+from morl.algo.core import token_logprobs
+from morl.data.encoding import EncodedPrompt, collate
 from morl.rollout.types import Completion, SamplingParams
 
 VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")

@@ -8,7 +8,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from morl.multimodal import EncodedPrompt
+from morl.data.encoding import EncodedPrompt
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ ones the learner scores:
   (`EncodedPrompt.image_refs`), and the expanded ids must equal the driver's, else the call fails
   (the two processors disagree, so vLLM and the learner would see different inputs);
 - vision placeholders are vLLM `bad_words`, and the log-probs are vLLM's *processed* ones (after the
-  ban and the temperature): what `morl.algorithm.token_logprobs` computes, as long as top_p = 1
+  ban and the temperature): what `morl.algo.core.token_logprobs` computes, as long as top_p = 1
   (with top_p < 1 vLLM's are those of the truncated distribution, the learner's are not);
 - the checkpoint's generation_config is ignored: no hidden top-k, top-p or repetition penalty;
 - prompt i's samples come from seed `seeds[i]` (vLLM gives sample j seed + j), whatever else shares
@@ -20,7 +20,7 @@ ones the learner scores:
 Colocated with the learner on one GPU, each step:
     sleep(2)                  before the update: weights and KV cache freed
     wake_up(["weights"])      after it: weight memory back, contents undefined
-    load_weights(bucket) ...  every parameter, bucket by bucket (morl.weight_sync)
+    load_weights(bucket) ...  every parameter, bucket by bucket (morl.run.weight_sync)
     wake_up(["kv_cache"])
 Sleep mode does not exist on CPU: a colocated engine there is refused, never faked.
 """
@@ -34,8 +34,8 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from morl.config import ModelConfig, RolloutConfig
-from morl.data import open_image
-from morl.multimodal import EncodedPrompt, refuse_if_too_long
+from morl.data.rows import open_image
+from morl.data.encoding import EncodedPrompt, refuse_if_too_long
 from morl.rollout.hf_engine import vision_token_ids
 from morl.rollout import vllm_compat
 from morl.rollout.types import Completion, SamplingParams
@@ -78,7 +78,7 @@ def vllm_prompt(prompt: EncodedPrompt, image_token_id: int, *, max_prompt_tokens
     if placeholders != len(prompt.image_refs):
         raise ValueError(
             f"row {prompt.row_id!r}: {placeholders} image placeholder(s) but {len(prompt.image_refs)} image "
-            "reference(s); encode prompts with morl.multimodal.PromptEncoder, which keeps the row's images"
+            "reference(s); encode prompts with morl.data.encoding.PromptEncoder, which keeps the row's images"
         )
     if placeholders > max_images:
         raise ValueError(
@@ -221,7 +221,7 @@ class VLLMEngine:
         return Completion(tokens, text, logprobs, reason)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Reload these parameters in place (HF names; whole layers, as `morl.weight_sync.plan_buckets` cuts them)."""
+        """Reload these parameters in place (HF names; whole layers, as `morl.run.weight_sync.plan_buckets` cuts them)."""
         with vllm_compat.quiet_partial_reloads():
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": list(named_tensors), "is_checkpoint_format": True}

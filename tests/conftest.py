@@ -4,11 +4,10 @@ import os
 
 import pytest
 
+from helpers import TINY_WORLD
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-# The same toy-world settings as the end-to-end test passes on the command line, so its run reuses this build.
-TINY_WORLD = dict(train_per_task=16, eval_per_task=4, sft_steps=40, sft_batch_size=8)
 
 
 @pytest.fixture(scope="session")

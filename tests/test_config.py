@@ -9,6 +9,8 @@ import yaml
 from morl.cli import exit_on
 from morl.config import ConfigError, apply_override, dump_config, load_config
 
+from helpers import REPO
+
 RECIPE = """
 toy_world: {root: /tmp/morl-test-world}
 rollout: {group_size: 4}
@@ -153,7 +155,7 @@ def test_clip_low_must_leave_a_positive_ratio(recipe):
 
 def test_grpo_quickstart_differs_from_the_quickstart_only_in_the_algorithm():
     # the ablation is only fair if world, data, rewards, rollout, learner and step budget are the same
-    recipes = Path(__file__).parent.parent / "recipes"
+    recipes = REPO / "recipes"
     morl = load_config(recipes / "quickstart.yaml").model_dump()
     grpo = load_config(recipes / "quickstart_grpo.yaml").model_dump()
     assert (morl["algo"]["name"], grpo["algo"]["name"]) == ("morl", "grpo")

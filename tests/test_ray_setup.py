@@ -1,7 +1,6 @@
 """The run's Ray, started for real: a private instance listens on loopback only, and joining a cluster takes
 `ray.address`, never an address found in the environment."""
 
-import ipaddress
 import os
 import shutil
 import signal
@@ -19,29 +18,13 @@ import ray
 from morl.config import ConfigError, RunConfig, load_config
 from morl.ray_setup import init_ray
 
+from helpers import is_loopback, listeners
+
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
 
 def run_config(tmp_path, **ray_section):
     return RunConfig(model={"path": str(tmp_path)}, ray=ray_section)
-
-
-def listeners(root: psutil.Process) -> dict[psutil.Process, list[tuple[str, int]]]:
-    """Every listening TCP socket of `root` and its descendants, by process."""
-    found = {}
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            sockets = [c.laddr for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-        except psutil.NoSuchProcess:
-            continue
-        found[process] = [(addr.ip, addr.port) for addr in sockets]
-    return found
-
-
-def is_loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    mapped = getattr(address, "ipv4_mapped", None)  # a dual-stack socket bound to ::ffff:127.0.0.1
-    return (mapped or address).is_loopback
 
 
 def ports(found: dict[psutil.Process, list[tuple[str, int]]]) -> set[int]:
@@ -56,6 +39,7 @@ class Echo:
 
 @pytest.fixture
 def shutdown_ray():
+    ray.shutdown()  # an in-process Ray an earlier test left running is not this test's
     yield
     ray.shutdown()
 
@@ -65,7 +49,6 @@ def test_a_local_run_listens_on_loopback_only(tmp_path, monkeypatch, shutdown_ra
     metrics_ports = {name: free_port() for name in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")}
     for name, port in metrics_ports.items():
         monkeypatch.setenv(name, str(port))
-    assert not ray.is_initialized()
     driver = psutil.Process()
     # sockets this process (or an earlier test's child) already had, a test's in-process torch.distributed store
     # among them: not Ray's

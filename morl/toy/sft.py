@@ -6,13 +6,13 @@ import random
 
 import torch
 
-from morl.algorithm import token_mean_loss
-from morl.data import Row
-from morl.learner import trainable_parameters
-from morl.logprobs import response_logprobs
-from morl.lr_schedule import lr_multiplier
-from morl.metrics import StepProgress, stderr_console
-from morl.multimodal import PromptEncoder
+from morl.algo.core import token_mean_loss
+from morl.data.rows import Row
+from morl.learner.policy import trainable_parameters
+from morl.learner.logprobs import response_logprobs
+from morl.learner.lr_schedule import lr_multiplier
+from morl.run.metrics import StepProgress, stderr_console
+from morl.data.encoding import PromptEncoder
 
 WARMUP_STEPS = 20
 MIN_LR_RATIO = 0.1

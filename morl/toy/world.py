@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from morl.config import ConfigError, ToyWorldConfig
-from morl.data import load_dataset
-from morl.metrics import stderr_console
+from morl.data.loading import load_dataset
+from morl.run.metrics import stderr_console
 from morl.toy import STAMP, fingerprint, fingerprint_hash, read_stamp, world_dir
 from morl.toy.model import build_model, build_processor, build_tokenizer, save_checkpoint
 from morl.toy.sft import warm_up

@@ -1,0 +1,1 @@
+"""The MORL update (and the GRPO ablation) as small pure functions and one object per update rule."""

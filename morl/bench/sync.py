@@ -1,0 +1,138 @@
+"""`morl bench sync`: seconds per GB of the learner -> rollout weight sync, against a bare transfer;
+then the log-prob gap right after each sync, and a sync skipped on purpose.
+
+The learner and the rollout workers are the run's own Ray actors (the recipe's engine and model).
+"sync" is `morl.run.weight_sync.sync_rollout_weights`: every parameter, gathered and packed bucket by
+bucket, loaded into every worker's engine. "bare" moves the same number of bytes as one flat
+buffer from an actor to as many receiving actors, each copying it into a preallocated buffer:
+what the transport costs with no naming, packing or loading. Best of `rounds` for each.
+
+The gap check runs real updates: the workers sample a batch, the learner takes a step on it (its
+`logprob_mismatch` is measured before the step, on the weights the workers sampled with), and the
+weights are synced, `rounds` times; then one step whose sync is skipped, so the next batch comes
+from stale weights, which `learner.max_logprob_mismatch` must stop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from morl.config import RunConfig
+from morl.learner.policy import TrainBatch
+from morl.learner.group import LearnerGroup
+from morl.run.weight_sync import StaleWeightsError, check_logprob_mismatch, plan_buckets, sync_rollout_weights
+
+DEFAULT_GUARD = 1e-4
+"""The stale-weights threshold the check uses when the recipe sets no `learner.max_logprob_mismatch`."""
+
+
+class _BareSender:
+    def __init__(self, nbytes: int):
+        self.buffer = torch.ones(nbytes, dtype=torch.uint8)
+
+    def send(self) -> torch.Tensor:
+        return self.buffer
+
+
+class _BareReceiver:
+    def __init__(self, nbytes: int):
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+
+    def receive(self, flat: torch.Tensor) -> None:
+        self.buffer.copy_(flat)
+
+
+def bench_sync(cfg: RunConfig, rounds: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from morl.rollout.hf_engine import vision_token_ids
+    from morl.run.collection import start_rollout_workers
+    from morl.ray_setup import init_ray
+
+    init_ray(cfg)
+    rc = cfg.rollout
+    workers = start_rollout_workers(cfg, cfg.model.path)
+    learner = LearnerGroup(cfg, vision_token_ids(AutoTokenizer.from_pretrained(cfg.model.processor_dir)))
+    cuda_ipc = rc.engine == "vllm" and rc.colocate
+    plan = plan_buckets(learner.weight_sizes(cfg.model.dtype), rc.sync_bucket_mb * 2**20)
+    nbytes = sum(b.nbytes for b in plan)
+    sender = ray.remote(num_cpus=0)(_BareSender).remote(nbytes)
+    receivers = [ray.remote(num_cpus=0)(_BareReceiver).remote(nbytes) for _ in workers]
+
+    def bare() -> float:
+        start = time.perf_counter()
+        flat = sender.send.remote()
+        ray.get([r.receive.remote(flat) for r in receivers])
+        return time.perf_counter() - start
+
+    sync_rollout_weights(learner, workers, plan, dtype=cfg.model.dtype, cuda_ipc=cuda_ipc)  # warm-up
+    bare()
+    best_sync = min(
+        sync_rollout_weights(learner, workers, plan, dtype=cfg.model.dtype, cuda_ipc=cuda_ipc).seconds
+        for _ in range(rounds)
+    )
+    best_bare = min(bare() for _ in range(rounds))
+    gaps = logprob_gaps(cfg, learner, workers, plan, rounds, cuda_ipc)
+    learner.close()
+    for actor in [*workers, sender, *receivers]:
+        ray.kill(actor)
+    gb = nbytes / 1e9
+    return {
+        "engine": rc.engine,
+        "transport": "cuda_ipc" if cuda_ipc else "object_store",
+        "workers": len(workers),
+        "gb": round(gb, 4),
+        "buckets": len(plan),
+        "sync_seconds": round(best_sync, 4),
+        "sync_seconds_per_gb": round(best_sync / gb, 3),
+        "bare_seconds_per_gb": round(best_bare / gb, 3),
+        "sync_over_bare": round(best_sync / best_bare, 2),
+        **gaps,
+    }
+
+
+def logprob_gaps(cfg: RunConfig, learner: LearnerGroup, workers: list, plan: list, rounds: int, cuda_ipc: bool) -> dict:
+    """The learner's log-prob gap on batches sampled after each of `rounds` syncs, and after a skipped one."""
+    from transformers import AutoProcessor
+
+    from morl.data.encoding import PromptEncoder
+    from morl.data.source import PromptSource
+    from morl.run.collection import generate_in_order, rollout_sampling
+
+    rc = cfg.rollout
+    encode = PromptEncoder(AutoProcessor.from_pretrained(cfg.model.processor_dir), rc.max_prompt_tokens)
+    source = PromptSource.from_config(cfg)
+    sampling = rollout_sampling(rc)
+    guard = cfg.learner.max_logprob_mismatch or DEFAULT_GUARD
+
+    def step(seed: int) -> float:
+        """Sample a batch with the workers' weights, update the learner on it; the gap before the update."""
+        prompts = [encode(source.draw().row) for _ in range(cfg.trainer.prompts_per_step)]
+        groups = generate_in_order(workers, prompts, sampling, seeds=[seed * 1000 + i for i in range(len(prompts))])
+        completions = [c for g in groups for c in g]
+        # alternating signs: a real, non-zero step whatever the rewards would have been
+        advantages = [1.0 if i % 2 else -1.0 for i in range(len(completions))]
+        batch = TrainBatch([p for p, g in zip(prompts, groups) for _ in g], [c.token_ids for c in completions],
+                           [c.logprobs for c in completions], advantages)
+        return learner.train_step(batch)["logprob_mismatch"]
+
+    step(0)
+    synced = []
+    for k in range(rounds):
+        sync_rollout_weights(learner, workers, plan, dtype=cfg.model.dtype, cuda_ipc=cuda_ipc)
+        synced.append(step(k + 1))  # sampled right after a sync, then an update
+    stale = step(rounds + 1)  # the last update was never synced: these samples come from the weights before it
+    try:
+        check_logprob_mismatch(stale, guard, step=1)
+        stopped = False
+    except StaleWeightsError:
+        stopped = True
+    return {
+        "mismatch_after_sync_max": float(f"{max(synced):.3g}"),
+        "mismatch_stale": float(f"{stale:.3g}"),
+        "max_logprob_mismatch": guard,
+        "stale_run_stopped": stopped,
+    }

@@ -1,0 +1,1 @@
+"""Training data: the row contract, loading and checking files, the task mixture, the prompt source, encoding."""

@@ -1,0 +1,84 @@
+"""The row contract: one prompt of one task type, as a data file holds it, and how its images open."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ImageRef = str | bytes
+"""An image as a row holds it: an absolute file path, or the encoded file's bytes (from Parquet).
+
+A path may point anywhere the run can read, inside the data file's folder or not (``../shared/x.png``, an
+absolute path): a data file is trusted like the recipe that names it.
+"""
+
+
+class DataError(ValueError):
+    """A data file or one of its rows is unusable; the message names the file and line (or Parquet row)."""
+
+
+class StrictModel(BaseModel):
+    """A model that refuses unknown fields, so a typo in a row or a recipe is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ContentPart(StrictModel):
+    """One piece of a chat turn: text, or a placeholder where the row's next image (or a video) goes.
+
+    One model rather than a union of three, so a bad part gets one plain error instead of one per variant.
+    """
+
+    type: Literal["text", "image", "video"]
+    text: str | None = None
+    fps: float | None = None
+
+    @model_validator(mode="after")
+    def _fields_fit_type(self) -> ContentPart:
+        if (self.text is not None) != (self.type == "text"):
+            raise ValueError(f"a text part needs 'text' and only text parts take it (type {self.type!r})")
+        if self.fps is not None and self.type != "video":
+            raise ValueError(f"only video parts take 'fps' (type {self.type!r})")
+        return self
+
+
+class Message(StrictModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class Row(StrictModel):
+    """One prompt. ``images`` fill the ``{"type": "image"}`` parts of ``messages`` in order."""
+
+    id: str = Field(min_length=1)
+    task: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    images: list[ImageRef]
+    label: dict[str, Any]
+    meta: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Row:
+        if self.messages[-1].role != "user":
+            last = self.messages[-1].role
+            raise ValueError(f"the last message must be a user turn (the model answers it), got {last!r}")
+        parts = sum(p.type == "image" for m in self.messages if isinstance(m.content, list) for p in m.content)
+        if parts != len(self.images):
+            raise ValueError(f"{parts} image part(s) in messages but {len(self.images)} image(s)")
+        return self
+
+
+def open_image(ref: ImageRef) -> Image.Image:
+    """Decode an image reference (path or bytes) into an RGB image, the form vision processors expect."""
+    with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:
+        return image.convert("RGB")
+
+
+def counts_by_task(rows: Iterable[Row]) -> dict[str, int]:
+    """Rows per task type, sorted by task, for batch-composition metrics."""
+    return dict(sorted(Counter(row.task for row in rows).items()))

@@ -1,0 +1,108 @@
+"""Where each step's prompts come from: the weighted data mixture plus MORL's easy pool.
+
+Prompts whose whole group was correct leave the mixture for an easy pool; each draw comes from the
+pool with probability `easy_pool_alpha` (docs/algorithm.md section 2). Every draw is a pure function of
+(seed, draw counter, pool), and draws can be undone: the rollout scheduler puts back the prompts it
+dispatched but did not use, so a run is reproducible however the rollouts were timed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from morl.data.loading import LoadedDataset, load_datasets
+
+from morl.data.mixture import MixtureSampler
+
+from morl.data.rows import DataError, Row
+if TYPE_CHECKING:
+    from morl.config import RunConfig
+
+Key = tuple[int, int]  # (dataset index, row index)
+
+
+@dataclass(frozen=True)
+class DrawnPrompt:
+    row: Row
+    key: Key
+    seq: int  # position in the run's prompt stream; seeds the prompt's samples
+    from_easy_pool: bool
+    undo: tuple[dict[str, Any], int | None]  # sampler state before the draw, and the pool slot it was taken from
+
+
+class PromptSource:
+    def __init__(self, datasets: Sequence[LoadedDataset], weights: Sequence[float], seed: int, easy_pool_alpha: float):
+        self.sampler = MixtureSampler(datasets, weights, seed)
+        self.seed = seed
+        self.alpha = easy_pool_alpha
+        self.draws = 0
+        self.easy_pool: list[Key] = []
+        self._in_pool: set[Key] = set()
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> PromptSource:
+        """The run's training mixture (`data.train`, rows checked against the routed tasks) and easy pool.
+
+        Raises DataError for a mixture without rows: no data file, or one without a usable row.
+        """
+        data = cfg.data
+        if not data.train:
+            raise DataError("data.train lists no data file: there is nothing to train on")
+        tasks = set(cfg.rewards.routes)
+        datasets = load_datasets(
+            data.train, known_tasks=tasks, on_bad_row=data.on_bad_row, max_image_pixels=data.max_image_pixels
+        )
+        return cls(datasets, [s.weight for s in data.train], cfg.trainer.seed, cfg.algo.easy_pool_alpha)
+
+    def draw(self) -> DrawnPrompt:
+        rng = np.random.default_rng([self.seed, 2, self.draws])
+        sampler_state = self.sampler.state_dict()
+        from_pool = bool(self.easy_pool) and rng.random() < self.alpha
+        if from_pool:
+            slot = int(rng.integers(len(self.easy_pool)))
+            key = self.easy_pool.pop(slot)
+            self._in_pool.discard(key)
+        else:
+            slot, key = None, self._next_fresh_key()
+        self.draws += 1
+        return DrawnPrompt(self.sampler.row(key), key, self.draws - 1, from_pool, (sampler_state, slot))
+
+    def _next_fresh_key(self) -> Key:
+        """The mixture's next row that is not in the easy pool (it moved there); any row once all are easy."""
+        for _ in range(self.sampler.num_rows):
+            key = self.sampler.next_key()
+            if key not in self._in_pool:
+                return key
+        return key
+
+    def put_back(self, prompts: Sequence[DrawnPrompt]) -> None:
+        """Undo the most recent draws (given in draw order): the next draws return the same prompts."""
+        if prompts and prompts[-1].seq != self.draws - 1:
+            raise ValueError("put_back takes the most recent draws, in order")
+        for prompt in reversed(prompts):
+            sampler_state, slot = prompt.undo
+            if slot is not None:
+                self.easy_pool.insert(slot, prompt.key)
+                self._in_pool.add(prompt.key)
+            self.draws -= 1
+        if prompts:
+            self.sampler.load_state_dict(prompts[0].undo[0])
+
+    def add_easy(self, prompt: DrawnPrompt) -> None:
+        """The prompt's whole group was correct: it is drawn only through the pool from now on."""
+        if prompt.key not in self._in_pool:
+            self.easy_pool.append(prompt.key)
+            self._in_pool.add(prompt.key)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "draws": self.draws, "easy_pool": [list(k) for k in self.easy_pool]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.draws = state["draws"]
+        self.easy_pool = [tuple(k) for k in state["easy_pool"]]
+        self._in_pool = set(self.easy_pool)

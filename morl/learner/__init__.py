@@ -1,0 +1,1 @@
+"""The policy learner: DeepSpeed ranks that apply one update per rollout batch, and what they share."""

@@ -1,0 +1,531 @@
+"""The policy learner: a DeepSpeed engine that applies one on-policy MORL update per rollout batch.
+
+Runs inside a Ray actor, one actor per data-parallel rank (`morl.learner.group` starts them). On a machine
+without CUDA, DeepSpeed runs on its CPU accelerator with the gloo backend, so the laptop and the cluster
+share this code. Each rank trains on its share of the batch (`morl.learner.shares`); losses are normalised
+by the whole batch's token count and metrics summed over ranks, so N ranks take the 1-rank step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ipaddress
+import math
+import os
+import re
+import socket
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from morl.algo.core import (
+    clipped_policy_loss_sum,
+    k3_kl_sum,
+    mini_batch_slices,
+    policy_gradient_loss_sum,
+    rollout_correction_weights,
+)
+from morl.run.checkpoint import ENGINE_DIR, POLICY_DIR, CheckpointError, capture_rng, restore_rng
+from morl.config import AlgoConfig, LearnerConfig, ModelConfig
+from morl.learner.shares import MicroBatch, rank_micro_batches
+from morl.learner.logprobs import response_logprobs
+from morl.learner.lr_schedule import lr_multiplier
+from morl.data.encoding import EncodedPrompt
+from morl.run.weight_sync import PackedBucket, SharedBuckets, pack_bucket
+
+
+ENGINE_TAG = "state"  # DeepSpeed's name for the one engine state a checkpoint directory holds
+
+# what each `algo.rollout_correction` logs: the share of response tokens truncated at the cap, or dropped
+CORRECTION_METRICS = {"tis": "rollout_correction/weighted_share", "seq_mask": "rollout_correction/masked_share"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The update produced a NaN/inf loss or gradient; the weights were left untouched."""
+
+
+@dataclass
+class TrainBatch:
+    """One rollout batch, flattened to sequences: each carries its prompt, response and advantage."""
+
+    prompts: list[EncodedPrompt]
+    responses: list[list[int]]
+    rollout_logprobs: list[list[float]]
+    advantages: list[float]
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+
+def trainable_parameters(model, *, freeze_vision_tower: bool) -> list[torch.nn.Parameter]:
+    """The parameters to optimise; with `freeze_vision_tower` the ViT and merger stay as loaded."""
+    model.model.visual.requires_grad_(not freeze_vision_tower)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def deepspeed_memory_config(cfg: LearnerConfig) -> dict:
+    """The ZeRO stage and what lives in host memory: the `zero_optimization` part of the DeepSpeed config."""
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    section: dict = {"zero_optimization": zero}
+    if cfg.offload_optimizer:  # the torch AdamW steps on the host; else DeepSpeed demands its compiled CPU Adam
+        section["zero_force_ds_cpu_optimizer"] = False
+    return section
+
+
+def frozen_reference(model_cfg: ModelConfig, device) -> torch.nn.Module:
+    """The SFT checkpoint, frozen: what GRPO's KL term measures the policy against (never updated or synced)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype))
+    return model.requires_grad_(False).eval().to(device)
+
+
+def _token_count(batch: TrainBatch, indices: Iterable[int]) -> int:
+    return sum(len(batch.responses[i]) for i in indices)
+
+
+def _advantages(batch: TrainBatch, idx: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([batch.advantages[i] for i in idx], dtype=like.dtype, device=like.device)
+
+
+def _padded(per_sequence: Sequence, idx: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Per-token values of the sequences `idx` (lists or tensors), right-padded with 0 to `like`'s [B, T]."""
+    out = torch.zeros_like(like, requires_grad=False)
+    for row, i in enumerate(idx):
+        values = torch.as_tensor(per_sequence[i], dtype=like.dtype)
+        out[row, : len(values)] = values
+    return out
+
+
+def free_port() -> int:
+    """A TCP port free on this host now: torch.distributed's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_rendezvous(rendezvous: dict[str, str] | None) -> None:
+    """torch.distributed's MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK and WORLD_SIZE for this rank.
+
+    `None` (a learner built in-process, as tests do) is a one-rank group on a free local port, unless the
+    process already has these variables.
+    """
+    if rendezvous is not None:
+        os.environ.update(rendezvous)
+        return
+    one_rank = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }
+    for key, value in one_rank.items():
+        os.environ.setdefault(key, value)
+
+
+def _init_process_group(backend: str) -> None:
+    """torch.distributed for this rank (from the rendezvous variables), listening on MASTER_ADDR only.
+
+    torch's TCPStore listens on every interface by itself: rank 0 hands it a socket bound to MASTER_ADDR instead,
+    so a local run (MASTER_ADDR 127.0.0.1, Ray on loopback) opens no port beyond loopback; gloo's and NCCL's own
+    sockets then stay on the loopback interface too.
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if ipaddress.ip_address(addr).is_loopback:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    listen_fd = socket.create_server((addr, port)).detach() if rank == 0 else None  # the store owns it from here
+    store = torch.distributed.TCPStore(
+        addr, port, world, is_master=rank == 0, timeout=datetime.timedelta(minutes=5), master_listen_fd=listen_fd
+    )
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
+def optimizer_steps_per_batch(algo: AlgoConfig) -> int:
+    """MORL takes one step per rollout batch; the GRPO ablation one per mini-batch and epoch."""
+    return algo.mini_batches * algo.update_epochs if algo.name == "grpo" else 1
+
+
+class PolicyLearner:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: LearnerConfig,
+        temperature: float,
+        banned_ids: list[int],
+        seed: int,
+        threads: int,
+        algo: AlgoConfig = AlgoConfig(),
+        rendezvous: dict[str, str] | None = None,
+        max_steps: int = 1,
+    ):
+        """`max_steps`: the run's rollout batches, which the learning-rate decay spans."""
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        _set_rendezvous(rendezvous)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not torch.distributed.is_initialized():
+            _init_process_group(backend)
+        deepspeed.init_distributed(dist_backend=backend)  # finds the group above and adopts it
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+        self.cfg = cfg
+        self.temperature = temperature
+        self.banned_ids = banned_ids
+        self.processor = AutoProcessor.from_pretrained(model_cfg.processor_dir)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_cfg.path, dtype=torch.float32)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainable = trainable_parameters(model, freeze_vision_tower=cfg.freeze_vision_tower)
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.grad_clip,
+            **deepspeed_memory_config(cfg),
+            "bf16": {"enabled": model_cfg.dtype == "bfloat16"},
+            "fp16": {"enabled": model_cfg.dtype == "float16"},
+            "steps_per_print": 1 << 30,
+        }
+        total = max_steps * optimizer_steps_per_batch(algo)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step, warmup_steps=cfg.lr_warmup_steps, total_steps=total, decay=cfg.lr_decay, min_ratio=cfg.min_lr_ratio
+            ),
+        )
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+        self.pad_id = self.processor.tokenizer.pad_token_id
+        self.shared_buckets = SharedBuckets()
+        self.algo = algo
+        with_kl = algo.name == "grpo" and algo.kl_coef > 0
+        self.reference = frozen_reference(model_cfg, self.engine.device) if with_kl else None
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """The update of one rollout batch: MORL's single on-policy step, or the GRPO ablation's several."""
+        lr = self.engine.get_lr()[0]  # the (first) step's learning rate; the scheduler moves it after each step
+        update = self._grpo_update if self.algo.name == "grpo" else self._morl_update
+        return {**update(batch), "lr": lr}
+
+    def _morl_update(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step over the whole batch, accumulated over micro-batches and ranks.
+
+        Each micro-batch's loss is its sum of -w * A * log pi (w: the rollout correction's weights)
+        divided by the token count of the whole batch, so the step equals the token-mean loss of
+        docs/algorithm.md whatever the micro-batch size and rank count. The rollout-vs-learner log-prob
+        mismatch, and the correction's weights, come free with the training forward.
+        """
+        total_tokens = _token_count(batch, range(len(batch)))
+
+        def loss_of(idx, logprobs, mask):
+            rollout = _padded(batch.rollout_logprobs, idx, logprobs)
+            weights, corrected = self._rollout_correction(logprobs, rollout, mask)
+            loss = policy_gradient_loss_sum(logprobs, _advantages(batch, idx, logprobs), weights) / total_tokens
+            mismatch = (logprobs.detach() - rollout).abs() * mask
+            return loss, {"mismatch": mismatch.sum().item(), "corrected": corrected.item()}
+
+        loss, grad_norm, sums = self._optimizer_step(batch, range(len(batch)), loss_of)
+        return {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "logprob_mismatch": sums["mismatch"] / max(total_tokens, 1),
+            **self._correction_metrics(sums["corrected"], total_tokens),
+            "train_tokens": float(total_tokens),
+            "train_sequences": float(len(batch)),
+            "optimizer_steps": 1.0,
+        }
+
+    def _rollout_correction(
+        self, logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`algo.rollout_correction`'s per-token loss weights (the mask under none) and the tokens it acted on."""
+        algo = self.algo
+        return rollout_correction_weights(
+            logprobs,
+            rollout_logprobs,
+            mask,
+            algo.rollout_correction,
+            cap=algo.rollout_correction_cap,
+            threshold=algo.rollout_correction_threshold,
+        )
+
+    def _correction_metrics(self, corrected: float, tokens: int) -> dict[str, float]:
+        """The share of the batch's response tokens the correction acted on; nothing under none."""
+        name = CORRECTION_METRICS.get(self.algo.rollout_correction)
+        return {name: corrected / max(tokens, 1)} if name else {}
+
+    def _grpo_update(self, batch: TrainBatch) -> dict[str, float]:
+        """Vanilla GRPO: `algo.update_epochs` passes of `algo.mini_batches` clipped-ratio optimizer steps.
+
+        The old log-probs (and, with a KL term, the reference's) are computed once, without gradient,
+        before the first step and over the same micro-batches the steps use, so the first step's ratio
+        is exactly 1; the rollout correction's weights, of pi_old against pi_rollout, with them.
+        Each mini-batch's loss is its own token-mean, its sequences shared over the ranks.
+        A non-finite loss stops the update at that step; the steps before it stay applied.
+        """
+        algo = self.algo
+        slices = mini_batch_slices(len(batch), algo.mini_batches)
+        old = self._frozen_logprobs(self.engine, batch, slices)
+        ref = self._frozen_logprobs(self.reference, batch, slices) if self.reference is not None else None
+        total_tokens = _token_count(batch, range(len(batch)))
+        mine = [i for indices in slices for micro in self._plan(batch, indices) for i in micro.rows]
+        weights, batch_sums = self._old_vs_rollout(batch, old, mine)
+        losses, grad_norms, sums = [], [], Counter()
+        for epoch in range(algo.update_epochs):
+            for m, indices in enumerate(slices):
+                loss_of = functools.partial(self._grpo_loss, batch, old, ref, weights, _token_count(batch, indices))
+                where = f" of mini-batch {m + 1}/{len(slices)}, epoch {epoch + 1} ({len(losses)} earlier steps applied)"
+                loss, grad_norm, step_sums = self._optimizer_step(batch, indices, loss_of, where)
+                losses.append(loss)
+                grad_norms.append(grad_norm)
+                sums.update(step_sums)
+        metrics = {
+            "loss": sum(losses) / len(losses),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "logprob_mismatch": batch_sums["mismatch"] / max(total_tokens, 1),
+            **self._correction_metrics(batch_sums["corrected"], total_tokens),
+            "train_tokens": float(total_tokens),
+            "train_sequences": float(len(batch)),
+            "optimizer_steps": float(len(losses)),
+            "clip_fraction": sums["clipped"] / max(sums["tokens"], 1),
+        }
+        if ref is not None:
+            metrics["kl"] = sums["kl"] / max(sums["tokens"], 1)
+        return metrics
+
+    def _old_vs_rollout(
+        self, batch: TrainBatch, old: list[torch.Tensor], rows: list[int]
+    ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """pi_old against pi_rollout: the correction's weights of this rank's sequences `rows`, and the whole
+        batch's summed log-prob mismatch and corrected-token count (every rank's)."""
+        weights: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        mismatch = corrected = 0.0
+        for i in rows:
+            old_i, rollout_i = old[i].cpu(), torch.tensor(batch.rollout_logprobs[i])
+            w, count = self._rollout_correction(old_i[None], rollout_i[None], torch.ones(1, len(rollout_i)))
+            weights[i] = w[0]
+            mismatch += (old_i - rollout_i).abs().sum().item()
+            corrected += count.item()
+        return weights, self._sum_over_ranks({"mismatch": mismatch, "corrected": corrected})
+
+    def _grpo_loss(self, batch, old, ref, weights, tokens, idx, logprobs, mask):
+        """A micro-batch's share of one GRPO step: (clipped surrogate + kl_coef * k3) / the mini-batch's tokens.
+
+        `weights` (per sequence) are the rollout correction's; they weight the surrogate, not the KL.
+        """
+        algo = self.algo
+        old_logprobs, advantages = _padded(old, idx, logprobs), _advantages(batch, idx, logprobs)
+        loss, clipped = clipped_policy_loss_sum(
+            logprobs, old_logprobs, advantages, _padded(weights, idx, logprobs), algo.clip_low, algo.clip_high
+        )
+        stats = {"clipped": clipped.item(), "tokens": mask.sum().item()}
+        if ref is not None:
+            kl = k3_kl_sum(logprobs, _padded(ref, idx, logprobs), mask)
+            loss = loss + algo.kl_coef * kl
+            stats["kl"] = kl.item()
+        return loss / tokens, stats
+
+    def _optimizer_step(self, batch: TrainBatch, indices: Sequence[int], loss_of, where: str = ""):
+        """One optimizer step over `batch[indices]`, gradients accumulated over micro-batches and ranks.
+
+        `loss_of(idx, logprobs, mask)` gives a micro-batch's share of the step's loss (already divided by
+        the token count the step normalises by) and stats to sum over micro-batches; it may get no rows.
+        DeepSpeed averages gradients over ranks, so each rank's loss is scaled by the rank count to make
+        the step the sum of every share's gradient. Returns (loss, grad norm, summed stats) of all ranks.
+        """
+        self.engine.train()
+        if self.cfg.zero_stage > 0:
+            self._clear_kept_gradients()
+        loss_total, sums = 0.0, Counter()
+        chunks = self._plan(batch, indices)
+        for k, micro in enumerate(chunks):
+            logprobs, mask = self._logprobs(self.engine, batch, micro.forward_rows)
+            counted = len(micro.rows)
+            loss, stats = loss_of(micro.rows, logprobs[:counted], mask[:counted])
+            if self._any_rank(not torch.isfinite(loss)):
+                self.engine.zero_grad()
+                raise NonFiniteLossError(f"loss is not finite in micro-batch {k}{where}; the update was skipped")
+            self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
+            # the filler's term moves no weight but runs the backward through the modules other ranks use
+            self.engine.backward(loss * self.world + 0.0 * logprobs[counted:].sum())
+            loss_total += loss.item()
+            sums.update(stats)
+        self.engine.step()
+        grad_norm = float(self.engine.get_global_grad_norm())
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"gradient norm is {grad_norm}: the weights after this step are not trusted; resume from a checkpoint"
+            )
+        totals = self._sum_over_ranks({"loss": loss_total, **sums})
+        return totals.pop("loss"), grad_norm, Counter(totals)
+
+    def _clear_kept_gradients(self) -> None:
+        """Zero the gradients ZeRO keeps from the previous step.
+
+        DeepSpeed overwrites a kept gradient only in the step's first micro-batch (and, offloaded, copies it
+        to the host only when the last micro-batch reaches it): a weight those leave untouched (the ViT, on a
+        text-only prompt) would add to, or step on, the previous step's gradient.
+        """
+        optimizer = self.engine.optimizer
+        if self.cfg.zero_stage == 3:
+            kept = [optimizer.grad_partitions_flat_buffer]
+            masters = optimizer.fp32_partitioned_groups_flat
+        else:
+            kept = list(getattr(optimizer, "accumulated_grads_in_cpu", {}).values())
+            masters = optimizer.single_partition_of_fp32_groups
+        for grad in kept + [m.grad for m in masters]:
+            if grad is not None:
+                grad.zero_()
+
+    def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Each rank's share of batch statistics -> the batch's (every rank must pass the same keys)."""
+        keys = sorted(values)
+        summed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.engine.device)
+        torch.distributed.all_reduce(summed)
+        return dict(zip(keys, summed.tolist()))
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is on any: all ranks stop together, none waits in a collective."""
+        flags = torch.tensor([float(flag)], device=self.engine.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags.item())
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model, batch: TrainBatch, slices: list[range]) -> list[torch.Tensor]:
+        """This rank's responses' log-probs under `model`, without gradient, over the micro-batches the steps use."""
+        model.eval()
+        per_sequence: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        for indices in slices:
+            for micro in self._plan(batch, indices):
+                logprobs, _ = self._logprobs(model, batch, micro.forward_rows)
+                for row, i in enumerate(micro.rows):
+                    per_sequence[i] = logprobs[row, : len(batch.responses[i])]
+        return per_sequence
+
+    def _plan(self, batch: TrainBatch, indices: Sequence[int]) -> list[MicroBatch]:
+        """This rank's micro-batches of the sequences `indices`: its token-balanced share, in step with the others."""
+        return rank_micro_batches(
+            list(indices),
+            [len(p.input_ids) + len(r) for p, r in zip(batch.prompts, batch.responses)],
+            [p.pixel_values is not None for p in batch.prompts],
+            ranks=self.world,
+            rank=self.rank,
+            size=self.cfg.micro_batch_size,
+        )
+
+    def _logprobs(self, model, batch: TrainBatch, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return response_logprobs(
+            model,
+            [batch.prompts[i] for i in idx],
+            [batch.responses[i] for i in idx],
+            config=self.engine.module.config,
+            pad_id=self.pad_id,
+            temperature=self.temperature,
+            banned_ids=self.banned_ids,
+        )
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) parameters by name, for the rollout engines."""
+        import deepspeed
+
+        params = dict(self.engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=self.cfg.zero_stage == 3):
+            return {name: p.detach().clone() for name, p in params.items()}
+
+    def weight_sizes(self, dtype: str, trainable_only: bool = False) -> list[tuple[str, int]]:
+        """(name, bytes as `dtype`) of each parameter in order: what `morl.run.weight_sync.plan_buckets` packs.
+
+        `trainable_only` leaves out frozen ones (the ViT under `freeze_vision_tower`), for engines that
+        keep their weights between syncs; an engine that discarded them (vLLM sleep level 2) needs all.
+        """
+        itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        return [
+            (name, getattr(p, "ds_numel", p.numel()) * itemsize)  # ZeRO-3 keeps the full size in ds_numel
+            for name, p in self.engine.module.named_parameters()
+            if p.requires_grad or not trainable_only
+        ]
+
+    def weight_bucket(self, names: list[str], dtype: str, cuda_ipc: bool = False) -> PackedBucket | None:
+        """These parameters gathered from their ZeRO-3 shards into one flat `dtype` buffer, on rank 0.
+
+        Under ZeRO-3 every rank must take part in the gather; only rank 0 packs (the others return None).
+        On CPU for Ray's object store, or (`cuda_ipc`) left on this GPU and shared by a handle,
+        kept alive by `shared_buckets` until the receivers have loaded it.
+        """
+        import deepspeed
+
+        params = dict(self.engine.module.named_parameters())
+        chosen = [params[name] for name in names]
+        with deepspeed.zero.GatheredParameters(chosen, enabled=self.cfg.zero_stage == 3):
+            if self.rank != 0:
+                return None
+            bucket = pack_bucket([(n, p.detach()) for n, p in zip(names, chosen)], getattr(torch, dtype))
+        return self.shared_buckets.share(bucket) if cuda_ipc else bucket.to_cpu()
+
+    def release_shared_buckets(self) -> None:
+        self.shared_buckets.release()
+
+    def apply(self, fn, *args):
+        """`fn(self, *args)` in this actor: for tools (benchmarks) that need the learner's own device."""
+        return fn(self, *args)
+
+    def save_hf(self, out_dir: str) -> None:
+        """The policy in HF format (model + processor), loadable by `from_pretrained` as it is.
+
+        Every rank takes part in the ZeRO-3 gather of the full model; rank 0 writes it.
+        """
+        import deepspeed
+
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.zero_stage == 3):
+            if self.rank == 0:
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                try:
+                    module.save_pretrained(out_dir)
+                except SafetensorError as exc:
+                    raise _as_os_error(exc, out_dir) from exc
+                self.processor.save_pretrained(out_dir)
+
+    def save_checkpoint(self, out_dir: str) -> None:
+        """The policy in HF format (for users, vLLM and the rollout workers) and the engine state for an exact resume.
+
+        Called on every rank. DeepSpeed writes the optimizer moments and master weights in its own layout, a file
+        per rank (so a resume needs the same `learner.num_ranks`); rank 0's RNGs travel in its client state.
+        """
+        self.save_hf(str(Path(out_dir) / POLICY_DIR))
+        engine_dir = Path(out_dir) / ENGINE_DIR
+        self.engine.save_checkpoint(str(engine_dir), tag=ENGINE_TAG, client_state={"rng": capture_rng()})
+
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        """Weights, optimizer state and RNGs as `save_checkpoint` left them (called on every rank)."""
+        engine_dir = Path(ckpt_dir) / ENGINE_DIR
+        if not (engine_dir / ENGINE_TAG).is_dir():
+            raise CheckpointError(f"checkpoint {ckpt_dir}: no DeepSpeed engine state in {engine_dir / ENGINE_TAG}")
+        _, client_state = self.engine.load_checkpoint(str(engine_dir), tag=ENGINE_TAG)
+        restore_rng(client_state["rng"])
+
+
+def _as_os_error(exc: Exception, path: str) -> Exception:
+    """safetensors reports a failed write (a full disk) as its own error, "... (os error 28)": give it back its
+    errno, so the driver tells a full disk from a bug. Any other safetensors error stays as it is."""
+    found = re.search(r"os error (\d+)", str(exc))
+    if not found:
+        return exc
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number), path)

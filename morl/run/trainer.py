@@ -1,0 +1,385 @@
+"""The driver: one process that runs the MORL loop over Ray actors.
+
+    prompt source -> rollout scheduler: workers sample G responses per prompt, the reward router scores each
+                     call as it returns, groups without reward variance are dropped and refilled
+                  -> group advantages -> learner (one on-policy step; the GRPO ablation: several)
+                  -> weights back to the rollout workers, in buckets
+
+The same loop drives a laptop CPU and a GPU cluster; only the actors' backends differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import NamedTuple
+
+import ray
+import torch
+
+from morl.algo.core import group_advantages
+from morl.run.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    capture_rng,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
+from morl.config import RunConfig, dump_config
+from morl.data.loading import load_datasets
+from morl.data.rows import Row
+from morl.run.interrupts import RunInterrupted, StopRequest, children_ignore_sigint
+from morl.learner.policy import TrainBatch
+from morl.learner.group import LearnerGroup
+from morl.run.metrics import MetricsWriter, ProgressDisplay, console, eval_table
+from morl.run.model_check import check_model_dir
+from morl.data.encoding import PromptEncoder
+from morl.data.source import PromptSource
+from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
+from morl.run.lock import RunDirLock
+from morl.rewards.parsing import split_think
+from morl.rewards.router import RewardRouter
+from morl.rollout.hf_engine import vision_token_ids
+from morl.rollout.types import Completion, SamplingParams
+from morl.run.collection import (
+    Group,
+    RolloutAbandoned,
+    RolloutScheduler,
+    generate_in_order,
+    reward_input,
+    start_rollout_workers,
+)
+from morl.run.weight_sync import check_logprob_mismatch, plan_buckets, sync_rollout_weights
+
+log = logging.getLogger("morl.run.trainer")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: str | None = None, force: bool = False):
+        """`resume`: None (a new run), checkpoint.LATEST, or a checkpoint / run directory; see resolve_resume."""
+        self.cfg = cfg
+        self.force = force
+        self.out_dir = Path(cfg.trainer.output_dir)
+        self.run_lock = RunDirLock(self.out_dir).acquire()  # before anything reads or prunes the directory
+        check_model_dir(cfg.model.path, cfg.model.processor_path)
+        self.resume_from = resolve_resume(self.out_dir, resume, cfg, force)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(dump_config(cfg))
+        os.environ.update(QUIET_OFFLINE_ENV)
+
+        from transformers import AutoProcessor
+
+        model = cfg.model
+        self.processor = AutoProcessor.from_pretrained(model.processor_dir)
+        self.encode = PromptEncoder(self.processor, cfg.rollout.max_prompt_tokens)
+        self.sampler = PromptSource.from_config(cfg)
+        held_out = load_datasets(
+            cfg.data.eval if cfg.eval.enabled else [],  # files of a disabled evaluation are not read
+            known_tasks=set(cfg.rewards.routes),
+            on_bad_row=cfg.data.on_bad_row,
+            max_image_pixels=cfg.data.max_image_pixels,
+        )
+        self.eval_rows = [row for ds in held_out for row in ds.rows]
+        self.router = RewardRouter(cfg.rewards, log_dir=self.out_dir / "logs")
+
+        self.owns_ray = not ray.is_initialized()
+        with children_ignore_sigint():  # a terminal's Ctrl-C must not kill the actors the checkpoint needs
+            init_ray(cfg)
+        self.abandon_on_signal = cfg.trainer.on_signal == "abandon"
+        self.stop = StopRequest("abandoning this step's rollout" if self.abandon_on_signal else "finishing this step")
+        self.stop.install()
+        start_weights = str(self.resume_from.policy_dir) if self.resume_from else model.path
+        self.workers = start_rollout_workers(cfg, start_weights)
+        self.banned_ids = vision_token_ids(self.processor.tokenizer)
+        self.learner = LearnerGroup(cfg, self.banned_ids)
+        self.scheduler = RolloutScheduler.from_config(cfg, self.workers, self.router, self.encode, self.sampler)
+        # engines that keep their weights between syncs get only what trains (vLLM sleep level 2 drops them all)
+        drops_weights = cfg.rollout.colocate and cfg.rollout.sleep_level == 2
+        sizes = self.learner.weight_sizes(model.dtype, trainable_only=not drops_weights)
+        self.sync_plan = plan_buckets(sizes, cfg.rollout.sync_bucket_mb * 2**20)
+        self.start_step = 0
+        self.saved_step = 0  # the newest step with a checkpoint (0: none)
+        self.sft_eval: dict | None = None  # evaluate()'s reward, response_length and prompts
+        if self.resume_from is not None:
+            self.restore(self.resume_from)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        results, lengths = {}, {}
+        if cfg.eval.enabled and self.resume_from is None:
+            self.sft_eval = self.evaluate()
+        if cfg.eval.enabled and self.sft_eval is not None and self._same_eval_prompts(self.sft_eval):
+            results["sft"], lengths["sft"] = self.sft_eval["reward"], self.sft_eval["response_length"]
+            eval_table(results)
+        metrics_file = MetricsWriter(self.out_dir / "metrics.jsonl")
+        metrics_file.keep_until(self.start_step)  # steps logged after the checkpoint are trained again
+        last = cfg.trainer.max_steps
+        if self.start_step >= last:
+            log.warning("the checkpoint is at step %d, trainer.max_steps=%d: no step to train", self.start_step, last)
+        with ProgressDisplay(last, completed=min(self.start_step, last), log_every=cfg.trainer.log_every) as progress:
+            for step in range(self.start_step + 1, last + 1):
+                if self.stop.requested:  # asked during the SFT evaluation or a save
+                    self._stop(step - 1, self.driver_state())
+                # what a checkpoint of step - 1 holds, should this step be abandoned
+                before = self.driver_state() if self.abandon_on_signal else None
+                try:
+                    metrics = self.train_step(step)
+                except RolloutAbandoned:
+                    self._stop(step - 1, before)
+                metrics_file.write(metrics)
+                progress.update(metrics)
+                if step == last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
+                    self.save_checkpoint(step)
+                if self.stop.requested:
+                    self._stop(step, self.driver_state())  # the last step included: final/ and the eval wait
+        self.learner.save_hf(str(self.out_dir / "final"))
+        if cfg.eval.enabled:
+            policy = self.evaluate()
+            results["policy"], lengths["policy"] = policy["reward"], policy["response_length"]
+            (self.out_dir / "eval.json").write_text(json.dumps({**results, "response_length": lengths}, indent=2))
+            eval_table(results)
+        return results
+
+    def _stop(self, step: int, state: dict) -> None:
+        """End the run after `step` on a signal: checkpoint it unless that is done (or no step trained), then raise."""
+        if step > self.saved_step:
+            self.save_checkpoint(step, state)
+        raise RunInterrupted(self.stop.signum, step)
+
+    def train_step(self, step: int) -> dict:
+        timer = PhaseTimer()
+        rollout = self.scheduler.collect(
+            self.cfg.trainer.prompts_per_step, lambda: self.abandon_on_signal and self.stop.requested
+        )
+        timer.lap("rollout")  # generation and scoring overlap: one phase
+        batch, batch_metrics = build_batch(rollout.groups, self.cfg.algo.adv_eps)
+        metrics = {"step": step, **reward_metrics(rollout.decided), **rollout.metrics, **batch_metrics}
+        if len(batch):
+            colocated = self.cfg.rollout.colocate  # vLLM shares the learner's GPU: it sleeps during the update
+            if colocated:
+                ray.get([w.sleep.remote(self.cfg.rollout.sleep_level) for w in self.workers])
+            metrics.update(self.learner.train_step(batch))
+            timer.lap("update")
+            # the rollouts this step trained on were sampled with the weights of the previous sync
+            check_logprob_mismatch(metrics["logprob_mismatch"], self.cfg.learner.max_logprob_mismatch, step)
+            if colocated:
+                ray.get([w.wake_up.remote(["weights"]) for w in self.workers])
+            sync = sync_rollout_weights(
+                self.learner, self.workers, self.sync_plan, dtype=self.cfg.model.dtype, cuda_ipc=colocated
+            )
+            if colocated:
+                ray.get([w.wake_up.remote(["kv_cache"]) for w in self.workers])
+            metrics.update(sync.as_metrics())
+            timer.lap("sync")
+        else:
+            log.warning("step %d: no group had reward variance (or every group had a reward error); no update", step)
+        for name, count in self.router.error_counts().items():
+            metrics[f"reward/{name}/errors"] = count
+        for name, count in self.router.out_of_range_counts().items():
+            metrics[f"reward/{name}/out_of_range"] = count
+        self.router.check_error_rate()
+        metrics.update(timer.as_metrics())
+        return metrics
+
+    def score(self, rows: list[Row], completions: list[list[Completion]]) -> list[list[float | None]]:
+        inputs = [reward_input(row, c) for row, group in zip(rows, completions) for c in group]
+        flat = [r.reward for r in self.router.score(inputs)]
+        g = len(completions[0]) if completions else 0
+        return [flat[i * g : (i + 1) * g] for i in range(len(completions))]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def driver_state(self) -> dict:
+        """Every piece of driver state an exact resume needs, as a JSON copy that later steps do not touch."""
+        state = {
+            "sampler": self.sampler.state_dict(),
+            "router": self.router.state_dict(),
+            "rollout_valid_rate": self.scheduler.valid_rate,  # sizes seamless refills: same dispatch after resume
+            "rng": capture_rng(),
+            "eval_sft": self.sft_eval,
+        }
+        return json.loads(json.dumps(state))
+
+    def save_checkpoint(self, step: int, state: dict | None = None) -> Checkpoint:
+        """The policy, the optimizer and the driver state (now, or `state` taken when the learner was as it is now),
+        written atomically."""
+        ckpt = save_checkpoint(
+            self.out_dir,
+            step,
+            lambda directory: self.learner.save_checkpoint(str(directory)),
+            state or self.driver_state(),
+            self.cfg,
+            self.cfg.trainer.keep_last,
+        )
+        self.saved_step = step
+        return ckpt
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from `ckpt`: learner weights and optimizer, prompt order, reward counters, RNGs, step counter.
+
+        The rollout workers were started from the checkpoint's policy. A data set whose size changed cannot continue
+        its saved order; with --force the order starts over (the step counter still decides how many steps remain).
+        """
+        self.learner.load_checkpoint(str(ckpt.path))
+        try:
+            self.sampler.load_state_dict(ckpt.state["sampler"])
+        except ValueError as exc:
+            if not self.force:
+                raise CheckpointError(
+                    f"checkpoint {ckpt.path}: the training data changed ({exc}); pass --force to resume with the "
+                    "data order started over"
+                ) from None
+            log.warning("--force: the data order starts over (%s)", exc)
+        self.router.load_state_dict(ckpt.state["router"])
+        self.scheduler.valid_rate = ckpt.state["rollout_valid_rate"]
+        restore_rng(ckpt.state["rng"])
+        self.start_step = self.saved_step = ckpt.step
+        self.sft_eval = ckpt.state["eval_sft"]
+        console.print(f"resuming from {ckpt.path} (step {ckpt.step} of {self.cfg.trainer.max_steps})")
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict:
+        """Greedy decoding on the held-out rows: "reward" and "response_length" (tokens), each per task and as
+        the mean over tasks, and which "prompts" (prompt_set). Lengths show what the reports watch: reasoning
+        answers grow, grounding ones shrink."""
+        rows = self._eval_subset()
+        prompts = [self.encode(row) for row in rows]
+        greedy = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True)
+        completions = generate_in_order(self.workers, prompts, greedy, seeds=[0] * len(prompts))
+        rewards = self.score(rows, completions)
+        by_task: dict[str, list[tuple[float, int]]] = defaultdict(list)
+        for row, (r,), (c,) in zip(rows, rewards, completions):
+            by_task[row.task].append((0.0 if r is None else r, len(c.token_ids)))
+        result = {}
+        for k, name in enumerate(("reward", "response_length")):
+            per_task = {task: _mean(x[k] for x in xs) for task, xs in sorted(by_task.items())}
+            result[name] = {**per_task, "mean": _mean(per_task.values())}
+        return {**result, "prompts": prompt_set(rows)}
+
+    def _same_eval_prompts(self, sft_eval: dict) -> bool:
+        """Whether the SFT score (from the checkpoint, on a resume) was taken on the prompts the policy's will be:
+        a resume with other `eval.*` settings would otherwise compare scores of different prompt sets."""
+        current = prompt_set(self._eval_subset())
+        if sft_eval.get("prompts") == current:
+            return True
+        saved = sft_eval.get("prompts", {}).get("count", "an unrecorded number of")
+        log.warning(
+            "the SFT checkpoint was evaluated on %s held-out prompts, the policy will be on %d others (eval.* changed "
+            "on resume): no SFT score or delta is reported; resume with the original eval settings to compare",
+            saved,
+            current["count"],
+        )
+        return False
+
+    def _eval_subset(self) -> list[Row]:
+        cap = self.cfg.eval.max_prompts_per_task
+        if cap is None:
+            return self.eval_rows
+        taken: dict[str, int] = defaultdict(int)
+        subset = []
+        for row in self.eval_rows:
+            if taken[row.task] < cap:
+                taken[row.task] += 1
+                subset.append(row)
+        return subset
+
+    def close(self) -> None:
+        """Stop every process the run started (Ray's too, when the run started Ray) and free the run directory."""
+        self.router.close()
+        for actor in self.workers:
+            ray.kill(actor)
+        self.learner.close()
+        if self.owns_ray:
+            ray.shutdown()
+        self.stop.uninstall()
+        self.run_lock.release()
+
+
+def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[str, float]]:
+    """Flatten the accepted groups into sequences, each with its group-normalised advantage."""
+    batch = TrainBatch([], [], [], [])
+    if not groups:
+        return batch, {}
+    advantages = group_advantages(torch.tensor([g.rewards for g in groups]), adv_eps)
+    for i, group in enumerate(groups):
+        for j, completion in enumerate(group.completions):
+            batch.prompts.append(group.encoded)
+            batch.responses.append(completion.token_ids)
+            batch.rollout_logprobs.append(completion.logprobs)
+            batch.advantages.append(advantages[i, j].item())
+    adv = torch.tensor(batch.advantages)
+    return batch, {
+        "advantage/mean": adv.mean().item(),
+        "advantage/std": adv.std(unbiased=False).item(),
+        "advantage/abs_mean": adv.abs().mean().item(),
+        "advantage/max": adv.max().item(),
+        "advantage/min": adv.min().item(),
+    }
+
+
+class _Scored(NamedTuple):
+    """One scored sample, as the step metrics see it."""
+
+    reward: float
+    length: int  # response tokens
+    empty_answer: bool  # nothing but blanks after the last </think>
+
+
+def reward_metrics(groups: list[Group]) -> dict[str, float]:
+    """Reward, pass rate (full reward), response length and empty-answer rate over every group of the step,
+    overall and per task.
+
+    An empty answer (nothing after the last ``</think>``) scores 0 like a wrong one, so rewards alone do not show
+    it; with no format reward, negative advantages on a wrong answer can move its probability onto ending the
+    response right after ``</think>``; ``empty_answer/<task>`` rising is that collapse.
+    """
+    per_task: dict[str, list[_Scored]] = defaultdict(list)
+    for group in groups:
+        for r, c in zip(group.rewards, group.completions):
+            if r is not None:
+                per_task[group.task].append(_Scored(r, len(c.token_ids), not split_think(c.text).strip()))
+    everything = [x for xs in per_task.values() for x in xs]
+    metrics = {
+        "reward/mean": _mean(x.reward for x in everything),
+        "response_length/mean": _mean(x.length for x in everything),
+    }
+    for task, xs in sorted(per_task.items()):
+        metrics[f"reward/{task}"] = _mean(x.reward for x in xs)
+        metrics[f"pass_rate/{task}"] = _mean(float(x.reward >= 1.0) for x in xs)
+        metrics[f"response_length/{task}"] = _mean(x.length for x in xs)
+        metrics[f"empty_answer/{task}"] = _mean(float(x.empty_answer) for x in xs)
+    return metrics
+
+
+def prompt_set(rows: list[Row]) -> dict:
+    """How many prompts, and a digest of which: two evaluations compare only on the same set."""
+    digest = hashlib.sha256("\n".join(f"{row.task}/{row.id}" for row in rows).encode()).hexdigest()[:16]
+    return {"count": len(rows), "digest": digest}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = now - self.last
+        self.last = now
+
+    def as_metrics(self) -> dict[str, float]:
+        return {**{f"time/{k}": v for k, v in self.phases.items()}, "time/step": time.perf_counter() - self.start}

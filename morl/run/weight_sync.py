@@ -1,0 +1,218 @@
+"""Learner -> rollout weight sync: size-bounded buckets, one transfer call per bucket, timed.
+
+    plan_buckets      group parameters (by name and size) into consecutive buckets of at most max_bytes,
+                      never splitting a transformer block (vLLM reloads whole layers)
+    pack_bucket       one flat buffer per bucket: the unit every transport moves (a Ray object on CPU,
+                      or a CUDA IPC handle when vLLM shares the learner's GPU)
+    sync_weights      the loop: bucket k+1 is fetched while bucket k loads; seconds, bytes, GB/s
+    check_logprob_mismatch
+                      the stale-weights guard: the trainer calls it with the learner's log-prob gap,
+                      measured on the first rollout after a sync
+
+Buckets bound the memory a sync needs on both sides (ZeRO-3 gathers one bucket of shards at a
+time) and keep the number of calls small: a 7B model is ~16 buckets of 1 GiB, not ~700 tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Bucket:
+    names: tuple[str, ...]
+    nbytes: int
+
+
+_BLOCK = re.compile(r"^(.*?\.(?:layers|blocks)\.\d+)\.")
+
+
+def weight_unit(name: str) -> str:
+    """What a parameter must travel with: its transformer block (`...layers.3`, `...visual.blocks.0`), else its module.
+
+    vLLM reloads weights layer by layer and fuses HF modules (q, k, v into one qkv layer; gate and up into one): a
+    layer whose parameters arrived in two buckets would be processed half-loaded. Whole blocks cover every fusion.
+    """
+    if match := _BLOCK.match(name):
+        return match.group(1)
+    return name.rsplit(".", 1)[0]
+
+
+def plan_buckets(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[Bucket]:
+    """Consecutive parameters packed greedily up to `max_bytes`, a `weight_unit` never split; a unit larger than
+    that travels alone."""
+    if max_bytes <= 0:
+        raise ValueError(f"bucket size must be positive, got {max_bytes} bytes")
+    buckets: list[Bucket] = []
+    names: list[str] = []
+    total = 0
+    for _, members in itertools.groupby(sizes, key=lambda item: weight_unit(item[0])):
+        members = list(members)
+        nbytes = sum(size for _, size in members)
+        if names and total + nbytes > max_bytes:
+            buckets.append(Bucket(tuple(names), total))
+            names, total = [], 0
+        names.extend(name for name, _ in members)
+        total += nbytes
+    if names:
+        buckets.append(Bucket(tuple(names), total))
+    return buckets
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]
+    offset: int  # in elements of the bucket's flat buffer
+
+
+@dataclass
+class PackedBucket:
+    """Named tensors laid end to end in one flat buffer of a single dtype.
+
+    Exactly one of `flat` (the buffer itself) and `cuda_ipc` (a handle to a buffer on the
+    sender's GPU, from `torch.multiprocessing.reductions.reduce_tensor`) is set.
+    """
+
+    metas: list[TensorMeta]
+    flat: torch.Tensor | None = None
+    cuda_ipc: tuple[Callable[..., torch.Tensor], tuple[Any, ...]] | None = None
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, view into the buffer) for each tensor, in packing order."""
+        flat = self.flat if self.flat is not None else _open_cuda_ipc(self.cuda_ipc)
+        return [(m.name, flat[m.offset : m.offset + math.prod(m.shape)].view(m.shape)) for m in self.metas]
+
+    def to_cpu(self) -> PackedBucket:
+        return PackedBucket(self.metas, flat=self.flat.cpu())
+
+    def shared_by_cuda_ipc(self) -> PackedBucket:
+        """The same bucket as a CUDA IPC handle: the receiver maps the sender's buffer, no copy."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        return PackedBucket(self.metas, cuda_ipc=reduce_tensor(self.flat))
+
+
+def pack_bucket(named: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype) -> PackedBucket:
+    """Copy the tensors (cast to `dtype`) into one new flat buffer on the first tensor's device."""
+    if not named:
+        raise ValueError("cannot pack an empty bucket")
+    metas, offset = [], 0
+    for name, tensor in named:
+        metas.append(TensorMeta(name, tuple(tensor.shape), offset))
+        offset += tensor.numel()
+    flat = torch.empty(offset, dtype=dtype, device=named[0][1].device)
+    for meta, (_, tensor) in zip(metas, named):
+        flat[meta.offset : meta.offset + tensor.numel()].copy_(tensor.reshape(-1))
+    return PackedBucket(metas, flat=flat)
+
+
+def _open_cuda_ipc(handle: tuple[Callable[..., torch.Tensor], tuple[Any, ...]]) -> torch.Tensor:
+    rebuild, args = handle
+    args = list(args)
+    args[6] = torch.cuda.current_device()  # the storage's device, as this process numbers it
+    return rebuild(*args)
+
+
+class SharedBuckets:
+    """Keeps the sender's last two CUDA-IPC-shared buffers alive.
+
+    The sync loop fetches one bucket ahead, so when bucket k + 2 is packed, bucket k has been
+    loaded by every receiver and its buffer may go.
+    """
+
+    def __init__(self, depth: int = 2):
+        self._alive: deque[PackedBucket] = deque(maxlen=depth)
+
+    def share(self, bucket: PackedBucket) -> PackedBucket:
+        self._alive.append(bucket)
+        return bucket.shared_by_cuda_ipc()
+
+    def release(self) -> None:
+        self._alive.clear()
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    seconds: float
+    nbytes: int
+    buckets: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.nbytes / 1e9 / self.seconds if self.seconds > 0 else float("inf")
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            "weight_sync/seconds": self.seconds,
+            "weight_sync/gb": self.nbytes / 1e9,
+            "weight_sync/gb_per_s": self.gb_per_s,
+            "weight_sync/buckets": float(self.buckets),
+        }
+
+
+def sync_weights(plan: Sequence[Bucket], fetch: Callable[[Bucket], Any], deliver: Callable[[Any], None]) -> SyncStats:
+    """Move every bucket of `plan`: `fetch(bucket)` gets it from the learner (a value or a future),
+    `deliver(fetched)` loads it into every rollout engine and returns when they are done.
+
+    Bucket k + 1 is fetched before bucket k is delivered, so with asynchronous fetches (Ray
+    futures) the learner packs the next bucket while the engines load the current one.
+    """
+    start = time.perf_counter()
+    pending = fetch(plan[0]) if plan else None
+    for k in range(len(plan)):
+        ahead = fetch(plan[k + 1]) if k + 1 < len(plan) else None
+        deliver(pending)
+        pending = ahead
+    return SyncStats(time.perf_counter() - start, sum(b.nbytes for b in plan), len(plan))
+
+
+def sync_rollout_weights(
+    learner, workers: Sequence[Any], plan: Sequence[Bucket], *, dtype: str, cuda_ipc: bool
+) -> SyncStats:
+    """`sync_weights` between a `morl.learner.group.LearnerGroup` and `RolloutWorker` Ray actors.
+
+    `cuda_ipc` (vLLM colocated on the learner's GPU) sends handles instead of bytes; otherwise each
+    bucket travels once through Ray's object store (CPU), shared by all workers.
+    """
+    import ray
+
+    def deliver(ref) -> None:
+        ray.get([w.load_weights.remote(ref) for w in workers])
+
+    stats = sync_weights(plan, lambda b: learner.weight_bucket(list(b.names), dtype, cuda_ipc), deliver)
+    if cuda_ipc:
+        learner.release_shared_buckets()
+    return stats
+
+
+class StaleWeightsError(RuntimeError):
+    """Rollout and learner log-probs disagree right after a weight sync: the engines sampled other weights."""
+
+
+def check_logprob_mismatch(mismatch: float, threshold: float | None, step: int) -> None:
+    """Stop the run when the rollout-vs-learner log-prob gap passes `learner.max_logprob_mismatch`.
+
+    `mismatch` is the learner's `logprob_mismatch` metric (mean |rollout - learner| log-prob per
+    response token) of a batch sampled right after a weight sync, before the update; a gap there
+    means the engines did not sample with the learner's weights. `threshold=None` turns the guard off.
+    """
+    if threshold is None:
+        return
+    if not math.isfinite(mismatch) or mismatch > threshold:
+        raise StaleWeightsError(
+            f"step {step}: rollout-vs-learner log-prob mismatch is {mismatch:.4g} per response token, above "
+            f"learner.max_logprob_mismatch={threshold:g}. The rollout engines sampled with weights other than the "
+            "learner's (a failed or partial weight sync, or a rollout dtype far from the learner's), so the run stops "
+            "rather than train on stale samples. Check the previous step's weight_sync/* metrics, or raise "
+            "learner.max_logprob_mismatch if this gap is expected (e.g. bfloat16 rollouts of a float32 learner)."
+        )

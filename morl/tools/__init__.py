@@ -1,0 +1,1 @@
+"""Offline commands around training: the pass-rate filter, run comparison, hardware preflight."""

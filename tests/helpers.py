@@ -1,0 +1,207 @@
+"""What several test modules share: the tiny toy world's settings, the CLI in a fresh process, a small real
+filesystem, listening sockets, tiny reward models, and the rollout-vs-learner log-prob gap."""
+
+import contextlib
+import ipaddress
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
+
+from morl.learner.logprobs import response_logprobs
+from morl.rewards.preference import Qwen2_5_VLForSequenceClassification
+from morl.rewards.types import RewardInput
+from morl.toy.model import build_model, build_processor, build_tokenizer, save_checkpoint
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+
+
+# --- the tiny toy world and the CLI ---------------------------------------------------------------------------
+
+# The same toy-world settings as the end-to-end test passes on the command line, so its run reuses this build.
+TINY_WORLD = dict(train_per_task=16, eval_per_task=4, sft_steps=40, sft_batch_size=8)
+
+OVERRIDES = [
+    *(f"toy_world.{key}={value}" for key, value in TINY_WORLD.items()),
+    "trainer.max_steps=2",
+    "trainer.prompts_per_step=4",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=12",
+    "algo.dynamic_sampling=false",
+    "rewards.num_workers=1",
+    # a registered custom reward (by module, as users do), whose groups always vary: a 2-step run must learn
+    "rewards.modules=[reward_fixtures]",
+    *(f"rewards.routes.{task}=[{{fn: fixture_length}}]" for task in ("counting", "grounding", "math", "choice")),
+]
+
+
+def morl_train(world, out_dir, *extra):
+    cmd = [sys.executable, "-m", "morl.cli", "train", str(REPO / "recipes" / "quickstart.yaml"), f"toy_world.root={world}",
+           *OVERRIDES, *extra, "--output-dir", str(out_dir)]
+    # a fresh process, as a user starts it: no torch.distributed variables left by in-process learner tests
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK",
+                                                             "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+# --- processes and sockets -----------------------------------------------------------------------------------
+
+
+def listeners(root: psutil.Process) -> dict[psutil.Process, list[tuple[str, int]]]:
+    """Every listening TCP socket of `root` and its descendants, by process."""
+    found = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            sockets = [c.laddr for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+        found[process] = [(addr.ip, addr.port) for addr in sockets]
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # a dual-stack socket bound to ::ffff:127.0.0.1
+    return (mapped or address).is_loopback
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size_kib: int) -> Iterator[Path]:
+    """A tmpfs of `size_kib` KiB mounted at `path` (created), unmounted afterwards; skips where mounting is refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+# --- tiny reward models --------------------------------------------------------------------------------------
+
+CORPUS = [
+    "How many red squares are in the picture? There are three red squares.",
+    "What colour is the circle? The circle is blue, I am quite sure.",
+    "Describe the image: a small green triangle next to a large yellow box.",
+] * 4
+
+HEAD_STD = 0.3  # a score head wide enough that sigmoid(score) spreads over (0, 1) instead of sitting at 0.5
+
+
+def build_text_rm(out: Path) -> Path:
+    """A 2-layer Qwen2 sequence classifier (num_labels=1) with the toy tokenizer and its chat template."""
+    tokenizer = build_tokenizer(CORPUS, vocab_size=320)
+    config = Qwen2Config(
+        vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=HEAD_STD)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_vl_rm(out: Path) -> Path:
+    """The toy Qwen2.5-VL with a scalar head: the multimodal reward-model format."""
+    tokenizer = build_tokenizer(CORPUS, vocab_size=320)
+    config = build_model(tokenizer, seed=0).config
+    config.num_labels = 1
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=HEAD_STD)
+    save_checkpoint(model, build_processor(tokenizer), out)
+    return out
+
+
+def write_image(path: Path, colour: tuple[int, int, int]) -> str:
+    image = Image.new("RGB", (112, 112), (255, 255, 255))
+    image.paste(Image.new("RGB", (48, 48), colour), (20, 30))
+    image.save(path)
+    return str(path)
+
+
+def text_samples() -> list[RewardInput]:
+    """Responses of different lengths, with the prompt given each way a sample can carry it."""
+    return [
+        RewardInput.from_text("<think>count</think>There are three red squares.", "caption", {},
+                              meta={"prompt": "How many red squares are in the picture?"}),
+        RewardInput.from_text("blue", "caption", {}, meta={"prompt": "What colour is the circle?"}),
+        RewardInput.from_text("A small green triangle next to a large yellow box, I am quite sure.", "caption", {},
+                              meta={"messages": [{"role": "user", "content": [{"type": "text", "text": "Describe"}]}]}),
+        RewardInput.from_text("The circle is blue.", "caption", {}),
+        RewardInput.from_text("three", "caption", {}, meta={"prompt": "How many red squares are in the picture?"}),
+    ]
+
+
+def vl_samples(images):
+    red, blue = images
+    ask = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}
+    return [
+        RewardInput.from_text("red", "caption", {}, images=(red,), meta={"messages": [ask]}),
+        RewardInput.from_text("red", "caption", {}, images=(blue,), meta={"messages": [ask]}),
+        RewardInput.from_text("The square is blue, I am quite sure.", "caption", {}, images=(blue,),
+                              meta={"prompt": "What colour is the square?"}),
+        RewardInput.from_text("a square", "caption", {}, images=(red, blue)),
+        RewardInput.from_text("no image at all", "caption", {}, meta={"prompt": "Say something."}),
+    ]
+
+
+def reference_text_rewards(path: Path, samples: list[RewardInput]) -> list[float]:
+    """sigmoid(score) of each conversation, one at a time straight from transformers: no padding, no scorer code."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    rewards = []
+    for sample in samples:
+        prompt = _prompt_text(sample)
+        turns = ([{"role": "user", "content": prompt}] if prompt else []) + [
+            {"role": "assistant", "content": sample.response}
+        ]
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+        with torch.no_grad():
+            logit = model(**tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0]
+        rewards.append(torch.sigmoid(logit).item())
+    return rewards
+
+
+def _prompt_text(sample: RewardInput) -> str | None:
+    if "messages" in sample.meta:
+        return "".join(p["text"] for m in sample.meta["messages"] for p in m["content"])
+    return sample.meta.get("prompt")
+
+
+# --- engines ---------------------------------------------------------------------------------------------------
+
+
+def learner_logprob_gap(hf_model, processor, engine, prompts, groups, temperature: float) -> float:
+    """Mean |rollout - learner| log-prob per response token; the learner is an HF forward of the same weights."""
+    flat = [c for g in groups for c in g]
+    with torch.no_grad():
+        logprobs, mask = response_logprobs(
+            hf_model,
+            [p for p, g in zip(prompts, groups) for _ in g],
+            [c.token_ids for c in flat],
+            config=hf_model.config,
+            pad_id=processor.tokenizer.pad_token_id,
+            temperature=temperature,
+            banned_ids=engine.banned_ids,
+        )
+    rollout = torch.zeros(logprobs.shape)
+    for i, c in enumerate(flat):
+        rollout[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    return (((logprobs.float().cpu() - rollout).abs() * mask.cpu()).sum() / mask.sum()).item()

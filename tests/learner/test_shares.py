@@ -1,0 +1,60 @@
+"""Splitting a rollout batch over learner ranks: balanced, complete, and every rank in step with the others."""
+
+import random
+
+import pytest
+
+from morl.learner.shares import MicroBatch, balanced_shares, rank_micro_batches
+
+
+def test_shares_balance_tokens_longest_first():
+    tokens = [50, 10, 40, 30, 20]
+    # 50 -> rank 0; 40 -> rank 1; 30 -> rank 1 (40 < 50); 20 -> rank 0 (50 < 70); 10 -> rank 0 (a tie: the lower)
+    assert balanced_shares(tokens, 2) == [[0, 1, 4], [2, 3]]
+    assert balanced_shares(tokens, 1) == [[0, 1, 2, 3, 4]]  # one rank: the batch as it is
+    assert balanced_shares([5, 5], 3) == [[0], [1], []]  # more ranks than sequences: some get none
+
+
+def plans(tokens, images, indices, ranks, size):
+    return [rank_micro_batches(indices, tokens, images, ranks=ranks, rank=r, size=size) for r in range(ranks)]
+
+
+def test_one_rank_runs_text_first_then_images_without_fillers():
+    tokens, images = [3, 9, 4, 7, 1], [True, False, True, True, False]
+    (plan,) = plans(tokens, images, range(5), ranks=1, size=2)
+    assert plan == [MicroBatch((1, 4)), MicroBatch((0, 2)), MicroBatch((3,))]
+
+
+def test_a_short_rank_and_a_rank_without_images_get_fillers():
+    tokens = [30, 10, 20, 5, 25]
+    images = [True, True, False, True, True]
+    rank0, rank1 = plans(tokens, images, range(5), ranks=2, size=1)
+    # shares: [0, 1, 3] (30 + 10 + 5) and [2, 4] (20 + 25), text-only first
+    assert [m.rows for m in rank0] == [(0,), (1,), (3,)]
+    assert [m.rows for m in rank1] == [(2,), (4,), ()]
+    assert rank1[0].filler == 3  # sequence 2 has no image while rank 0 runs one: the cheapest with an image
+    assert rank1[2].filler == 3  # nothing left to run, and rank 0 runs an image
+    assert rank1[0].forward_rows == (2, 3) and rank1[2].forward_rows == (3,)
+    assert all(m.filler is None for m in (*rank0, rank1[1]))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_sequence_counts_once_and_ranks_stay_in_step(seed):
+    rng = random.Random(seed)
+    n, ranks, size = rng.randint(1, 13), rng.randint(1, 4), rng.randint(1, 3)
+    tokens = [rng.randint(1, 50) for _ in range(n)]
+    images = [rng.random() < 0.6 for _ in range(n)]
+    indices = sorted(rng.sample(range(n), rng.randint(1, n)))  # a GRPO mini-batch is a part of the batch
+    per_rank = plans(tokens, images, indices, ranks, size)
+    counted = sorted(i for plan in per_rank for m in plan for i in m.rows)
+    assert counted == indices
+    assert len({len(plan) for plan in per_rank}) == 1  # the same number of passes on every rank
+    last = [any(images[i] for i in m.forward_rows) for m in (plan[-1] for plan in per_rank)]
+    assert all(last) == any(images[i] for i in indices)  # the vision tower runs last whenever it runs
+    for slot in zip(*per_rank):
+        vision = [any(images[i] for i in m.forward_rows) for m in slot]
+        assert len(set(vision)) == 1  # the vision tower runs on every rank or on none
+        assert all(m.forward_rows and len(m.rows) <= size for m in slot)
+        assert all(m.filler is None or m.filler in indices for m in slot)
+    loads = [sum(tokens[i] for m in plan for i in m.rows) for plan in per_rank]
+    assert max(loads) - min(loads) <= max(tokens[i] for i in indices)  # balanced up to one sequence

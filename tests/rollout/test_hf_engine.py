@@ -1,0 +1,118 @@
+"""The HF rollout engine on a tiny real Qwen2.5-VL: groups, log-probs, stop handling, vision tokens."""
+
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from morl.algo.core import token_logprobs
+from morl.data.loading import load_dataset
+from morl.learner.logprobs import response_logprobs
+from morl.data.encoding import PromptEncoder, PromptTooLongError, UnsupportedInputError
+from morl.rollout.hf_engine import HFEngine, SeededSampler, vision_token_ids
+from morl.rollout.types import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def world(toy_world):
+    processor = AutoProcessor.from_pretrained(toy_world / "sft")
+    rows = load_dataset(toy_world / "data" / "counting" / "train.jsonl", known_tasks=None).rows[:3]
+    prompts = [PromptEncoder(processor, 4096)(row) for row in rows]
+    return processor, rows, prompts, HFEngine(str(toy_world / "sft"), None, "float32")
+
+
+def test_groups_and_logprobs_match_a_teacher_forced_forward(world):
+    processor, _, prompts, engine = world
+    groups = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=10), seeds=[3, 4, 5])
+    assert len(groups) == 3 and all(len(g) == 4 for g in groups)
+    flat = [c for g in groups for c in g]
+    for c in flat:
+        assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
+        assert c.finish_reason == ("stop" if c.token_ids[-1] in engine.stop_ids else "length")
+    with torch.no_grad():
+        logprobs, mask = response_logprobs(
+            engine.model,
+            [p for p in prompts for _ in range(4)],
+            [c.token_ids for c in flat],
+            config=engine.model.config,
+            pad_id=processor.tokenizer.pad_token_id,
+            banned_ids=engine.banned_ids,
+        )
+    rollout = torch.zeros_like(logprobs)
+    for i, c in enumerate(flat):
+        rollout[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    assert ((logprobs - rollout).abs() * mask).max() < 1e-3
+
+
+def tokens(groups):
+    return [[c.token_ids for c in g] for g in groups]
+
+
+def test_a_prompts_samples_depend_on_its_seed_not_on_its_batch(world):
+    _, _, prompts, engine = world
+    sampling = SamplingParams(n=3, max_new_tokens=8)
+    together = tokens(engine.generate(prompts, sampling, seeds=[7, 8, 9]))
+    alone = [tokens(engine.generate([p], sampling, seeds=[s]))[0] for p, s in zip(prompts, [7, 8, 9])]
+    reordered = tokens(engine.generate(prompts[::-1], sampling, seeds=[9, 8, 7]))[::-1]
+    assert together == alone == reordered
+    assert tokens(engine.generate(prompts, sampling, seeds=[1, 2, 3])) != together
+
+
+def test_seeded_sampler_draws_from_the_softmax():
+    """Gumbel-max per row: token frequencies match softmax(logits / T), top-p cuts the tail."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    counts = torch.zeros(4)
+    sampler = SeededSampler([11], temperature=1.0, top_p=1.0)
+    for _ in range(4000):
+        counts[sampler(None, logits).argmax()] += 1
+    assert torch.allclose(counts / 4000, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    top_p = SeededSampler([11], temperature=1.0, top_p=0.7)
+    picked = {top_p(None, logits).argmax().item() for _ in range(500)}
+    assert picked == {0, 1}
+
+
+def test_should_stop_ends_the_call_early(world):
+    _, _, prompts, engine = world
+    calls = []
+    groups = engine.generate(
+        prompts, SamplingParams(n=2, max_new_tokens=30), seeds=[0, 1, 2], should_stop=lambda: calls.append(1) or len(calls) > 3
+    )
+    unfinished = [c for g in groups for c in g if c.finish_reason != "stop"]
+    assert unfinished and all(c.finish_reason == "abort" and len(c.token_ids) < 30 for c in unfinished)
+
+
+def test_vision_placeholders_are_never_sampled(world):
+    processor, _, prompts, engine = world
+    banned = vision_token_ids(processor.tokenizer)
+    assert len(banned) == 4
+    head = engine.model.get_output_embeddings().weight
+    saved = head.data.clone()
+    try:
+        with torch.no_grad():
+            # make <|image_pad|> the most likely next token by far (its input embedding is unused:
+            # image positions take the vision features)
+            head[processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 50 * head.abs().max()
+        groups = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=6), seeds=[1, 2, 3])
+    finally:
+        head.data.copy_(saved)
+    assert not {t for g in groups for c in g for t in c.token_ids} & set(banned)
+
+
+def test_banned_tokens_have_zero_probability():
+    logits = torch.zeros((1, 1, 5))
+    assert token_logprobs(logits, torch.tensor([[2]]), banned_ids=[2]).item() == float("-inf")
+
+
+def test_long_multimodal_prompt_is_refused(world):
+    processor, rows, _, _ = world
+    with pytest.raises(PromptTooLongError, match=rows[0].id):
+        PromptEncoder(processor, max_prompt_tokens=20)(rows[0])
+
+
+def test_video_prompt_is_refused_by_name(world):
+    processor, rows, _, _ = world
+    video_row = rows[0].model_copy(update={"messages": [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "When does it move?"}]}
+    ], "images": []})
+    video_row = type(rows[0]).model_validate(video_row.model_dump())
+    with pytest.raises(UnsupportedInputError, match=rows[0].id):
+        PromptEncoder(processor, max_prompt_tokens=4096)(video_row)

@@ -1,0 +1,210 @@
+"""The rollout scheduler: refill, give-up, FIFO early termination, abort, and seamless == synchronous batches.
+
+The scheduler runs here for real: real Ray rollout-worker actors, the real reward router and sandbox,
+the real prompt source. Only the engine inside the workers is scripted (each prompt's responses and
+generation time are fixed), so group order, variance and timing are under the test's control. The
+HF engine itself is tested in test_rollout.py, and with the scheduler in the last test here.
+"""
+
+import functools
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from morl.data.loading import LoadedDataset
+
+from morl.data.rows import Row
+from morl.data.encoding import EncodedPrompt
+from morl.data.source import PromptSource
+from morl.rewards.config import RewardsConfig
+from morl.rewards.router import RewardRouter
+from morl.rollout.types import Completion, SamplingParams
+from morl.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
+from morl.run.collection import RolloutAbandoned, RolloutScheduler
+
+# Ray workers cannot import this test module: ship the scripted engine to them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+G = 4
+RIGHT, WRONG = "\\boxed{3}", "\\boxed{2}"
+MIXED = [RIGHT, WRONG, WRONG, RIGHT]
+
+
+class ScriptedEngine:
+    """Answers each prompt with its scripted responses after its scripted delay; honours should_stop.
+
+    The script travels in the encoded prompt's id ("kind:delay"), so one pair of workers serves every test.
+    """
+
+    def generate(self, prompts, sampling, seeds, should_stop=None):
+        groups = []
+        for prompt in prompts:
+            kind, delay = prompt.row_id.split(":")
+            delay, responses = float(delay), RESPONSES[kind]
+            end = time.perf_counter() + delay
+            while time.perf_counter() < end and not (should_stop and should_stop()):
+                time.sleep(0.005)
+            stopped = should_stop is not None and should_stop()
+            groups.append([Completion([7] * (3 + j), text, [-0.5] * (3 + j), "abort" if stopped else "stop")
+                           for j, text in enumerate(responses)])
+        return groups
+
+    def load_weights(self, named_tensors):
+        pass
+
+
+RESPONSES = {"mixed": MIXED, "easy": [RIGHT] * G, "hard": [WRONG] * G}
+
+
+def rows(kinds: list[str], delays: list[float] | None = None) -> LoadedDataset:
+    delays = delays or [0.01] * len(kinds)
+    return LoadedDataset(Path("scripted.jsonl"), [
+        Row(id=f"p{i}", task="counting", messages=[{"role": "user", "content": "how many?"}], images=[],
+            label={"count": 3}, meta={"script": f"{kind}:{delay}"})
+        for i, (kind, delay) in enumerate(zip(kinds, delays))
+    ])
+
+
+@pytest.fixture(scope="module")
+def router():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    r = RewardRouter(RewardsConfig(routes={"counting": [{"fn": "counting"}]}, num_workers=1))
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def pool(router):
+    actor = ray.remote(num_cpus=0, concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
+    workers = [actor.remote(ScriptedEngine, 1) for _ in range(2)]
+    ray.get([w.load_weights.remote({}) for w in workers])  # started, so tests time only the scheduling
+    yield workers
+    for w in workers:
+        ray.kill(w)
+
+
+def make_scheduler(pool, router, kinds, delays=None, *, mode="seamless", refill=4, dynamic=True):
+    # one dataset with weight 1 and alpha 0: draws follow the epoch permutation; the test reads the order back
+    source = PromptSource([rows(kinds, delays)], [1.0], seed=0, easy_pool_alpha=0.0)
+    encode = lambda row: EncodedPrompt(row.meta["script"], [1, 2], None, None)  # noqa: E731
+    scheduler = RolloutScheduler(
+        pool, router, encode, source, SamplingParams(n=G),
+        mode=mode, dynamic_sampling=dynamic, max_refill_rounds=refill, prompts_per_call=1,
+        calls_per_worker=2, run_seed=0,
+    )
+    return scheduler, source
+
+
+def stream_order(n: int, kinds) -> list[str]:
+    src = PromptSource([rows(kinds)], [1.0], seed=0, easy_pool_alpha=0.0)
+    return [src.draw().row.id for _ in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["seamless", "synchronous"])
+def test_zero_variance_groups_are_dropped_and_the_batch_refilled(pool, router, mode):
+    kinds = ["mixed", "easy", "hard"] * 6
+    scheduler, source = make_scheduler(pool, router, kinds, mode=mode)
+    batch = scheduler.collect(4)
+    assert len(batch.groups) == 4
+    assert all(not g.zero_variance and not g.errored for g in batch.groups)
+    order = stream_order(len(kinds), kinds)
+    mixed_in_order = [i for i in order if kinds[int(i[1:])] == "mixed"]
+    assert [g.prompt.row.id for g in batch.groups] == mixed_in_order[:4]  # the first four valid, by dispatch
+    assert batch.metrics["groups/dropped_zero_variance"] == len(batch.decided) - 4
+    assert batch.metrics["rollout/refill_rounds"] >= 1
+    # everything dispatched after the last group taken went back to the source: the next draw is the next prompt
+    assert source.draw().row.id == order[len(batch.decided)]
+
+
+def test_easy_groups_go_to_the_easy_pool(pool, router):
+    kinds = ["easy", "mixed", "mixed", "hard"] * 3
+    scheduler, source = make_scheduler(pool, router, kinds)
+    batch = scheduler.collect(3)
+    easy = {g.prompt.key for g in batch.decided if g.all_correct}
+    assert easy and set(source.easy_pool) == easy
+
+
+def test_gives_up_after_max_refill_rounds_and_trains_on_what_it_has(pool, router, caplog):
+    kinds = ["mixed"] + ["hard"] * 30
+    order = stream_order(31, kinds)
+    scheduler, _ = make_scheduler(pool, router, kinds, refill=2)
+    with caplog.at_level("WARNING", logger="morl.rollout"):
+        batch = scheduler.collect(4)
+    assert batch.metrics["rollout/prompts_dispatched"] == 4 * (1 + 2)  # the budget, not one prompt more
+    assert batch.metrics["rollout/gave_up"] == 1.0
+    valid_in_budget = [i for i in order[:12] if i == "p0"]
+    assert len(batch.groups) == len(valid_in_budget)
+    assert "max_refill_rounds" in caplog.text
+
+
+def test_fifo_waits_for_an_early_slow_group_and_aborts_the_rest(pool, router):
+    # the first prompt of the stream is slow; later ones are fast. The batch must still be the first two
+    # dispatched (never the first two to finish), and calls still running at the end are aborted.
+    kinds = ["mixed"] * 12
+    order = stream_order(12, kinds)
+    delays = [0.05] * 12
+    delays[int(order[0][1:])] = 1.5
+    delays[int(order[3][1:])] = 30.0  # would hold the test for 30 s if it were not aborted
+    scheduler, _ = make_scheduler(pool, router, kinds, delays)
+    start = time.perf_counter()
+    batch = scheduler.collect(2)
+    assert [g.prompt.row.id for g in batch.groups] == order[:2]
+    assert time.perf_counter() - start < 20  # the 30 s call was aborted
+    assert batch.metrics["rollout/sample_waste"] >= 0.0
+
+
+def test_a_stop_request_abandons_the_batch_and_aborts_the_calls_in_flight(pool, router):
+    kinds = ["mixed"] * 8
+    scheduler, source = make_scheduler(pool, router, kinds, [30.0] * 8)  # no call would end by itself for 30 s
+    polls = itertools.count()
+    with pytest.raises(RolloutAbandoned):
+        scheduler.collect(4, should_stop=lambda: next(polls) >= 2)  # asked after the calls were dispatched
+    # the workers were told to abort: the next batch runs on them at once, not after the abandoned calls
+    fresh, _ = make_scheduler(pool, router, ["mixed"] * 4)
+    ready, _ = ray.wait([w.generate.remote([], SamplingParams(n=G), [], -1) for w in pool], num_returns=2, timeout=20)
+    assert len(ready) == 2
+    assert len(fresh.collect(2).groups) == 2
+
+
+def test_without_dynamic_sampling_zero_variance_groups_stay(pool, router):
+    kinds = ["easy", "mixed", "hard", "mixed"]
+    scheduler, _ = make_scheduler(pool, router, kinds, dynamic=False)
+    batch = scheduler.collect(4)
+    assert len(batch.groups) == 4 and batch.metrics["rollout/prompts_dispatched"] == 4
+
+
+def test_seamless_and_synchronous_train_on_the_same_batches(toy_world):
+    """Real HF workers on the tiny world: both modes take the same prompts and the same samples."""
+    from transformers import AutoProcessor
+
+    from morl.data.loading import load_dataset
+    from morl.data.encoding import PromptEncoder
+    from morl.rollout.hf_engine import HFEngine
+
+    data = [load_dataset(toy_world / "data" / t / "train.jsonl", known_tasks=None) for t in ("counting", "choice")]
+    encode = PromptEncoder(AutoProcessor.from_pretrained(toy_world / "sft"), 4096)
+    route = RewardRouter(RewardsConfig(routes={"counting": [{"fn": "counting"}], "choice": [{"fn": "choice"}]},
+                                       num_workers=1))
+    actor = ray.remote(num_cpus=0, concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
+    make = functools.partial(HFEngine, str(toy_world / "sft"), None, "float32")
+    pool = [actor.remote(make, 1) for _ in range(2)]
+    batches = {}
+    try:
+        for mode in ("seamless", "synchronous"):
+            src = PromptSource(data, [1.0, 1.0], seed=3, easy_pool_alpha=0.5)
+            scheduler = RolloutScheduler(
+                pool, route, encode, src, SamplingParams(n=G, max_new_tokens=12), mode=mode, dynamic_sampling=False,
+                max_refill_rounds=0, prompts_per_call=1, calls_per_worker=2, run_seed=5,
+            )
+            batches[mode] = [scheduler.collect(3) for _ in range(2)]
+    finally:
+        route.close()
+    seamless, synchronous = ([[(g.prompt.row.id, [c.token_ids for c in g.completions], g.rewards) for g in b.groups]
+                              for b in batches[m]] for m in ("seamless", "synchronous"))
+    assert seamless == synchronous
+    assert len(seamless[0]) == 3

@@ -1,0 +1,242 @@
+"""Memory preflight: closed-form parameter counts and memory, verdicts and the changes it suggests; the GPU recipes."""
+
+import json
+
+import pytest
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from typer.testing import CliRunner
+
+from morl.cli import app
+from morl.config import ConfigError, load_config
+from morl.tools.preflight import (
+    GIB,
+    VLLM_PROFILE,
+    Hardware,
+    ModelShape,
+    PreflightError,
+    estimate,
+    report,
+    suggestions,
+    with_overrides,
+)
+
+from helpers import REPO
+
+RECIPES = REPO / "recipes"
+VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "in_chans": 3,
+}
+# Qwen2.5-VL-7B-Instruct's config.json (the Hub's layout: text fields at the top level)
+QWEN25VL_7B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "intermediate_size": 18944,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+    "vision_config": {**VISION, "out_hidden_size": 3584},
+}
+QWEN25VL_3B = {
+    **QWEN25VL_7B,
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "num_hidden_layers": 36,
+    "intermediate_size": 11008,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+    "vision_config": {**VISION, "out_hidden_size": 2048},
+}
+P7 = 8_292_166_656  # Qwen2.5-VL-7B: 7,615,616,512 language + 676,550,144 vision ("8.29B" on its model card)
+T7 = 7_615_616_512  # trained with a frozen ViT
+
+
+def checkpoint(tmp_path, config) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_is_the_models(tied):
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tied,
+        ),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=96, num_heads=4, out_hidden_size=128),
+        tie_word_embeddings=tied,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    nested = json.loads(config.to_json_string())  # transformers 5 layout: text under text_config
+    flat = {**{k: v for k, v in nested.items() if k != "text_config"}, **nested["text_config"]}  # the Hub's layout
+    for layout in (nested, flat):
+        shape = ModelShape.from_config(layout)
+        assert shape.params == sum(p.numel() for p in model.parameters())
+        assert shape.vision_params == sum(p.numel() for p in model.model.visual.parameters())
+
+
+def test_published_7b_count():
+    shape = ModelShape.from_config(QWEN25VL_7B)
+    assert (shape.text_params, shape.vision_params, shape.params) == (T7, P7 - T7, P7)
+
+
+def test_missing_field_names_the_file_and_field(tmp_path):
+    broken = {k: v for k, v in QWEN25VL_7B.items() if k != "intermediate_size"}
+    with pytest.raises(PreflightError, match=r"config.json: no intermediate_size"):
+        ModelShape.from_checkpoint(checkpoint(tmp_path, broken))
+    with pytest.raises(PreflightError, match="model.path: no config.json"):
+        ModelShape.from_checkpoint(tmp_path / "nowhere")
+
+
+def one_gpu_7b(tmp_path, **learner):
+    return load_config(
+        RECIPES / "qwen25vl_3b_1gpu.yaml",
+        [
+            f"model.path={checkpoint(tmp_path, QWEN25VL_7B)}",
+            "rollout.gpu_memory_utilization=0.5",
+            "learner.micro_batch_size=2",
+            *(f"learner.{k}={json.dumps(v)}" for k, v in learner.items()),
+        ],
+    )
+
+
+def test_7b_on_one_80gb_gpu_fits_with_zero3_and_offload(tmp_path):
+    cfg = one_gpu_7b(tmp_path, zero_stage=3, offload_optimizer=True, offload_params=True)
+    est = estimate(cfg, ModelShape.from_config(QWEN25VL_7B), Hardware(1, 80, 512))
+    assert est.fits, [(b.where, b.used / GIB) for b in est.budgets]
+    budgets = {b.where: b for b in est.budgets}
+    update = budgets["shared GPU, update"].parts
+    assert update["learner optimizer states"] == 0
+    assert update["learner gradients"] == 2 * 500_000_000  # one bf16 reduce bucket stays on the GPU
+    assert update["learner weights"] == 2 * (152064 * 3584 + 2 * 233_057_792)  # embedding + two live layers
+    tokens = 2 * (2048 + 4096)
+    assert update["logits"] == tokens * 152064 * (2 + 12)
+    assert update["activations"] == tokens * (28 * 2 * 3584 + 2 * (7 * 3584 + 3 * 512 + 4 * 18944))
+    host = budgets["host"].parts
+    assert host["offloaded gradients and optimizer states"] == 16 * T7  # fp32 grads, master, m, v
+    assert host["offloaded parameters"] == 2 * P7
+    assert est.kv_cache_tokens == (40 * GIB - 2 * P7 - VLLM_PROFILE) // (2 * 28 * 512 * 2)
+
+
+def test_7b_on_one_80gb_gpu_does_not_fit_without_offload(tmp_path):
+    cfg = one_gpu_7b(tmp_path, zero_stage=3)
+    shape, hw = ModelShape.from_config(QWEN25VL_7B), Hardware(1, 80, 512)
+    est = estimate(cfg, shape, hw)
+    assert not est.fits
+    update = {b.where: b for b in est.budgets}["shared GPU, update"].parts
+    assert update["learner optimizer states"] == 12 * T7  # 85 GiB alone: more than the GPU
+    assert update["learner weights"] == 2 * P7
+    fixes = suggestions(cfg, shape, hw)
+    assert "learner.offload_optimizer=true" in fixes
+    assert all(estimate(with_overrides(cfg, _parse(f)), shape, hw).fits for f in fixes)
+
+
+def _parse(overrides: str) -> dict:
+    return {k: json.loads(v) for k, v in (item.split("=") for item in overrides.split())}
+
+
+def test_zero_shards_over_the_learner_gpus(tmp_path):
+    cfg = load_config(RECIPES / "mimo_vl_7b_morl_8gpu.yaml", [f"model.path={checkpoint(tmp_path, QWEN25VL_7B)}"])
+    shape = ModelShape.from_config(QWEN25VL_7B)
+    est = estimate(cfg, shape, Hardware(8, 80, 1024))
+    assert est.learner_gpus == 4 and est.fits  # 8 GPUs - 4 vLLM workers
+    learner = {b.where: b for b in est.budgets}["learner GPU, update"].parts
+    assert learner["learner optimizer states"] == 12 * T7 // 4
+    assert learner["learner gradients"] == 2 * T7 // 4
+    assert learner["learner weights"] == 2 * P7 // 4
+    crowded = estimate(with_overrides(cfg, {"rollout.num_workers": 8}), shape, Hardware(8, 80, 1024))
+    assert not crowded.fits and "learner.num_ranks = 4 need 12 GPUs, of 8" in crowded.problems[0]
+
+
+def test_the_learner_takes_num_ranks_gpus_and_spare_gpus_are_suggested(tmp_path):
+    cfg = load_config(
+        RECIPES / "mimo_vl_7b_morl_8gpu.yaml",
+        [f"model.path={checkpoint(tmp_path, QWEN25VL_7B)}", "learner.num_ranks=1"],
+    )
+    shape, hw = ModelShape.from_config(QWEN25VL_7B), Hardware(8, 80, 1024)
+    est = estimate(cfg, shape, hw)
+    assert est.learner_gpus == 1 and not est.fits  # 85 GiB of Adam states on one GPU
+    assert {b.where: b for b in est.budgets}["learner GPU, update"].parts["learner optimizer states"] == 12 * T7
+    assert "learner.num_ranks=4" in suggestions(cfg, shape, hw)  # the 3 GPUs the 4 vLLM workers leave
+
+
+def test_recipes_need_a_model_path_and_say_so():
+    for recipe in ("qwen25vl_3b_1gpu.yaml", "mimo_vl_7b_morl_8gpu.yaml"):
+        with pytest.raises(ConfigError, match=r"model.path is required: .*model.path=/path/to/checkpoint"):
+            load_config(RECIPES / recipe)
+        cfg = load_config(RECIPES / recipe, ["model.path=/ckpt"])
+        assert cfg.rollout.engine == "vllm" and cfg.model.dtype == "bfloat16"
+    mimo = load_config(RECIPES / "mimo_vl_7b_morl_8gpu.yaml", ["model.path=/ckpt"])
+    assert set(mimo.rewards.routes) >= {"math", "choice", "grounding", "point", "counting", "temporal"}
+
+
+def test_3b_recipe_fits_one_gpu_and_a_small_gpu_gets_a_fix(tmp_path):
+    cfg = load_config(RECIPES / "qwen25vl_3b_1gpu.yaml", [f"model.path={checkpoint(tmp_path, QWEN25VL_3B)}"])
+    lines, fits = report(cfg, Hardware(1, 80, 128))
+    assert fits and any(line.startswith("shared GPU, rollout") and line.endswith("ok") for line in lines)
+    lines, fits = report(cfg, Hardware(1, 24, 128))
+    assert not fits
+    fix = lines[lines.index("the recipe does not fit; it does with (each checked by estimating again):") + 1]
+    shape = ModelShape.from_config(QWEN25VL_3B)
+    assert estimate(with_overrides(cfg, _parse(fix)), shape, Hardware(1, 24, 128)).fits
+
+
+def test_cli_refuses_what_does_not_fit(tmp_path):
+    path = checkpoint(tmp_path, QWEN25VL_3B)
+    recipe = str(RECIPES / "qwen25vl_3b_1gpu.yaml")
+    ok = CliRunner().invoke(app, ["preflight", recipe, f"model.path={path}", "--gpus", "1", "--host-mem-gib", "128"])
+    assert ok.exit_code == 0, ok.output
+    assert "3.75 B parameters" in ok.output
+    over = CliRunner().invoke(
+        app,
+        [
+            "preflight",
+            recipe,
+            f"model.path={path}",
+            "learner.micro_batch_size=16",
+            "--gpus",
+            "1",
+            "--host-mem-gib",
+            "128",
+        ],
+    )
+    assert over.exit_code == 2
+    assert "DOES NOT FIT" in over.output and "learner.micro_batch_size=" in over.output
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("rollout.colocate=true", "rollout.colocate=True needs rollout.engine=vllm"),
+        ("rollout.tensor_parallel_size=2", "rollout.tensor_parallel_size=2 needs rollout.engine=vllm"),
+        ("learner.offload_params=true", "learner.offload_params needs learner.zero_stage=3"),
+        ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization"),
+        ("rollout.sleep_level=3", "rollout.sleep_level"),
+        ("learner.num_ranks=0", "learner.num_ranks"),
+    ],
+)
+def test_gpu_options_are_validated_by_name(override, words):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        load_config(None, ["model.path=/ckpt", override])
+
+
+def test_colocated_vllm_needs_a_one_rank_learner():
+    colocated = ["model.path=/ckpt", "rollout.engine=vllm", "rollout.colocate=true"]
+    assert load_config(None, colocated).learner.num_ranks == 1
+    with pytest.raises(ConfigError, match=r"rollout\.colocate=true needs learner\.num_ranks=1 \(got 2\)"):
+        load_config(None, [*colocated, "learner.num_ranks=2"])
