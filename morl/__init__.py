@@ -1,0 +1,1 @@
+"""morl: Mixed On-policy RL (MORL) post-training for vision-language models."""

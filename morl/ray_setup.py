@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import ray
-import ray._private.ray_constants as ray_constants
+
+from morl.compat import loopback_node_ip
 
 if TYPE_CHECKING:
     from morl.config import RunConfig
@@ -43,30 +43,11 @@ def start_ray(address: str | None = None, num_cpus: float | None = None) -> bool
     if address is not None:
         ray.init(address=address, **options)
         return True
-    with _loopback_node_ip():
+    with loopback_node_ip():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **options)
     return True
 
 
-@contextmanager
-def _loopback_node_ip() -> Iterator[None]:
-    """Let a new Ray node take 127.0.0.1 as its IP, the one switch that keeps Ray's servers off other interfaces.
-
-    Ray (2.60) has no bind-address option: the GCS, raylet, workers, agents and metrics servers listen on the
-    node IP when it is loopback and on every interface otherwise, and `_node_ip_address="127.0.0.1"` is mapped
-    back to the host's routable IP. Its local-only mode (the default on macOS and Windows) takes loopback; its
-    flag is read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported, so it is set here, for the start
-    only: the node then hands 127.0.0.1 to every process it starts, and a later ray.init that joins a cluster
-    from this process still finds the host's IP.
-    """
-    if not isinstance(getattr(ray_constants, "ENABLE_RAY_CLUSTER", None), bool):
-        raise RuntimeError(
-            f"ray {ray.__version__} has no ray._private.ray_constants.ENABLE_RAY_CLUSTER (checked on 2.60): morl cannot "
-            "keep a local Ray instance on 127.0.0.1; use a Ray version that has it, or set ray.address to a cluster"
-        )
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
+def threads_for(cpus: float) -> int:
+    """Torch threads for an actor given `cpus` cores (rollout and update take turns, so they may share)."""
+    return max(1, math.ceil(cpus))

@@ -16,9 +16,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from morl.rewards.config import RewardsConfig, check_token
+from morl.rewards.http_server import DEFAULT_MAX_REQUEST_MB, make_server
 from morl.rewards.registry import list_rewards
 from morl.rewards.router import RewardRouter
-from morl.rewards.http_server import DEFAULT_MAX_REQUEST_MB, make_server
 from morl.rewards.types import RewardInput, RewardResult
 
 app = typer.Typer(help="Reward functions: list them, score responses offline, benchmark the router, serve them.")

@@ -9,16 +9,9 @@ import torch
 from transformers import AutoTokenizer, LogitsProcessor, Qwen2_5_VLForConditionalGeneration, StoppingCriteria
 
 from morl.algo.core import token_logprobs
-from morl.data.encoding import EncodedPrompt, collate
+from morl.data.encoding import collate, vision_token_ids
 from morl.rollout.types import Completion, SamplingParams
-
-VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-
-
-def vision_token_ids(tokenizer) -> list[int]:
-    """Ids of the vision placeholder tokens present in the vocabulary: never sampled."""
-    ids = tokenizer.convert_tokens_to_ids(list(VISION_PLACEHOLDERS))
-    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+from morl.types import EncodedPrompt
 
 
 def sequence_seed(prompt_seed: int, sample: int) -> int:

@@ -8,7 +8,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from morl.data.encoding import EncodedPrompt
+from morl.types import EncodedPrompt
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,11 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from morl.config import ModelConfig, RolloutConfig
+from morl.data.encoding import refuse_if_too_long, vision_token_ids
 from morl.data.rows import open_image
-from morl.data.encoding import EncodedPrompt, refuse_if_too_long
-from morl.rollout.hf_engine import vision_token_ids
 from morl.rollout import vllm_compat
 from morl.rollout.types import Completion, SamplingParams
+from morl.types import EncodedPrompt
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from morl.data.encoding import EncodedPrompt
 from morl.rollout.types import Completion, RolloutEngine, SamplingParams
-from morl.run.weight_sync import PackedBucket
+from morl.types import EncodedPrompt, PackedBucket
 
 CONCURRENCY_GROUPS = {"control": 1}
 
@@ -57,7 +56,7 @@ class RolloutWorker:
             return call_id in self._aborted
 
     def load_weights(self, weights: PackedBucket | dict[str, torch.Tensor]) -> None:
-        """One sync bucket (`morl.run.weight_sync`), or a whole {name: tensor} state."""
+        """One sync bucket (`morl.types.PackedBucket`), or a whole {name: tensor} state."""
         self.engine.load_weights(weights.tensors() if isinstance(weights, PackedBucket) else weights.items())
 
     def sleep(self, level: int) -> None:

@@ -205,3 +205,12 @@ def learner_logprob_gap(hf_model, processor, engine, prompts, groups, temperatur
     for i, c in enumerate(flat):
         rollout[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
     return (((logprobs.float().cpu() - rollout).abs() * mask.cpu()).sum() / mask.sum()).item()
+
+
+def gathered_weights(learner) -> dict[str, torch.Tensor]:
+    """A PolicyLearner's full parameters by name (gathered under ZeRO-3), copied: what the tests compare."""
+    import deepspeed
+
+    params = dict(learner.engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=learner.cfg.zero_stage == 3):
+        return {name: p.detach().clone() for name, p in params.items()}

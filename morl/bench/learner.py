@@ -21,10 +21,11 @@ import time
 import torch
 
 from morl.config import RunConfig
-from morl.learner.policy import PolicyLearner, TrainBatch
 from morl.learner.group import LearnerGroup
-from morl.data.encoding import EncodedPrompt
+from morl.learner.policy import PolicyLearner
+from morl.run.build import build_run
 from morl.tools.preflight import ModelShape
+from morl.types import EncodedPrompt, TrainBatch
 
 H100_BF16_FLOPS = 989e12
 
@@ -73,12 +74,8 @@ def rank0_device(learner: PolicyLearner) -> tuple[str, str, float]:
 
 
 def bench_learner(cfg: RunConfig, sequences: int, prompt_tokens: int, response_tokens: int, steps: int) -> dict:
-    from transformers import AutoProcessor
-
-    from morl.ray_setup import init_ray
-
-    init_ray(cfg)
-    tokenizer = AutoProcessor.from_pretrained(cfg.model.processor_dir).tokenizer
+    parts = build_run(cfg, prompts=False, rewards=False, workers=False)  # Ray and the tokenizer
+    tokenizer = parts.processor.tokenizer
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)  # chat and vision tokens
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     learner = LearnerGroup(cfg)
@@ -92,6 +89,7 @@ def bench_learner(cfg: RunConfig, sequences: int, prompt_tokens: int, response_t
         best = min(best, time.perf_counter() - start)
     name, dtype, peak = learner.apply_on_rank0(rank0_device)
     learner.close()
+    parts.close()
     ranks = cfg.learner.num_ranks
     tokens = sequences * seq_len
     achieved = update_flops(ModelShape.from_checkpoint(cfg.model.path), tokens, seq_len) / best

@@ -21,15 +21,11 @@ import torch
 
 from morl.config import RunConfig
 from morl.data.rows import Row, open_image
+from morl.ray_setup import threads_for
+from morl.rollout.fleet import generate_in_order, rollout_sampling
 from morl.rollout.types import SamplingParams
-from morl.run.collection import (
-    RolloutBatch,
-    RolloutScheduler,
-    generate_in_order,
-    rollout_sampling,
-    start_rollout_workers,
-    threads_for,
-)
+from morl.run.build import build_run
+from morl.run.collection import RolloutBatch, RolloutScheduler
 
 MODES = ("synchronous", "seamless")
 
@@ -109,22 +105,14 @@ class BareEngine:
 
 def bench_engine(cfg: RunConfig, rounds: int) -> dict:
     """Tokens/s of one framework rollout worker and of the bare engine, on the same prompts and cores."""
-    from transformers import AutoProcessor
-
-    from morl.data.encoding import PromptEncoder
-    from morl.data.source import PromptSource
-    from morl.ray_setup import init_ray
-
     one = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_workers": 1})})
-    init_ray(one)
-    source = PromptSource.from_config(cfg)
-    rows = [source.draw().row for _ in range(cfg.trainer.prompts_per_step)]
-    encode = PromptEncoder(AutoProcessor.from_pretrained(cfg.model.processor_dir), cfg.rollout.max_prompt_tokens)
-    prompts = [encode(row) for row in rows]
+    parts = build_run(one, rewards=False)
+    rows = [parts.source.draw().row for _ in range(cfg.trainer.prompts_per_step)]
+    prompts = [parts.encode(row) for row in rows]
     rc = cfg.rollout
     sampling = rollout_sampling(rc)
     seeds = list(range(len(prompts)))
-    (worker,) = start_rollout_workers(one, cfg.model.path)
+    (worker,) = parts.workers
     bare = ray.remote(num_cpus=rc.cpus_per_worker)(BareEngine).remote(cfg, threads_for(rc.cpus_per_worker))
 
     def framework() -> tuple[int, float]:
@@ -145,8 +133,8 @@ def bench_engine(cfg: RunConfig, rounds: int) -> dict:
                 tokens, seconds = run()
                 rates[name].append(tokens / seconds)
     finally:
-        for actor in (worker, bare):
-            ray.kill(actor)
+        ray.kill(bare)
+        parts.close()
     best = {name: max(values) for name, values in rates.items()}
     return {
         "engine": rc.engine,
@@ -159,26 +147,15 @@ def bench_engine(cfg: RunConfig, rounds: int) -> dict:
 
 
 def bench_rollout(cfg: RunConfig, steps: int) -> dict:
-    from transformers import AutoProcessor
-
-    from morl.data.encoding import PromptEncoder
-    from morl.data.source import PromptSource
-    from morl.rewards.router import RewardRouter
-    from morl.ray_setup import init_ray
-
-    processor = AutoProcessor.from_pretrained(cfg.model.processor_dir)
-    encode = PromptEncoder(processor, cfg.rollout.max_prompt_tokens)
-    source = PromptSource.from_config(cfg)
-    router = RewardRouter(cfg.rewards)
-    init_ray(cfg)
-    workers = start_rollout_workers(cfg, cfg.model.path)
+    """Seamless against synchronous collection of the same batches, on one fleet of workers."""
+    parts = build_run(cfg)
     try:
-        schedulers = {}
-        for mode in MODES:
-            schedulers[mode] = RolloutScheduler.from_config(cfg, workers, router, encode, source)
-            schedulers[mode].mode = mode
-        warm = [encode(source.sampler.row((0, 0)))] * len(workers)
-        generate_in_order(workers, warm, schedulers["seamless"].sampling, seeds=[0] * len(warm))
+        schedulers = {mode: RolloutScheduler.from_config(cfg, parts, mode=mode) for mode in MODES}
+        source = parts.source
+        state = source.state_dict()
+        warm = [parts.encode(source.draw().row)] * len(parts.workers)  # first-call allocations, off the clock
+        source.load_state_dict(state)
+        generate_in_order(parts.workers, warm, schedulers["seamless"].sampling, seeds=[0] * len(warm))
         totals = {mode: ModeTotals() for mode in MODES}
         same_batches = True
         for step in range(steps):
@@ -191,9 +168,10 @@ def bench_rollout(cfg: RunConfig, steps: int) -> dict:
                 totals[mode].add(batch, time.perf_counter() - start, cfg.rollout.group_size)
                 taken[mode] = [(g.prompt.seq, [c.token_ids for c in g.completions]) for g in batch.groups]
             same_batches &= taken["seamless"] == taken["synchronous"]
+        workers = len(parts.workers)
     finally:
-        router.close()
-    return report(totals, steps, len(workers), same_batches)
+        parts.close()
+    return report(totals, steps, workers, same_batches)
 
 
 def report(totals: dict[str, ModeTotals], steps: int, num_workers: int, same_batches: bool) -> dict:

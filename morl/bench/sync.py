@@ -21,9 +21,11 @@ import ray
 import torch
 
 from morl.config import RunConfig
-from morl.learner.policy import TrainBatch
 from morl.learner.group import LearnerGroup
+from morl.rollout.fleet import generate_in_order, rollout_sampling
+from morl.run.build import RunParts, build_run
 from morl.run.weight_sync import StaleWeightsError, check_logprob_mismatch, plan_buckets, sync_rollout_weights
+from morl.types import TrainBatch
 
 DEFAULT_GUARD = 1e-4
 """The stale-weights threshold the check uses when the recipe sets no `learner.max_logprob_mismatch`."""
@@ -46,16 +48,10 @@ class _BareReceiver:
 
 
 def bench_sync(cfg: RunConfig, rounds: int) -> dict:
-    from transformers import AutoTokenizer
-
-    from morl.rollout.hf_engine import vision_token_ids
-    from morl.run.collection import start_rollout_workers
-    from morl.ray_setup import init_ray
-
-    init_ray(cfg)
+    parts = build_run(cfg, rewards=False)
     rc = cfg.rollout
-    workers = start_rollout_workers(cfg, cfg.model.path)
-    learner = LearnerGroup(cfg, vision_token_ids(AutoTokenizer.from_pretrained(cfg.model.processor_dir)))
+    workers = parts.workers
+    learner = LearnerGroup(cfg, parts.banned_ids)
     cuda_ipc = rc.engine == "vllm" and rc.colocate
     plan = plan_buckets(learner.weight_sizes(cfg.model.dtype), rc.sync_bucket_mb * 2**20)
     nbytes = sum(b.nbytes for b in plan)
@@ -75,10 +71,11 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
         for _ in range(rounds)
     )
     best_bare = min(bare() for _ in range(rounds))
-    gaps = logprob_gaps(cfg, learner, workers, plan, rounds, cuda_ipc)
+    gaps = logprob_gaps(parts, learner, plan, rounds, cuda_ipc)
     learner.close()
-    for actor in [*workers, sender, *receivers]:
+    for actor in [sender, *receivers]:
         ray.kill(actor)
+    parts.close()
     gb = nbytes / 1e9
     return {
         "engine": rc.engine,
@@ -94,23 +91,15 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
     }
 
 
-def logprob_gaps(cfg: RunConfig, learner: LearnerGroup, workers: list, plan: list, rounds: int, cuda_ipc: bool) -> dict:
+def logprob_gaps(parts: RunParts, learner: LearnerGroup, plan: list, rounds: int, cuda_ipc: bool) -> dict:
     """The learner's log-prob gap on batches sampled after each of `rounds` syncs, and after a skipped one."""
-    from transformers import AutoProcessor
-
-    from morl.data.encoding import PromptEncoder
-    from morl.data.source import PromptSource
-    from morl.run.collection import generate_in_order, rollout_sampling
-
-    rc = cfg.rollout
-    encode = PromptEncoder(AutoProcessor.from_pretrained(cfg.model.processor_dir), rc.max_prompt_tokens)
-    source = PromptSource.from_config(cfg)
-    sampling = rollout_sampling(rc)
+    cfg, workers = parts.cfg, parts.workers
+    sampling = rollout_sampling(cfg.rollout)
     guard = cfg.learner.max_logprob_mismatch or DEFAULT_GUARD
 
     def step(seed: int) -> float:
         """Sample a batch with the workers' weights, update the learner on it; the gap before the update."""
-        prompts = [encode(source.draw().row) for _ in range(cfg.trainer.prompts_per_step)]
+        prompts = [parts.encode(parts.source.draw().row) for _ in range(cfg.trainer.prompts_per_step)]
         groups = generate_in_order(workers, prompts, sampling, seeds=[seed * 1000 + i for i in range(len(prompts))])
         completions = [c for g in groups for c in g]
         # alternating signs: a real, non-zero step whatever the rewards would have been

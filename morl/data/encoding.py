@@ -11,18 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from morl.data.rows import ImageRef, Row, open_image
+from morl.data.rows import Row, open_image
+from morl.types import EncodedPrompt
+
+
 class PromptTooLongError(ValueError):
     """A multimodal prompt longer than the limit: refused, since truncating would cut vision tokens."""
-
-
-@dataclass
-class EncodedPrompt:
-    row_id: str
-    input_ids: list[int]
-    pixel_values: torch.Tensor | None  # [patches, C*T*P*P], all images of the prompt in order
-    image_grid_thw: torch.Tensor | None  # [images, 3]
-    image_refs: tuple[ImageRef, ...] = ()  # the row's images as given, for engines that preprocess them (vLLM)
 
 
 class UnsupportedInputError(ValueError):
@@ -35,6 +29,15 @@ def refuse_if_too_long(row_id: str, num_tokens: int, max_prompt_tokens: int) -> 
             f"row {row_id!r}: prompt is {num_tokens} tokens with its images, over "
             f"rollout.max_prompt_tokens={max_prompt_tokens}; multimodal prompts are never truncated"
         )
+
+
+VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """Ids of the vision placeholder tokens present in the vocabulary: never sampled."""
+    ids = tokenizer.convert_tokens_to_ids(list(VISION_PLACEHOLDERS))
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
 class PromptEncoder:

@@ -19,7 +19,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from morl.data.config import DEFAULT_MAX_IMAGE_PIXELS, DatasetSpec, OnBadRow
-from morl.data.rows import DataError, ImageRef, Row
+from morl.data.rows import DataError, Row
+from morl.types import ImageRef
 
 log = logging.getLogger("morl.data")
 

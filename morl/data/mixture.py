@@ -39,9 +39,6 @@ class MixtureSampler:
         self._epochs = [0] * len(datasets)
         self._orders = [self._epoch_order(i) for i in range(len(datasets))]
 
-    def next_batch(self, n: int) -> list[Row]:
-        return [self.row(self.next_key()) for _ in range(n)]
-
     def row(self, key: tuple[int, int]) -> Row:
         """The row at (dataset index, row index)."""
         return self._datasets[key[0]].rows[key[1]]

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import io
-from collections import Counter
-from collections.abc import Iterable
 from typing import Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ImageRef = str | bytes
-"""An image as a row holds it: an absolute file path, or the encoded file's bytes (from Parquet).
-
-A path may point anywhere the run can read, inside the data file's folder or not (``../shared/x.png``, an
-absolute path): a data file is trusted like the recipe that names it.
-"""
+from morl.types import ImageRef
 
 
 class DataError(ValueError):
@@ -77,8 +70,3 @@ def open_image(ref: ImageRef) -> Image.Image:
     """Decode an image reference (path or bytes) into an RGB image, the form vision processors expect."""
     with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:
         return image.convert("RGB")
-
-
-def counts_by_task(rows: Iterable[Row]) -> dict[str, int]:
-    """Rows per task type, sorted by task, for batch-composition metrics."""
-    return dict(sorted(Counter(row.task for row in rows).items()))

@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from morl.data.loading import LoadedDataset, load_datasets
-
 from morl.data.mixture import MixtureSampler
-
 from morl.data.rows import DataError, Row
+
 if TYPE_CHECKING:
     from morl.config import RunConfig
 
@@ -35,8 +34,10 @@ class DrawnPrompt:
 
 
 class PromptSource:
+    """Draws the run's prompts: from the data mixture, or (with probability alpha) from the easy pool."""
+
     def __init__(self, datasets: Sequence[LoadedDataset], weights: Sequence[float], seed: int, easy_pool_alpha: float):
-        self.sampler = MixtureSampler(datasets, weights, seed)
+        self.mixture = MixtureSampler(datasets, weights, seed)
         self.seed = seed
         self.alpha = easy_pool_alpha
         self.draws = 0
@@ -60,7 +61,7 @@ class PromptSource:
 
     def draw(self) -> DrawnPrompt:
         rng = np.random.default_rng([self.seed, 2, self.draws])
-        sampler_state = self.sampler.state_dict()
+        mixture_state = self.mixture.state_dict()
         from_pool = bool(self.easy_pool) and rng.random() < self.alpha
         if from_pool:
             slot = int(rng.integers(len(self.easy_pool)))
@@ -69,12 +70,12 @@ class PromptSource:
         else:
             slot, key = None, self._next_fresh_key()
         self.draws += 1
-        return DrawnPrompt(self.sampler.row(key), key, self.draws - 1, from_pool, (sampler_state, slot))
+        return DrawnPrompt(self.mixture.row(key), key, self.draws - 1, from_pool, (mixture_state, slot))
 
     def _next_fresh_key(self) -> Key:
         """The mixture's next row that is not in the easy pool (it moved there); any row once all are easy."""
-        for _ in range(self.sampler.num_rows):
-            key = self.sampler.next_key()
+        for _ in range(self.mixture.num_rows):
+            key = self.mixture.next_key()
             if key not in self._in_pool:
                 return key
         return key
@@ -84,13 +85,13 @@ class PromptSource:
         if prompts and prompts[-1].seq != self.draws - 1:
             raise ValueError("put_back takes the most recent draws, in order")
         for prompt in reversed(prompts):
-            sampler_state, slot = prompt.undo
+            mixture_state, slot = prompt.undo
             if slot is not None:
                 self.easy_pool.insert(slot, prompt.key)
                 self._in_pool.add(prompt.key)
             self.draws -= 1
         if prompts:
-            self.sampler.load_state_dict(prompts[0].undo[0])
+            self.mixture.load_state_dict(prompts[0].undo[0])
 
     def add_easy(self, prompt: DrawnPrompt) -> None:
         """The prompt's whole group was correct: it is drawn only through the pool from now on."""
@@ -99,10 +100,11 @@ class PromptSource:
             self._in_pool.add(prompt.key)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "draws": self.draws, "easy_pool": [list(k) for k in self.easy_pool]}
+        return {"sampler": self.mixture.state_dict(),  # the key older checkpoints use
+                "draws": self.draws, "easy_pool": [list(k) for k in self.easy_pool]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
+        self.mixture.load_state_dict(state["sampler"])
         self.draws = state["draws"]
         self.easy_pool = [tuple(k) for k in state["easy_pool"]]
         self._in_pool = set(self.easy_pool)

@@ -19,8 +19,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from morl.config import RunConfig
-from morl.learner.policy import PolicyLearner, TrainBatch, free_port
-from morl.run.collection import threads_for
+from morl.learner.policy import PolicyLearner, free_port
+from morl.ray_setup import threads_for
+from morl.types import TrainBatch
 
 PLACEMENT_TIMEOUT_S = 120.0
 

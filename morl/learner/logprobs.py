@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from morl.algo.core import token_logprobs
-from morl.data.encoding import EncodedPrompt, collate
+from morl.data.encoding import collate
+from morl.types import EncodedPrompt
 
 
 def response_logprobs(

@@ -9,57 +9,32 @@ by the whole batch's token count and metrics summed over ranks, so N ranks take 
 from __future__ import annotations
 
 import datetime
-import functools
 import ipaddress
 import math
 import os
 import re
 import socket
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from morl.algo.core import (
-    clipped_policy_loss_sum,
-    k3_kl_sum,
-    mini_batch_slices,
-    policy_gradient_loss_sum,
-    rollout_correction_weights,
-)
-from morl.run.checkpoint import ENGINE_DIR, POLICY_DIR, CheckpointError, capture_rng, restore_rng
+from morl.algo.updates import update_rule
+from morl.compat import full_numel, zero_kept_gradients
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
-from morl.learner.shares import MicroBatch, rank_micro_batches
+from morl.learner.buckets import SharedBuckets, pack_bucket
 from morl.learner.logprobs import response_logprobs
 from morl.learner.lr_schedule import lr_multiplier
-from morl.data.encoding import EncodedPrompt
-from morl.run.weight_sync import PackedBucket, SharedBuckets, pack_bucket
-
+from morl.learner.shares import MicroBatch, rank_micro_batches
+from morl.run.checkpoint import ENGINE_DIR, POLICY_DIR, CheckpointError, capture_rng, restore_rng
+from morl.types import PackedBucket, TrainBatch
 
 ENGINE_TAG = "state"  # DeepSpeed's name for the one engine state a checkpoint directory holds
 
-# what each `algo.rollout_correction` logs: the share of response tokens truncated at the cap, or dropped
-CORRECTION_METRICS = {"tis": "rollout_correction/weighted_share", "seq_mask": "rollout_correction/masked_share"}
-
-
 class NonFiniteLossError(RuntimeError):
     """The update produced a NaN/inf loss or gradient; the weights were left untouched."""
-
-
-@dataclass
-class TrainBatch:
-    """One rollout batch, flattened to sequences: each carries its prompt, response and advantage."""
-
-    prompts: list[EncodedPrompt]
-    responses: list[list[int]]
-    rollout_logprobs: list[list[float]]
-    advantages: list[float]
-
-    def __len__(self) -> int:
-        return len(self.responses)
 
 
 def trainable_parameters(model, *, freeze_vision_tower: bool) -> list[torch.nn.Parameter]:
@@ -87,23 +62,6 @@ def frozen_reference(model_cfg: ModelConfig, device) -> torch.nn.Module:
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype))
     return model.requires_grad_(False).eval().to(device)
-
-
-def _token_count(batch: TrainBatch, indices: Iterable[int]) -> int:
-    return sum(len(batch.responses[i]) for i in indices)
-
-
-def _advantages(batch: TrainBatch, idx: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([batch.advantages[i] for i in idx], dtype=like.dtype, device=like.device)
-
-
-def _padded(per_sequence: Sequence, idx: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """Per-token values of the sequences `idx` (lists or tensors), right-padded with 0 to `like`'s [B, T]."""
-    out = torch.zeros_like(like, requires_grad=False)
-    for row, i in enumerate(idx):
-        values = torch.as_tensor(per_sequence[i], dtype=like.dtype)
-        out[row, : len(values)] = values
-    return out
 
 
 def free_port() -> int:
@@ -152,11 +110,6 @@ def _init_process_group(backend: str) -> None:
     torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
-def optimizer_steps_per_batch(algo: AlgoConfig) -> int:
-    """MORL takes one step per rollout batch; the GRPO ablation one per mini-batch and epoch."""
-    return algo.mini_batches * algo.update_epochs if algo.name == "grpo" else 1
-
-
 class PolicyLearner:
     def __init__(
         self,
@@ -203,7 +156,8 @@ class PolicyLearner:
             "fp16": {"enabled": model_cfg.dtype == "float16"},
             "steps_per_print": 1 << 30,
         }
-        total = max_steps * optimizer_steps_per_batch(algo)
+        self.update = update_rule(algo)
+        total = max_steps * self.update.optimizer_steps_per_batch
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_multiplier(
@@ -213,135 +167,14 @@ class PolicyLearner:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.shared_buckets = SharedBuckets()
-        self.algo = algo
-        with_kl = algo.name == "grpo" and algo.kl_coef > 0
-        self.reference = frozen_reference(model_cfg, self.engine.device) if with_kl else None
+        self.reference = frozen_reference(model_cfg, self.engine.device) if self.update.needs_reference else None
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """The update of one rollout batch: MORL's single on-policy step, or the GRPO ablation's several."""
         lr = self.engine.get_lr()[0]  # the (first) step's learning rate; the scheduler moves it after each step
-        update = self._grpo_update if self.algo.name == "grpo" else self._morl_update
-        return {**update(batch), "lr": lr}
+        return {**self.update(self, batch), "lr": lr}
 
-    def _morl_update(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step over the whole batch, accumulated over micro-batches and ranks.
-
-        Each micro-batch's loss is its sum of -w * A * log pi (w: the rollout correction's weights)
-        divided by the token count of the whole batch, so the step equals the token-mean loss of
-        docs/algorithm.md whatever the micro-batch size and rank count. The rollout-vs-learner log-prob
-        mismatch, and the correction's weights, come free with the training forward.
-        """
-        total_tokens = _token_count(batch, range(len(batch)))
-
-        def loss_of(idx, logprobs, mask):
-            rollout = _padded(batch.rollout_logprobs, idx, logprobs)
-            weights, corrected = self._rollout_correction(logprobs, rollout, mask)
-            loss = policy_gradient_loss_sum(logprobs, _advantages(batch, idx, logprobs), weights) / total_tokens
-            mismatch = (logprobs.detach() - rollout).abs() * mask
-            return loss, {"mismatch": mismatch.sum().item(), "corrected": corrected.item()}
-
-        loss, grad_norm, sums = self._optimizer_step(batch, range(len(batch)), loss_of)
-        return {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "logprob_mismatch": sums["mismatch"] / max(total_tokens, 1),
-            **self._correction_metrics(sums["corrected"], total_tokens),
-            "train_tokens": float(total_tokens),
-            "train_sequences": float(len(batch)),
-            "optimizer_steps": 1.0,
-        }
-
-    def _rollout_correction(
-        self, logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`algo.rollout_correction`'s per-token loss weights (the mask under none) and the tokens it acted on."""
-        algo = self.algo
-        return rollout_correction_weights(
-            logprobs,
-            rollout_logprobs,
-            mask,
-            algo.rollout_correction,
-            cap=algo.rollout_correction_cap,
-            threshold=algo.rollout_correction_threshold,
-        )
-
-    def _correction_metrics(self, corrected: float, tokens: int) -> dict[str, float]:
-        """The share of the batch's response tokens the correction acted on; nothing under none."""
-        name = CORRECTION_METRICS.get(self.algo.rollout_correction)
-        return {name: corrected / max(tokens, 1)} if name else {}
-
-    def _grpo_update(self, batch: TrainBatch) -> dict[str, float]:
-        """Vanilla GRPO: `algo.update_epochs` passes of `algo.mini_batches` clipped-ratio optimizer steps.
-
-        The old log-probs (and, with a KL term, the reference's) are computed once, without gradient,
-        before the first step and over the same micro-batches the steps use, so the first step's ratio
-        is exactly 1; the rollout correction's weights, of pi_old against pi_rollout, with them.
-        Each mini-batch's loss is its own token-mean, its sequences shared over the ranks.
-        A non-finite loss stops the update at that step; the steps before it stay applied.
-        """
-        algo = self.algo
-        slices = mini_batch_slices(len(batch), algo.mini_batches)
-        old = self._frozen_logprobs(self.engine, batch, slices)
-        ref = self._frozen_logprobs(self.reference, batch, slices) if self.reference is not None else None
-        total_tokens = _token_count(batch, range(len(batch)))
-        mine = [i for indices in slices for micro in self._plan(batch, indices) for i in micro.rows]
-        weights, batch_sums = self._old_vs_rollout(batch, old, mine)
-        losses, grad_norms, sums = [], [], Counter()
-        for epoch in range(algo.update_epochs):
-            for m, indices in enumerate(slices):
-                loss_of = functools.partial(self._grpo_loss, batch, old, ref, weights, _token_count(batch, indices))
-                where = f" of mini-batch {m + 1}/{len(slices)}, epoch {epoch + 1} ({len(losses)} earlier steps applied)"
-                loss, grad_norm, step_sums = self._optimizer_step(batch, indices, loss_of, where)
-                losses.append(loss)
-                grad_norms.append(grad_norm)
-                sums.update(step_sums)
-        metrics = {
-            "loss": sum(losses) / len(losses),
-            "grad_norm": sum(grad_norms) / len(grad_norms),
-            "logprob_mismatch": batch_sums["mismatch"] / max(total_tokens, 1),
-            **self._correction_metrics(batch_sums["corrected"], total_tokens),
-            "train_tokens": float(total_tokens),
-            "train_sequences": float(len(batch)),
-            "optimizer_steps": float(len(losses)),
-            "clip_fraction": sums["clipped"] / max(sums["tokens"], 1),
-        }
-        if ref is not None:
-            metrics["kl"] = sums["kl"] / max(sums["tokens"], 1)
-        return metrics
-
-    def _old_vs_rollout(
-        self, batch: TrainBatch, old: list[torch.Tensor], rows: list[int]
-    ) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """pi_old against pi_rollout: the correction's weights of this rank's sequences `rows`, and the whole
-        batch's summed log-prob mismatch and corrected-token count (every rank's)."""
-        weights: list[torch.Tensor] = [torch.empty(0)] * len(batch)
-        mismatch = corrected = 0.0
-        for i in rows:
-            old_i, rollout_i = old[i].cpu(), torch.tensor(batch.rollout_logprobs[i])
-            w, count = self._rollout_correction(old_i[None], rollout_i[None], torch.ones(1, len(rollout_i)))
-            weights[i] = w[0]
-            mismatch += (old_i - rollout_i).abs().sum().item()
-            corrected += count.item()
-        return weights, self._sum_over_ranks({"mismatch": mismatch, "corrected": corrected})
-
-    def _grpo_loss(self, batch, old, ref, weights, tokens, idx, logprobs, mask):
-        """A micro-batch's share of one GRPO step: (clipped surrogate + kl_coef * k3) / the mini-batch's tokens.
-
-        `weights` (per sequence) are the rollout correction's; they weight the surrogate, not the KL.
-        """
-        algo = self.algo
-        old_logprobs, advantages = _padded(old, idx, logprobs), _advantages(batch, idx, logprobs)
-        loss, clipped = clipped_policy_loss_sum(
-            logprobs, old_logprobs, advantages, _padded(weights, idx, logprobs), algo.clip_low, algo.clip_high
-        )
-        stats = {"clipped": clipped.item(), "tokens": mask.sum().item()}
-        if ref is not None:
-            kl = k3_kl_sum(logprobs, _padded(ref, idx, logprobs), mask)
-            loss = loss + algo.kl_coef * kl
-            stats["kl"] = kl.item()
-        return loss / tokens, stats
-
-    def _optimizer_step(self, batch: TrainBatch, indices: Sequence[int], loss_of, where: str = ""):
+    def optimizer_step(self, batch: TrainBatch, indices: Sequence[int], loss_of, where: str = ""):
         """One optimizer step over `batch[indices]`, gradients accumulated over micro-batches and ranks.
 
         `loss_of(idx, logprobs, mask)` gives a micro-batch's share of the step's loss (already divided by
@@ -353,7 +186,7 @@ class PolicyLearner:
         if self.cfg.zero_stage > 0:
             self._clear_kept_gradients()
         loss_total, sums = 0.0, Counter()
-        chunks = self._plan(batch, indices)
+        chunks = self.micro_batches(batch, indices)
         for k, micro in enumerate(chunks):
             logprobs, mask = self._logprobs(self.engine, batch, micro.forward_rows)
             counted = len(micro.rows)
@@ -372,7 +205,7 @@ class PolicyLearner:
             raise NonFiniteLossError(
                 f"gradient norm is {grad_norm}: the weights after this step are not trusted; resume from a checkpoint"
             )
-        totals = self._sum_over_ranks({"loss": loss_total, **sums})
+        totals = self.sum_over_ranks({"loss": loss_total, **sums})
         return totals.pop("loss"), grad_norm, Counter(totals)
 
     def _clear_kept_gradients(self) -> None:
@@ -382,18 +215,11 @@ class PolicyLearner:
         to the host only when the last micro-batch reaches it): a weight those leave untouched (the ViT, on a
         text-only prompt) would add to, or step on, the previous step's gradient.
         """
-        optimizer = self.engine.optimizer
-        if self.cfg.zero_stage == 3:
-            kept = [optimizer.grad_partitions_flat_buffer]
-            masters = optimizer.fp32_partitioned_groups_flat
-        else:
-            kept = list(getattr(optimizer, "accumulated_grads_in_cpu", {}).values())
-            masters = optimizer.single_partition_of_fp32_groups
-        for grad in kept + [m.grad for m in masters]:
+        for grad in zero_kept_gradients(self.engine.optimizer, self.cfg.zero_stage):
             if grad is not None:
                 grad.zero_()
 
-    def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+    def sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         """Each rank's share of batch statistics -> the batch's (every rank must pass the same keys)."""
         keys = sorted(values)
         summed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.engine.device)
@@ -407,18 +233,18 @@ class PolicyLearner:
         return bool(flags.item())
 
     @torch.no_grad()
-    def _frozen_logprobs(self, model, batch: TrainBatch, slices: list[range]) -> list[torch.Tensor]:
+    def frozen_logprobs(self, model, batch: TrainBatch, slices: list[range]) -> list[torch.Tensor]:
         """This rank's responses' log-probs under `model`, without gradient, over the micro-batches the steps use."""
         model.eval()
         per_sequence: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         for indices in slices:
-            for micro in self._plan(batch, indices):
+            for micro in self.micro_batches(batch, indices):
                 logprobs, _ = self._logprobs(model, batch, micro.forward_rows)
                 for row, i in enumerate(micro.rows):
                     per_sequence[i] = logprobs[row, : len(batch.responses[i])]
         return per_sequence
 
-    def _plan(self, batch: TrainBatch, indices: Sequence[int]) -> list[MicroBatch]:
+    def micro_batches(self, batch: TrainBatch, indices: Sequence[int]) -> list[MicroBatch]:
         """This rank's micro-batches of the sequences `indices`: its token-balanced share, in step with the others."""
         return rank_micro_batches(
             list(indices),
@@ -440,14 +266,6 @@ class PolicyLearner:
             banned_ids=self.banned_ids,
         )
 
-    def named_weights(self) -> dict[str, torch.Tensor]:
-        """Full (gathered) parameters by name, for the rollout engines."""
-        import deepspeed
-
-        params = dict(self.engine.module.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=self.cfg.zero_stage == 3):
-            return {name: p.detach().clone() for name, p in params.items()}
-
     def weight_sizes(self, dtype: str, trainable_only: bool = False) -> list[tuple[str, int]]:
         """(name, bytes as `dtype`) of each parameter in order: what `morl.run.weight_sync.plan_buckets` packs.
 
@@ -456,7 +274,7 @@ class PolicyLearner:
         """
         itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
         return [
-            (name, getattr(p, "ds_numel", p.numel()) * itemsize)  # ZeRO-3 keeps the full size in ds_numel
+            (name, full_numel(p) * itemsize)
             for name, p in self.engine.module.named_parameters()
             if p.requires_grad or not trainable_only
         ]

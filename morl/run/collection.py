@@ -17,7 +17,6 @@ modes train on exactly the same prompts and samples; they differ only in time an
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
@@ -26,19 +25,24 @@ import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import ray
 import torch
 
 from morl.algo.core import zero_variance_groups
-from morl.config import RolloutConfig, RunConfig
-from morl.data.encoding import EncodedPrompt, PromptEncoder
-from morl.data.rows import Row
+from morl.config import RunConfig
+from morl.data.encoding import PromptEncoder
 from morl.data.source import DrawnPrompt, PromptSource
 from morl.rewards.router import RewardRouter
-from morl.rewards.types import RewardInput
+from morl.rollout.fleet import rollout_sampling
 from morl.rollout.types import Completion, SamplingParams
-from morl.rollout.worker import CONCURRENCY_GROUPS, GenerateResult, RolloutWorker
+from morl.rollout.worker import GenerateResult
+from morl.run.step import reward_input
+from morl.types import EncodedPrompt
+
+if TYPE_CHECKING:
+    from morl.run.build import RunParts
 
 log = logging.getLogger("morl.rollout")
 
@@ -89,16 +93,6 @@ class RolloutBatch:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def rollout_sampling(rollout: RolloutConfig, n: int | None = None) -> SamplingParams:
-    """The recipe's sampling settings; `n` samples per prompt (default: the group size G)."""
-    return SamplingParams(
-        n=rollout.group_size if n is None else n,
-        temperature=rollout.temperature,
-        top_p=rollout.top_p,
-        max_new_tokens=rollout.max_new_tokens,
-    )
-
-
 def prompt_seed(run_seed: int, seq: int) -> int:
     """The seed of the samples of the seq-th prompt of the run, whichever worker and call draw them."""
     return zlib.crc32(f"{run_seed}:{seq}".encode())
@@ -108,7 +102,51 @@ class RolloutAbandoned(Exception):
     """`collect` gave up its batch because the run was asked to stop; its prompts and samples are discarded."""
 
 
+class SeamlessDispatch:
+    """MORL's: keep every worker fed with small calls while more prompts are expected to be needed, and score each
+    call's responses as soon as it returns."""
+
+    scores_on_arrival = True
+
+    def dispatch(self, run: _Collection) -> None:
+        while (need := run.prompts_needed()) > 0:
+            worker = run.least_loaded_worker()
+            if run.calls_in_flight(worker) >= run.scheduler.calls_per_worker:
+                return
+            run.start(worker, min(need, run.scheduler.prompts_per_call))
+
+    def refill_rounds(self, run: _Collection, decided: list[Group]) -> int:
+        return math.ceil(max(0, len(decided) - run.target) / run.target)
+
+
+class SynchronousDispatch:
+    """The baseline: a whole batch split evenly over the workers, scored once all of it returned; the next batch
+    only after this one is filtered."""
+
+    scores_on_arrival = False
+
+    def dispatch(self, run: _Collection) -> None:
+        if run.calls or run.prefix < len(run.groups) or len(run.groups) >= run.budget:
+            return
+        n = min(run.target, run.budget - len(run.groups))
+        run.rounds += 1
+        workers = len(run.scheduler.workers)
+        for worker, size in enumerate(n // workers + (w < n % workers) for w in range(workers)):
+            if size:
+                run.start(worker, size)
+
+    def refill_rounds(self, run: _Collection, decided: list[Group]) -> int:
+        return max(0, run.rounds - 1)
+
+
+DispatchPolicy = SeamlessDispatch | SynchronousDispatch
+DISPATCH: dict[str, type[DispatchPolicy]] = {"seamless": SeamlessDispatch, "synchronous": SynchronousDispatch}
+"""`rollout.mode` -> its dispatch policy: the one place the mode's name is read."""
+
+
 class RolloutScheduler:
+    """Collects rollout batches from the workers; its one piece of state is the running share of valid groups."""
+
     def __init__(
         self,
         workers: Sequence,
@@ -117,7 +155,7 @@ class RolloutScheduler:
         source: PromptSource,
         sampling: SamplingParams,
         *,
-        mode: str,
+        dispatch: DispatchPolicy,
         dynamic_sampling: bool,
         max_refill_rounds: int,
         prompts_per_call: int,
@@ -129,7 +167,7 @@ class RolloutScheduler:
         self.encode = encode
         self.source = source
         self.sampling = sampling
-        self.mode = mode
+        self.dispatch = dispatch
         self.dynamic_sampling = dynamic_sampling
         self.max_refill_rounds = max_refill_rounds
         self.prompts_per_call = prompts_per_call
@@ -138,22 +176,28 @@ class RolloutScheduler:
         self.valid_rate = 1.0  # running estimate of the share of groups that survive; sizes seamless refills
 
     @classmethod
-    def from_config(
-        cls, cfg: RunConfig, workers: Sequence, router: RewardRouter, encode: PromptEncoder, source: PromptSource
-    ) -> RolloutScheduler:
+    def from_config(cls, cfg: RunConfig, parts: RunParts, mode: str | None = None) -> RolloutScheduler:
+        """The recipe's scheduler over a run's workers, router, encoder and prompt source (`mode`: another
+        `rollout.mode` than the recipe's, for the benchmark that compares them)."""
         return cls(
-            workers,
-            router,
-            encode,
-            source,
+            parts.workers,
+            parts.router,
+            parts.encode,
+            parts.source,
             rollout_sampling(cfg.rollout),
-            mode=cfg.rollout.mode,
+            dispatch=DISPATCH[mode or cfg.rollout.mode](),
             dynamic_sampling=cfg.algo.dynamic_sampling,
             max_refill_rounds=cfg.algo.max_refill_rounds,
             prompts_per_call=cfg.rollout.prompts_per_call,
             calls_per_worker=cfg.rollout.calls_per_worker,
             run_seed=cfg.trainer.seed,
         )
+
+    def state_dict(self) -> dict[str, float]:
+        return {"valid_rate": self.valid_rate}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.valid_rate = state["valid_rate"]
 
     # ------------------------------------------------------------------ one batch
 
@@ -168,12 +212,12 @@ class RolloutScheduler:
             if should_stop and should_stop():
                 run.abort_calls()
                 raise RolloutAbandoned
-            if self.mode == "seamless":
-                run.dispatch_seamless()
-            else:
-                run.dispatch_synchronous()
+            self.dispatch.dispatch(run)
             run.wait_and_absorb()
-        return run.finish()
+        batch, observed = run.finish()
+        if observed is not None:
+            self.valid_rate = min(1.0, max(0.1, 0.5 * self.valid_rate + 0.5 * observed))
+        return batch
 
     def is_valid(self, group: Group) -> bool:
         """A group the update can use: scored without error, and (with dynamic sampling) not all equal."""
@@ -189,21 +233,11 @@ class RolloutScheduler:
         group.reward_futures = [self.router.submit(reward_input(group.prompt.row, c)) for c in group.completions]
 
 
-def reward_input(row: Row, completion: Completion) -> RewardInput:
-    """What a reward function sees of one response: its text, the row's label, images and metadata.
-
-    `meta["messages"]` carries the prompt, for reward models that judge the response in context.
-    """
-    images = tuple(ref for ref in row.images if isinstance(ref, str))
-    meta = {**row.meta, "messages": [m.model_dump(exclude_none=True) for m in row.messages]}
-    return RewardInput.from_text(completion.text, row.task, row.label, images=images, meta=meta)
-
-
 class _Collection:
-    """The state of one `collect` call."""
+    """The state of one `collect` call; what it changes is its own (and the prompt source it draws from)."""
 
     def __init__(self, scheduler: RolloutScheduler, num_groups: int, stop_poll: float | None = None):
-        self.s = scheduler
+        self.scheduler = scheduler
         self.stop_poll = stop_poll  # the longest wait for a call, so a stop request is seen (None: no limit)
         self.target = num_groups
         self.budget = num_groups * (1 + (scheduler.max_refill_rounds if scheduler.dynamic_sampling else 0))
@@ -212,51 +246,37 @@ class _Collection:
         self.scoring: list[Group] = []
         self.prefix = 0  # groups[:prefix] are resolved and decided
         self.accepted: list[Group] = []
-        self.rounds = 0
+        self.rounds = 0  # whole batches dispatched (synchronous)
         self.busy = [0.0] * len(scheduler.workers)
-        self.start = time.perf_counter()
-        self.last_accept_time = self.start
+        self.start_time = time.perf_counter()
+        self.last_accept_time = self.start_time
 
-    # -- dispatch policies
+    # -- what the dispatch policies use
 
-    def dispatch_seamless(self) -> None:
-        """Keep every worker fed while more prompts are expected to be needed."""
-        while (need := self._prompts_needed()) > 0:
-            in_flight = [0] * len(self.s.workers)
-            for call in self.calls.values():
-                in_flight[call.worker] += 1
-            worker = min(range(len(in_flight)), key=in_flight.__getitem__)
-            if in_flight[worker] >= self.s.calls_per_worker:
-                return
-            self._start(worker, min(need, self.s.prompts_per_call))
-
-    def _prompts_needed(self) -> int:
+    def prompts_needed(self) -> int:
+        """Prompts to dispatch now so that, at the observed valid rate, the batch fills (within the budget)."""
+        s = self.scheduler
         undecided = self.groups[self.prefix :]
-        expected = sum(self.s.valid_rate if g.rewards is None else float(self.s.is_valid(g)) for g in undecided)
+        expected = sum(s.valid_rate if g.rewards is None else float(s.is_valid(g)) for g in undecided)
         missing = self.target - len(self.accepted) - expected
         if missing <= 0:
             return 0
-        return min(math.ceil(missing / self.s.valid_rate), self.budget - len(self.groups))
+        return min(math.ceil(missing / s.valid_rate), self.budget - len(self.groups))
 
-    def dispatch_synchronous(self) -> None:
-        """A whole batch at a time, split evenly over the workers; the next only after this one is filtered."""
-        if self.calls or self.prefix < len(self.groups) or len(self.groups) >= self.budget:
-            return
-        n = min(self.target, self.budget - len(self.groups))
-        self.rounds += 1
-        workers = len(self.s.workers)
-        sizes = [n // workers + (w < n % workers) for w in range(workers)]
-        for worker, size in enumerate(sizes):
-            if size:
-                self._start(worker, size)
+    def calls_in_flight(self, worker: int) -> int:
+        return sum(call.worker == worker for call in self.calls.values())
 
-    def _start(self, worker: int, n: int) -> None:
+    def least_loaded_worker(self) -> int:
+        return min(range(len(self.scheduler.workers)), key=self.calls_in_flight)
+
+    def start(self, worker: int, n: int) -> None:
+        """Draw `n` prompts and send them to `worker` in one call."""
         groups = []
         for _ in range(n):
-            prompt = self.s.source.draw()
-            groups.append(Group(prompt, self.s.encode(prompt.row)))
+            prompt = self.scheduler.source.draw()
+            groups.append(Group(prompt, self.scheduler.encode(prompt.row)))
         self.groups.extend(groups)
-        ref, call = self.s.start_call(worker, groups)
+        ref, call = self.scheduler.start_call(worker, groups)
         self.calls[ref] = call
 
     # -- results
@@ -266,13 +286,13 @@ class _Collection:
             timeout = POLL_SECONDS if self.scoring else self.stop_poll
             ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=timeout)
             for ref in ready:
-                self._absorb_call(self.calls.pop(ref), ray.get(ref), score=self.s.mode == "seamless")
+                self._absorb_call(self.calls.pop(ref), ray.get(ref), score=self.scheduler.dispatch.scores_on_arrival)
         elif self.scoring:
             time.sleep(POLL_SECONDS)
-        if self.s.mode == "synchronous" and not self.calls:
+        if not self.calls:  # every call returned: score what was not scored on arrival
             for group in self.groups[self.prefix :]:
                 if group.reward_futures is None:
-                    self.s.submit_scoring(group)
+                    self.scheduler.submit_scoring(group)
                     self.scoring.append(group)
         self._collect_rewards()
         self._advance_prefix()
@@ -282,7 +302,7 @@ class _Collection:
         for group, completions in zip(call.groups, result.groups):
             group.completions = completions
             if score:
-                self.s.submit_scoring(group)
+                self.scheduler.submit_scoring(group)
                 self.scoring.append(group)
 
     def _collect_rewards(self) -> None:
@@ -299,7 +319,7 @@ class _Collection:
             group = self.groups[self.prefix]
             if group.rewards is None:
                 return
-            if self.s.is_valid(group):
+            if self.scheduler.is_valid(group):
                 self.accepted.append(group)
                 self.last_accept_time = time.perf_counter()
             self.prefix += 1
@@ -312,40 +332,39 @@ class _Collection:
 
     # -- the end of the batch
 
-    def finish(self) -> RolloutBatch:
-        """Abort what still runs, put unused prompts back, feed the easy pool, and report."""
+    def finish(self) -> tuple[RolloutBatch, float | None]:
+        """Abort what still runs, put unused prompts back, feed the easy pool, and report; also the share of the
+        decided groups that were valid (None when none was decided)."""
         if self.calls:
             self.abort_calls()
             for ref, call in self.calls.items():
                 self._absorb_call(call, ray.get(ref), score=False)
         tail_seconds = time.perf_counter() - self.last_accept_time
         decided, unused = self.groups[: self.prefix], self.groups[self.prefix :]
-        self.s.source.put_back([g.prompt for g in unused])
+        self.scheduler.source.put_back([g.prompt for g in unused])
         for group in decided:
             if group.all_correct:
-                self.s.source.add_easy(group.prompt)
-        if decided:
-            observed = len(self.accepted) / len(decided)
-            self.s.valid_rate = min(1.0, max(0.1, 0.5 * self.s.valid_rate + 0.5 * observed))
+                self.scheduler.source.add_easy(group.prompt)
         if len(self.accepted) < self.target:
             log.warning(
                 "only %d of %d groups were usable (scored without error%s) after %d prompts "
                 "(algo.max_refill_rounds); training on what there is",
                 len(self.accepted),
                 self.target,
-                ", with reward variance" if self.s.dynamic_sampling else "",
+                ", with reward variance" if self.scheduler.dynamic_sampling else "",
                 len(self.groups),
             )
-        return RolloutBatch(self.accepted, decided, self._metrics(decided, tail_seconds))
+        observed = len(self.accepted) / len(decided) if decided else None
+        return RolloutBatch(self.accepted, decided, self._metrics(decided, tail_seconds)), observed
 
     def abort_calls(self) -> None:
         """Ask each worker to end its calls in flight now (they return what they sampled, marked "abort")."""
         for worker in {c.worker for c in self.calls.values()}:
-            self.s.workers[worker].abort.remote([c.call_id for c in self.calls.values() if c.worker == worker])
+            self.scheduler.workers[worker].abort.remote([c.call_id for c in self.calls.values() if c.worker == worker])
 
     def _metrics(self, decided: list[Group], tail_seconds: float) -> dict[str, float]:
-        wall = time.perf_counter() - self.start
-        g = self.s.sampling.n
+        wall = time.perf_counter() - self.start_time
+        g = self.scheduler.sampling.n
         generated = [grp for grp in self.groups if grp.completions]
         accepted_ids = {id(grp) for grp in self.accepted}
         wasted = [grp for grp in generated if id(grp) not in accepted_ids]
@@ -353,12 +372,12 @@ class _Collection:
         metrics = {
             "rollout/prompts_dispatched": float(len(self.groups)),
             "rollout/prompts_decided": float(len(decided)),
-            "rollout/refill_rounds": float(self._refill_rounds(decided)),
+            "rollout/refill_rounds": float(self.scheduler.dispatch.refill_rounds(self, decided)),
             "rollout/gave_up": float(len(self.accepted) < self.target),
             "rollout/wasted_samples": float(g * len(wasted)),
             "rollout/sample_waste": len(wasted) / max(len(generated), 1),
             "rollout/token_waste": tokens(wasted) / max(tokens(generated), 1),
-            "rollout/easy_pool_size": float(len(self.s.source.easy_pool)),
+            "rollout/easy_pool_size": float(len(self.scheduler.source.easy_pool)),
             "time/rollout_tail": tail_seconds,
             "groups/kept": float(len(self.accepted)),
             "groups/dropped_zero_variance": float(sum(not x.errored and x.zero_variance for x in decided)),
@@ -370,55 +389,9 @@ class _Collection:
             metrics[f"prompts/{task}"] = float(sum(x.task == task for x in decided))
             metrics[f"update_prompts/{task}"] = float(sum(x.task == task for x in self.accepted))
             metrics[f"groups/dropped/{task}"] = float(
-                sum(x.task == task and not self.s.is_valid(x) for x in decided)
+                sum(x.task == task and not self.scheduler.is_valid(x) for x in decided)
             )
             metrics[f"prompts_from_easy_pool/{task}"] = float(
                 sum(x.task == task and x.prompt.from_easy_pool for x in decided)
             )
         return metrics
-
-    def _refill_rounds(self, decided: list[Group]) -> int:
-        if self.s.mode == "synchronous":
-            return max(0, self.rounds - 1)
-        return math.ceil(max(0, len(decided) - self.target) / self.target)
-
-
-def threads_for(cpus: float) -> int:
-    """Torch threads for an actor given `cpus` cores (rollout and update take turns, so they may share)."""
-    return max(1, math.ceil(cpus))
-
-
-def start_rollout_workers(cfg: RunConfig, weights_path: str) -> list:
-    """`rollout.num_workers` Ray actors, each hosting an engine loaded from `weights_path`."""
-    rollout = cfg.rollout
-    if rollout.engine == "vllm":
-        from morl.rollout.vllm_engine import vllm_engine_factory
-
-        make_engine = vllm_engine_factory(weights_path, cfg.model, rollout, cfg.trainer.seed)
-        # a cluster without GPUs runs vLLM's CPU build on the worker's cores; colocated, the learner holds the
-        # GPU too, so each worker claims a share of it
-        on_gpus = ray.cluster_resources().get("GPU", 0) > 0
-        gpus = rollout.tensor_parallel_size * (0.5 if rollout.colocate else 1.0) if on_gpus else 0
-    else:
-        from morl.rollout.hf_engine import HFEngine
-
-        make_engine = functools.partial(HFEngine, weights_path, cfg.model.processor_path, cfg.model.dtype)
-        gpus = 0
-    actor = ray.remote(num_cpus=rollout.cpus_per_worker, num_gpus=gpus, concurrency_groups=CONCURRENCY_GROUPS)(
-        RolloutWorker
-    )
-    return [actor.remote(make_engine, threads_for(rollout.cpus_per_worker)) for _ in range(rollout.num_workers)]
-
-
-def generate_in_order(
-    workers: Sequence, prompts: list[EncodedPrompt], sampling: SamplingParams, seeds: Sequence[int]
-) -> list[list[Completion]]:
-    """Split prompts evenly over the workers and gather their groups in order (evaluation)."""
-    n = len(workers)
-    refs = [
-        w.generate.remote(prompts[i::n], sampling, list(seeds[i::n])) for i, w in enumerate(workers) if prompts[i::n]
-    ]
-    merged: list[list[Completion]] = [None] * len(prompts)  # type: ignore[list-item]
-    for i, result in enumerate(ray.get(refs)):
-        merged[i::n] = result.groups
-    return merged

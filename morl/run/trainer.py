@@ -10,51 +10,25 @@ The same loop drives a laptop CPU and a GPU cluster; only the actors' backends d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import time
 from collections import defaultdict
 from pathlib import Path
-from typing import NamedTuple
 
 import ray
-import torch
 
-from morl.algo.core import group_advantages
-from morl.run.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    capture_rng,
-    resolve_resume,
-    restore_rng,
-    save_checkpoint,
-)
 from morl.config import RunConfig, dump_config
-from morl.data.loading import load_datasets
 from morl.data.rows import Row
-from morl.run.interrupts import RunInterrupted, StopRequest, children_ignore_sigint
-from morl.learner.policy import TrainBatch
 from morl.learner.group import LearnerGroup
-from morl.run.metrics import MetricsWriter, ProgressDisplay, console, eval_table
-from morl.run.model_check import check_model_dir
-from morl.data.encoding import PromptEncoder
-from morl.data.source import PromptSource
-from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
-from morl.run.lock import RunDirLock
-from morl.rewards.parsing import split_think
-from morl.rewards.router import RewardRouter
-from morl.rollout.hf_engine import vision_token_ids
+from morl.rollout.fleet import generate_in_order
 from morl.rollout.types import Completion, SamplingParams
-from morl.run.collection import (
-    Group,
-    RolloutAbandoned,
-    RolloutScheduler,
-    generate_in_order,
-    reward_input,
-    start_rollout_workers,
-)
+from morl.run.build import build_run, prepare_model
+from morl.run.checkpoint import Checkpoint, CheckpointError, capture_rng, resolve_resume, restore_rng, save_checkpoint
+from morl.run.collection import RolloutAbandoned, RolloutScheduler
+from morl.run.interrupts import RunInterrupted, StopRequest
+from morl.run.lock import RunDirLock
+from morl.run.metrics import MetricsWriter, ProgressDisplay, console, eval_table
+from morl.run.step import PhaseTimer, build_batch, mean, prompt_set, reward_input, reward_metrics
 from morl.run.weight_sync import check_logprob_mismatch, plan_buckets, sync_rollout_weights
 
 log = logging.getLogger("morl.run.trainer")
@@ -66,42 +40,23 @@ class Trainer:
         self.cfg = cfg
         self.force = force
         self.out_dir = Path(cfg.trainer.output_dir)
+        prepare_model(cfg)  # a bad model or toy-world root is refused before the run directory exists
         self.run_lock = RunDirLock(self.out_dir).acquire()  # before anything reads or prunes the directory
-        check_model_dir(cfg.model.path, cfg.model.processor_path)
         self.resume_from = resolve_resume(self.out_dir, resume, cfg, force)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(dump_config(cfg))
-        os.environ.update(QUIET_OFFLINE_ENV)
-
-        from transformers import AutoProcessor
-
-        model = cfg.model
-        self.processor = AutoProcessor.from_pretrained(model.processor_dir)
-        self.encode = PromptEncoder(self.processor, cfg.rollout.max_prompt_tokens)
-        self.sampler = PromptSource.from_config(cfg)
-        held_out = load_datasets(
-            cfg.data.eval if cfg.eval.enabled else [],  # files of a disabled evaluation are not read
-            known_tasks=set(cfg.rewards.routes),
-            on_bad_row=cfg.data.on_bad_row,
-            max_image_pixels=cfg.data.max_image_pixels,
-        )
-        self.eval_rows = [row for ds in held_out for row in ds.rows]
-        self.router = RewardRouter(cfg.rewards, log_dir=self.out_dir / "logs")
-
-        self.owns_ray = not ray.is_initialized()
-        with children_ignore_sigint():  # a terminal's Ctrl-C must not kill the actors the checkpoint needs
-            init_ray(cfg)
+        start_weights = str(self.resume_from.policy_dir) if self.resume_from else None
+        self.parts = build_run(cfg, held_out=True, weights=start_weights, reward_log_dir=self.out_dir / "logs")
+        self.source, self.router, self.workers = self.parts.source, self.parts.router, self.parts.workers
+        self.eval_rows = self.parts.held_out
         self.abandon_on_signal = cfg.trainer.on_signal == "abandon"
         self.stop = StopRequest("abandoning this step's rollout" if self.abandon_on_signal else "finishing this step")
         self.stop.install()
-        start_weights = str(self.resume_from.policy_dir) if self.resume_from else model.path
-        self.workers = start_rollout_workers(cfg, start_weights)
-        self.banned_ids = vision_token_ids(self.processor.tokenizer)
-        self.learner = LearnerGroup(cfg, self.banned_ids)
-        self.scheduler = RolloutScheduler.from_config(cfg, self.workers, self.router, self.encode, self.sampler)
+        self.learner = LearnerGroup(cfg, self.parts.banned_ids)
+        self.scheduler = RolloutScheduler.from_config(cfg, self.parts)
         # engines that keep their weights between syncs get only what trains (vLLM sleep level 2 drops them all)
         drops_weights = cfg.rollout.colocate and cfg.rollout.sleep_level == 2
-        sizes = self.learner.weight_sizes(model.dtype, trainable_only=not drops_weights)
+        sizes = self.learner.weight_sizes(cfg.model.dtype, trainable_only=not drops_weights)
         self.sync_plan = plan_buckets(sizes, cfg.rollout.sync_bucket_mb * 2**20)
         self.start_step = 0
         self.saved_step = 0  # the newest step with a checkpoint (0: none)
@@ -200,9 +155,9 @@ class Trainer:
     def driver_state(self) -> dict:
         """Every piece of driver state an exact resume needs, as a JSON copy that later steps do not touch."""
         state = {
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.source.state_dict(),
             "router": self.router.state_dict(),
-            "rollout_valid_rate": self.scheduler.valid_rate,  # sizes seamless refills: same dispatch after resume
+            "scheduler": self.scheduler.state_dict(),  # its refill estimate: the same dispatch after a resume
             "rng": capture_rng(),
             "eval_sft": self.sft_eval,
         }
@@ -230,7 +185,7 @@ class Trainer:
         """
         self.learner.load_checkpoint(str(ckpt.path))
         try:
-            self.sampler.load_state_dict(ckpt.state["sampler"])
+            self.source.load_state_dict(ckpt.state["sampler"])
         except ValueError as exc:
             if not self.force:
                 raise CheckpointError(
@@ -239,7 +194,8 @@ class Trainer:
                 ) from None
             log.warning("--force: the data order starts over (%s)", exc)
         self.router.load_state_dict(ckpt.state["router"])
-        self.scheduler.valid_rate = ckpt.state["rollout_valid_rate"]
+        # checkpoints written before the scheduler had a state_dict hold its one number under this key
+        self.scheduler.load_state_dict(ckpt.state.get("scheduler") or {"valid_rate": ckpt.state["rollout_valid_rate"]})
         restore_rng(ckpt.state["rng"])
         self.start_step = self.saved_step = ckpt.step
         self.sft_eval = ckpt.state["eval_sft"]
@@ -252,7 +208,7 @@ class Trainer:
         the mean over tasks, and which "prompts" (prompt_set). Lengths show what the reports watch: reasoning
         answers grow, grounding ones shrink."""
         rows = self._eval_subset()
-        prompts = [self.encode(row) for row in rows]
+        prompts = [self.parts.encode(row) for row in rows]
         greedy = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True)
         completions = generate_in_order(self.workers, prompts, greedy, seeds=[0] * len(prompts))
         rewards = self.score(rows, completions)
@@ -261,8 +217,8 @@ class Trainer:
             by_task[row.task].append((0.0 if r is None else r, len(c.token_ids)))
         result = {}
         for k, name in enumerate(("reward", "response_length")):
-            per_task = {task: _mean(x[k] for x in xs) for task, xs in sorted(by_task.items())}
-            result[name] = {**per_task, "mean": _mean(per_task.values())}
+            per_task = {task: mean(x[k] for x in xs) for task, xs in sorted(by_task.items())}
+            result[name] = {**per_task, "mean": mean(per_task.values())}
         return {**result, "prompts": prompt_set(rows)}
 
     def _same_eval_prompts(self, sft_eval: dict) -> bool:
@@ -294,92 +250,7 @@ class Trainer:
 
     def close(self) -> None:
         """Stop every process the run started (Ray's too, when the run started Ray) and free the run directory."""
-        self.router.close()
-        for actor in self.workers:
-            ray.kill(actor)
         self.learner.close()
-        if self.owns_ray:
-            ray.shutdown()
+        self.parts.close()
         self.stop.uninstall()
         self.run_lock.release()
-
-
-def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[str, float]]:
-    """Flatten the accepted groups into sequences, each with its group-normalised advantage."""
-    batch = TrainBatch([], [], [], [])
-    if not groups:
-        return batch, {}
-    advantages = group_advantages(torch.tensor([g.rewards for g in groups]), adv_eps)
-    for i, group in enumerate(groups):
-        for j, completion in enumerate(group.completions):
-            batch.prompts.append(group.encoded)
-            batch.responses.append(completion.token_ids)
-            batch.rollout_logprobs.append(completion.logprobs)
-            batch.advantages.append(advantages[i, j].item())
-    adv = torch.tensor(batch.advantages)
-    return batch, {
-        "advantage/mean": adv.mean().item(),
-        "advantage/std": adv.std(unbiased=False).item(),
-        "advantage/abs_mean": adv.abs().mean().item(),
-        "advantage/max": adv.max().item(),
-        "advantage/min": adv.min().item(),
-    }
-
-
-class _Scored(NamedTuple):
-    """One scored sample, as the step metrics see it."""
-
-    reward: float
-    length: int  # response tokens
-    empty_answer: bool  # nothing but blanks after the last </think>
-
-
-def reward_metrics(groups: list[Group]) -> dict[str, float]:
-    """Reward, pass rate (full reward), response length and empty-answer rate over every group of the step,
-    overall and per task.
-
-    An empty answer (nothing after the last ``</think>``) scores 0 like a wrong one, so rewards alone do not show
-    it; with no format reward, negative advantages on a wrong answer can move its probability onto ending the
-    response right after ``</think>``; ``empty_answer/<task>`` rising is that collapse.
-    """
-    per_task: dict[str, list[_Scored]] = defaultdict(list)
-    for group in groups:
-        for r, c in zip(group.rewards, group.completions):
-            if r is not None:
-                per_task[group.task].append(_Scored(r, len(c.token_ids), not split_think(c.text).strip()))
-    everything = [x for xs in per_task.values() for x in xs]
-    metrics = {
-        "reward/mean": _mean(x.reward for x in everything),
-        "response_length/mean": _mean(x.length for x in everything),
-    }
-    for task, xs in sorted(per_task.items()):
-        metrics[f"reward/{task}"] = _mean(x.reward for x in xs)
-        metrics[f"pass_rate/{task}"] = _mean(float(x.reward >= 1.0) for x in xs)
-        metrics[f"response_length/{task}"] = _mean(x.length for x in xs)
-        metrics[f"empty_answer/{task}"] = _mean(float(x.empty_answer) for x in xs)
-    return metrics
-
-
-def prompt_set(rows: list[Row]) -> dict:
-    """How many prompts, and a digest of which: two evaluations compare only on the same set."""
-    digest = hashlib.sha256("\n".join(f"{row.task}/{row.id}" for row in rows).encode()).hexdigest()[:16]
-    return {"count": len(rows), "digest": digest}
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0
-
-
-class PhaseTimer:
-    def __init__(self):
-        self.start = self.last = time.perf_counter()
-        self.phases: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.phases[name] = now - self.last
-        self.last = now
-
-    def as_metrics(self) -> dict[str, float]:
-        return {**{f"time/{k}": v for k, v in self.phases.items()}, "time/step": time.perf_counter() - self.start}

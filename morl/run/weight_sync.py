@@ -1,9 +1,9 @@
 """Learner -> rollout weight sync: size-bounded buckets, one transfer call per bucket, timed.
 
     plan_buckets      group parameters (by name and size) into consecutive buckets of at most max_bytes,
-                      never splitting a transformer block (vLLM reloads whole layers)
-    pack_bucket       one flat buffer per bucket: the unit every transport moves (a Ray object on CPU,
-                      or a CUDA IPC handle when vLLM shares the learner's GPU)
+                      never splitting a transformer block (vLLM reloads whole layers); the learner packs
+                      each into one flat buffer (`morl.learner.buckets`): a Ray object on CPU, or a CUDA
+                      IPC handle when vLLM shares the learner's GPU
     sync_weights      the loop: bucket k+1 is fetched while bucket k loads; seconds, bytes, GB/s
     check_logprob_mismatch
                       the stale-weights guard: the trainer calls it with the learner's log-prob gap,
@@ -19,12 +19,9 @@ import itertools
 import math
 import re
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -66,79 +63,6 @@ def plan_buckets(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[Bucke
     if names:
         buckets.append(Bucket(tuple(names), total))
     return buckets
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    name: str
-    shape: tuple[int, ...]
-    offset: int  # in elements of the bucket's flat buffer
-
-
-@dataclass
-class PackedBucket:
-    """Named tensors laid end to end in one flat buffer of a single dtype.
-
-    Exactly one of `flat` (the buffer itself) and `cuda_ipc` (a handle to a buffer on the
-    sender's GPU, from `torch.multiprocessing.reductions.reduce_tensor`) is set.
-    """
-
-    metas: list[TensorMeta]
-    flat: torch.Tensor | None = None
-    cuda_ipc: tuple[Callable[..., torch.Tensor], tuple[Any, ...]] | None = None
-
-    def tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """(name, view into the buffer) for each tensor, in packing order."""
-        flat = self.flat if self.flat is not None else _open_cuda_ipc(self.cuda_ipc)
-        return [(m.name, flat[m.offset : m.offset + math.prod(m.shape)].view(m.shape)) for m in self.metas]
-
-    def to_cpu(self) -> PackedBucket:
-        return PackedBucket(self.metas, flat=self.flat.cpu())
-
-    def shared_by_cuda_ipc(self) -> PackedBucket:
-        """The same bucket as a CUDA IPC handle: the receiver maps the sender's buffer, no copy."""
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        return PackedBucket(self.metas, cuda_ipc=reduce_tensor(self.flat))
-
-
-def pack_bucket(named: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype) -> PackedBucket:
-    """Copy the tensors (cast to `dtype`) into one new flat buffer on the first tensor's device."""
-    if not named:
-        raise ValueError("cannot pack an empty bucket")
-    metas, offset = [], 0
-    for name, tensor in named:
-        metas.append(TensorMeta(name, tuple(tensor.shape), offset))
-        offset += tensor.numel()
-    flat = torch.empty(offset, dtype=dtype, device=named[0][1].device)
-    for meta, (_, tensor) in zip(metas, named):
-        flat[meta.offset : meta.offset + tensor.numel()].copy_(tensor.reshape(-1))
-    return PackedBucket(metas, flat=flat)
-
-
-def _open_cuda_ipc(handle: tuple[Callable[..., torch.Tensor], tuple[Any, ...]]) -> torch.Tensor:
-    rebuild, args = handle
-    args = list(args)
-    args[6] = torch.cuda.current_device()  # the storage's device, as this process numbers it
-    return rebuild(*args)
-
-
-class SharedBuckets:
-    """Keeps the sender's last two CUDA-IPC-shared buffers alive.
-
-    The sync loop fetches one bucket ahead, so when bucket k + 2 is packed, bucket k has been
-    loaded by every receiver and its buffer may go.
-    """
-
-    def __init__(self, depth: int = 2):
-        self._alive: deque[PackedBucket] = deque(maxlen=depth)
-
-    def share(self, bucket: PackedBucket) -> PackedBucket:
-        self._alive.append(bucket)
-        return bucket.shared_by_cuda_ipc()
-
-    def release(self) -> None:
-        self._alive.clear()
 
 
 @dataclass(frozen=True)

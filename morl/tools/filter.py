@@ -30,14 +30,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from morl.config import RunConfig, dump_config
 from morl.data.loading import LoadedDataset, load_dataset
-from morl.data.encoding import PromptEncoder
 from morl.rewards.router import RewardRouter
 
 DECISIONS = ("kept", "too_easy", "too_hard", "unscored")
@@ -96,46 +94,30 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FilterError(f"{out}: already exists and is not an empty directory; choose another -o (nothing written)")
-    from transformers import AutoProcessor
+    from morl.rollout.fleet import generate_in_order, rollout_sampling
+    from morl.run.build import build_run
+    from morl.run.collection import prompt_seed
+    from morl.run.step import reward_input
 
-    from morl.run.model_check import check_model_dir
-    from morl.run.collection import (
-        generate_in_order,
-        prompt_seed,
-        reward_input,
-        rollout_sampling,
-        start_rollout_workers,
-    )
-    from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
-
-    if cfg.toy_world is not None:
-        from morl.toy.world import ensure_toy_world
-
-        ensure_toy_world(cfg.toy_world)
-    check_model_dir(cfg.model.path, cfg.model.processor_path)
-    os.environ.update(QUIET_OFFLINE_ENV)
     paths = list(dict.fromkeys(spec.path for spec in cfg.data.train))  # a file listed twice is filtered once
-    tasks = set(cfg.rewards.routes)
-    datasets = [load_dataset(p, known_tasks=tasks, on_bad_row=cfg.data.on_bad_row) for p in paths]
-    processor = AutoProcessor.from_pretrained(cfg.model.processor_dir)
-    encode = PromptEncoder(processor, cfg.rollout.max_prompt_tokens)
-    sampling = rollout_sampling(cfg.rollout, n=settings.samples)
-    prompts = [(d, row) for d, ds in enumerate(datasets) for row in ds.rows]
-    chunk = cfg.trainer.prompts_per_step
-
-    started_ray = not ray.is_initialized()
-    init_ray(cfg)
-    router = RewardRouter(cfg.rewards)
-    workers: list = []
+    parts = build_run(cfg, prompts=False)  # the toy world first, when the recipe has one: it holds the data
     rewards: list[list[float | None]] = []
     try:
-        workers = start_rollout_workers(cfg, cfg.model.path)
+        tasks = set(cfg.rewards.routes)
+        datasets = [
+            load_dataset(p, known_tasks=tasks, on_bad_row=cfg.data.on_bad_row, max_image_pixels=cfg.data.max_image_pixels)
+            for p in paths
+        ]
+        sampling = rollout_sampling(cfg.rollout, n=settings.samples)
+        prompts = [(d, row) for d, ds in enumerate(datasets) for row in ds.rows]
+        chunk = cfg.trainer.prompts_per_step
+        router = parts.router
         with _progress(console, len(prompts)) as progress:
             scoring = None  # the previous chunk's reward futures: scored while the next chunk generates
             for start in range(0, len(prompts), chunk):
                 rows = [row for _, row in prompts[start : start + chunk]]
                 seeds = [prompt_seed(cfg.trainer.seed, start + i) for i in range(len(rows))]
-                groups = generate_in_order(workers, [encode(row) for row in rows], sampling, seeds)
+                groups = generate_in_order(parts.workers, [parts.encode(row) for row in rows], sampling, seeds)
                 if scoring is not None:
                     rewards.extend(_resolve(scoring, router))
                 scoring = [[router.submit(reward_input(row, c)) for c in group] for row, group in zip(rows, groups)]
@@ -143,11 +125,7 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
             if scoring is not None:
                 rewards.extend(_resolve(scoring, router))
     finally:
-        router.close()
-        for worker in workers:
-            ray.kill(worker)
-        if started_ray:
-            ray.shutdown()
+        parts.close()
     return _write_outputs(cfg, settings, out, paths, datasets, rewards, console)
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,20 @@ from PIL import Image
 from pydantic import ValidationError
 
 from morl.data.config import DEFAULT_MAX_IMAGE_PIXELS, PIL_HARD_LIMIT_PIXELS, DataConfig, DatasetSpec
-
 from morl.data.loading import LoadedDataset, load_dataset, load_datasets
-
 from morl.data.mixture import MixtureSampler
+from morl.data.rows import DataError, Row, open_image
 
-from morl.data.rows import DataError, Row, counts_by_task, open_image
 TASKS = {"counting", "grounding"}
+
+
+def draw_rows(sampler: MixtureSampler, n: int) -> list[Row]:
+    """The sampler's next `n` rows."""
+    return [sampler.row(sampler.next_key()) for _ in range(n)]
+
+
+def counts_by_task(rows) -> dict[str, int]:
+    return dict(sorted(Counter(row.task for row in rows).items()))
 
 
 def png_bytes(color: str = "red") -> bytes:
@@ -365,7 +373,7 @@ def dataset(name: str, n: int, task: str = "counting") -> LoadedDataset:
 def test_weights_mix_by_proportion() -> None:
     sampler = MixtureSampler([dataset("a", 10), dataset("b", 7, "grounding")], [3.0, 1.0], seed=0)
     n = 4000
-    counts = counts_by_task(sampler.next_batch(n))
+    counts = counts_by_task(draw_rows(sampler, n))
     # Binomial(n, 0.75): sd = sqrt(0.75 * 0.25 / n) ~ 0.0068; 5 sd leaves a false-failure chance below 1e-6.
     tolerance = 5 * math.sqrt(0.75 * 0.25 / n)
     assert abs(counts["counting"] / n - 0.75) < tolerance
@@ -374,7 +382,7 @@ def test_weights_mix_by_proportion() -> None:
 
 def test_each_epoch_covers_every_row_once() -> None:
     a, b = dataset("a", 7), dataset("b", 5)
-    drawn = [r.id for r in MixtureSampler([a, b], [1.0, 1.0], seed=1).next_batch(200)]
+    drawn = [r.id for r in draw_rows(MixtureSampler([a, b], [1.0, 1.0], seed=1), 200)]
     for ds in (a, b):
         ids = {r.id for r in ds.rows}
         walk = [i for i in drawn if i in ids]
@@ -385,7 +393,7 @@ def test_each_epoch_covers_every_row_once() -> None:
 
 def test_same_seed_same_draws_other_seed_differs() -> None:
     def draws(seed: int) -> list[str]:
-        return [r.id for r in MixtureSampler([dataset("a", 9), dataset("b", 4)], [2.0, 1.0], seed).next_batch(50)]
+        return [r.id for r in draw_rows(MixtureSampler([dataset("a", 9), dataset("b", 4)], [2.0, 1.0], seed), 50)]
 
     assert draws(3) == draws(3) and draws(3) != draws(4)
 
@@ -396,13 +404,13 @@ def test_state_round_trip_continues_exactly(k: int, m: int) -> None:
         return MixtureSampler([dataset("a", 6), dataset("b", 3)], [1.0, 2.0], seed=7)
 
     sampler = fresh()
-    sampler.next_batch(k)
+    draw_rows(sampler, k)
     state = json.loads(json.dumps(sampler.state_dict()))
-    expected = [r.id for r in sampler.next_batch(m)]
+    expected = [r.id for r in draw_rows(sampler, m)]
     restored = fresh()
-    restored.next_batch(3)  # its own progress is overwritten by the restore
+    draw_rows(restored, 3)  # its own progress is overwritten by the restore
     restored.load_state_dict(state)
-    assert [r.id for r in restored.next_batch(m)] == expected
+    assert [r.id for r in draw_rows(restored, m)] == expected
 
 
 def test_state_for_other_datasets_is_refused() -> None:

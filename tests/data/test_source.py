@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from PIL import Image
 
 from morl.config import RunConfig
@@ -115,6 +114,6 @@ def test_from_config_applies_the_image_size_cap(tmp_path):
            "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many?"}]}]}
     (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n")
     train = [{"path": str(tmp_path / "train.jsonl")}]
-    assert PromptSource.from_config(run_config(tmp_path, train, max_image_pixels=48)).sampler.num_rows == 1
+    assert PromptSource.from_config(run_config(tmp_path, train, max_image_pixels=48)).mixture.num_rows == 1
     with pytest.raises(DataError, match="over data.max_image_pixels=47: 8 x 6 = 48 pixels"):
         PromptSource.from_config(run_config(tmp_path, train, max_image_pixels=47))

@@ -15,18 +15,17 @@ import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig, RunConfig
+from morl.data.encoding import PromptEncoder, vision_token_ids
 from morl.data.loading import load_dataset
 from morl.data.rows import Row
-from morl.learner.shares import rank_micro_batches
-from morl.learner.policy import NonFiniteLossError, PolicyLearner, TrainBatch
 from morl.learner.group import LearnerGroup
-from morl.data.encoding import PromptEncoder
+from morl.learner.policy import NonFiniteLossError, PolicyLearner
+from morl.learner.shares import rank_micro_batches
 from morl.ray_setup import init_ray
-from morl.rollout.hf_engine import vision_token_ids
 from morl.run.weight_sync import plan_buckets
+from morl.types import TrainBatch
 
-from helpers import small_tmpfs
-from helpers import is_loopback, listeners
+from helpers import gathered_weights, is_loopback, listeners, small_tmpfs
 
 pytestmark = pytest.mark.slow
 LR = 1e-2
@@ -105,7 +104,7 @@ def two_ranks(request, toy_world, batch, cluster, tmp_path_factory):
     train_batch, banned = batch
     stage = request.param
     reference = one_rank(config(toy_world, stage, 1), banned)
-    seen = {"reference_metrics": reference.train_step(train_batch), "reference": reference.named_weights()}
+    seen = {"reference_metrics": reference.train_step(train_batch), "reference": gathered_weights(reference)}
     out = tmp_path_factory.mktemp(f"zero{stage}")
     group = LearnerGroup(config(toy_world, stage, 2), banned)
     try:
@@ -206,4 +205,4 @@ def test_grpo_on_two_zero3_ranks_takes_the_one_rank_steps(toy_world, batch, clus
         group.close()
     assert metrics["optimizer_steps"] == 4 and expected["kl"] > 0 and expected["clip_fraction"] > 0
     assert_same_metrics(metrics, expected)
-    assert_same_update(weights, reference.named_weights(), start, share=1e-2)
+    assert_same_update(weights, gathered_weights(reference), start, share=1e-2)

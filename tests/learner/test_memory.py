@@ -5,10 +5,13 @@ import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from morl.config import LearnerConfig, ModelConfig
+from morl.data.encoding import PromptEncoder
 from morl.data.loading import load_dataset
 from morl.data.rows import Row
-from morl.learner.policy import PolicyLearner, TrainBatch
-from morl.data.encoding import PromptEncoder
+from morl.learner.policy import PolicyLearner
+from morl.types import TrainBatch
+
+from helpers import gathered_weights
 
 LR = 1e-2
 
@@ -27,7 +30,7 @@ def one_step(toy_world, batch, **options) -> tuple[PolicyLearner, dict[str, torc
     cfg = LearnerConfig(lr=LR, micro_batch_size=1, **options)
     learner = PolicyLearner(ModelConfig(path=str(toy_world / "sft")), cfg, 1.0, [], seed=0, threads=1)
     learner.train_step(batch)
-    return learner, learner.named_weights()
+    return learner, gathered_weights(learner)
 
 
 def test_checkpointing_and_offload_give_the_same_step(toy_world, batch):
@@ -66,7 +69,7 @@ def test_a_step_that_leaves_the_vit_untouched_does_not_reuse_old_gradients(toy_w
         cfg = LearnerConfig(lr=LR, micro_batch_size=1, **options)
         learner = PolicyLearner(ModelConfig(path=str(toy_world / "sft")), cfg, 1.0, [], seed=0, threads=1)
         norms = [learner.train_step(b)["grad_norm"] for b in (batch, text_only, mixed)]
-        return norms, learner.named_weights()
+        return norms, gathered_weights(learner)
 
     norms, plain = three_steps(zero_stage=2)
     sft = Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft")

@@ -7,12 +7,15 @@ import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
+from morl.data.encoding import PromptEncoder, vision_token_ids
 from morl.data.loading import load_dataset
-from morl.learner.policy import NonFiniteLossError, PolicyLearner, TrainBatch
 from morl.learner.logprobs import response_logprobs
-from morl.data.encoding import PromptEncoder
-from morl.rollout.hf_engine import HFEngine, vision_token_ids
+from morl.learner.policy import NonFiniteLossError, PolicyLearner
+from morl.rollout.hf_engine import HFEngine
 from morl.rollout.types import SamplingParams
+from morl.types import TrainBatch
+
+from helpers import gathered_weights
 
 LR = 1e-2
 
@@ -46,7 +49,7 @@ def test_micro_batching_gives_the_same_step(toy_world, batch):
     assert m_whole["grad_norm"] == pytest.approx(m_parts["grad_norm"], rel=1e-4)
     # same update, and the rollout's log-probs matched the learner's before it
     assert m_whole["logprob_mismatch"] < 1e-4
-    w1, w2 = whole.named_weights(), parts.named_weights()
+    w1, w2 = gathered_weights(whole), gathered_weights(parts)
     w0 = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft").named_parameters())
     # Adam's first step moves each weight by about lr * sign(grad): where a gradient is ~0, the accumulation
     # order may flip its sign, so compare whole updates: they may differ only by a small fraction
@@ -58,12 +61,12 @@ def test_micro_batching_gives_the_same_step(toy_world, batch):
 def test_nan_advantage_is_refused_and_weights_are_kept(toy_world, batch):
     train_batch, banned = batch
     policy = learner(toy_world, banned, micro_batch_size=6)
-    before = policy.named_weights()
+    before = gathered_weights(policy)
     bad = TrainBatch(train_batch.prompts, train_batch.responses, train_batch.rollout_logprobs,
                      [math.nan] + train_batch.advantages[1:])
     with pytest.raises(NonFiniteLossError, match="update was skipped"):
         policy.train_step(bad)
-    after = policy.named_weights()
+    after = gathered_weights(policy)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -75,7 +78,7 @@ def test_saved_policy_is_a_loadable_hf_directory(toy_world, batch, tmp_path):
     policy.train_step(train_batch)
     policy.save_hf(str(tmp_path / "final"))
     loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "final")
-    weights = policy.named_weights()
+    weights = gathered_weights(policy)
     assert all(torch.equal(p, weights[n]) for n, p in loaded.named_parameters())
     AutoProcessor.from_pretrained(tmp_path / "final")
 
@@ -92,7 +95,7 @@ def rollout_off_by(train_batch, gaps, advantages=None):
 def assert_same_step(toy_world, a, metrics_a, b, metrics_b):
     """Same gradient (norm) and same update, up to the accumulation order (see test_micro_batching_gives_the_same_step)."""
     assert metrics_a["grad_norm"] == pytest.approx(metrics_b["grad_norm"], rel=1e-4)
-    w1, w2 = a.named_weights(), b.named_weights()
+    w1, w2 = gathered_weights(a), gathered_weights(b)
     w0 = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft").named_parameters())
     difference = math.sqrt(sum(((w1[k] - w2[k]) ** 2).sum().item() for k in w1))
     update = math.sqrt(sum(((w1[k] - w0[k].detach()) ** 2).sum().item() for k in w1))
@@ -159,7 +162,7 @@ def test_grpo_first_step_is_the_morl_step(toy_world, batch):
     assert m_grpo["kl"] == pytest.approx(0.0, abs=1e-9)
     assert m_grpo["grad_norm"] == pytest.approx(m_morl["grad_norm"], rel=1e-5)
     assert m_grpo["logprob_mismatch"] < 1e-4
-    w1, w2 = morl.named_weights(), grpo.named_weights()
+    w1, w2 = gathered_weights(morl), gathered_weights(grpo)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 0.02 * LR
 
 
@@ -196,13 +199,13 @@ def test_grpo_second_epoch_clips_and_measures_kl_as_computed_by_hand(toy_world, 
 def test_grpo_takes_a_step_per_mini_batch_and_epoch(toy_world, batch):
     train_batch, banned = batch
     grpo = learner(toy_world, banned, micro_batch_size=1, algo=AlgoConfig(name="grpo", mini_batches=4, update_epochs=2))
-    before = grpo.named_weights()
+    before = gathered_weights(grpo)
     metrics = grpo.train_step(train_batch)
     assert metrics["optimizer_steps"] == 8  # 6 sequences in 4 mini-batches of 1-2, twice
     assert "kl" not in metrics  # kl_coef 0: no reference model
     assert grpo.reference is None
     assert math.isfinite(metrics["loss"]) and 0.0 <= metrics["clip_fraction"] <= 1.0
-    after = grpo.named_weights()
+    after = gathered_weights(grpo)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 

@@ -8,7 +8,6 @@ from morl.rewards.config import RewardsConfig
 from morl.rewards.registry import get_reward, list_rewards, reward
 from morl.rewards.types import RewardInput
 
-
 FIXTURES = "reward_fixtures"
 
 

@@ -8,7 +8,6 @@ from morl.rewards.router import RewardRouter
 from morl.rewards.types import RewardInput
 from morl.rewards.worker_output import MAX_CALL_BYTES, OutputLog
 
-
 from reward_output_fixtures import flood_bytes  # noqa: E402
 
 RO = "reward_output_fixtures"

@@ -13,7 +13,6 @@ from morl.rewards.config import RewardsConfig
 from morl.rewards.router import RewardErrorRateExceeded, RewardRouter, UnknownTaskError
 from morl.rewards.types import RewardInput
 
-
 FX = "reward_fixtures"
 AS_RETURNED = "reward_output_fixtures:as_returned"
 TIMEOUT_S = 1.0

@@ -25,9 +25,9 @@ from morl.rewards.cli import app
 from morl.rewards.config import HttpService, RewardsConfig
 from morl.rewards.contract import open_image
 from morl.rewards.http_client import HttpRewardClient
+from morl.rewards.http_server import make_server
 from morl.rewards.preference import PreferenceScorer
 from morl.rewards.router import RewardErrorRateExceeded, RewardRouter
-from morl.rewards.http_server import make_server
 from morl.rewards.types import RewardInput
 
 from helpers import (  # noqa: E402

@@ -5,10 +5,10 @@ import torch
 from transformers import AutoProcessor
 
 from morl.algo.core import token_logprobs
+from morl.data.encoding import PromptEncoder, PromptTooLongError, UnsupportedInputError, vision_token_ids
 from morl.data.loading import load_dataset
 from morl.learner.logprobs import response_logprobs
-from morl.data.encoding import PromptEncoder, PromptTooLongError, UnsupportedInputError
-from morl.rollout.hf_engine import HFEngine, SeededSampler, vision_token_ids
+from morl.rollout.hf_engine import HFEngine, SeededSampler
 from morl.rollout.types import SamplingParams
 
 

@@ -5,14 +5,14 @@ What only a GPU has (sleep mode, CUDA IPC, bf16 kernels) is tests/test_vllm_gpu.
 
 import pytest
 import torch
-from helpers import learner_logprob_gap
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from morl.config import ModelConfig, RolloutConfig
+from morl.data.encoding import PromptEncoder, PromptTooLongError, vision_token_ids
 from morl.data.loading import load_dataset
 from morl.data.rows import Row, open_image
-from morl.data.encoding import EncodedPrompt, PromptEncoder, PromptTooLongError
-from morl.rollout.hf_engine import HFEngine, vision_token_ids
+from morl.learner.buckets import pack_bucket
+from morl.rollout.hf_engine import HFEngine
 from morl.rollout.types import SamplingParams
 from morl.rollout.vllm_engine import (
     VLLMEngine,
@@ -23,7 +23,10 @@ from morl.rollout.vllm_engine import (
     vllm_engine_factory,
     vllm_prompt,
 )
-from morl.run.weight_sync import pack_bucket, plan_buckets
+from morl.run.weight_sync import plan_buckets
+from morl.types import EncodedPrompt
+
+from helpers import learner_logprob_gap
 
 TEMPERATURE = 0.5
 MAX_PROMPT_TOKENS = 512

@@ -15,15 +15,22 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from transformers import AutoConfig, AutoProcessor, GenerationConfig  # noqa: E402
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoProcessor,
+    GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
-from helpers import learner_logprob_gap  # noqa: E402
+from morl.data.encoding import PromptEncoder  # noqa: E402
 from morl.data.loading import load_dataset
 from morl.data.rows import Row
-from morl.data.encoding import PromptEncoder  # noqa: E402
+from morl.learner.buckets import SharedBuckets, pack_bucket  # noqa: E402
 from morl.rollout.types import SamplingParams  # noqa: E402
-from morl.run.weight_sync import pack_bucket, plan_buckets  # noqa: E402
+from morl.run.weight_sync import plan_buckets  # noqa: E402
+
+from helpers import learner_logprob_gap  # noqa: E402
 
 TEMPERATURE = 0.7
 
@@ -163,7 +170,7 @@ def test_cuda_ipc_bucket_reaches_another_process():
     bucket = pack_bucket(named, torch.bfloat16)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    child = ctx.Process(target=_read_shared, args=(bucket.shared_by_cuda_ipc(), out))
+    child = ctx.Process(target=_read_shared, args=(SharedBuckets().share(bucket), out))
     child.start()
     result = out.get(timeout=120)
     child.join(timeout=60)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from morl.config import ModelConfig, load_config
 from morl.run.checkpoint import (
     LATEST,
     CheckpointError,
@@ -21,10 +22,9 @@ from morl.run.checkpoint import (
     save_checkpoint,
     unsafe_changes,
 )
-from morl.config import ModelConfig, load_config
 from morl.run.metrics import MetricsWriter
 
-from helpers import small_tmpfs
+from helpers import gathered_weights, small_tmpfs
 
 
 def config(*overrides):
@@ -227,10 +227,10 @@ def test_learner_continues_exactly_from_its_checkpoint(toy_world, tmp_path):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from morl.config import LearnerConfig
+    from morl.data.encoding import PromptEncoder, vision_token_ids
     from morl.data.loading import load_dataset
-    from morl.learner.policy import PolicyLearner, TrainBatch
-    from morl.data.encoding import PromptEncoder
-    from morl.rollout.hf_engine import vision_token_ids
+    from morl.learner.policy import PolicyLearner
+    from morl.types import TrainBatch
 
     processor = AutoProcessor.from_pretrained(toy_world / "sft")
     row = load_dataset(toy_world / "data" / "math" / "train.jsonl", known_tasks=None).rows[0]
@@ -250,14 +250,14 @@ def test_learner_continues_exactly_from_its_checkpoint(toy_world, tmp_path):
     first.save_checkpoint(str(tmp_path))
     torch.rand(5)  # the learner's RNG moves on after the save ...
     expected_metrics, expected_draw = first.train_step(batch), torch.rand(2)
-    expected = first.named_weights()
+    expected = gathered_weights(first)
 
     resumed = learner()
     resumed.load_checkpoint(str(tmp_path))
     torch.rand(5)  # ... and from the same place after the load
     metrics, draw = resumed.train_step(batch), torch.rand(2)
     assert metrics == expected_metrics and torch.equal(draw, expected_draw)
-    weights = resumed.named_weights()
+    weights = gathered_weights(resumed)
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
     policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "policy")

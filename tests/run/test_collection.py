@@ -16,15 +16,14 @@ import pytest
 import ray
 
 from morl.data.loading import LoadedDataset
-
 from morl.data.rows import Row
-from morl.data.encoding import EncodedPrompt
 from morl.data.source import PromptSource
 from morl.rewards.config import RewardsConfig
 from morl.rewards.router import RewardRouter
 from morl.rollout.types import Completion, SamplingParams
 from morl.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
-from morl.run.collection import RolloutAbandoned, RolloutScheduler
+from morl.run.collection import DISPATCH, RolloutAbandoned, RolloutScheduler
+from morl.types import EncodedPrompt
 
 # Ray workers cannot import this test module: ship the scripted engine to them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -94,7 +93,7 @@ def make_scheduler(pool, router, kinds, delays=None, *, mode="seamless", refill=
     encode = lambda row: EncodedPrompt(row.meta["script"], [1, 2], None, None)  # noqa: E731
     scheduler = RolloutScheduler(
         pool, router, encode, source, SamplingParams(n=G),
-        mode=mode, dynamic_sampling=dynamic, max_refill_rounds=refill, prompts_per_call=1,
+        dispatch=DISPATCH[mode](), dynamic_sampling=dynamic, max_refill_rounds=refill, prompts_per_call=1,
         calls_per_worker=2, run_seed=0,
     )
     return scheduler, source
@@ -182,8 +181,8 @@ def test_seamless_and_synchronous_train_on_the_same_batches(toy_world):
     """Real HF workers on the tiny world: both modes take the same prompts and the same samples."""
     from transformers import AutoProcessor
 
-    from morl.data.loading import load_dataset
     from morl.data.encoding import PromptEncoder
+    from morl.data.loading import load_dataset
     from morl.rollout.hf_engine import HFEngine
 
     data = [load_dataset(toy_world / "data" / t / "train.jsonl", known_tasks=None) for t in ("counting", "choice")]
@@ -198,7 +197,7 @@ def test_seamless_and_synchronous_train_on_the_same_batches(toy_world):
         for mode in ("seamless", "synchronous"):
             src = PromptSource(data, [1.0, 1.0], seed=3, easy_pool_alpha=0.5)
             scheduler = RolloutScheduler(
-                pool, route, encode, src, SamplingParams(n=G, max_new_tokens=12), mode=mode, dynamic_sampling=False,
+                pool, route, encode, src, SamplingParams(n=G, max_new_tokens=12), dispatch=DISPATCH[mode](), dynamic_sampling=False,
                 max_refill_rounds=0, prompts_per_call=1, calls_per_worker=2, run_seed=5,
             )
             batches[mode] = [scheduler.collect(3) for _ in range(2)]

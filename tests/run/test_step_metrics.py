@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from morl.data.rows import Row
-from morl.data.encoding import EncodedPrompt
 from morl.data.source import DrawnPrompt
 from morl.rollout.types import Completion
 from morl.run.collection import Group
 from morl.run.trainer import reward_metrics
+from morl.types import EncodedPrompt
 
 
 def group(task: str, answers: list[tuple[str, float | None]]) -> Group:

@@ -7,6 +7,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from morl.config import LearnerConfig, ModelConfig
+from morl.learner.buckets import pack_bucket
 from morl.learner.policy import PolicyLearner, deepspeed_memory_config
 from morl.rollout.hf_engine import HFEngine
 from morl.rollout.worker import RolloutWorker
@@ -14,10 +15,9 @@ from morl.run.weight_sync import (
     Bucket,
     StaleWeightsError,
     check_logprob_mismatch,
-    pack_bucket,
     plan_buckets,
-    weight_unit,
     sync_weights,
+    weight_unit,
 )
 
 
@@ -170,9 +170,9 @@ def test_guard_catches_a_sync_that_never_happened(toy_world):
     """The mismatch of a batch sampled by an engine still on old weights, scored by the moved learner."""
     from transformers import AutoProcessor
 
+    from morl.data.encoding import PromptEncoder
     from morl.data.loading import load_dataset
     from morl.learner.logprobs import response_logprobs
-    from morl.data.encoding import PromptEncoder
     from morl.rollout.types import SamplingParams
 
     processor = AutoProcessor.from_pretrained(toy_world / "sft")

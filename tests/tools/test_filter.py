@@ -15,11 +15,12 @@ import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
-from helpers import TINY_WORLD
 from morl.cli import app
 from morl.config import load_config
 from morl.data.loading import load_dataset, load_datasets
 from morl.tools.filter import FilterError, FilterSettings, decide, pass_rate, run_filter
+
+from helpers import TINY_WORLD
 
 K = 4
 TASKS = ("counting", "grounding", "math", "choice")

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from helpers import TINY_WORLD
 from morl.config import ConfigError, RunConfig, ToyWorldConfig
 from morl.toy import STAMP, fingerprint, world_dir
 from morl.toy.model import SPECIAL_TOKENS
 from morl.toy.world import LOCK, MARKER, ensure_toy_world
 
-from helpers import REPO
+from helpers import REPO, TINY_WORLD
+
 CHEAP = dict(train_per_task=2, eval_per_task=1, sft_steps=0)
 
 # A builder in its own process, as a second `morl train` is: logs to stderr, prints the world's folder.

@@ -1,0 +1,217 @@
+"""The update rules as objects: MORL's one on-policy step per rollout batch, and the vanilla GRPO ablation's steps.
+
+Each rule owns its loss, how many optimizer steps it takes per batch and the metrics it reports. The learner builds
+one from `algo.name` (`update_rule`, the only place the name is read) and calls it with itself as the
+`UpdateContext`: the DeepSpeed step, the frozen log-probs and the rank sums stay in the learner, the algorithm here.
+See docs/algorithm.md section 1.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from morl.algo.core import (
+    clipped_policy_loss_sum,
+    k3_kl_sum,
+    mini_batch_slices,
+    policy_gradient_loss_sum,
+    rollout_correction_weights,
+)
+from morl.config import AlgoConfig
+from morl.types import TrainBatch
+
+# what each `algo.rollout_correction` logs: the share of response tokens truncated at the cap, or dropped
+CORRECTION_METRICS = {"tis": "rollout_correction/weighted_share", "seq_mask": "rollout_correction/masked_share"}
+
+LossOf = Callable[[Sequence[int], torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+class UpdateContext(Protocol):
+    """What an update rule needs of the learner (a `PolicyLearner`)."""
+
+    engine: Any  # the DeepSpeed engine: the policy
+    reference: torch.nn.Module | None  # the frozen SFT model, when the rule `needs_reference`
+
+    def optimizer_step(
+        self, batch: TrainBatch, indices: Sequence[int], loss_of: LossOf, where: str = ""
+    ) -> tuple[float, float, Counter]: ...
+
+    def frozen_logprobs(self, model: Any, batch: TrainBatch, slices: list[range]) -> list[torch.Tensor]: ...
+
+    def micro_batches(self, batch: TrainBatch, indices: Sequence[int]) -> list: ...
+
+    def sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]: ...
+
+
+class _Update:
+    def __init__(self, algo: AlgoConfig):
+        self.algo = algo
+
+    def correction(
+        self, logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`algo.rollout_correction`'s per-token loss weights (the mask under none) and the tokens it acted on."""
+        algo = self.algo
+        return rollout_correction_weights(
+            logprobs,
+            rollout_logprobs,
+            mask,
+            algo.rollout_correction,
+            cap=algo.rollout_correction_cap,
+            threshold=algo.rollout_correction_threshold,
+        )
+
+    def correction_metrics(self, corrected: float, tokens: int) -> dict[str, float]:
+        """The share of the batch's response tokens the correction acted on; nothing under none."""
+        name = CORRECTION_METRICS.get(self.algo.rollout_correction)
+        return {name: corrected / max(tokens, 1)} if name else {}
+
+
+class MorlUpdate(_Update):
+    """One optimizer step over the whole batch: token-mean of -A * log pi, no clipping, no KL, no reference."""
+
+    optimizer_steps_per_batch = 1
+    needs_reference = False
+
+    def __call__(self, learner: UpdateContext, batch: TrainBatch) -> dict[str, float]:
+        """The step, accumulated over micro-batches and ranks.
+
+        Each micro-batch's loss is its sum of -w * A * log pi (w: the rollout correction's weights) divided by the
+        token count of the whole batch, so the step equals the token-mean loss whatever the micro-batch size and
+        rank count. The rollout-vs-learner log-prob mismatch, and the correction's weights, come free with the
+        training forward.
+        """
+        total_tokens = token_count(batch, range(len(batch)))
+
+        def loss_of(idx, logprobs, mask):
+            rollout = padded(batch.rollout_logprobs, idx, logprobs)
+            weights, corrected = self.correction(logprobs, rollout, mask)
+            loss = policy_gradient_loss_sum(logprobs, advantages(batch, idx, logprobs), weights) / total_tokens
+            mismatch = (logprobs.detach() - rollout).abs() * mask
+            return loss, {"mismatch": mismatch.sum().item(), "corrected": corrected.item()}
+
+        loss, grad_norm, sums = learner.optimizer_step(batch, range(len(batch)), loss_of)
+        return {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "logprob_mismatch": sums["mismatch"] / max(total_tokens, 1),
+            **self.correction_metrics(sums["corrected"], total_tokens),
+            "train_tokens": float(total_tokens),
+            "train_sequences": float(len(batch)),
+            "optimizer_steps": 1.0,
+        }
+
+
+class GrpoUpdate(_Update):
+    """The ablation MORL is compared against: clipped-ratio steps over mini-batches and epochs, an optional KL."""
+
+    def __init__(self, algo: AlgoConfig):
+        super().__init__(algo)
+        self.optimizer_steps_per_batch = algo.mini_batches * algo.update_epochs
+        self.needs_reference = algo.kl_coef > 0
+
+    def __call__(self, learner: UpdateContext, batch: TrainBatch) -> dict[str, float]:
+        """Vanilla GRPO: `algo.update_epochs` passes of `algo.mini_batches` clipped-ratio optimizer steps.
+
+        The old log-probs (and, with a KL term, the reference's) are computed once, without gradient,
+        before the first step and over the same micro-batches the steps use, so the first step's ratio
+        is exactly 1; the rollout correction's weights, of pi_old against pi_rollout, with them.
+        Each mini-batch's loss is its own token-mean, its sequences shared over the ranks.
+        A non-finite loss stops the update at that step; the steps before it stay applied.
+        """
+        algo = self.algo
+        slices = mini_batch_slices(len(batch), algo.mini_batches)
+        old = learner.frozen_logprobs(learner.engine, batch, slices)
+        ref = learner.frozen_logprobs(learner.reference, batch, slices) if learner.reference is not None else None
+        total_tokens = token_count(batch, range(len(batch)))
+        mine = [i for indices in slices for micro in learner.micro_batches(batch, indices) for i in micro.rows]
+        weights, batch_sums = self._old_vs_rollout(learner, batch, old, mine)
+        losses, grad_norms, sums = [], [], Counter()
+        for epoch in range(algo.update_epochs):
+            for m, indices in enumerate(slices):
+                loss_of = functools.partial(self._loss, batch, old, ref, weights, token_count(batch, indices))
+                where = f" of mini-batch {m + 1}/{len(slices)}, epoch {epoch + 1} ({len(losses)} earlier steps applied)"
+                loss, grad_norm, step_sums = learner.optimizer_step(batch, indices, loss_of, where)
+                losses.append(loss)
+                grad_norms.append(grad_norm)
+                sums.update(step_sums)
+        metrics = {
+            "loss": sum(losses) / len(losses),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "logprob_mismatch": batch_sums["mismatch"] / max(total_tokens, 1),
+            **self.correction_metrics(batch_sums["corrected"], total_tokens),
+            "train_tokens": float(total_tokens),
+            "train_sequences": float(len(batch)),
+            "optimizer_steps": float(len(losses)),
+            "clip_fraction": sums["clipped"] / max(sums["tokens"], 1),
+        }
+        if ref is not None:
+            metrics["kl"] = sums["kl"] / max(sums["tokens"], 1)
+        return metrics
+
+    def _old_vs_rollout(
+        self, learner: UpdateContext, batch: TrainBatch, old: list[torch.Tensor], rows: list[int]
+    ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """pi_old against pi_rollout: the correction's weights of this rank's sequences `rows`, and the whole
+        batch's summed log-prob mismatch and corrected-token count (every rank's)."""
+        weights: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        mismatch = corrected = 0.0
+        for i in rows:
+            old_i, rollout_i = old[i].cpu(), torch.tensor(batch.rollout_logprobs[i])
+            w, count = self.correction(old_i[None], rollout_i[None], torch.ones(1, len(rollout_i)))
+            weights[i] = w[0]
+            mismatch += (old_i - rollout_i).abs().sum().item()
+            corrected += count.item()
+        return weights, learner.sum_over_ranks({"mismatch": mismatch, "corrected": corrected})
+
+    def _loss(self, batch, old, ref, weights, tokens, idx, logprobs, mask):
+        """A micro-batch's share of one GRPO step: (clipped surrogate + kl_coef * k3) / the mini-batch's tokens.
+
+        `weights` (per sequence) are the rollout correction's; they weight the surrogate, not the KL.
+        """
+        algo = self.algo
+        old_logprobs, adv = padded(old, idx, logprobs), advantages(batch, idx, logprobs)
+        loss, clipped = clipped_policy_loss_sum(
+            logprobs, old_logprobs, adv, padded(weights, idx, logprobs), algo.clip_low, algo.clip_high
+        )
+        stats = {"clipped": clipped.item(), "tokens": mask.sum().item()}
+        if ref is not None:
+            kl = k3_kl_sum(logprobs, padded(ref, idx, logprobs), mask)
+            loss = loss + algo.kl_coef * kl
+            stats["kl"] = kl.item()
+        return loss / tokens, stats
+
+
+UPDATES: dict[str, type[_Update]] = {"morl": MorlUpdate, "grpo": GrpoUpdate}
+
+
+def update_rule(algo: AlgoConfig) -> MorlUpdate | GrpoUpdate:
+    """The update `algo.name` names, with its settings."""
+    return UPDATES[algo.name](algo)
+
+
+# --- per-sequence values as padded tensors ------------------------------------------------------------------------
+
+
+def token_count(batch: TrainBatch, indices: Iterable[int]) -> int:
+    """Response tokens of the sequences `indices`: what a token-mean divides by."""
+    return sum(len(batch.responses[i]) for i in indices)
+
+
+def advantages(batch: TrainBatch, idx: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """The sequences' advantages as a [B] tensor beside `like`."""
+    return torch.tensor([batch.advantages[i] for i in idx], dtype=like.dtype, device=like.device)
+
+
+def padded(per_sequence: Sequence, idx: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Per-token values of the sequences `idx` (lists or tensors), right-padded with 0 to `like`'s [B, T]."""
+    out = torch.zeros_like(like, requires_grad=False)
+    for row, i in enumerate(idx):
+        values = torch.as_tensor(per_sequence[i], dtype=like.dtype)
+        out[row, : len(values)] = values
+    return out

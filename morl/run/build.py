@@ -1,0 +1,118 @@
+"""Building a run's parts once from its config, and closing them: what training, the filter and the benches share.
+
+    toy world (when the recipe has one) -> model directory check -> processor -> prompt encoder
+    -> prompt source -> reward router -> Ray (a private loopback instance, or the recipe's cluster)
+    -> rollout workers
+
+A tool asks only for the parts it uses; `close()` stops every process the parts started, Ray's too when this
+build started Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from morl.config import RunConfig
+from morl.data.encoding import PromptEncoder, vision_token_ids
+from morl.data.loading import load_datasets
+from morl.data.rows import Row
+from morl.data.source import PromptSource
+from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
+from morl.rewards.router import RewardRouter
+from morl.rollout.fleet import start_rollout_workers
+from morl.run.interrupts import children_ignore_sigint
+from morl.run.model_check import check_model_dir
+
+
+@dataclass
+class RunParts:
+    """The parts of one run; those a tool did not ask for are None."""
+
+    cfg: RunConfig
+    processor: Any
+    encode: PromptEncoder
+    banned_ids: list[int]  # vision placeholder tokens: never sampled, never scored by the learner
+    source: PromptSource | None
+    held_out: list[Row]  # the held-out rows to evaluate on (empty unless asked for and eval.enabled)
+    router: RewardRouter | None
+    workers: list  # rollout worker actors (empty when not asked for)
+    owns_ray: bool
+
+    def close(self) -> None:
+        """Stop the reward workers and the rollout actors, and Ray when this build started it."""
+        if self.router is not None:
+            self.router.close()
+        for actor in self.workers:
+            ray.kill(actor)
+        self.workers = []
+        if self.owns_ray:
+            ray.shutdown()
+            self.owns_ray = False
+
+
+def prepare_model(cfg: RunConfig) -> None:
+    """The recipe's model directory, checked: its toy world built first when it has one (a no-op once built).
+
+    `morl train` calls this before it creates the run directory, so a bad model path or toy-world root leaves
+    nothing behind; `build_run` calls it for every other tool.
+    """
+    if cfg.toy_world is not None:
+        from morl.toy.world import ensure_toy_world
+
+        ensure_toy_world(cfg.toy_world)
+    check_model_dir(cfg.model.path, cfg.model.processor_path)
+
+
+def build_run(
+    cfg: RunConfig,
+    *,
+    prompts: bool = True,
+    held_out: bool = False,
+    rewards: bool = True,
+    workers: bool = True,
+    weights: str | None = None,
+    reward_log_dir: Path | None = None,
+) -> RunParts:
+    """The parts `cfg` describes: the prompt source (`prompts`), the held-out rows (`held_out`), the reward router (`rewards`, writing what reward
+    functions print to `reward_log_dir`), Ray, and the rollout workers (`workers`, loaded from `weights`, default
+    the recipe's model)."""
+    prepare_model(cfg)
+    os.environ.update(QUIET_OFFLINE_ENV)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(cfg.model.processor_dir)
+    parts = RunParts(
+        cfg=cfg,
+        processor=processor,
+        encode=PromptEncoder(processor, cfg.rollout.max_prompt_tokens),
+        banned_ids=vision_token_ids(processor.tokenizer),
+        source=PromptSource.from_config(cfg) if prompts else None,
+        held_out=_held_out_rows(cfg) if held_out and cfg.eval.enabled else [],
+        router=RewardRouter(cfg.rewards, log_dir=reward_log_dir) if rewards else None,
+        workers=[],
+        owns_ray=not ray.is_initialized(),
+    )
+    try:
+        with children_ignore_sigint():  # a terminal's Ctrl-C must not kill the actors a checkpoint needs
+            init_ray(cfg)
+        if workers:
+            parts.workers = start_rollout_workers(cfg, weights or cfg.model.path)
+    except BaseException:
+        parts.close()
+        raise
+    return parts
+
+
+def _held_out_rows(cfg: RunConfig) -> list[Row]:
+    datasets = load_datasets(
+        cfg.data.eval,
+        known_tasks=set(cfg.rewards.routes),
+        on_bad_row=cfg.data.on_bad_row,
+        max_image_pixels=cfg.data.max_image_pixels,
+    )
+    return [row for ds in datasets for row in ds.rows]

@@ -1,0 +1,112 @@
+"""What one step computes from a rollout: the reward functions' inputs, the update's batch, and the step's metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from morl.algo.core import group_advantages
+from morl.data.rows import Row
+from morl.rewards.parsing import split_think
+from morl.rewards.types import RewardInput
+from morl.rollout.types import Completion
+from morl.types import TrainBatch
+
+if TYPE_CHECKING:
+    from morl.run.collection import Group
+
+
+def reward_input(row: Row, completion: Completion) -> RewardInput:
+    """What a reward function sees of one response: its text, the row's label, images and metadata.
+
+    `meta["messages"]` carries the prompt, for reward models that judge the response in context.
+    """
+    images = tuple(ref for ref in row.images if isinstance(ref, str))
+    meta = {**row.meta, "messages": [m.model_dump(exclude_none=True) for m in row.messages]}
+    return RewardInput.from_text(completion.text, row.task, row.label, images=images, meta=meta)
+
+
+def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[str, float]]:
+    """Flatten the accepted groups into sequences, each with its group-normalised advantage."""
+    batch = TrainBatch([], [], [], [])
+    if not groups:
+        return batch, {}
+    advantages = group_advantages(torch.tensor([g.rewards for g in groups]), adv_eps)
+    for i, group in enumerate(groups):
+        for j, completion in enumerate(group.completions):
+            batch.prompts.append(group.encoded)
+            batch.responses.append(completion.token_ids)
+            batch.rollout_logprobs.append(completion.logprobs)
+            batch.advantages.append(advantages[i, j].item())
+    adv = torch.tensor(batch.advantages)
+    return batch, {
+        "advantage/mean": adv.mean().item(),
+        "advantage/std": adv.std(unbiased=False).item(),
+        "advantage/abs_mean": adv.abs().mean().item(),
+        "advantage/max": adv.max().item(),
+        "advantage/min": adv.min().item(),
+    }
+
+
+class _Scored(NamedTuple):
+    """One scored sample, as the step metrics see it."""
+
+    reward: float
+    length: int  # response tokens
+    empty_answer: bool  # nothing but blanks after the last </think>
+
+
+def reward_metrics(groups: list[Group]) -> dict[str, float]:
+    """Reward, pass rate (full reward), response length and empty-answer rate over every group of the step,
+    overall and per task.
+
+    An empty answer (nothing after the last ``</think>``) scores 0 like a wrong one, so rewards alone do not show
+    it; with no format reward, negative advantages on a wrong answer can move its probability onto ending the
+    response right after ``</think>``; ``empty_answer/<task>`` rising is that collapse.
+    """
+    per_task: dict[str, list[_Scored]] = defaultdict(list)
+    for group in groups:
+        for r, c in zip(group.rewards, group.completions):
+            if r is not None:
+                per_task[group.task].append(_Scored(r, len(c.token_ids), not split_think(c.text).strip()))
+    everything = [x for xs in per_task.values() for x in xs]
+    metrics = {
+        "reward/mean": mean(x.reward for x in everything),
+        "response_length/mean": mean(x.length for x in everything),
+    }
+    for task, xs in sorted(per_task.items()):
+        metrics[f"reward/{task}"] = mean(x.reward for x in xs)
+        metrics[f"pass_rate/{task}"] = mean(float(x.reward >= 1.0) for x in xs)
+        metrics[f"response_length/{task}"] = mean(x.length for x in xs)
+        metrics[f"empty_answer/{task}"] = mean(float(x.empty_answer) for x in xs)
+    return metrics
+
+
+def prompt_set(rows: list[Row]) -> dict:
+    """How many prompts, and a digest of which: two evaluations compare only on the same set."""
+    digest = hashlib.sha256("\n".join(f"{row.task}/{row.id}" for row in rows).encode()).hexdigest()[:16]
+    return {"count": len(rows), "digest": digest}
+
+
+def mean(values) -> float:
+    """The mean of `values`, 0.0 when there are none (a task with no scored sample)."""
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = now - self.last
+        self.last = now
+
+    def as_metrics(self) -> dict[str, float]:
+        return {**{f"time/{k}": v for k, v in self.phases.items()}, "time/step": time.perf_counter() - self.start}

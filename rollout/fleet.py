@@ -1,0 +1,60 @@
+"""The rollout worker fleet: start the Ray actors that host the engines, and generate on all of them in order."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import ray
+
+from morl.config import RolloutConfig, RunConfig
+from morl.ray_setup import threads_for
+from morl.rollout.types import Completion, SamplingParams
+from morl.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
+from morl.types import EncodedPrompt
+
+
+def rollout_sampling(rollout: RolloutConfig, n: int | None = None) -> SamplingParams:
+    """The recipe's sampling settings; `n` samples per prompt (default: the group size G)."""
+    return SamplingParams(
+        n=rollout.group_size if n is None else n,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        max_new_tokens=rollout.max_new_tokens,
+    )
+
+
+def start_rollout_workers(cfg: RunConfig, weights_path: str) -> list:
+    """`rollout.num_workers` Ray actors, each hosting an engine loaded from `weights_path`."""
+    rollout = cfg.rollout
+    if rollout.engine == "vllm":
+        from morl.rollout.vllm_engine import vllm_engine_factory
+
+        make_engine = vllm_engine_factory(weights_path, cfg.model, rollout, cfg.trainer.seed)
+        # a cluster without GPUs runs vLLM's CPU build on the worker's cores; colocated, the learner holds the
+        # GPU too, so each worker claims a share of it
+        on_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        gpus = rollout.tensor_parallel_size * (0.5 if rollout.colocate else 1.0) if on_gpus else 0
+    else:
+        from morl.rollout.hf_engine import HFEngine
+
+        make_engine = functools.partial(HFEngine, weights_path, cfg.model.processor_path, cfg.model.dtype)
+        gpus = 0
+    actor = ray.remote(num_cpus=rollout.cpus_per_worker, num_gpus=gpus, concurrency_groups=CONCURRENCY_GROUPS)(
+        RolloutWorker
+    )
+    return [actor.remote(make_engine, threads_for(rollout.cpus_per_worker)) for _ in range(rollout.num_workers)]
+
+
+def generate_in_order(
+    workers: Sequence, prompts: list[EncodedPrompt], sampling: SamplingParams, seeds: Sequence[int]
+) -> list[list[Completion]]:
+    """Split prompts evenly over the workers and gather their groups in order (evaluation)."""
+    n = len(workers)
+    refs = [
+        w.generate.remote(prompts[i::n], sampling, list(seeds[i::n])) for i, w in enumerate(workers) if prompts[i::n]
+    ]
+    merged: list[list[Completion]] = [None] * len(prompts)  # type: ignore[list-item]
+    for i, result in enumerate(ray.get(refs)):
+        merged[i::n] = result.groups
+    return merged
