@@ -61,7 +61,8 @@ def zero_kept_gradients(optimizer: Any, zero_stage: int) -> list[torch.Tensor | 
             f"deepspeed {deepspeed.__version__}: the ZeRO-{zero_stage} optimizer has no {masters_name} / {kept_name} "
             "(written against 0.16-0.19); morl.compat.zero_kept_gradients needs updating"
         )
-    kept = [optimizer.grad_partitions_flat_buffer] if zero_stage == 3 else list(getattr(optimizer, kept_name, {}).values())
+    kept = getattr(optimizer, kept_name, {})
+    kept = [kept] if zero_stage == 3 else list(kept.values())
     return kept + [m.grad for m in getattr(optimizer, masters_name)]
 
 

@@ -221,7 +221,7 @@ class VLLMEngine:
         return Completion(tokens, text, logprobs, reason)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Reload these parameters in place (HF names; whole layers, as `morl.run.weight_sync.plan_buckets` cuts them)."""
+        """Reload these parameters in place (HF names; whole layers, as the weight sync's `plan_buckets` cuts them)."""
         with vllm_compat.quiet_partial_reloads():
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": list(named_tensors), "is_checkpoint_format": True}

@@ -44,7 +44,8 @@ OVERRIDES = [
 
 
 def morl_train(world, out_dir, *extra):
-    cmd = [sys.executable, "-m", "morl.cli", "train", str(REPO / "recipes" / "quickstart.yaml"), f"toy_world.root={world}",
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    cmd = [sys.executable, "-m", "morl.cli", "train", recipe, f"toy_world.root={world}",
            *OVERRIDES, *extra, "--output-dir", str(out_dir)]
     # a fresh process, as a user starts it: no torch.distributed variables left by in-process learner tests
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK",

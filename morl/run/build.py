@@ -31,7 +31,7 @@ from morl.run.model_check import check_model_dir
 
 @dataclass
 class RunParts:
-    """The parts of one run; those a tool did not ask for are None."""
+    """The parts of one run; those a tool did not ask for are None (or empty: held-out rows, workers)."""
 
     cfg: RunConfig
     processor: Any
@@ -78,9 +78,9 @@ def build_run(
     weights: str | None = None,
     reward_log_dir: Path | None = None,
 ) -> RunParts:
-    """The parts `cfg` describes: the prompt source (`prompts`), the held-out rows (`held_out`), the reward router (`rewards`, writing what reward
-    functions print to `reward_log_dir`), Ray, and the rollout workers (`workers`, loaded from `weights`, default
-    the recipe's model)."""
+    """The parts `cfg` describes: the prompt source (`prompts`), the held-out rows (`held_out`), the reward router
+    (`rewards`, writing what reward functions print to `reward_log_dir`), Ray, and the rollout workers (`workers`,
+    loaded from `weights`, default the recipe's model)."""
     prepare_model(cfg)
     os.environ.update(QUIET_OFFLINE_ENV)
     from transformers import AutoProcessor

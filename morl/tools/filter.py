@@ -105,7 +105,9 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
     try:
         tasks = set(cfg.rewards.routes)
         datasets = [
-            load_dataset(p, known_tasks=tasks, on_bad_row=cfg.data.on_bad_row, max_image_pixels=cfg.data.max_image_pixels)
+            load_dataset(
+                p, known_tasks=tasks, on_bad_row=cfg.data.on_bad_row, max_image_pixels=cfg.data.max_image_pixels
+            )
             for p in paths
         ]
         sampling = rollout_sampling(cfg.rollout, n=settings.samples)

@@ -197,8 +197,8 @@ def test_seamless_and_synchronous_train_on_the_same_batches(toy_world):
         for mode in ("seamless", "synchronous"):
             src = PromptSource(data, [1.0, 1.0], seed=3, easy_pool_alpha=0.5)
             scheduler = RolloutScheduler(
-                pool, route, encode, src, SamplingParams(n=G, max_new_tokens=12), dispatch=DISPATCH[mode](), dynamic_sampling=False,
-                max_refill_rounds=0, prompts_per_call=1, calls_per_worker=2, run_seed=5,
+                pool, route, encode, src, SamplingParams(n=G, max_new_tokens=12), dispatch=DISPATCH[mode](),
+                dynamic_sampling=False, max_refill_rounds=0, prompts_per_call=1, calls_per_worker=2, run_seed=5,
             )
             batches[mode] = [scheduler.collect(3) for _ in range(2)]
     finally:
