@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from morl.config import ConfigError, dump_config, load_config
-from morl.data.encoding import PromptTooLongError, UnsupportedInputError
+from morl.data.encoding import PromptTooLongError
 from morl.data.rows import DataError
 from morl.learner.policy import NonFiniteLossError
 from morl.rewards import cli as rewards_cli
@@ -31,7 +31,6 @@ USER_ERRORS = (
     ConfigError,
     DataError,
     PromptTooLongError,
-    UnsupportedInputError,
     RewardErrorRateExceeded,
     NonFiniteLossError,
     CheckpointError,

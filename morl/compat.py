@@ -1,4 +1,4 @@
-"""Private APIs of torch, DeepSpeed and Ray that morl relies on, in one place, each checked where it is used.
+"""Private APIs of torch, DeepSpeed, Ray and transformers that morl relies on, in one place, each checked where used.
 
 Every function names the version it was written against and fails with that name when the library moved on, so an
 upgrade breaks here, loudly, instead of deep inside a run. vLLM's private engine calls live in
@@ -7,8 +7,11 @@ upgrade breaks here, loudly, instead of deep inside a run. vLLM's private engine
 
 from __future__ import annotations
 
+import inspect
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -99,3 +102,92 @@ def loopback_node_ip() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+# --- transformers: the Qwen2-VL video processor ------------------------------------------------------------------
+
+
+def video_processor_kwargs(video_processor: Any) -> dict[str, Any]:
+    """Call arguments that keep the Qwen2-VL video processor's resize a no-op on frames morl has already sized.
+
+    transformers 5.19-5.21 warn on every call unless `cap_pixels_per_frame` is given, and make it the default (then
+    drop it) in 5.22. morl's own budget (`data.video.max_tokens`) is the cap, applied before the processor sees the
+    frames, so the processor's own cap is turned off where it exists.
+    """
+    return {"cap_pixels_per_frame": False} if hasattr(video_processor, "cap_pixels_per_frame") else {}
+
+
+# --- transformers: Qwen2.5-VL's positions after a video ----------------------------------------------------------
+
+
+def use_reference_video_positions(model: Any) -> Any:
+    """Make a Qwen2.5-VL model place the text after a video as Qwen's reference implementation and vLLM do.
+
+    Both start the tokens after a vision block at one past its largest position, temporal ones included. The
+    `get_rope_index` of transformers 5.x (checked through 5.19) starts them at one past the block's largest
+    *spatial* position instead, so after a multi-second video the text's positions fall back inside the video's
+    time range: an HF forward then scores other positions than vLLM sampled with (a log-prob gap of 0.05 on the
+    toy model), and other positions than the model was trained with. Images are placed the same either way.
+    transformers 4.x already follows the reference; there this is a no-op. Returns `model`.
+    """
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return model
+    inner = model.model
+    expected = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+    names = tuple(inspect.signature(type(inner).get_rope_index).parameters)[1:6]
+    if names != expected:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} changed Qwen2.5-VL's get_rope_index{names}, which morl replaces "
+            f"(morl.compat.use_reference_video_positions, written against 5.19's {expected})"
+        )
+    config = inner.config.vision_config
+    inner.get_rope_index = partial(_reference_rope_index, config.spatial_merge_size, config.tokens_per_second)
+    return model
+
+
+def _reference_rope_index(
+    merge: int,
+    tokens_per_second: float,
+    input_ids: torch.Tensor,
+    mm_token_type_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D rope positions [3, B, L] and each row's offset for decoding, by the reference rule (see above)."""
+    device = input_ids.device
+    positions = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=device)
+    grids = {
+        1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+        2: iter(video_grid_thw.tolist() if video_grid_thw is not None else []),
+    }
+    seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+    deltas = []
+    for b in range(input_ids.shape[0]):
+        kept = torch.ones_like(input_ids[b], dtype=torch.bool) if attention_mask is None else attention_mask[b].bool()
+        types = mm_token_type_ids[b][kept].tolist()
+        chunks, start = [], 0
+        for kind, run in itertools.groupby(types):
+            length = len(list(run))
+            if kind == 0:
+                chunk = torch.arange(length, device=device).expand(3, -1) + start
+            else:
+                t, h, w = next(grids[kind])
+                interval = tokens_per_second * next(seconds) if kind == 2 else 1.0
+                grid = torch.meshgrid(
+                    (torch.arange(t, device=device) * interval).long(),
+                    torch.arange(h // merge, device=device),
+                    torch.arange(w // merge, device=device),
+                    indexing="ij",
+                )
+                chunk = torch.stack(grid).reshape(3, -1) + start
+            chunks.append(chunk)
+            start = int(chunk.max()) + 1
+        row = torch.cat(chunks, dim=1)
+        positions[:, b, kept] = row
+        deltas.append(int(row.max()) + 1 - len(types))
+    return positions, torch.tensor(deltas, device=device).unsqueeze(1)

@@ -1,4 +1,4 @@
-"""What crosses actor boundaries: encoded prompts, train batches and weight buckets, with no behaviour of the loop.
+"""What crosses actor boundaries: encoded prompts (videos too), train batches and weight buckets; no loop behaviour.
 
 The driver, the rollout workers and the learner ranks all import these; none of them imports another's modules for it.
 """
@@ -19,6 +19,37 @@ A path may point anywhere the run can read, inside the data file's folder or not
 absolute path): a data file is trusted like the recipe that names it.
 """
 
+VideoRef = str | list[str]
+"""A video as a row holds it: a video file's absolute path (mp4, webm, avi, ...), or its frames' image paths."""
+
+
+@dataclass
+class SampledVideo:
+    """The frames of one video a prompt shows, as decoded, sampled and resized once by the driver.
+
+    ``indices`` are positions in the source's ``total_frames`` frames at ``source_fps``; engines that run the vision
+    processor themselves (vLLM) take the frames and these facts, so both sides derive the same time positions.
+    """
+
+    frames: Any  # numpy uint8 [T, H, W, 3]
+    indices: list[int]
+    total_frames: int
+    source_fps: float
+
+    @property
+    def sampled_fps(self) -> float:
+        """Frames kept per second of video: what Qwen2.5-VL's `second_per_grid_ts` (temporal patch / fps) needs."""
+        return len(self.indices) * self.source_fps / self.total_frames
+
+    def metadata(self) -> dict[str, Any]:
+        """The facts as transformers' `VideoMetadata` takes them."""
+        return dict(
+            total_num_frames=self.total_frames,
+            fps=self.source_fps,
+            duration=self.total_frames / self.source_fps,
+            frames_indices=list(self.indices),
+        )
+
 
 @dataclass
 class EncodedPrompt:
@@ -29,6 +60,10 @@ class EncodedPrompt:
     pixel_values: torch.Tensor | None  # [patches, C*T*P*P], all images of the prompt in order
     image_grid_thw: torch.Tensor | None  # [images, 3]
     image_refs: tuple[ImageRef, ...] = ()  # the row's images as given, for engines that preprocess them (vLLM)
+    pixel_values_videos: torch.Tensor | None = None  # [patches, C*T*P*P], all videos of the prompt in order
+    video_grid_thw: torch.Tensor | None = None  # [videos, 3]
+    second_per_grid_ts: torch.Tensor | None = None  # [videos]: seconds one temporal grid step spans
+    videos: tuple[SampledVideo, ...] = ()  # the sampled frames, for engines that preprocess them (vLLM)
 
 
 @dataclass

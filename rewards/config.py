@@ -17,7 +17,9 @@ from pydantic import BaseModel, Field, SecretStr, ValidatorFunctionWrapHandler, 
 from morl.rewards.registry import get_reward
 
 DEFAULT_ROUTES: dict[str, list[dict[str, str]]] = {
-    task: [{"fn": task}] for task in ("math", "grounding", "point", "counting", "temporal", "choice")
+    **{task: [{"fn": task}] for task in ("math", "grounding", "point", "counting", "temporal", "choice")},
+    "video_counting": [{"fn": "counting"}],
+    "video_qa": [{"fn": "choice"}],
 }
 
 ImageMode = Literal["base64", "path", "none"]

@@ -28,6 +28,9 @@ _PAREN_POINT = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)")
 # Linear: a match starts only where a run of digits does (not at each of its digits), and each run of spaces is
 # matched by one quantifier only (the unit takes its own trailing spaces).
 _SEGMENT = re.compile(rf"(?<!\d)({_TIME})\s*(?:(?:seconds|sec|s)\s*)?(?:,|-|–|~|to|and)\s*({_TIME})")
+# `[mm:ss, mm:ss]` (or h:mm:ss), the form the prompt asks for. Linear: a match starts only at "[", and no run of
+# digits or spaces is crossed by more than a bounded number of quantifiers.
+_CLOCK_PAIR = re.compile(r"\[\s*((?:\d+:){1,2}" + _NUM + r")\s*,\s*((?:\d+:){1,2}" + _NUM + r")\s*\]")
 
 
 def split_think(text: str) -> str:
@@ -87,15 +90,32 @@ def parse_point(text: str) -> tuple[float, float] | None:
 
 
 def parse_segment(text: str) -> tuple[float, float] | None:
-    """The last time segment in the answer, `[mm:ss, mm:ss]` (or h:mm:ss, or seconds), in seconds; None if none.
+    """The answer's time segment (start, end) in seconds, read as MiMo-VL's Charades-STA evaluation asks for it.
 
-    A time too large for a float makes no segment.
+    The prompt asks for `[mm:ss, mm:ss]` in a `\\boxed{}`, so the last boxed expression decides when it holds a
+    segment; else the last bracketed clock-time pair anywhere, which beats a later time in another style (prose such
+    as "lasting 7 seconds, 3 people" reads as a segment too); else the last segment in seconds or clock times, with
+    or without brackets ("from 12 to 20 seconds", "12.5 - 20 s"). None if there is none. A malformed last segment
+    (see `_seconds`) gives None, not the one before it: the last segment written is the answer.
     """
-    matches = _SEGMENT.findall(text)
+    boxed = last_boxed(text)
+    segment = None if boxed is None else _any_segment(boxed)
+    return _any_segment(text) if segment is None else segment
+
+
+def _any_segment(text: str) -> tuple[float, float] | None:
+    """The last `[mm:ss, mm:ss]` pair in the text, else its last segment in any style."""
+    segment = _last_segment(_CLOCK_PAIR, text)
+    return _last_segment(_SEGMENT, text) if segment is None else segment
+
+
+def _last_segment(pattern: re.Pattern[str], text: str) -> tuple[float, float] | None:
+    """The last (start, end) pair the two-group pattern matches, in seconds; None if none or it is malformed."""
+    matches = pattern.findall(text)
     if not matches:
         return None
     start, end = (_seconds(t) for t in matches[-1])
-    return (start, end) if math.isfinite(start) and math.isfinite(end) else None
+    return None if start is None or end is None else (start, end)
 
 
 def _shallow_spans(text: str) -> list[tuple[int, int]]:
@@ -163,8 +183,17 @@ def _points_in(value: Any) -> list[tuple[float, float]]:
     return []
 
 
-def _seconds(token: str) -> float:
-    seconds = 0.0
-    for part in token.split(":"):
-        seconds = seconds * 60 + float(part)
-    return seconds
+def _seconds(token: str) -> float | None:
+    """`h:mm:ss`, `mm:ss` or plain seconds as seconds.
+
+    None for a time too large for a float, and for a minutes or seconds field after a colon of 60 or more:
+    `00:75` is no clock time, and reading it as 75 s would reward a malformed answer the prompt did not ask for.
+    """
+    head, *fields = token.split(":")
+    seconds = float(head)
+    for field in fields:
+        value = float(field)
+        if value >= 60:
+            return None
+        seconds = seconds * 60 + value
+    return seconds if math.isfinite(seconds) else None

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, LogitsProcessor, Qwen2_5_VLForConditionalGeneration, StoppingCriteria
 
 from morl.algo.core import token_logprobs
+from morl.compat import use_reference_video_positions
 from morl.data.encoding import collate, vision_token_ids
 from morl.rollout.types import Completion, SamplingParams
 from morl.types import EncodedPrompt
@@ -75,8 +76,8 @@ class _StopWhen(StoppingCriteria):
 
 class HFEngine:
     def __init__(self, model_path: str, processor_path: str | None, dtype: str, max_batch_sequences: int = 512):
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype))
-        self.model.eval()
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model = use_reference_video_positions(model).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(processor_path or model_path)
         self.banned_ids = vision_token_ids(self.tokenizer)
         eos = self.model.generation_config.eos_token_id

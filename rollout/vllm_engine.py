@@ -3,10 +3,12 @@
 The same contract as the HF engine (rollout/types.py), and the same code on both kinds of machine;
 vLLM's CPU-build quirks live in rollout/vllm_compat.py. What keeps its samples and log-probs the
 ones the learner scores:
-- the prompt is the driver's token ids: each run of image placeholders is collapsed back to the one
-  the chat template wrote, vLLM's processor expands it again from the image itself
-  (`EncodedPrompt.image_refs`), and the expanded ids must equal the driver's, else the call fails
-  (the two processors disagree, so vLLM and the learner would see different inputs);
+- the prompt is the driver's token ids: each run of image or video placeholders is collapsed back to
+  the one the chat template wrote, vLLM's processor expands it again from the image itself
+  (`EncodedPrompt.image_refs`) or from the video's frames as the driver sampled them, with their source
+  positions, so the same fps reaches `second_per_grid_ts` (`EncodedPrompt.videos`); the expanded ids
+  must equal the driver's, else the call fails (the two processors disagree, so vLLM and the learner
+  would see different inputs);
 - vision placeholders are vLLM `bad_words`, and the log-probs are vLLM's *processed* ones (after the
   ban and the temperature): what `morl.algo.core.token_logprobs` computes, as long as top_p = 1
   (with top_p < 1 vLLM's are those of the truncated distribution, the learner's are not);
@@ -40,7 +42,7 @@ from morl.rollout import vllm_compat
 from morl.rollout.types import Completion, SamplingParams
 from morl.types import EncodedPrompt
 
-IMAGE_PLACEHOLDER = "<|image_pad|>"
+PLACEHOLDERS = {"image": "<|image_pad|>", "video": "<|video_pad|>"}  # one per image or video, as the template writes
 
 
 def collapse_placeholder_runs(ids: Sequence[int], placeholder: int) -> list[int]:
@@ -70,23 +72,43 @@ def stop_token_ids(model_path: str, tokenizer) -> list[int]:
     return sorted(set(eos if isinstance(eos, list) else [eos]))
 
 
-def vllm_prompt(prompt: EncodedPrompt, image_token_id: int, *, max_prompt_tokens: int, max_images: int) -> dict:
-    """vLLM's request for one encoded prompt: collapsed token ids, and its images as multimodal data."""
+def vllm_prompt(
+    prompt: EncodedPrompt,
+    placeholder_ids: dict[str, int],
+    *,
+    max_prompt_tokens: int,
+    limits: dict[str, int],
+) -> dict:
+    """vLLM's request for one encoded prompt: collapsed token ids, its images and sampled videos as multimodal data.
+
+    `placeholder_ids` and `limits` are per modality ("image", "video"): the placeholder token, and
+    `rollout.max_<modality>s_per_prompt`.
+    """
     refuse_if_too_long(prompt.row_id, len(prompt.input_ids), max_prompt_tokens)
-    ids = collapse_placeholder_runs(prompt.input_ids, image_token_id)
-    placeholders = ids.count(image_token_id)
-    if placeholders != len(prompt.image_refs):
-        raise ValueError(
-            f"row {prompt.row_id!r}: {placeholders} image placeholder(s) but {len(prompt.image_refs)} image "
-            "reference(s); encode prompts with morl.data.encoding.PromptEncoder, which keeps the row's images"
-        )
-    if placeholders > max_images:
-        raise ValueError(
-            f"row {prompt.row_id!r} has {placeholders} images, over rollout.max_images_per_prompt={max_images}"
-        )
+    items = {
+        "image": [open_image(ref) for ref in prompt.image_refs],
+        # frames already sampled and sized by the driver: vLLM's processor must take them as they are
+        "video": [
+            (v.frames, {**v.metadata(), "video_backend": "pyav", "do_sample_frames": False}) for v in prompt.videos
+        ],
+    }
+    ids = list(prompt.input_ids)
+    for modality, token_id in placeholder_ids.items():
+        ids = collapse_placeholder_runs(ids, token_id)
+        placeholders = ids.count(token_id)
+        if placeholders != len(items[modality]):
+            raise ValueError(
+                f"row {prompt.row_id!r}: {placeholders} {modality} placeholder(s) but {len(items[modality])} "
+                f"{modality}(s); encode prompts with morl.data.encoding.PromptEncoder, which keeps the row's media"
+            )
+        if placeholders > limits[modality]:
+            raise ValueError(
+                f"row {prompt.row_id!r} has {placeholders} {modality}(s), over "
+                f"rollout.max_{modality}s_per_prompt={limits[modality]}"
+            )
     request: dict = {"prompt_token_ids": ids}
-    if prompt.image_refs:
-        request["multi_modal_data"] = {"image": [open_image(ref) for ref in prompt.image_refs]}
+    if any(items.values()):
+        request["multi_modal_data"] = {modality: media for modality, media in items.items() if media}
     return request
 
 
@@ -110,6 +132,7 @@ def start_llm(
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.85,
     max_images_per_prompt: int = 1,
+    max_videos_per_prompt: int = 0,
     enable_sleep_mode: bool = False,
     enforce_eager: bool | None = None,
     cpu_kv_cache_gib: int = 1,
@@ -133,7 +156,7 @@ def start_llm(
         tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len,
-        limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+        limit_mm_per_prompt={"image": max_images_per_prompt, "video": max_videos_per_prompt},
         enable_sleep_mode=enable_sleep_mode,
         # eager on CPU: a 15 s start instead of minutes of graph compilation; CUDA graphs on GPUs
         enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
@@ -153,10 +176,15 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(processor_path or model_path)
         self.banned_ids = vision_token_ids(self.tokenizer)
         self.bad_words = placeholder_bad_words(self.tokenizer, self.banned_ids)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        self.placeholder_ids = {
+            modality: self.tokenizer.convert_tokens_to_ids(token) for modality, token in PLACEHOLDERS.items()
+        }
         self.stop_ids = stop_token_ids(model_path, self.tokenizer)
         self.max_prompt_tokens = llm_settings["max_prompt_tokens"]
-        self.max_images = llm_settings.get("max_images_per_prompt", 1)
+        self.limits = {
+            "image": llm_settings.get("max_images_per_prompt", 1),
+            "video": llm_settings.get("max_videos_per_prompt", 0),
+        }
         self.on_cpu = vllm_compat.on_cpu()
         self._prefix_cache_stale = False
 
@@ -173,7 +201,7 @@ class VLLMEngine:
         call, an unfinished prompt's samples come back empty with finish reason "abort".
         """
         requests = [
-            vllm_prompt(p, self.image_token_id, max_prompt_tokens=self.max_prompt_tokens, max_images=self.max_images)
+            vllm_prompt(p, self.placeholder_ids, max_prompt_tokens=self.max_prompt_tokens, limits=self.limits)
             for p in prompts
         ]
         if self._prefix_cache_stale:
@@ -253,6 +281,7 @@ def vllm_engine_factory(
         tensor_parallel_size=rollout.tensor_parallel_size,
         gpu_memory_utilization=rollout.gpu_memory_utilization,
         max_images_per_prompt=rollout.max_images_per_prompt,
+        max_videos_per_prompt=rollout.max_videos_per_prompt,
         enable_sleep_mode=rollout.colocate,
         enforce_eager=rollout.enforce_eager,
         cpu_kv_cache_gib=rollout.cpu_kv_cache_gib,

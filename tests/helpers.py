@@ -9,12 +9,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
 
+from morl.data.rows import Row
 from morl.learner.logprobs import response_logprobs
 from morl.rewards.preference import Qwen2_5_VLForSequenceClassification
 from morl.rewards.types import RewardInput
@@ -28,6 +30,7 @@ REPO = TESTS.parent
 
 # The same toy-world settings as the end-to-end test passes on the command line, so its run reuses this build.
 TINY_WORLD = dict(train_per_task=16, eval_per_task=4, sft_steps=40, sft_batch_size=8)
+VIDEO_WORLD_TASKS = ("counting", "grounding", "math", "choice", "temporal", "video_counting")  # quickstart_video's
 
 OVERRIDES = [
     *(f"toy_world.{key}={value}" for key, value in TINY_WORLD.items()),
@@ -43,8 +46,8 @@ OVERRIDES = [
 ]
 
 
-def morl_train(world, out_dir, *extra):
-    recipe = str(REPO / "recipes" / "quickstart.yaml")
+def morl_train(world, out_dir, *extra, recipe: str = "quickstart.yaml"):
+    recipe = str(REPO / "recipes" / recipe)
     cmd = [sys.executable, "-m", "morl.cli", "train", recipe, f"toy_world.root={world}",
            *OVERRIDES, *extra, "--output-dir", str(out_dir)]
     # a fresh process, as a user starts it: no torch.distributed variables left by in-process learner tests
@@ -187,6 +190,57 @@ def _prompt_text(sample: RewardInput) -> str | None:
 
 
 # --- engines ---------------------------------------------------------------------------------------------------
+
+
+# --- videos ------------------------------------------------------------------------------------------------------
+
+VIDEO_CODECS = {".mp4": ("libx264", {"qp": "0"}), ".webm": ("libvpx-vp9", {"lossless": "1"}), ".avi": ("ffv1", {})}
+
+
+def write_video(path: Path, *, seconds: float, fps: int, size: int = 56) -> str:
+    """A lossless video whose frame k is one flat colour of red level 4k (mod 256): which frame is which reads back."""
+    import av
+
+    codec, options = VIDEO_CODECS[path.suffix]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps, options=options)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv444p"
+        for k in range(round(seconds * fps)):
+            rgb = np.zeros((size, size, 3), dtype=np.uint8)
+            rgb[..., 0] = 4 * k % 256
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=stream.pix_fmt)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return str(path)
+
+
+def video_row(row_id: str, videos: list, *, images: list | None = None, meta: dict | None = None) -> Row:
+    """A temporal-grounding row showing its images, then its videos, then the question."""
+    images = images or []
+    parts = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
+    return Row(
+        id=row_id,
+        task="temporal",
+        messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "When is the square on screen?"}]}],
+        images=images,
+        videos=videos,
+        label={"segment": [0, 1]},
+        meta=meta or {},
+    )
+
+
+def toy_video_rows(out: Path, image_row: Row) -> list[Row]:
+    """Two toy video rows (temporal grounding, video counting) and one prompt showing `image_row`'s image and a
+    video: the video cases every engine and the learner are tested on."""
+    from morl.data.loading import load_dataset
+    from morl.toy.tasks import write_split
+
+    rows = [
+        load_dataset(write_split(task, 1, 0, out, "train"), known_tasks=None).rows[0]
+        for task in ("temporal", "video_counting")
+    ]
+    return [*rows, video_row("image-and-video", rows[0].videos, images=image_row.images)]
 
 
 def learner_logprob_gap(hf_model, processor, engine, prompts, groups, temperature: float) -> float:

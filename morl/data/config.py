@@ -20,6 +20,29 @@ PIL_HARD_LIMIT_PIXELS = 2 * DEFAULT_MAX_IMAGE_PIXELS  # PIL refuses to open larg
 Weight = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
+class VideoSettings(StrictModel):
+    """How a video becomes frames: the rate they are sampled at, and how many frames and tokens it may cost.
+
+    A row overrides any of these in ``meta.video`` (``{"video": {"fps": 1}}``): long videos at a lower rate, say.
+    """
+
+    fps: float = Field(2.0, gt=0, le=60, description="frames sampled per second of video (MiMo-VL evaluates at 2)")
+    max_frames: int = Field(256, ge=2, description="at most this many frames a video; a longer one is sampled sparser")
+    max_tokens: int = Field(
+        16_384, gt=0, description="vision tokens one video may cost: frames shrink to fit, down to the processor's "
+        "smallest size, then fewer frames are kept"
+    )
+
+    def for_row(self, meta: dict) -> VideoSettings:
+        """These settings with a row's ``meta.video`` overrides; a bad override raises pydantic's error."""
+        override = meta.get("video")
+        if override is None:
+            return self
+        if not isinstance(override, dict):
+            raise ValueError(f"meta.video must be an object of video settings, got {type(override).__name__}")
+        return VideoSettings.model_validate({**self.model_dump(), **override})
+
+
 class DatasetSpec(StrictModel):
     path: str = Field(
         description="a .jsonl or .parquet file of rows; relative image paths in it resolve against its folder and "
@@ -40,3 +63,4 @@ class DataConfig(StrictModel):
         "a larger one is a bad row (see on_bad_row). Default: PIL's decompression-bomb threshold; at most twice "
         "that, past which PIL refuses to open an image",
     )
+    video: VideoSettings = VideoSettings()

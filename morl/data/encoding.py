@@ -1,8 +1,9 @@
 """Turning data rows into Qwen2.5-VL model inputs, once, for rollout and learner alike.
 
-The driver encodes each prompt a single time (chat template + image preprocessing); the
-rollout worker and the learner receive the same token ids and pixel tensors, so the
-learner scores exactly the sequence the engine sampled.
+The driver encodes each prompt a single time (chat template, image preprocessing, video decoding and
+sampling); the rollout worker and the learner receive the same token ids and pixel tensors, so the
+learner scores exactly the sequence the engine sampled, and a video is decoded once per prompt, not
+once per sample of its group.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from morl.compat import video_processor_kwargs
+from morl.data.config import VideoSettings
 from morl.data.rows import Row, open_image
+from morl.data.video import FrameGeometry, VideoError, load_video
 from morl.types import EncodedPrompt
 
 
@@ -19,14 +23,10 @@ class PromptTooLongError(ValueError):
     """A multimodal prompt longer than the limit: refused, since truncating would cut vision tokens."""
 
 
-class UnsupportedInputError(ValueError):
-    """A row the prompt encoder cannot turn into model inputs (yet): refused by name, never silently mangled."""
-
-
 def refuse_if_too_long(row_id: str, num_tokens: int, max_prompt_tokens: int) -> None:
     if num_tokens > max_prompt_tokens:
         raise PromptTooLongError(
-            f"row {row_id!r}: prompt is {num_tokens} tokens with its images, over "
+            f"row {row_id!r}: prompt is {num_tokens} tokens with its images and videos, over "
             f"rollout.max_prompt_tokens={max_prompt_tokens}; multimodal prompts are never truncated"
         )
 
@@ -41,21 +41,51 @@ def vision_token_ids(tokenizer) -> list[int]:
 
 
 class PromptEncoder:
-    """Chat template + processor; refuses prompts over `max_prompt_tokens`."""
+    """Chat template + processor; refuses prompts over `max_prompt_tokens`; samples videos by `video` settings."""
 
-    def __init__(self, processor, max_prompt_tokens: int):
+    def __init__(self, processor, max_prompt_tokens: int, video: VideoSettings = VideoSettings()):
         self.processor = processor
         self.max_prompt_tokens = max_prompt_tokens
+        self.video = video
 
     def __call__(self, row: Row) -> EncodedPrompt:
-        if any(part.type == "video" for m in row.messages if isinstance(m.content, list) for part in m.content):
-            raise UnsupportedInputError(f"row {row.id!r}: video parts are not supported by the prompt encoder yet")
-        text = self.processor.apply_chat_template([m.model_dump(exclude_none=True) for m in row.messages], add_generation_prompt=True, tokenize=False)
+        messages = [m.model_dump(exclude_none=True) for m in row.messages]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         images = [open_image(ref) for ref in row.images] or None
-        enc = self.processor(text=[text], images=images, return_tensors="pt")
+        videos = self._videos(row)
+        video_kwargs = {}
+        if videos:
+            video_kwargs = dict(
+                videos=[v.frames for v in videos],
+                video_metadata=[v.metadata() for v in videos],
+                do_sample_frames=False,
+                **video_processor_kwargs(self.processor.video_processor),
+            )
+        enc = self.processor(text=[text], images=images, return_tensors="pt", **video_kwargs)
         ids = enc["input_ids"][0].tolist()
         refuse_if_too_long(row.id, len(ids), self.max_prompt_tokens)
-        return EncodedPrompt(row.id, ids, enc.get("pixel_values"), enc.get("image_grid_thw"), tuple(row.images))
+        seconds = enc.get("second_per_grid_ts")
+        return EncodedPrompt(
+            row.id,
+            ids,
+            enc.get("pixel_values"),
+            enc.get("image_grid_thw"),
+            tuple(row.images),
+            pixel_values_videos=enc.get("pixel_values_videos"),
+            video_grid_thw=enc.get("video_grid_thw"),
+            second_per_grid_ts=None if seconds is None else torch.as_tensor(seconds, dtype=torch.float32),
+            videos=tuple(videos),
+        )
+
+    def _videos(self, row: Row) -> list:
+        if not row.videos:
+            return []
+        settings = self.video.for_row(row.meta)
+        geometry = FrameGeometry.of(self.processor.video_processor)
+        try:
+            return [load_video(ref, settings, geometry) for ref in row.videos]
+        except VideoError as e:
+            raise VideoError(f"row {row.id!r}: {e}") from None
 
 
 @dataclass
@@ -67,6 +97,9 @@ class ModelBatch:
     mm_token_type_ids: torch.Tensor
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    second_per_grid_ts: torch.Tensor | None = None
 
     def as_kwargs(self) -> dict:
         kwargs = dict(
@@ -74,6 +107,12 @@ class ModelBatch:
         )
         if self.pixel_values is not None:
             kwargs.update(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw)
+        if self.pixel_values_videos is not None:
+            kwargs.update(
+                pixel_values_videos=self.pixel_values_videos,
+                video_grid_thw=self.video_grid_thw,
+                second_per_grid_ts=self.second_per_grid_ts,
+            )
         return kwargs
 
 
@@ -86,7 +125,7 @@ def collate(
     video_token_id: int,
     left_pad: bool,
 ) -> ModelBatch:
-    """Pad token sequences (prompt, or prompt + response) and stack the prompts' images in order.
+    """Pad token sequences (prompt, or prompt + response) and stack the prompts' images and videos in order.
 
     Generation pads on the left so every row ends at the newest token; the learner pads on
     the right so response positions are easy to index. Qwen2.5-VL derives its 3D rope
@@ -100,7 +139,16 @@ def collate(
         ids[i, span] = torch.tensor(seq, dtype=torch.long)
         mask[i, span] = 1
     types = (ids == image_token_id).int() + 2 * (ids == video_token_id).int()
-    with_images = [p for p in prompts if p.pixel_values is not None]
-    pixels = torch.cat([p.pixel_values for p in with_images]) if with_images else None
-    grids = torch.cat([p.image_grid_thw for p in with_images]) if with_images else None
-    return ModelBatch(ids, mask, types, pixels, grids)
+    return ModelBatch(
+        ids,
+        mask,
+        types,
+        *_stacked(prompts, "pixel_values", "image_grid_thw"),
+        *_stacked(prompts, "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),
+    )
+
+
+def _stacked(prompts: list[EncodedPrompt], *fields: str) -> list[torch.Tensor | None]:
+    """Each field of the prompts that have it (the first one says), concatenated in order; None where none has."""
+    having = [p for p in prompts if getattr(p, fields[0]) is not None]
+    return [torch.cat([getattr(p, f) for p in having]) if having else None for f in fields]

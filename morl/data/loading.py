@@ -1,4 +1,4 @@
-"""Loading JSONL/Parquet data files: every row checked up front (schema, task type, images, image size).
+"""Loading JSONL/Parquet data files: every row checked up front (schema, task type, images and videos, sizes).
 
 A bad row fails in seconds with ``file:line: what is wrong`` instead of hours into a run.
 """
@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import ValidationError
 
-from morl.data.config import DEFAULT_MAX_IMAGE_PIXELS, DatasetSpec, OnBadRow
+from morl.data.config import DEFAULT_MAX_IMAGE_PIXELS, DatasetSpec, OnBadRow, VideoSettings
 from morl.data.rows import DataError, Row
-from morl.types import ImageRef
+from morl.data.video import VideoError, read_header
+from morl.types import ImageRef, VideoRef
 
 log = logging.getLogger("morl.data")
 
@@ -54,10 +55,12 @@ def load_dataset(
 ) -> LoadedDataset:
     """Load and check a ``.jsonl`` or ``.parquet`` file of rows.
 
-    Relative paths resolve against the working directory; relative image paths against the data file's folder
-    (they may lead out of it). A bad row raises ``DataError``, or with ``on_bad_row="skip"`` is counted and logged
-    once per file. An image over ``max_image_pixels`` (width x height, read from its header) is a bad row.
-    ``check_images=False`` skips opening image files (paths are still made absolute; sizes are not checked).
+    Relative paths resolve against the working directory; relative image and video paths against the data file's
+    folder (they may lead out of it). A bad row raises ``DataError``, or with ``on_bad_row="skip"`` is counted and
+    logged once per file. An image or video frame over ``max_image_pixels`` (width x height, read from its header)
+    is a bad row, as are a video whose container cannot be read and a bad ``meta.video`` override.
+    ``check_images=False`` skips opening image and video files (paths are still made absolute; sizes are not
+    checked).
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -172,9 +175,35 @@ def _check_row(
         raise _BadRow(_describe(e)) from None
     if known_tasks is not None and row.task not in known_tasks:
         raise _BadRow(f"unknown task {row.task!r} (known: {', '.join(sorted(known_tasks))})")
+    try:
+        VideoSettings().for_row(row.meta)
+    except (ValidationError, ValueError) as e:
+        raise _BadRow(f"meta.video: {_describe(e) if isinstance(e, ValidationError) else e}") from None
     images = enumerate(row.images)
     row.images = [_resolve_image(i, ref, base, check_images, max_pixels, verified) for i, ref in images]
+    row.videos = [_resolve_video(ref, base, check_images, max_pixels, verified) for ref in row.videos]
     return row
+
+
+def _resolve_video(ref: VideoRef, base: Path, check: bool, max_pixels: int, verified: set[str]) -> VideoRef:
+    """Make a video file's path (or each of its frames' paths) absolute and, if asked, read its header."""
+    if isinstance(ref, list):
+        return [_resolve_image(i, frame, base, check, max_pixels, verified) for i, frame in enumerate(ref)]
+    resolved = str((base / ref).resolve())
+    if check and resolved not in verified:
+        if not Path(resolved).is_file():
+            raise _BadRow(f"video {ref!r} not found (resolved {resolved})")
+        try:
+            header = read_header(resolved, frames_fps=1.0)
+        except VideoError as e:
+            raise _BadRow(str(e)) from None
+        if header.width * header.height > max_pixels:
+            raise _BadRow(
+                f"video {ref!r} has frames of {header.width} x {header.height}, over "
+                f"data.max_image_pixels={max_pixels:,}"
+            )
+        verified.add(resolved)
+    return resolved
 
 
 def _resolve_image(

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from morl.types import ImageRef
+from morl.types import ImageRef, VideoRef
 
 
 class DataError(ValueError):
@@ -22,21 +22,18 @@ class StrictModel(BaseModel):
 
 
 class ContentPart(StrictModel):
-    """One piece of a chat turn: text, or a placeholder where the row's next image (or a video) goes.
+    """One piece of a chat turn: text, or a placeholder where the row's next image or next video goes.
 
     One model rather than a union of three, so a bad part gets one plain error instead of one per variant.
     """
 
     type: Literal["text", "image", "video"]
     text: str | None = None
-    fps: float | None = None
 
     @model_validator(mode="after")
     def _fields_fit_type(self) -> ContentPart:
         if (self.text is not None) != (self.type == "text"):
             raise ValueError(f"a text part needs 'text' and only text parts take it (type {self.type!r})")
-        if self.fps is not None and self.type != "video":
-            raise ValueError(f"only video parts take 'fps' (type {self.type!r})")
         return self
 
 
@@ -46,12 +43,14 @@ class Message(StrictModel):
 
 
 class Row(StrictModel):
-    """One prompt. ``images`` fill the ``{"type": "image"}`` parts of ``messages`` in order."""
+    """One prompt. ``images`` fill the ``{"type": "image"}`` parts of ``messages`` in order, ``videos`` the
+    ``{"type": "video"}`` parts; ``meta.video`` may override the recipe's ``data.video`` settings for this row."""
 
     id: str = Field(min_length=1)
     task: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
     images: list[ImageRef]
+    videos: list[VideoRef] = []
     label: dict[str, Any]
     meta: dict[str, Any] = {}
 
@@ -60,9 +59,12 @@ class Row(StrictModel):
         if self.messages[-1].role != "user":
             last = self.messages[-1].role
             raise ValueError(f"the last message must be a user turn (the model answers it), got {last!r}")
-        parts = sum(p.type == "image" for m in self.messages if isinstance(m.content, list) for p in m.content)
-        if parts != len(self.images):
-            raise ValueError(f"{parts} image part(s) in messages but {len(self.images)} image(s)")
+        for kind, refs in (("image", self.images), ("video", self.videos)):
+            parts = sum(p.type == kind for m in self.messages if isinstance(m.content, list) for p in m.content)
+            if parts != len(refs):
+                raise ValueError(f"{parts} {kind} part(s) in messages but {len(refs)} {kind}(s)")
+        if any(isinstance(ref, list) and not ref for ref in self.videos):
+            raise ValueError("a video given as a list of frames needs at least one frame")
         return self
 
 

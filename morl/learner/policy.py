@@ -22,12 +22,12 @@ import torch
 from safetensors import SafetensorError
 
 from morl.algo.updates import update_rule
-from morl.compat import full_numel, zero_kept_gradients
+from morl.compat import full_numel, use_reference_video_positions, zero_kept_gradients
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
 from morl.learner.buckets import SharedBuckets, pack_bucket
 from morl.learner.logprobs import response_logprobs
 from morl.learner.lr_schedule import lr_multiplier
-from morl.learner.shares import MicroBatch, rank_micro_batches
+from morl.learner.shares import MicroBatch, rank_micro_batches, vision_kind
 from morl.run.checkpoint import ENGINE_DIR, POLICY_DIR, CheckpointError, capture_rng, restore_rng
 from morl.types import PackedBucket, TrainBatch
 
@@ -61,7 +61,7 @@ def frozen_reference(model_cfg: ModelConfig, device) -> torch.nn.Module:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype))
-    return model.requires_grad_(False).eval().to(device)
+    return use_reference_video_positions(model).requires_grad_(False).eval().to(device)
 
 
 def free_port() -> int:
@@ -143,6 +143,7 @@ class PolicyLearner:
         self.banned_ids = banned_ids
         self.processor = AutoProcessor.from_pretrained(model_cfg.processor_dir)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_cfg.path, dtype=torch.float32)
+        use_reference_video_positions(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         trainable = trainable_parameters(model, freeze_vision_tower=cfg.freeze_vision_tower)
@@ -249,7 +250,7 @@ class PolicyLearner:
         return rank_micro_batches(
             list(indices),
             [len(p.input_ids) + len(r) for p, r in zip(batch.prompts, batch.responses)],
-            [p.pixel_values is not None for p in batch.prompts],
+            [vision_kind(p.pixel_values is not None, p.pixel_values_videos is not None) for p in batch.prompts],
             ranks=self.world,
             rank=self.rank,
             size=self.cfg.micro_batch_size,

@@ -89,7 +89,7 @@ def build_run(
     parts = RunParts(
         cfg=cfg,
         processor=processor,
-        encode=PromptEncoder(processor, cfg.rollout.max_prompt_tokens),
+        encode=PromptEncoder(processor, cfg.rollout.max_prompt_tokens, cfg.data.video),
         banned_ids=vision_token_ids(processor.tokenizer),
         source=PromptSource.from_config(cfg) if prompts else None,
         held_out=_held_out_rows(cfg) if held_out and cfg.eval.enabled else [],

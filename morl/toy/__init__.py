@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from morl.config import ToyWorldConfig
 
-BUILD_VERSION = 5  # bump when the world's construction changes, so caches rebuild
+BUILD_VERSION = 6  # bump when the world's construction changes, so caches rebuild
 STAMP = "world.json"  # the settings a finished world was built from, written last
 
 

@@ -20,7 +20,8 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from morl.toy.tasks import IMAGE_SIZE, MERGE, PATCH
+from morl.compat import use_reference_video_positions
+from morl.toy.tasks import IMAGE_SIZE, MERGE, PATCH, VIDEO_SIZE
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -83,11 +84,12 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
-    """The real Qwen2.5-VL processor around the toy tokenizer; pixel budget fixed to one toy image."""
+    """The real Qwen2.5-VL processor around the toy tokenizer; pixel budget fixed to one toy image (or video)."""
     pixels = IMAGE_SIZE * IMAGE_SIZE  # one toy image, a multiple of CELL on each side: kept as it is
     image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=PATCH, merge_size=MERGE)
+    # toy videos (VIDEO_SIZE on a side) kept as they are; larger ones may keep up to one toy image's pixels a frame
     video_processor = Qwen2VLVideoProcessor(
-        min_pixels=pixels, max_pixels=8 * pixels, patch_size=PATCH, merge_size=MERGE
+        min_pixels=VIDEO_SIZE * VIDEO_SIZE, max_pixels=pixels, patch_size=PATCH, merge_size=MERGE
     )
     return Qwen2_5_VLProcessor(
         image_processor=image_processor,
@@ -135,7 +137,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2_5_VLForC
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = use_reference_video_positions(Qwen2_5_VLForConditionalGeneration(config))
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model

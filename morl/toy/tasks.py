@@ -1,4 +1,5 @@
-"""Synthetic image tasks for the toy world: counting, grounding, math and multiple choice.
+"""Synthetic tasks for the toy world: counting, grounding, math and multiple choice on images; temporal grounding
+and counting on videos.
 
 Everything is deterministic from a seed and drawn without anti-aliasing and without fonts, so the PNGs are
 byte-identical on every machine with the same Pillow: every pixel is the background, a palette colour or
@@ -13,7 +14,11 @@ tiny language model cannot learn to read within the quickstart's budget; one obj
 Boxes are ``[x1, y1, x2, y2]`` in pixel-edge coordinates: the shape covers exactly the pixels
 ``image[y1:y2, x1:x2]`` (``x2``/``y2`` are one past the last covered column/row) and touches all four edges.
 
-Each generator ``make_<task>(rng, image_path)`` draws and saves one image and returns
+Videos are ``VIDEO_SIZE`` x ``VIDEO_SIZE`` (one 2 x 2 block of merged tokens), ``VIDEO_SECONDS`` long at
+``VIDEO_FPS``, written as lossless H.264 mp4 by PyAV; events start and end on whole seconds, so at the
+recipes' 2 fps each temporal token (2 frames) sees one second of a single state.
+
+Each generator ``make_<task>(rng, path)`` draws and saves one image (or video) and returns
 ``(question, label, reference, meta)``: the question text, the ground-truth label, the reference answer
 (the SFT target) and extra facts about the image (kinds, colours, operands) that end up in the row's ``meta``.
 """
@@ -41,6 +46,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 KINDS = ("circle", "square", "triangle")
 LETTERS = "ABCDEF"  # one option letter per palette colour
 TASKS = ("counting", "grounding", "math", "choice")
+VIDEO_TASKS = ("temporal", "video_counting")
+VIDEO_SIZE, VIDEO_FPS, VIDEO_SECONDS = 56, 4, 16
 
 MARGIN = 4  # free pixels between any shape and the image border
 GAP = 4  # free pixels between any two shapes
@@ -227,11 +234,87 @@ def make_choice(rng: random.Random, image_path: Path) -> Sample:
     return question, {"answer": letter}, reference, {"kind": kind, "colour": colour, "options": options}
 
 
+def _save_video(frames: list[Image.Image], path: Path) -> None:
+    """Lossless H.264 (x264 at qp 0, one thread): the same pixels back, and the same bytes from the same PyAV."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=VIDEO_FPS, options={"qp": "0", "threads": "1"})
+        stream.width, stream.height, stream.pix_fmt = VIDEO_SIZE, VIDEO_SIZE, "yuv444p"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(image).reformat(format="yuv444p")))
+        container.mux(stream.encode())
+
+
+Event = tuple[set[int], str, str]  # the whole seconds a shape is on screen, its kind and its colour
+
+
+def _video(rng: random.Random, events: list[Event]) -> list[Image.Image]:
+    """Frames of shapes, each in a cell of its own, each shown during its whole seconds and absent otherwise."""
+    cells = rng.sample(range((VIDEO_SIZE // CELL) ** 2), len(events))
+    frames = []
+    for f in range(VIDEO_SECONDS * VIDEO_FPS):
+        image = Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), BACKGROUND)
+        for cell, (seconds, kind, colour) in zip(cells, events):
+            if f // VIDEO_FPS in seconds:
+                x, y = (cell % 2) * CELL + 2, (cell // 2) * CELL + 2
+                _draw_shape(image, kind, colour, [x, y, x + CELL - 4, y + CELL - 4])
+        frames.append(image)
+    return frames
+
+
+def _clock(seconds: int) -> str:
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def _span_outside(rng: random.Random, taken: range, length: int) -> range:
+    """A run of `length` whole seconds of the video that does not meet `taken`."""
+    starts = [s for s in range(VIDEO_SECONDS - length + 1) if s + length <= taken.start or s >= taken.stop]
+    start = rng.choice(starts)
+    return range(start, start + length)
+
+
+def make_temporal(rng: random.Random, video_path: Path) -> Sample:
+    """A red square on screen for 1-6 whole seconds; a blue square at another time, as a distractor. The answer
+    is when the red one is, as Charades-STA asks."""
+    length = rng.randint(1, 6)
+    start = rng.randint(0, VIDEO_SECONDS - length)
+    red = range(start, start + length)
+    blue = _span_outside(rng, red, rng.randint(1, 4))
+    _save_video(_video(rng, [(set(red), "square", "red"), (set(blue), "square", "blue")]), video_path)
+    end = start + length
+    question = "When is the red square on screen? Answer with the time span as \\boxed{[mm:ss, mm:ss]}."
+    reference = _think(f"red from {start} to {end}") + f"\\boxed{{[{_clock(start)}, {_clock(end)}]}}"
+    return question, {"segment": [start, end]}, reference, {"start": start, "end": end, "distractor": list(blue)}
+
+
+def make_video_counting(rng: random.Random, video_path: Path) -> Sample:
+    """A shape flashes 1-5 times (on for one second, off for at least one between flashes); a shape of another
+    colour flashes 0-3 times in seconds of its own, as a distractor."""
+    kind, colour = rng.choice(KINDS), rng.choice(list(PALETTE))
+    other = rng.choice([c for c in PALETTE if c != colour])
+    count = rng.randint(1, 5)
+    while True:
+        flashes = sorted(rng.sample(range(VIDEO_SECONDS), count))
+        if all(b - a >= 2 for a, b in zip(flashes, flashes[1:])):
+            break
+    free = [s for s in range(VIDEO_SECONDS) if s not in flashes]
+    distractor = sorted(rng.sample(free, rng.randint(0, 3)))
+    _save_video(_video(rng, [(set(flashes), kind, colour), (set(distractor), kind, other)]), video_path)
+    question = f"How many times does the {colour} {kind} flash? Answer with \\boxed{{n}}."
+    reference = _think(f"{count} {colour} flashes") + f"\\boxed{{{count}}}"
+    meta = {"kind": kind, "colour": colour, "flashes": flashes, "distractor": distractor, "distractor_colour": other}
+    return question, {"count": count}, reference, meta
+
+
 GENERATORS: dict[str, Callable[[random.Random, Path], Sample]] = {
     "counting": make_counting,
     "grounding": make_grounding,
     "math": make_math,
     "choice": make_choice,
+    "temporal": make_temporal,
+    "video_counting": make_video_counting,
 }
 
 
@@ -247,20 +330,22 @@ def row_rng(seed: int, task: str, split: str, index: int) -> random.Random:
 
 
 def write_split(task: str, n: int, seed: int, out_dir: Path, split: str) -> Path:
-    """Write ``out_dir/<task>/<split>.jsonl`` (n rows) and its images under ``out_dir/<task>/images/``."""
+    """Write ``out_dir/<task>/<split>.jsonl`` (n rows) and its images (or videos) under ``out_dir/<task>/``."""
     if task not in GENERATORS:
-        raise ValueError(f"unknown toy task {task!r}; expected one of {TASKS}")
+        raise ValueError(f"unknown toy task {task!r}; expected one of {TASKS + VIDEO_TASKS}")
     task_dir = Path(out_dir) / task
     task_dir.mkdir(parents=True, exist_ok=True)
     lines = []
+    kind = "video" if task in VIDEO_TASKS else "image"
     for i in range(n):
-        image_rel = f"images/{split}_{i:05d}.png"
-        question, label, reference, meta = GENERATORS[task](row_rng(seed, task, split, i), task_dir / image_rel)
+        media = f"videos/{split}_{i:05d}.mp4" if kind == "video" else f"images/{split}_{i:05d}.png"
+        question, label, reference, meta = GENERATORS[task](row_rng(seed, task, split, i), task_dir / media)
         row = {
             "id": f"{task}-{split}-{i:05d}",
             "task": task,
-            "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-            "images": [image_rel],
+            "messages": [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}],
+            "images": [media] if kind == "image" else [],
+            **({"videos": [media]} if kind == "video" else {}),
             "label": label,
             "meta": {"reference": reference, **meta},
         }

@@ -1,4 +1,4 @@
-"""`temporal`: IoU of the predicted time segment with the gold one."""
+"""`temporal`: IoU of the predicted time segment with the gold one, as MiMo-VL scores Charades-STA grounding."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ from morl.rewards.types import RewardInput
 
 @reward("temporal")
 def temporal(response: str, sample: RewardInput) -> float:
-    """IoU of the last [mm:ss, mm:ss] (or seconds) segment with label["segment"] in seconds."""
+    """IoU of the answer's segment (the last boxed `[mm:ss, mm:ss]`, else unboxed, else seconds) with label["segment"].
+
+    A reversed predicted segment (end before start) covers nothing and scores 0, as does an answer with no segment;
+    an empty gold segment raises, as a data error.
+    """
     start, end = (float(t) for t in sample.label["segment"])
     if not end > start:
         raise ValueError(f"gold segment {sample.label['segment']} is empty")

@@ -89,10 +89,12 @@ def test_absolute_image_path_and_unchecked_tasks(data_dir: Path, tmp_path_factor
 
 def test_video_parts_and_default_meta(data_dir: Path) -> None:
     row = make_row(0, [])
-    row["messages"][-1]["content"].append({"type": "video", "fps": 2})
+    row["messages"][-1]["content"].append({"type": "video"})
+    row["videos"] = [["img/0.png", "img/1.png"]]  # a video given as its frames
     del row["meta"]
     ds = load_dataset(write_jsonl(data_dir / "v.jsonl", [row]), known_tasks=TASKS)
     assert ds.rows[0].meta == {}
+    assert ds.rows[0].videos == [[str(data_dir / "img" / "0.png"), str(data_dir / "img" / "1.png")]]
 
 
 # --- errors name file and line ------------------------------------------------------------------------------
@@ -201,7 +203,6 @@ def test_parquet_nested_columns(data_dir: Path) -> None:
     rows = [make_row(0), make_row(1, ["img/0.png", "img/1.png"], task="grounding")]
     # Arrow unions the label fields: row 0 gets bbox_2d=null, row 1 answer=null; the nulls must not come back.
     rows[1]["label"] = {"bbox_2d": [1, 2, 3, 4]}
-    rows[1]["messages"][-1]["content"].append({"type": "video", "fps": 1.5})
     for r in rows:
         r["messages"] = r["messages"][1:]  # content must have one Arrow type: a list of structs everywhere
     path = data_dir / "train.parquet"

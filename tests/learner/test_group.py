@@ -20,7 +20,7 @@ from morl.data.loading import load_dataset
 from morl.data.rows import Row
 from morl.learner.group import LearnerGroup
 from morl.learner.policy import NonFiniteLossError, PolicyLearner
-from morl.learner.shares import rank_micro_batches
+from morl.learner.shares import rank_micro_batches, vision_kind
 from morl.ray_setup import init_ray
 from morl.run.weight_sync import plan_buckets
 from morl.types import TrainBatch
@@ -43,7 +43,7 @@ def batch(toy_world):
     prompts.insert(2, encode(text_only))
     special = set(processor.tokenizer.added_tokens_decoder)
     plain = [i for i in range(100, 400) if i not in special]
-    lengths = [3, 11, 6, 2, 8]
+    lengths = [3, 11, 90, 2, 8]  # the text-only answer longest: it lands in the short share, beside images
     responses = [plain[7 * k : 7 * k + n] for k, n in enumerate(lengths)]
     rollout_logprobs = [[-1.5] * n for n in lengths]  # far from the learner's: the mismatch metric is not ~0
     return TrainBatch(prompts, responses, rollout_logprobs, [1.0, -0.6, 0.4, -1.2, 0.3]), vision_token_ids(
@@ -135,9 +135,9 @@ def two_ranks(request, toy_world, batch, cluster, tmp_path_factory):
 def test_the_batch_needs_both_kinds_of_filler(batch):
     train_batch, _ = batch
     tokens = [len(p.input_ids) + len(r) for p, r in zip(train_batch.prompts, train_batch.responses)]
-    images = [p.pixel_values is not None for p in train_batch.prompts]
+    images = [vision_kind(p.pixel_values is not None, False) for p in train_batch.prompts]
     plans = [rank_micro_batches(range(5), tokens, images, ranks=2, rank=r, size=MICRO_BATCH) for r in (0, 1)]
-    fillers = [m for plan in plans for m in plan if m.filler is not None]
+    fillers = [m for plan in plans for m in plan if m.fillers]
     assert any(not m.rows for m in fillers), "no rank ran out of sequences: the test would not exercise padding"
     assert any(m.rows for m in fillers), "no text-only row met an image: the test would not exercise the vision filler"
 
@@ -146,7 +146,7 @@ def test_two_ranks_take_the_one_rank_step(two_ranks, start):
     _, seen = two_ranks
     assert_same_metrics(seen["metrics"], seen["reference_metrics"])
     assert seen["metrics"]["logprob_mismatch"] > 0.1  # a sum over both ranks' tokens, not ~0 by construction
-    assert seen["metrics"]["train_tokens"] == 30 and seen["metrics"]["train_sequences"] == 5
+    assert seen["metrics"]["train_tokens"] == 114 and seen["metrics"]["train_sequences"] == 5
     assert_same_update(seen["after"], seen["reference"], start)
 
 

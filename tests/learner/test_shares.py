@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from morl.learner.shares import MicroBatch, balanced_shares, rank_micro_batches
+from morl.learner.shares import IMAGES, VIDEOS, MicroBatch, balanced_shares, rank_micro_batches
 
 
 def test_shares_balance_tokens_longest_first():
@@ -31,11 +31,23 @@ def test_a_short_rank_and_a_rank_without_images_get_fillers():
     rank0, rank1 = plans(tokens, images, range(5), ranks=2, size=1)
     # shares: [0, 1, 3] (30 + 10 + 5) and [2, 4] (20 + 25), text-only first
     assert [m.rows for m in rank0] == [(0,), (1,), (3,)]
-    assert [m.rows for m in rank1] == [(2,), (4,), ()]
-    assert rank1[0].filler == 3  # sequence 2 has no image while rank 0 runs one: the cheapest with an image
-    assert rank1[2].filler == 3  # nothing left to run, and rank 0 runs an image
-    assert rank1[0].forward_rows == (2, 3) and rank1[2].forward_rows == (3,)
-    assert all(m.filler is None for m in (*rank0, rank1[1]))
+    assert [m.rows for m in rank1] == [(), (2,), (4,)]  # the short share starts late, so it ends with the others
+    assert rank1[0].fillers == (3,)  # nothing to run yet, and rank 0 runs an image: the cheapest with an image
+    assert rank1[1].fillers == (3,)  # sequence 2 has no image while rank 0 runs one
+    assert rank1[0].forward_rows == (3,) and rank1[1].forward_rows == (2, 3)
+    assert all(not m.fillers for m in (*rank0, rank1[2]))
+
+
+def test_images_and_videos_run_the_same_vision_calls_on_every_rank():
+    # rank 0 gets [0] (an image and a video: two vision calls), rank 1 gets [1] (a video only)
+    tokens, kinds = [40, 30, 5, 6], [IMAGES | VIDEOS, VIDEOS, IMAGES, VIDEOS]
+    rank0, rank1 = plans(tokens, kinds, [0, 1], ranks=2, size=1)
+    assert rank0 == [MicroBatch((0,))]
+    assert rank1 == [MicroBatch((1,), (0,))]  # the only sequence adding images without adding a third kind
+    # neither kind-3 row in the step: a rank with nothing left needs one filler per kind
+    rank0, rank1 = plans([40, 5, 6], [IMAGES, IMAGES, VIDEOS], [0, 1, 2], ranks=2, size=2)
+    assert [m.rows for m in rank0] == [(0,)] and [m.rows for m in rank1] == [(1, 2)]
+    assert rank0[0].fillers == (2,)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -43,7 +55,7 @@ def test_every_sequence_counts_once_and_ranks_stay_in_step(seed):
     rng = random.Random(seed)
     n, ranks, size = rng.randint(1, 13), rng.randint(1, 4), rng.randint(1, 3)
     tokens = [rng.randint(1, 50) for _ in range(n)]
-    images = [rng.random() < 0.6 for _ in range(n)]
+    images = [rng.choice([0, IMAGES, VIDEOS, IMAGES | VIDEOS]) if rng.random() < 0.6 else 0 for _ in range(n)]
     indices = sorted(rng.sample(range(n), rng.randint(1, n)))  # a GRPO mini-batch is a part of the batch
     per_rank = plans(tokens, images, indices, ranks, size)
     counted = sorted(i for plan in per_rank for m in plan for i in m.rows)
@@ -52,9 +64,9 @@ def test_every_sequence_counts_once_and_ranks_stay_in_step(seed):
     last = [any(images[i] for i in m.forward_rows) for m in (plan[-1] for plan in per_rank)]
     assert all(last) == any(images[i] for i in indices)  # the vision tower runs last whenever it runs
     for slot in zip(*per_rank):
-        vision = [any(images[i] for i in m.forward_rows) for m in slot]
-        assert len(set(vision)) == 1  # the vision tower runs on every rank or on none
+        calls = [{k for i in m.forward_rows for k in (IMAGES, VIDEOS) if images[i] & k} for m in slot]
+        assert all(c == calls[0] for c in calls)  # the same vision calls (images, videos) on every rank
         assert all(m.forward_rows and len(m.rows) <= size for m in slot)
-        assert all(m.filler is None or m.filler in indices for m in slot)
+        assert all(set(m.fillers) <= set(indices) for m in slot)
     loads = [sum(tokens[i] for m in plan for i in m.rows) for plan in per_rank]
     assert max(loads) - min(loads) <= max(tokens[i] for i in indices)  # balanced up to one sequence

@@ -202,6 +202,44 @@ def test_temporal_reward_parses_clock_times():
         score("temporal", "[1, 2]", {"segment": [5, 5]})
 
 
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (r"\boxed{[00:10, 00:30]}", 1.0),
+        (r"\boxed{[00:20, 00:40]}", 10 / 30),  # overlap 20-30 s, union 10-40 s
+        ("[00:05, 00:15]", 5 / 25),  # overlap 10-15 s, union 5-30 s
+        (r"\boxed{[00:12, 00:18]}", 6 / 20),  # inside the gold segment
+        ("[00:25, 01:05]", 5 / 55),  # overlap 25-30 s, union 10-65 s
+        ("from 12.5 to 20 seconds", 7.5 / 20),
+        (r"\boxed{[00:30, 00:10]}", 0.0),  # reversed
+        (r"\boxed{[00:10, 00:30]} but maybe [00:40, 00:50]", 1.0),  # boxed beats a later unboxed pair
+        (r"\boxed{[00:40, 00:50]} no, \boxed{[00:10, 00:30]}", 1.0),  # the last boxed wins
+    ],
+)
+def test_temporal_iou_by_hand(answer, expected):
+    assert score("temporal", answer, {"segment": [10, 30]}) == pytest.approx(expected)
+
+
+def test_temporal_reads_only_the_answer_after_think():
+    label = {"segment": [5, 12]}
+    thinking = r"<think>maybe \boxed{[00:05, 00:12]}</think>"
+    assert score("temporal", thinking + r"It is \boxed{[00:20, 00:30]}.", label) == 0.0
+    assert score("temporal", thinking + "[00:20, 00:30]", label) == 0.0
+    assert score("temporal", thinking + "I cannot tell", label) == 0.0
+    assert score("temporal", r"<think>hmm</think>\boxed{[00:05, 00:12]}", label) == 1.0
+
+
+@pytest.mark.parametrize("answer", ["[00:05, ]", "[aa:bb, cc:dd]", "", r"\boxed{}", "[00:75, 01:30]"])
+def test_temporal_malformed_answer_scores_zero(answer):
+    assert score("temporal", answer, {"segment": [75, 90]}) == 0.0  # 00:75 is refused, not read as 75 s
+
+
+@pytest.mark.parametrize("gold", [[5, 5], [20, 10], [0, float("nan")]])
+def test_temporal_empty_gold_segment_is_an_error(gold):
+    with pytest.raises(ValueError, match="gold"):
+        score("temporal", "[00:01, 00:02]", {"segment": gold})
+
+
 # --- counting and choice ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(

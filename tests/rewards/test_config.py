@@ -72,7 +72,9 @@ def test_verl_adapter_maps_ground_truth_and_returns_dict_score():
 def test_default_routes_cover_the_builtin_tasks():
     cfg = RewardsConfig()
     assert {task: [s.fn for s in specs] for task, specs in cfg.routes.items()} == {
-        t: [t] for t in ("math", "grounding", "point", "counting", "temporal", "choice")
+        **{t: [t] for t in ("math", "grounding", "point", "counting", "temporal", "choice")},
+        "video_counting": ["counting"],
+        "video_qa": ["choice"],
     }
 
 

@@ -74,6 +74,46 @@ def test_parse_segment(text, segment):
     assert parse_segment(text) == segment
 
 
+@pytest.mark.parametrize(
+    ("text", "segment"),
+    [
+        (r"It starts at \boxed{[00:05, 00:12]}.", (5, 12)),
+        (r"\boxed{[00:05, 00:12]}, or maybe [00:20, 00:30]", (5, 12)),  # boxed beats a later unboxed pair
+        (r"\boxed{[00:01, 00:02]}, no: \boxed{[00:05, 00:12]}", (5, 12)),  # the last boxed wins
+        (r"\boxed{[00:05, 00:12]} then \boxed{C}", (5, 12)),  # the last boxed holds no segment: fall through
+        (r"\boxed{[12.5, 20]}, not [00:01, 00:02]", (12.5, 20)),  # a boxed segment in seconds still counts
+        (r"\boxed{{[00:05, 00:12]}}", (5, 12)),  # nested braces
+        ("[00:05, 00:12], lasting 7 seconds, 3 to 4", (5, 12)),  # a clock pair beats a later seconds segment
+        ("[1:00:05, 1:00:10.5]", (3605, 3610.5)),
+        ("[12.5, 20]", (12.5, 20)),
+        ("from 12 to 20 seconds", (12, 20)),
+        ("12.5 - 20 s", (12.5, 20)),
+        ("[00:20, 00:10]", (20, 10)),  # reversed: kept, the reward scores it 0
+    ],
+)
+def test_parse_segment_prefers_boxed_then_clock_pairs_then_seconds(text, segment):
+    assert parse_segment(text) == segment
+
+
+@pytest.mark.parametrize("text", ["[00:05, ]", "[aa:bb, cc:dd]", "", r"\boxed{}", r"\boxed{[00:05, ]}", "[:, :]"])
+def test_parse_segment_malformed_is_none(text):
+    assert parse_segment(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "segment"),
+    [
+        ("[01:15, 01:30]", (75, 90)),
+        ("[00:75, 01:30]", None),  # 75 in a seconds field is no clock time: refused, not read as 75 s
+        ("[1:75:00, 2:00:00]", None),  # nor 75 in a minutes field
+        ("[00:05, 00:10] then [00:75, 01:30]", None),  # the malformed last answer is not replaced by an earlier one
+        ("[75:00, 80:00]", (4500, 4800)),  # the leading field has no bound
+    ],
+)
+def test_parse_segment_refuses_clock_fields_of_60_or_more(text, segment):
+    assert parse_segment(text) == segment
+
+
 # --- hostile text: parsers stay linear and bounded, garbage still gives None / [] ---------------------------------
 
 def test_last_boxed_finds_the_last_of_many_and_bounds_its_scan():
@@ -96,6 +136,29 @@ def test_last_boxed_finds_the_last_of_many_and_bounds_its_scan():
     ],
 )
 def test_parse_segment_on_hostile_text(text, segment):
+    assert parse_segment(text) == segment
+
+
+@pytest.mark.parametrize(
+    ("text", "segment"),
+    [
+        ("[" * 200000, None),
+        (r"\boxed{" * 200000, None),
+        (r"\boxed{" * 200000 + "[00:05, 00:12]", (5, 12)),  # every box unclosed: the unboxed pair counts
+        (r"\boxed{[00:01, 00:02]} " * 50000 + r"\boxed{[00:05, 00:12]}", (5, 12)),
+        (r"\boxed{" + "{" * 100000 + "[00:05, 00:12]" + "}" * 100001, (5, 12)),  # not closed in time: unboxed
+        ("1:" * 100000, None),
+        ("[" + "1:" * 100000 + "]", None),
+        ("[00:01, " * 100000, None),
+        ("[" + " " * 100000 + "00:05," + " " * 100000 + "x", None),
+        ("[" + " " * 100000 + "00:05," + " " * 100000 + "00:12" + " " * 100000 + "]", (5, 12)),
+        ("9" * 10**6, None),
+        (f"[{'9' * 10**6}, 1]", None),  # too large for a float: no segment
+        (rf"\boxed{{[{'9' * 10**6}:00, 00:01]}}", None),
+        (f"[{'9' * 400}:00, 00:01]", None),
+    ],
+)
+def test_parse_segment_on_hostile_boxed_and_clock_text(text, segment):
     assert parse_segment(text) == segment
 
 

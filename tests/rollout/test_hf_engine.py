@@ -1,15 +1,19 @@
 """The HF rollout engine on a tiny real Qwen2.5-VL: groups, log-probs, stop handling, vision tokens."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoProcessor
 
 from morl.algo.core import token_logprobs
-from morl.data.encoding import PromptEncoder, PromptTooLongError, UnsupportedInputError, vision_token_ids
+from morl.data.encoding import PromptEncoder, PromptTooLongError, vision_token_ids
 from morl.data.loading import load_dataset
 from morl.learner.logprobs import response_logprobs
 from morl.rollout.hf_engine import HFEngine, SeededSampler
 from morl.rollout.types import SamplingParams
+
+from helpers import toy_video_rows
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +32,16 @@ def test_groups_and_logprobs_match_a_teacher_forced_forward(world):
     for c in flat:
         assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
         assert c.finish_reason == ("stop" if c.token_ids[-1] in engine.stop_ids else "length")
+    assert max_gap(engine, processor, prompts, groups) < 1e-3
+
+
+def max_gap(engine, processor, prompts, groups) -> float:
+    """The largest |rollout - teacher-forced| log-prob over the groups' response tokens (the engine's own weights)."""
+    flat = [c for g in groups for c in g]
     with torch.no_grad():
         logprobs, mask = response_logprobs(
             engine.model,
-            [p for p in prompts for _ in range(4)],
+            [p for p, g in zip(prompts, groups) for _ in g],
             [c.token_ids for c in flat],
             config=engine.model.config,
             pad_id=processor.tokenizer.pad_token_id,
@@ -40,7 +50,7 @@ def test_groups_and_logprobs_match_a_teacher_forced_forward(world):
     rollout = torch.zeros_like(logprobs)
     for i, c in enumerate(flat):
         rollout[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
-    assert ((logprobs - rollout).abs() * mask).max() < 1e-3
+    return ((logprobs - rollout).abs() * mask).max().item()
 
 
 def tokens(groups):
@@ -108,11 +118,25 @@ def test_long_multimodal_prompt_is_refused(world):
         PromptEncoder(processor, max_prompt_tokens=20)(rows[0])
 
 
-def test_video_prompt_is_refused_by_name(world):
-    processor, rows, _, _ = world
-    video_row = rows[0].model_copy(update={"messages": [
-        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "When does it move?"}]}
-    ], "images": []})
-    video_row = type(rows[0]).model_validate(video_row.model_dump())
-    with pytest.raises(UnsupportedInputError, match=rows[0].id):
-        PromptEncoder(processor, max_prompt_tokens=4096)(video_row)
+def test_video_prompts_sample_and_score_like_image_prompts(world, tmp_path):
+    """Temporal grounding, video counting and an image + video prompt: log-probs match the learner's forward
+    (with the same `second_per_grid_ts`), and <|video_pad|> is never sampled even when it is the likeliest."""
+    processor, rows, _, engine = world
+    prompts = [PromptEncoder(processor, 4096)(row) for row in toy_video_rows(tmp_path, rows[0])]
+    assert [p.second_per_grid_ts.tolist() for p in prompts] == [[1.0]] * 3
+    assert prompts[2].pixel_values is not None and prompts[2].pixel_values_videos is not None
+    groups = engine.generate(prompts, SamplingParams(n=3, max_new_tokens=10), seeds=[1, 2, 3])
+    assert max_gap(engine, processor, prompts, groups) < 1e-3
+    # the time positions do reach the model: with the source fps in place of the sampled one, other log-probs
+    dropped_fps = [dataclasses.replace(p, second_per_grid_ts=torch.tensor([2 / 24])) for p in prompts]
+    assert max_gap(engine, processor, dropped_fps, groups) > 1e-3
+    head = engine.model.get_output_embeddings().weight
+    saved = head.data.clone()
+    video_pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    try:
+        with torch.no_grad():
+            head[video_pad] = 50 * head.abs().max()
+        groups = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=6), seeds=[1, 2, 3])
+    finally:
+        head.data.copy_(saved)
+    assert video_pad not in {t for g in groups for c in g for t in c.token_ids}

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from morl.compat import use_reference_video_positions
 from morl.config import ModelConfig, RolloutConfig
 from morl.data.encoding import PromptEncoder, PromptTooLongError, vision_token_ids
 from morl.data.loading import load_dataset
@@ -15,6 +16,7 @@ from morl.learner.buckets import pack_bucket
 from morl.rollout.hf_engine import HFEngine
 from morl.rollout.types import SamplingParams
 from morl.rollout.vllm_engine import (
+    PLACEHOLDERS,
     VLLMEngine,
     check_expanded_prompt,
     collapse_placeholder_runs,
@@ -26,7 +28,7 @@ from morl.rollout.vllm_engine import (
 from morl.run.weight_sync import plan_buckets
 from morl.types import EncodedPrompt
 
-from helpers import learner_logprob_gap
+from helpers import learner_logprob_gap, toy_video_rows
 
 TEMPERATURE = 0.5
 MAX_PROMPT_TOKENS = 512
@@ -48,6 +50,14 @@ def two_image_row(rows: list[Row]) -> Row:
         images=[rows[0].images[0], rows[1].images[0]],
         label={"answer": "A"},
     )
+
+
+def placeholders(processor) -> dict[str, int]:
+    return {m: processor.tokenizer.convert_tokens_to_ids(t) for m, t in PLACEHOLDERS.items()}
+
+
+def limits(images: int, videos: int = 0) -> dict[str, int]:
+    return {"image": images, "video": videos}
 
 
 def test_collapse_restores_the_template_placeholders(world):
@@ -76,26 +86,28 @@ def test_request_carries_every_image_in_order(world):
     row = two_image_row(rows)
     prompt = PromptEncoder(processor, 4096)(row)
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    request = vllm_prompt(prompt, image_pad, max_prompt_tokens=4096, max_images=2)
+    request = vllm_prompt(prompt, placeholders(processor), max_prompt_tokens=4096, limits=limits(2))
     assert request["prompt_token_ids"] == collapse_placeholder_runs(prompt.input_ids, image_pad)
     images = request["multi_modal_data"]["image"]
     assert [im.tobytes() for im in images] == [open_image(ref).tobytes() for ref in row.images]
     text_only = EncodedPrompt("t", [1, 2, 3], None, None)
-    assert vllm_prompt(text_only, image_pad, max_prompt_tokens=10, max_images=0) == {"prompt_token_ids": [1, 2, 3]}
+    assert vllm_prompt(text_only, placeholders(processor), max_prompt_tokens=10, limits=limits(0)) == {
+        "prompt_token_ids": [1, 2, 3]
+    }
 
 
 def test_requests_that_vllm_must_not_get_are_refused(world):
     processor, rows = world
-    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ids = placeholders(processor)
     prompt = PromptEncoder(processor, 4096)(rows[0])
     with pytest.raises(PromptTooLongError, match=rf"{rows[0].id}.*rollout.max_prompt_tokens=20"):
-        vllm_prompt(prompt, image_pad, max_prompt_tokens=20, max_images=1)
+        vllm_prompt(prompt, ids, max_prompt_tokens=20, limits=limits(1))
     pair = PromptEncoder(processor, 4096)(two_image_row(rows))
     with pytest.raises(ValueError, match="rollout.max_images_per_prompt=1"):
-        vllm_prompt(pair, image_pad, max_prompt_tokens=4096, max_images=1)
+        vllm_prompt(pair, ids, max_prompt_tokens=4096, limits=limits(1))
     without_refs = EncodedPrompt(prompt.row_id, prompt.input_ids, prompt.pixel_values, prompt.image_grid_thw)
-    with pytest.raises(ValueError, match="1 image placeholder.*0 image reference"):
-        vllm_prompt(without_refs, image_pad, max_prompt_tokens=4096, max_images=1)
+    with pytest.raises(ValueError, match=r"1 image placeholder.*0 image\(s\)"):
+        vllm_prompt(without_refs, ids, max_prompt_tokens=4096, limits=limits(1))
 
 
 def test_expanded_prompt_must_match_the_encoder(world):
@@ -141,6 +153,7 @@ def test_factory_takes_the_recipe_settings():
         tensor_parallel_size=2,
         gpu_memory_utilization=0.4,
         max_images_per_prompt=3,
+        max_videos_per_prompt=0,
         enable_sleep_mode=True,
         enforce_eager=None,
         cpu_kv_cache_gib=1,
@@ -160,13 +173,15 @@ def engine(toy_world):
         max_prompt_tokens=MAX_PROMPT_TOKENS,
         max_new_tokens=48,
         max_images_per_prompt=2,
+        max_videos_per_prompt=1,
         seed=0,
     )
 
 
 @pytest.fixture(scope="module")
 def hf_model(toy_world):
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft", dtype=torch.float32).eval()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft", dtype=torch.float32)
+    return use_reference_video_positions(model).eval()  # as the learner and the HF engine load it
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +232,26 @@ def test_groups_and_logprobs_match_the_learners(engine, hf_model, prompts):
     assert len({tuple(c.token_ids) for c in groups[0]}) > 1  # G different samples, not one repeated
     # fp32 on both sides: numerics only; a temperature, ban or image mismatch is orders of magnitude larger
     assert gap(hf_model, processor, engine, chosen, groups) < 1e-5
+
+
+def test_video_prompts_match_the_learners(engine, hf_model, world, tmp_path):
+    """Temporal grounding, video counting and image + video: vLLM's processor expands the driver's sampled frames
+    to the driver's ids (checked in generate), and its log-probs match the learner's forward with the same
+    `second_per_grid_ts`."""
+    processor, rows = world
+    video_prompts = [PromptEncoder(processor, MAX_PROMPT_TOKENS)(row) for row in toy_video_rows(tmp_path, rows[0])]
+    request = vllm_prompt(video_prompts[2], placeholders(processor), max_prompt_tokens=4096, limits=limits(1, 1))
+    (frames, metadata), = request["multi_modal_data"]["video"]
+    assert frames is video_prompts[2].videos[0].frames and not metadata["do_sample_frames"]
+    assert len(request["multi_modal_data"]["image"]) == 1
+    with pytest.raises(ValueError, match="rollout.max_videos_per_prompt=0"):
+        vllm_prompt(video_prompts[0], placeholders(processor), max_prompt_tokens=4096, limits=limits(1, 0))
+    sampling = SamplingParams(n=4, temperature=TEMPERATURE, max_new_tokens=24)
+    groups = engine.generate(video_prompts, sampling, seeds=[1, 2, 3])
+    assert all(len(g) == 4 and all(c.token_ids for c in g) for g in groups)
+    video_pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert video_pad not in {t for g in groups for c in g for t in c.token_ids}
+    assert gap(hf_model, processor, engine, video_prompts, groups) < 1e-5
 
 
 def test_same_seed_same_samples_at_quickstart_batch_sizes(engine, prompts):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from helpers import REPO, TINY_WORLD, morl_train
+from helpers import REPO, TINY_WORLD, VIDEO_WORLD_TASKS, morl_train
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +137,36 @@ def test_a_skipped_sync_into_vllm_is_stopped_by_the_mismatch_guard(toy_world):
     assert float(report["mismatch_after_sync_max"]) < 1e-5
     assert float(report["mismatch_stale"]) > 1e-4
     assert report["stale_run_stopped"] == "True"
+
+
+@pytest.fixture(scope="module")
+def video_world(tmp_path_factory):
+    from morl.config import ToyWorldConfig
+    from morl.toy.world import ensure_toy_world
+
+    root = tmp_path_factory.mktemp("video") / "world"
+    ensure_toy_world(ToyWorldConfig(root=str(root), tasks=VIDEO_WORLD_TASKS, **TINY_WORLD))
+    return root
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_two_steps_on_images_and_videos(tmp_path, video_world, engine):
+    """quickstart_video's mix (four image tasks, temporal grounding, video counting): videos sampled, scored by
+    the temporal reward, learnt from and evaluated, with rollout and learner log-probs equal to numerics."""
+    done = morl_train(
+        video_world,
+        tmp_path / "run",
+        f"rollout.engine={engine}",
+        "trainer.prompts_per_step=6",
+        "rewards.routes.temporal=[{fn: temporal}]",
+        "rewards.routes.video_counting=[{fn: fixture_length}]",
+        recipe="quickstart_video.yaml",
+    )
+    steps = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(m["logprob_mismatch"] < (1e-5 if engine == "vllm" else 1e-3) for m in steps)
+    seen = {k.split("/")[1] for m in steps for k in m if k.startswith("prompts/")}
+    assert {"temporal", "video_counting"} & seen, seen
+    held_out = json.loads((tmp_path / "run" / "eval.json").read_text())["policy"]
+    assert held_out.keys() >= {"temporal", "video_counting", "counting"} and 0 <= held_out["temporal"] <= 1
+    assert "Traceback" not in done.stderr

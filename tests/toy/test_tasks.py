@@ -9,7 +9,28 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from morl.toy.tasks import BACKGROUND, CELL, DIGIT_H, GENERATORS, IMAGE_SIZE, INK, KINDS, PALETTE, TASKS, write_split
+from morl.data.config import VideoSettings
+from morl.data.loading import load_dataset
+from morl.data.video import FrameGeometry, load_video
+from morl.rewards.builtin.counting import counting
+from morl.rewards.builtin.temporal import temporal
+from morl.rewards.types import RewardInput
+from morl.toy.tasks import (
+    BACKGROUND,
+    CELL,
+    DIGIT_H,
+    GENERATORS,
+    IMAGE_SIZE,
+    INK,
+    KINDS,
+    PALETTE,
+    TASKS,
+    VIDEO_FPS,
+    VIDEO_SECONDS,
+    VIDEO_SIZE,
+    VIDEO_TASKS,
+    write_split,
+)
 
 N = 24  # rows per task and split: enough to cover every count, operator and kind
 
@@ -47,7 +68,8 @@ def files(root: Path) -> dict[str, bytes]:
 
 def test_registry():
     assert TASKS == ("counting", "grounding", "math", "choice")
-    assert set(GENERATORS) == set(TASKS)
+    assert VIDEO_TASKS == ("temporal", "video_counting")
+    assert set(GENERATORS) == set(TASKS + VIDEO_TASKS)
     with pytest.raises(ValueError, match="unknown toy task"):
         write_split("nope", 1, 0, Path("/nonexistent"), "train")
 
@@ -176,3 +198,60 @@ def test_choice(data):
         lo, hi = FILL[kind]
         assert lo <= fill_ratio(image, PALETTE[colour], (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)) <= hi
         assert kind in KINDS
+
+
+# --- video tasks ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def video_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy-video")
+    for task in VIDEO_TASKS:
+        write_split(task, 16, seed=0, out_dir=out, split="train")
+    return out
+
+
+def seconds_shown(row, colour) -> list[int]:
+    """Whole seconds in which the video's frames (decoded, every one) show `colour`."""
+    video = load_video(row.videos[0], VideoSettings(fps=VIDEO_FPS, max_frames=256), FrameGeometry(28, 1, 10**6))
+    assert video.frames.shape == (VIDEO_SECONDS * VIDEO_FPS, VIDEO_SIZE, VIDEO_SIZE, 3)
+    on = [bool((np.abs(f.astype(int) - colour).sum(-1) < 30).sum() > 100) for f in video.frames]
+    per_second = [on[s * VIDEO_FPS : (s + 1) * VIDEO_FPS] for s in range(VIDEO_SECONDS)]
+    assert all(len(set(frames)) == 1 for frames in per_second)  # a state changes on whole seconds only
+    return [s for s, frames in enumerate(per_second) if frames[0]]
+
+
+def score(reward, row) -> float:
+    """The reward of the row's own reference answer, as the router would give it."""
+    reference = row.meta["reference"]
+    return reward(reference.split("</think>")[1], RewardInput.from_text(reference, row.task, row.label))
+
+
+def test_temporal_rows_agree_with_their_frames_and_score_1(video_data):
+    rows = load_dataset(video_data / "temporal" / "train.jsonl", known_tasks=None).rows
+    for row in rows:
+        start, end = row.label["segment"]
+        assert seconds_shown(row, PALETTE["red"]) == list(range(start, end))
+        distractor = seconds_shown(row, PALETTE["blue"])
+        assert distractor == row.meta["distractor"] and distractor and not set(distractor) & set(range(start, end))
+        answer = row.meta["reference"].split("</think>")[1]
+        assert re.fullmatch(r"\\boxed\{\[00:[01]\d, 00:[01]\d\]\}", answer)
+        assert score(temporal, row) == 1.0
+    assert len({tuple(r.label["segment"]) for r in rows}) > 4
+
+
+def test_video_counting_rows_agree_with_their_frames_and_score_1(video_data):
+    rows = load_dataset(video_data / "video_counting" / "train.jsonl", known_tasks=None).rows
+    for row in rows:
+        flashes = seconds_shown(row, PALETTE[row.meta["colour"]])
+        assert flashes == row.meta["flashes"] and len(flashes) == row.label["count"]
+        assert seconds_shown(row, PALETTE[row.meta["distractor_colour"]]) == row.meta["distractor"]
+        assert not set(flashes) & set(row.meta["distractor"])
+        assert score(counting, row) == 1.0
+    assert {r.label["count"] for r in rows} == {1, 2, 3, 4, 5}
+
+
+def test_video_tasks_are_deterministic(tmp_path):
+    for name in ("a", "b"):
+        write_split("temporal", 3, 1, tmp_path / name, "train")
+    assert files(tmp_path / "a") == files(tmp_path / "b")
