@@ -23,6 +23,7 @@ from morl.run.checkpoint import LATEST, CheckpointError
 from morl.run.interrupts import RunInterrupted
 from morl.run.lock import RunDirBusyError
 from morl.run.model_check import ModelDirError
+from morl.run.trackers import TrackerError
 from morl.run.weight_sync import StaleWeightsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixed On-policy RL for vision-language models.")
@@ -37,6 +38,7 @@ USER_ERRORS = (
     ModelDirError,
     StaleWeightsError,
     RunDirBusyError,
+    TrackerError,
 )
 
 # a full disk, an exceeded quota, a failing or read-only one: the machine's state, not a bug to trace

@@ -202,6 +202,35 @@ class TrainerConfig(Section):
         1, ge=1, description="off a terminal (nohup, SLURM, a pipe), one plain progress line every N steps; a terminal "
         "shows a live line instead"
     )
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        ["jsonl"],
+        description="where each step's metrics go: metrics.jsonl always (plot, compare and resume read it), and any "
+        "of tensorboard, wandb, mlflow (pip install 'morl[track]'; settings under tracking.*)",
+    )
+    log_samples_every: int = Field(
+        10, ge=0, description="every N steps, a few prompts per task with their G responses to samples.jsonl and to "
+        "each tracker's table (0: never)"
+    )
+    samples_per_task: int = Field(2, gt=0, description="prompts per task in each samples entry")
+
+    @field_validator("loggers")
+    @classmethod
+    def _each_logger_once(cls, loggers: list[str]) -> list[str]:
+        return list(dict.fromkeys(loggers))
+
+
+class TrackingConfig(Section):
+    """How the trackers of `trainer.loggers` name and keep a run (morl/run/trackers.py)."""
+
+    project: str = Field("morl", description="the W&B project and the MLflow experiment")
+    run_name: str | None = Field(None, description="null: the run directory's name")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None, description="null: W&B's own default (WANDB_MODE, else online); offline keeps the run in RUN_DIR/wandb"
+    )
+    wandb_entity: str | None = None
+    mlflow_tracking_uri: str | None = Field(
+        None, description="null: a local store in the run directory (sqlite:///RUN_DIR/mlflow.db, artifacts beside)"
+    )
 
 
 class EvalConfig(Section):
@@ -239,6 +268,7 @@ class RunConfig(Section):
     algo: AlgoConfig = AlgoConfig()
     learner: LearnerConfig = LearnerConfig()
     trainer: TrainerConfig = TrainerConfig()
+    tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
 

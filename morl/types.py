@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -64,6 +64,11 @@ class EncodedPrompt:
     video_grid_thw: torch.Tensor | None = None  # [videos, 3]
     second_per_grid_ts: torch.Tensor | None = None  # [videos]: seconds one temporal grid step spans
     videos: tuple[SampledVideo, ...] = ()  # the sampled frames, for engines that preprocess them (vLLM)
+
+    def without_frames(self) -> EncodedPrompt:
+        """This prompt without its videos' decoded frames, for the learner: it reads the pixels, and the frames of
+        a long video weigh a quarter as much again."""
+        return replace(self, videos=()) if self.videos else self
 
 
 @dataclass

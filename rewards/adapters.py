@@ -52,8 +52,9 @@ def from_trl(fn: Callable[..., Any]) -> RewardFn:
     """Wrap a TRL reward `fn(completions, **columns) -> list[float | None]` to score one response.
 
     Columns, each a one-element list as TRL passes them: `prompts` (meta["prompt"], or None), `task`, `label`,
-    `images`, `meta`, and every label key flattened (e.g. `solution`, `answer`). A None score is an error here,
-    since routes already send each task only to the rewards that apply to it.
+    `images`, `videos` (each a path, or a list of frame paths), `meta`, and every label key flattened (e.g.
+    `solution`, `answer`). A None score is an error here, since routes already send each task only to the rewards
+    that apply to it.
     """
 
     def call(response: str, sample: RewardInput) -> Any:
@@ -63,6 +64,7 @@ def from_trl(fn: Callable[..., Any]) -> RewardFn:
             "task": sample.task,
             "label": sample.label,
             "images": list(sample.images),
+            "videos": [video if isinstance(video, str) else list(video) for video in sample.videos],
             "meta": sample.meta,
         }
         scores = fn(completions=[response], **{key: [value] for key, value in columns.items()})

@@ -111,8 +111,8 @@ def serve_preference(
         "flag shows in `ps`",
     ),
     image_root: Path | None = typer.Option(
-        None, exists=True, file_okay=False, help="open image paths only for files under this folder (without it "
-        "every image path is refused; data: URLs always work)",
+        None, exists=True, file_okay=False, help="open image and video paths only for files under this folder "
+        "(without it every path is refused; data: URLs always work)",
     ),
     max_request_mb: int = typer.Option(
         DEFAULT_MAX_REQUEST_MB, min=1, help="refuse a request body over this many MiB (413), before reading it"
@@ -127,7 +127,8 @@ def serve_preference(
     )
     guards = [
         "token required" if token else "no token",
-        f"image paths under {escape(str(image_root.resolve()))}" if image_root else "no image paths",
+        f"image and video paths under {escape(str(image_root.resolve()))}" if image_root
+        else "no image or video paths",
         f"requests up to {max_request_mb} MiB",
     ]
     url = f"http://{host}:{server.server_port}/score"
@@ -174,12 +175,20 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _sample(row: dict[str, Any], path: Path, line: int) -> RewardInput:
-    """A row as the router's input; image paths are taken relative to the JSONL file."""
+    """A row as the router's input; image and video paths (frames too) are taken relative to the JSONL file."""
     if not isinstance(row["label"], dict):
         raise typer.BadParameter(f"{path}:{line}: label must be an object")
-    images = tuple(str((path.parent / image).resolve()) for image in row.get("images", []))
+
+    def resolve(ref: str) -> str:
+        return str((path.parent / ref).resolve())
+
+    images = tuple(resolve(image) for image in row.get("images", []))
+    videos = tuple(
+        resolve(video) if isinstance(video, str) else tuple(resolve(frame) for frame in video)
+        for video in row.get("videos", [])
+    )
     return RewardInput.from_text(
-        str(row["response"]), str(row["task"]), row["label"], images=images, meta=row.get("meta") or {}
+        str(row["response"]), str(row["task"]), row["label"], images=images, videos=videos, meta=row.get("meta") or {}
     )
 
 

@@ -35,7 +35,7 @@ class ServiceClientConfig(BaseModel, extra="forbid"):
     max_concurrency: int = Field(2, ge=1)  # requests in flight at once
     timeout_s: float = Field(60.0, gt=0)  # no answer by then fails the request's samples (not retried)
     max_retries: int = Field(3, ge=0)  # on connection errors and HTTP 503, with backoff
-    images: ImageMode = "base64"  # image files sent inline as data URLs, as paths (shared filesystem), or not at all
+    images: ImageMode = "base64"  # image and video files inline as data URLs, as paths (shared filesystem), or not sent
     token: SecretStr | None = Field(
         None,
         description="the service's shared token (`morl rewards serve --token`), sent as `Authorization: Bearer "

@@ -1,12 +1,13 @@
 """The JSON contract between the router and a reward service, both halves, so anyone can host a reward.
 
-    POST <url>   {"samples": [{"task", "response", "full_response", "label", "images", "meta"}, ...]}
+    POST <url>   {"samples": [{"task", "response", "full_response", "label", "images", "videos", "meta"}, ...]}
     200          {"rewards": [float | null, ...], "errors": [str | null, ...]}
 
 One reward per sample, in order; a null reward carries its reason in `errors` (optional when every reward is a
-number). Images are strings: absolute paths, or `data:<mime>;base64,<bytes>` URLs. Anything else from a service
-(a non-2xx status, a body that is not this shape) fails every sample of the request; the router counts those
-failures like any reward error, never as a score. rewards/README.md documents the contract for users.
+number). Images are strings: absolute paths, or `data:<mime>;base64,<bytes>` URLs; a video is one such string (the
+whole file) or a list of them (its frames). Anything else from a service (a non-2xx status, a body that is not this
+shape) fails every sample of the request; the router counts those failures like any reward error, never as a
+score. rewards/README.md documents the contract for users.
 """
 
 from __future__ import annotations
@@ -39,22 +40,31 @@ class ContractError(ValueError):
 
 
 def encode_sample(sample: RewardInput, images: str) -> str:
-    """One sample as the JSON text of a request entry; `images` is "base64", "path" or "none".
+    """One sample as the JSON text of a request entry; `images` ("base64", "path" or "none") is how its images and
+    videos travel.
 
-    Raises OSError for an unreadable image and TypeError for a label or meta that is not JSON, so the caller can
-    fail that sample alone.
+    Raises OSError for an unreadable image or video and TypeError for a label or meta that is not JSON, so the
+    caller can fail that sample alone.
     """
-    refs = [] if images == "none" else [_data_url(path) if images == "base64" else path for path in sample.images]
     return json.dumps(
         {
             "task": sample.task,
             "response": sample.response,
             "full_response": sample.full_response,
             "label": sample.label,
-            "images": refs,
+            "images": _media_refs(sample.images, images),
+            "videos": _media_refs(sample.videos, images),
             "meta": sample.meta,
         }
     )
+
+
+def _media_refs(paths: Sequence[str | tuple[str, ...]], mode: str) -> list[str | list[str]]:
+    """Each file (or list of frame files) as `mode` sends it: inline as data URLs, as the path, or not at all."""
+    if mode == "none":
+        return []
+    ref = _data_url if mode == "base64" else str
+    return [ref(path) if isinstance(path, str) else [ref(frame) for frame in path] for path in paths]
 
 
 def request_body(encoded_samples: Sequence[str]) -> bytes:
@@ -87,7 +97,9 @@ def _outcome(reward: Any, error: Any) -> Outcome:
         return None, f"service: {e}"
 
 
-@lru_cache(maxsize=256)  # a group's G samples share their images: read and encode each file once
+# a group's G samples share their images and videos: read and encode each file once; few kept, as a video inline
+# weighs megabytes (services that take long videos should use `images: path`)
+@lru_cache(maxsize=32)
 def _data_url(path: str) -> str:
     mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
     with open(path, "rb") as f:
@@ -131,22 +143,41 @@ def _sample(i: int, entry: Any) -> RewardInput:
         "task": (entry.get("task", ""), str),
         "label": (entry.get("label", {}), dict),
         "images": (entry.get("images", []), list),
+        "videos": (entry.get("videos", []), list),
         "meta": (entry.get("meta", {}), dict),
     }
     for key, (value, kind) in fields.items():
         if not isinstance(value, kind):
             raise ContractError(f"samples[{i}].{key} must be a {kind.__name__}, got {type(value).__name__}")
-    images = fields["images"][0]
+    images, videos = fields["images"][0], fields["videos"][0]
     if not all(isinstance(ref, str) for ref in images):
         raise ContractError(f"samples[{i}].images must be strings (paths or data: URLs)")
-    return RewardInput(**{key: value for key, (value, _) in fields.items()} | {"images": tuple(images)})
+    if not all(_is_video_ref(ref) for ref in videos):
+        raise ContractError(f"samples[{i}].videos must be strings (paths or data: URLs) or non-empty lists of them")
+    media = {"images": tuple(images), "videos": tuple(ref if isinstance(ref, str) else tuple(ref) for ref in videos)}
+    return RewardInput(**{key: value for key, (value, _) in fields.items()} | media)
+
+
+def _is_video_ref(ref: Any) -> bool:
+    """A video file's ref, or a non-empty list of its frames' refs (a row has no video without frames)."""
+    return isinstance(ref, str) or (isinstance(ref, list) and bool(ref) and all(isinstance(f, str) for f in ref))
 
 
 def open_image(ref: str) -> Image.Image:
-    """An image of a request, from its absolute path or its `data:` URL, as RGB."""
-    if ref.startswith("data:"):
-        header, _, data = ref.partition(",")
-        if not header.endswith(";base64"):
-            raise ValueError(f"image data URL is not base64 ({header[:40]!r})")
-        return open_image_ref(base64.b64decode(data, validate=True))
-    return open_image_ref(ref)
+    """An image of a request (a frame of a video too), from its absolute path or its `data:` URL, as RGB."""
+    return open_image_ref(media_bytes(ref) if ref.startswith("data:") else ref)
+
+
+def media_bytes(ref: str) -> bytes:
+    """The file an image or video ref of a request stands for: its path read, or its `data:` URL decoded.
+
+    For a video sent inline: video decoders that read from memory take these bytes (`av.open(io.BytesIO(data))`);
+    one that needs a path, write them to a temporary file. A video sent as a path needs no decoding here.
+    """
+    if not ref.startswith("data:"):
+        with open(ref, "rb") as f:
+            return f.read()
+    header, _, data = ref.partition(",")
+    if not header.endswith(";base64"):
+        raise ValueError(f"data URL is not base64 ({header[:40]!r})")
+    return base64.b64decode(data, validate=True)

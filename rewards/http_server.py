@@ -3,7 +3,7 @@
 What `morl rewards serve` runs, and the simplest way to host a reward outside Ray: any `score(samples) ->
 outcomes` function becomes a service. POST to any path scores a batch; GET /health answers {"status": "ok"}.
 Whoever reaches the port can send it requests, so it answers only holders of its token (when it has one), opens
-image paths only under its image root, and reads no body over its size cap.
+image and video paths (frames too) only under its image root, and reads no body over its size cap.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from morl.rewards.types import RewardInput
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_MB = 64  # a batch of 32 samples, each with a ~1.5 MB image inline as base64
-NO_IMAGE_PATHS = "image paths are refused: the service was started without an image root; send images inline"
-NO_IMAGE_THERE = "no image file at this path under the service's image root"  # missing and forbidden alike
+NO_PATHS = "paths are refused: the service was started without an image root; send images and videos inline"
+NO_FILE_THERE = "no file at this path under the service's image root"  # missing and forbidden alike
 
 
-class ImageRefused(ValueError):
-    """A sample names an image path the server may not open."""
+class PathRefused(ValueError):
+    """A sample names an image, video or frame path the server may not open."""
 
 
 def make_server(
@@ -43,15 +43,15 @@ def make_server(
 ) -> ThreadingHTTPServer:
     """An HTTP server for `score`, bound but not yet serving (call `serve_forever`); port 0 picks a free one.
 
-    With `token`, a POST without `Authorization: Bearer <token>` is answered 401. Image paths are opened only
-    under `image_root`, once resolved (symlinks, ".."); without it only `data:` URLs are. A body over
-    `max_request_bytes`, or without a Content-Length, is refused before it is read.
+    With `token`, a POST without `Authorization: Bearer <token>` is answered 401. Image, video and frame paths are
+    opened only under `image_root` (which holds the videos too), once resolved (symlinks, ".."); without it only
+    `data:` URLs are. A body over `max_request_bytes`, or without a Content-Length, is refused before it is read.
     """
     expected = None if token is None else f"Bearer {check_token(token)}".encode()
     root = None if image_root is None else Path(image_root).resolve()
     if root is not None and not root.is_dir():
         raise ValueError(f"image root {image_root} is not a directory")
-    score_admitted = _images_checked(score, root)
+    score_admitted = _paths_checked(score, root)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -102,17 +102,17 @@ def make_server(
     return server
 
 
-def _images_checked(score: ScoreBatch, root: Path | None) -> ScoreBatch:
-    """`score` for the samples whose images the server may open, their paths resolved; each other sample fails
-    alone with a reason that says nothing about the host's files."""
+def _paths_checked(score: ScoreBatch, root: Path | None) -> ScoreBatch:
+    """`score` for the samples whose images and videos the server may open, their paths resolved; each other sample
+    fails alone with a reason that says nothing about the host's files."""
 
     def score_admitted(samples: list[RewardInput]) -> list[Outcome]:
         outcomes: list[Outcome] = [(None, None)] * len(samples)
         admitted: list[tuple[int, RewardInput]] = []
         for i, sample in enumerate(samples):
             try:
-                admitted.append((i, replace(sample, images=_admitted_images(sample.images, root))))
-            except ImageRefused as e:
+                admitted.append((i, _admitted(sample, root)))
+            except PathRefused as e:
                 outcomes[i] = (None, str(e))
         scored = score([sample for _, sample in admitted]) if admitted else []
         if len(scored) != len(admitted):
@@ -124,21 +124,30 @@ def _images_checked(score: ScoreBatch, root: Path | None) -> ScoreBatch:
     return score_admitted
 
 
-def _admitted_images(refs: tuple[str, ...], root: Path | None) -> tuple[str, ...]:
-    """The refs with each path resolved under `root` (relative ones from it); ImageRefused names the first other."""
-    admitted = []
-    for j, ref in enumerate(refs):
-        if ref.startswith("data:"):
-            admitted.append(ref)
-            continue
-        if root is None:
-            raise ImageRefused(f"images[{j}]: {NO_IMAGE_PATHS}")
-        try:
-            path = (root / ref).resolve()
-            inside = path.is_relative_to(root) and path.is_file()
-        except (OSError, RuntimeError, ValueError):  # unreadable, a symlink loop, a NUL byte
-            inside = False
-        if not inside:
-            raise ImageRefused(f"images[{j}]: {NO_IMAGE_THERE}")
-        admitted.append(str(path))
-    return tuple(admitted)
+def _admitted(sample: RewardInput, root: Path | None) -> RewardInput:
+    """`sample` with every path of its images, videos and frames resolved under `root`; PathRefused names the first
+    other (`images[0]`, `videos[1]`, `videos[1][4]`: frame 4 of video 1)."""
+    images = tuple(_admitted_ref(ref, root, f"images[{j}]") for j, ref in enumerate(sample.images))
+    videos = tuple(
+        _admitted_ref(video, root, f"videos[{j}]") if isinstance(video, str)
+        else tuple(_admitted_ref(frame, root, f"videos[{j}][{k}]") for k, frame in enumerate(video))
+        for j, video in enumerate(sample.videos)
+    )
+    return replace(sample, images=images, videos=videos)
+
+
+def _admitted_ref(ref: str, root: Path | None, where: str) -> str:
+    """A `data:` URL as it is, or a path resolved under `root` (a relative one from it); PathRefused, naming
+    `where`, for a path anywhere else."""
+    if ref.startswith("data:"):
+        return ref
+    if root is None:
+        raise PathRefused(f"{where}: {NO_PATHS}")
+    try:
+        path = (root / ref).resolve()
+        inside = path.is_relative_to(root) and path.is_file()
+    except (OSError, RuntimeError, ValueError):  # unreadable, a symlink loop, a NUL byte
+        inside = False
+    if not inside:
+        raise PathRefused(f"{where}: {NO_FILE_THERE}")
+    return str(path)

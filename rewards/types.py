@@ -17,6 +17,7 @@ class RewardInput:
     task: str
     label: dict[str, Any]  # the task's ground truth, e.g. {"answer": "3/4"} or {"boxes": [[...]]}
     images: tuple[str, ...] = ()  # absolute image paths
+    videos: tuple[str | tuple[str, ...], ...] = ()  # absolute video file paths, or a video's frame image paths
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -269,3 +269,37 @@ def gathered_weights(learner) -> dict[str, torch.Tensor]:
     params = dict(learner.engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), enabled=learner.cfg.zero_stage == 3):
         return {name: p.detach().clone() for name, p in params.items()}
+
+
+# --- experiment trackers' own records ---------------------------------------------------------------------------
+
+WANDB_BLOCK, WANDB_HEADER = 32768, 7  # a .wandb file: a 7-byte ident, then LevelDB-log records in 32 KiB blocks
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """The history rows of each W&B offline run in `run_dir/wandb`, in order, read from its .wandb transaction log
+    (records of W&B's own `wandb_internal_pb2.Record`)."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+        pos, chunks = WANDB_HEADER, b""
+        while pos + WANDB_HEADER <= len(data):
+            if WANDB_BLOCK - pos % WANDB_BLOCK < WANDB_HEADER:  # a block's tail too short for a header is padding
+                pos += WANDB_BLOCK - pos % WANDB_BLOCK
+                continue
+            length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+            chunks += data[pos + WANDB_HEADER : pos + WANDB_HEADER + length]
+            pos += WANDB_HEADER + length
+            if kind in (1, 4):  # a whole record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(chunks)
+                chunks = b""
+                if record.WhichOneof("record_type") == "history":
+                    items = record.history.item
+                    rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+    return rows

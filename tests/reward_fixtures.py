@@ -42,6 +42,11 @@ def trl_exact(completions, solution, task, **columns):
     return [float(c.strip() == s) for c, s in zip(completions, solution)]
 
 
+def trl_media(completions, images, videos, media, **columns):
+    """A TRL-style reward: 1.0 when the `images` and `videos` columns hold what the label's `media` lists."""
+    return [float([*i, *v] == m) for i, v, m in zip(images, videos, media)]
+
+
 def verl_exact(data_source, solution_str, ground_truth, extra_info=None):
     """A verl-style compute_score returning a dict."""
     return {"score": float(solution_str.strip() == ground_truth), "data_source": data_source}
@@ -51,3 +56,10 @@ def verl_exact(data_source, solution_str, ground_truth, extra_info=None):
 def fixture_length(response, sample):
     """Grows with the response length: sampled groups always have reward variance, whatever the model knows."""
     return min(len(response), 40) / 40
+
+
+def media_files(response, sample):
+    """1.0 when the sample names images or videos and each one (every frame too) is an absolute path to a file."""
+    video_files = [ref for video in sample.videos for ref in ([video] if isinstance(video, str) else video)]
+    paths = [*sample.images, *video_files]
+    return float(bool(paths) and all(os.path.isabs(path) and os.path.isfile(path) for path in paths))

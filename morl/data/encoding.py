@@ -43,10 +43,14 @@ def vision_token_ids(tokenizer) -> list[int]:
 class PromptEncoder:
     """Chat template + processor; refuses prompts over `max_prompt_tokens`; samples videos by `video` settings."""
 
-    def __init__(self, processor, max_prompt_tokens: int, video: VideoSettings = VideoSettings()):
+    def __init__(
+        self, processor, max_prompt_tokens: int, video: VideoSettings = VideoSettings(), *, keep_frames: bool = True
+    ):
         self.processor = processor
         self.max_prompt_tokens = max_prompt_tokens
         self.video = video
+        self.keep_frames = keep_frames  # the decoded frames, for engines that preprocess videos themselves (vLLM)
+        self.geometry = FrameGeometry.of(processor.video_processor)  # the sizes its processor keeps frames at
 
     def __call__(self, row: Row) -> EncodedPrompt:
         messages = [m.model_dump(exclude_none=True) for m in row.messages]
@@ -74,16 +78,15 @@ class PromptEncoder:
             pixel_values_videos=enc.get("pixel_values_videos"),
             video_grid_thw=enc.get("video_grid_thw"),
             second_per_grid_ts=None if seconds is None else torch.as_tensor(seconds, dtype=torch.float32),
-            videos=tuple(videos),
+            videos=tuple(videos) if self.keep_frames else (),
         )
 
     def _videos(self, row: Row) -> list:
         if not row.videos:
             return []
         settings = self.video.for_row(row.meta)
-        geometry = FrameGeometry.of(self.processor.video_processor)
         try:
-            return [load_video(ref, settings, geometry) for ref in row.videos]
+            return [load_video(ref, settings, self.geometry) for ref in row.videos]
         except VideoError as e:
             raise VideoError(f"row {row.id!r}: {e}") from None
 

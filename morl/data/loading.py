@@ -9,7 +9,7 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ def load_dataset(
     on_bad_row: OnBadRow = "error",
     check_images: bool = True,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_media: Mapping[str, int] | None = None,
 ) -> LoadedDataset:
     """Load and check a ``.jsonl`` or ``.parquet`` file of rows.
 
@@ -60,7 +61,8 @@ def load_dataset(
     logged once per file. An image or video frame over ``max_image_pixels`` (width x height, read from its header)
     is a bad row, as are a video whose container cannot be read and a bad ``meta.video`` override.
     ``check_images=False`` skips opening image and video files (paths are still made absolute; sizes are not
-    checked).
+    checked). ``max_media`` ({"image": n, "video": m}, the vllm engine's `rollout.max_<kind>s_per_prompt`) makes a
+    row with more images or videos than that a bad row, at load time rather than when the engine refuses it.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -83,6 +85,7 @@ def load_dataset(
     for where, raw in records:
         try:
             row = _check_row(decode(raw), file.parent, known_tasks, check_images, max_image_pixels, verified)
+            _check_media_count(row, max_media or {})
             if row.id in first_seen:
                 raise _BadRow(f"duplicate id {row.id!r} (first at {first_seen[row.id]})")
         except _BadRow as bad:
@@ -185,6 +188,15 @@ def _check_row(
     return row
 
 
+def _check_media_count(row: Row, max_media: Mapping[str, int]) -> None:
+    for kind, refs in (("image", row.images), ("video", row.videos)):
+        if kind in max_media and len(refs) > max_media[kind]:
+            raise _BadRow(
+                f"{len(refs)} {kind}s in one prompt, more than rollout.max_{kind}s_per_prompt={max_media[kind]} "
+                "(the vllm engine reserves memory for that many; raise it)"
+            )
+
+
 def _resolve_video(ref: VideoRef, base: Path, check: bool, max_pixels: int, verified: set[str]) -> VideoRef:
     """Make a video file's path (or each of its frames' paths) absolute and, if asked, read its header."""
     if isinstance(ref, list):
@@ -269,6 +281,7 @@ def load_datasets(
     known_tasks: Collection[str] | None,
     on_bad_row: OnBadRow,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_media: Mapping[str, int] | None = None,
 ) -> list[LoadedDataset]:
     """Load each spec's file, in order (weights stay with the specs, for ``MixtureSampler``).
 
@@ -277,7 +290,11 @@ def load_datasets(
     datasets = []
     for spec in specs:
         dataset = load_dataset(
-            spec.path, known_tasks=known_tasks, on_bad_row=on_bad_row, max_image_pixels=max_image_pixels
+            spec.path,
+            known_tasks=known_tasks,
+            on_bad_row=on_bad_row,
+            max_image_pixels=max_image_pixels,
+            max_media=max_media,
         )
         if not dataset.rows:
             why = (

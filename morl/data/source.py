@@ -20,8 +20,27 @@ from morl.data.rows import DataError, Row
 
 if TYPE_CHECKING:
     from morl.config import RunConfig
+    from morl.data.config import DatasetSpec
 
 Key = tuple[int, int]  # (dataset index, row index)
+
+
+def load_run_datasets(cfg: RunConfig, specs: Sequence[DatasetSpec]) -> list[LoadedDataset]:
+    """`specs`' files with every check the run's config asks for: routed tasks, `data.*` limits, and the vllm
+    engine's images and videos per prompt."""
+    rollout = cfg.rollout
+    max_media = (
+        {"image": rollout.max_images_per_prompt, "video": rollout.max_videos_per_prompt}
+        if rollout.engine == "vllm"
+        else None
+    )
+    return load_datasets(
+        specs,
+        known_tasks=set(cfg.rewards.routes),
+        on_bad_row=cfg.data.on_bad_row,
+        max_image_pixels=cfg.data.max_image_pixels,
+        max_media=max_media,
+    )
 
 
 @dataclass(frozen=True)
@@ -50,14 +69,10 @@ class PromptSource:
 
         Raises DataError for a mixture without rows: no data file, or one without a usable row.
         """
-        data = cfg.data
-        if not data.train:
+        if not cfg.data.train:
             raise DataError("data.train lists no data file: there is nothing to train on")
-        tasks = set(cfg.rewards.routes)
-        datasets = load_datasets(
-            data.train, known_tasks=tasks, on_bad_row=data.on_bad_row, max_image_pixels=data.max_image_pixels
-        )
-        return cls(datasets, [s.weight for s in data.train], cfg.trainer.seed, cfg.algo.easy_pool_alpha)
+        datasets = load_run_datasets(cfg, cfg.data.train)
+        return cls(datasets, [s.weight for s in cfg.data.train], cfg.trainer.seed, cfg.algo.easy_pool_alpha)
 
     def draw(self) -> DrawnPrompt:
         rng = np.random.default_rng([self.seed, 2, self.draws])

@@ -19,9 +19,8 @@ import ray
 
 from morl.config import RunConfig
 from morl.data.encoding import PromptEncoder, vision_token_ids
-from morl.data.loading import load_datasets
 from morl.data.rows import Row
-from morl.data.source import PromptSource
+from morl.data.source import PromptSource, load_run_datasets
 from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
 from morl.rewards.router import RewardRouter
 from morl.rollout.fleet import start_rollout_workers
@@ -89,7 +88,9 @@ def build_run(
     parts = RunParts(
         cfg=cfg,
         processor=processor,
-        encode=PromptEncoder(processor, cfg.rollout.max_prompt_tokens, cfg.data.video),
+        encode=PromptEncoder(
+            processor, cfg.rollout.max_prompt_tokens, cfg.data.video, keep_frames=cfg.rollout.engine == "vllm"
+        ),
         banned_ids=vision_token_ids(processor.tokenizer),
         source=PromptSource.from_config(cfg) if prompts else None,
         held_out=_held_out_rows(cfg) if held_out and cfg.eval.enabled else [],
@@ -109,10 +110,5 @@ def build_run(
 
 
 def _held_out_rows(cfg: RunConfig) -> list[Row]:
-    datasets = load_datasets(
-        cfg.data.eval,
-        known_tasks=set(cfg.rewards.routes),
-        on_bad_row=cfg.data.on_bad_row,
-        max_image_pixels=cfg.data.max_image_pixels,
-    )
+    datasets = load_run_datasets(cfg, cfg.data.eval)
     return [row for ds in datasets for row in ds.rows]

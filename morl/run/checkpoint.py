@@ -55,6 +55,10 @@ SAFE_TO_CHANGE = (
     "trainer.output_dir",
     "trainer.log_every",
     "trainer.on_signal",
+    "trainer.loggers",  # where metrics and samples are shown, not what trains
+    "trainer.log_samples_every",
+    "trainer.samples_per_task",
+    "tracking",
     "ray",  # where the actors run, not what they train
     "eval",
     "rollout.num_workers",

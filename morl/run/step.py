@@ -21,13 +21,14 @@ if TYPE_CHECKING:
 
 
 def reward_input(row: Row, completion: Completion) -> RewardInput:
-    """What a reward function sees of one response: its text, the row's label, images and metadata.
+    """What a reward function sees of one response: its text, the row's label, images, videos and metadata.
 
     `meta["messages"]` carries the prompt, for reward models that judge the response in context.
     """
     images = tuple(ref for ref in row.images if isinstance(ref, str))
+    videos = tuple(ref if isinstance(ref, str) else tuple(ref) for ref in row.videos)
     meta = {**row.meta, "messages": [m.model_dump(exclude_none=True) for m in row.messages]}
-    return RewardInput.from_text(completion.text, row.task, row.label, images=images, meta=meta)
+    return RewardInput.from_text(completion.text, row.task, row.label, images=images, videos=videos, meta=meta)
 
 
 def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[str, float]]:
@@ -37,8 +38,9 @@ def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[s
         return batch, {}
     advantages = group_advantages(torch.tensor([g.rewards for g in groups]), adv_eps)
     for i, group in enumerate(groups):
+        prompt = group.encoded.without_frames()  # one object per group: sent to the learner once
         for j, completion in enumerate(group.completions):
-            batch.prompts.append(group.encoded)
+            batch.prompts.append(prompt)
             batch.responses.append(completion.token_ids)
             batch.rollout_logprobs.append(completion.logprobs)
             batch.advantages.append(advantages[i, j].item())
@@ -84,6 +86,45 @@ def reward_metrics(groups: list[Group]) -> dict[str, float]:
         metrics[f"response_length/{task}"] = mean(x.length for x in xs)
         metrics[f"empty_answer/{task}"] = mean(float(x.empty_answer) for x in xs)
     return metrics
+
+
+def sample_rows(step: int, groups: list[Group], per_task: int, adv_eps: float) -> list[dict]:
+    """The first `per_task` groups of each task, one row per response (trackers.SAMPLE_COLUMNS): what the model
+    wrote, its reward and advantage (0 for a group without reward variance, which does not train; None where a
+    reward failed), and why it stopped."""
+    taken: dict[str, int] = defaultdict(int)
+    rows = []
+    for group in groups:
+        if taken[group.task] == per_task:
+            continue
+        taken[group.task] += 1
+        row = group.prompt.row
+        rewards = group.rewards
+        advantages = [None] * len(rewards)
+        if not group.errored:
+            advantages = group_advantages(torch.tensor([rewards]), adv_eps)[0].tolist()
+        media = [ref for ref in (*row.images, *row.videos) if isinstance(ref, str)]
+        for completion, reward, advantage in zip(group.completions, rewards, advantages):
+            rows.append(
+                {
+                    "step": step,
+                    "task": row.task,
+                    "prompt_id": row.id,
+                    "prompt": prompt_text(row),
+                    "image": media[0] if media else "",
+                    "response": completion.text,
+                    "reward": reward,
+                    "advantage": advantage,
+                    "finish_reason": completion.finish_reason,
+                }
+            )
+    return rows
+
+
+def prompt_text(row: Row) -> str:
+    """The text of the prompt's last turn (what the model answers), without its images."""
+    content = row.messages[-1].content
+    return content if isinstance(content, str) else " ".join(p.text for p in content if p.type == "text")
 
 
 def prompt_set(rows: list[Row]) -> dict:

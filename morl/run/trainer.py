@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 
 import ray
@@ -28,7 +29,8 @@ from morl.run.collection import RolloutAbandoned, RolloutScheduler
 from morl.run.interrupts import RunInterrupted, StopRequest
 from morl.run.lock import RunDirLock
 from morl.run.metrics import MetricsWriter, ProgressDisplay, console, eval_table
-from morl.run.step import PhaseTimer, build_batch, mean, prompt_set, reward_input, reward_metrics
+from morl.run.step import PhaseTimer, build_batch, mean, prompt_set, reward_input, reward_metrics, sample_rows
+from morl.run.trackers import Trackers
 from morl.run.weight_sync import check_logprob_mismatch, plan_buckets, sync_rollout_weights
 
 log = logging.getLogger("morl.run.trainer")
@@ -41,18 +43,34 @@ class Trainer:
         self.force = force
         self.out_dir = Path(cfg.trainer.output_dir)
         prepare_model(cfg)  # a bad model or toy-world root is refused before the run directory exists
+        self._started = ExitStack()  # what close() stops, newest first; a failed start stops what it started
         self.run_lock = RunDirLock(self.out_dir).acquire()  # before anything reads or prunes the directory
-        self.resume_from = resolve_resume(self.out_dir, resume, cfg, force)
+        self._started.callback(self.run_lock.release)
+        try:
+            self._start(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, resume: str | None) -> None:
+        cfg = self.cfg
+        self.resume_from = resolve_resume(self.out_dir, resume, cfg, self.force)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(dump_config(cfg))
+        # trackers first: one that cannot start fails the run before anything expensive has
+        self.trackers = Trackers(cfg, self.out_dir, resume_step=self.resume_from.step if self.resume_from else 0)
+        self._started.callback(self.trackers.close)
         start_weights = str(self.resume_from.policy_dir) if self.resume_from else None
         self.parts = build_run(cfg, held_out=True, weights=start_weights, reward_log_dir=self.out_dir / "logs")
+        self._started.callback(self.parts.close)
         self.source, self.router, self.workers = self.parts.source, self.parts.router, self.parts.workers
         self.eval_rows = self.parts.held_out
         self.abandon_on_signal = cfg.trainer.on_signal == "abandon"
         self.stop = StopRequest("abandoning this step's rollout" if self.abandon_on_signal else "finishing this step")
         self.stop.install()
+        self._started.callback(self.stop.uninstall)
         self.learner = LearnerGroup(cfg, self.parts.banned_ids)
+        self._started.callback(self.learner.close)
         self.scheduler = RolloutScheduler.from_config(cfg, self.parts)
         # engines that keep their weights between syncs get only what trains (vLLM sleep level 2 drops them all)
         drops_weights = cfg.rollout.colocate and cfg.rollout.sleep_level == 2
@@ -75,7 +93,9 @@ class Trainer:
             results["sft"], lengths["sft"] = self.sft_eval["reward"], self.sft_eval["response_length"]
             eval_table(results)
         metrics_file = MetricsWriter(self.out_dir / "metrics.jsonl")
-        metrics_file.keep_until(self.start_step)  # steps logged after the checkpoint are trained again
+        samples_file = MetricsWriter(self.out_dir / "samples.jsonl")
+        for written in (metrics_file, samples_file):
+            written.keep_until(self.start_step)  # steps logged after the checkpoint are trained again
         last = cfg.trainer.max_steps
         if self.start_step >= last:
             log.warning("the checkpoint is at step %d, trainer.max_steps=%d: no step to train", self.start_step, last)
@@ -86,10 +106,13 @@ class Trainer:
                 # what a checkpoint of step - 1 holds, should this step be abandoned
                 before = self.driver_state() if self.abandon_on_signal else None
                 try:
-                    metrics = self.train_step(step)
+                    metrics, samples = self.train_step(step)
                 except RolloutAbandoned:
                     self._stop(step - 1, before)
                 metrics_file.write(metrics)
+                for sample in samples:
+                    samples_file.write(sample)
+                self.trackers.log(step, metrics, samples)
                 progress.update(metrics)
                 if step == last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                     self.save_checkpoint(step)
@@ -101,6 +124,7 @@ class Trainer:
             results["policy"], lengths["policy"] = policy["reward"], policy["response_length"]
             (self.out_dir / "eval.json").write_text(json.dumps({**results, "response_length": lengths}, indent=2))
             eval_table(results)
+            self.trackers.log_eval(last, results)
         return results
 
     def _stop(self, step: int, state: dict) -> None:
@@ -109,7 +133,8 @@ class Trainer:
             self.save_checkpoint(step, state)
         raise RunInterrupted(self.stop.signum, step)
 
-    def train_step(self, step: int) -> dict:
+    def train_step(self, step: int) -> tuple[dict, list[dict]]:
+        """One step: its metrics, and its sample rows when `trainer.log_samples_every` says so (else none)."""
         timer = PhaseTimer()
         rollout = self.scheduler.collect(
             self.cfg.trainer.prompts_per_step, lambda: self.abandon_on_signal and self.stop.requested
@@ -142,7 +167,11 @@ class Trainer:
             metrics[f"reward/{name}/out_of_range"] = count
         self.router.check_error_rate()
         metrics.update(timer.as_metrics())
-        return metrics
+        every = self.cfg.trainer.log_samples_every
+        samples = []
+        if every and step % every == 0:
+            samples = sample_rows(step, rollout.decided, self.cfg.trainer.samples_per_task, self.cfg.algo.adv_eps)
+        return metrics, samples
 
     def score(self, rows: list[Row], completions: list[list[Completion]]) -> list[list[float | None]]:
         inputs = [reward_input(row, c) for row, group in zip(rows, completions) for c in group]
@@ -250,7 +279,4 @@ class Trainer:
 
     def close(self) -> None:
         """Stop every process the run started (Ray's too, when the run started Ray) and free the run directory."""
-        self.learner.close()
-        self.parts.close()
-        self.stop.uninstall()
-        self.run_lock.release()
+        self._started.close()

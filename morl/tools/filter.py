@@ -35,7 +35,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from morl.config import RunConfig, dump_config
-from morl.data.loading import LoadedDataset, load_dataset
+from morl.data.config import DatasetSpec
+from morl.data.loading import LoadedDataset
+from morl.data.source import load_run_datasets
 from morl.rewards.router import RewardRouter
 
 DECISIONS = ("kept", "too_easy", "too_hard", "unscored")
@@ -103,13 +105,7 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
     parts = build_run(cfg, prompts=False)  # the toy world first, when the recipe has one: it holds the data
     rewards: list[list[float | None]] = []
     try:
-        tasks = set(cfg.rewards.routes)
-        datasets = [
-            load_dataset(
-                p, known_tasks=tasks, on_bad_row=cfg.data.on_bad_row, max_image_pixels=cfg.data.max_image_pixels
-            )
-            for p in paths
-        ]
+        datasets = load_run_datasets(cfg, [DatasetSpec(path=p) for p in paths])
         sampling = rollout_sampling(cfg.rollout, n=settings.samples)
         prompts = [(d, row) for d, ds in enumerate(datasets) for row in ds.rows]
         chunk = cfg.trainer.prompts_per_step

@@ -8,12 +8,15 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from morl.data.config import VideoSettings
+from morl.config import RunConfig
+from morl.data.config import DatasetSpec, VideoSettings
 from morl.data.encoding import PromptEncoder, PromptTooLongError
 from morl.data.loading import load_dataset
 from morl.data.rows import DataError, Row
+from morl.data.source import load_run_datasets
 from morl.data.video import FrameGeometry, VideoError, load_video, plan, read_header
 from morl.toy.model import build_processor, build_tokenizer
 
@@ -111,6 +114,10 @@ def test_images_and_videos_mix_in_one_prompt(tmp_path, processor):
     assert [v.indices for v in prompt.videos] == [[1, 3, 5, 7], [0, 1, 2, 3]]
     ids = processor.tokenizer.convert_tokens_to_ids
     assert prompt.input_ids.count(ids("<|image_pad|>")) == 16 and prompt.input_ids.count(ids("<|video_pad|>")) == 16
+    # the frames only travel where an engine preprocesses them: the same pixels without them, for HF and the learner
+    bare = PromptEncoder(processor, 4096, keep_frames=False)(row)
+    assert bare.videos == () and prompt.without_frames().videos == ()
+    assert torch.equal(bare.pixel_values_videos, prompt.pixel_values_videos) and bare.input_ids == prompt.input_ids
 
 
 def test_a_video_over_max_prompt_tokens_is_refused_not_truncated(tmp_path, processor):
@@ -169,6 +176,22 @@ def test_missing_corrupt_and_misdeclared_videos_are_named_by_file_and_line(tmp_p
         on_bad_row="skip",
     )
     assert [r.id for r in skipped.rows] == ["r0"] and skipped.skipped == 1
+
+
+def test_the_vllm_engine_refuses_more_videos_than_it_reserves_at_load_time(tmp_path):
+    good = write_video(tmp_path / "good.mp4", seconds=2, fps=4)
+    data = write_rows(tmp_path / "train.jsonl", [row_dict(0, [good]), row_dict(1, [good, good])])
+    recipe = {
+        "model": {"path": str(tmp_path)},  # never opened: only the data is loaded
+        "data": {"train": [{"path": str(data)}]},
+        "rewards": {"routes": {"temporal": [{"fn": "temporal"}]}},
+    }
+    vllm = {"engine": "vllm", "max_videos_per_prompt": 1}
+    refused = r"train.jsonl:2: 2 videos in one prompt, more than rollout.max_videos_per_prompt=1"
+    with pytest.raises(DataError, match=refused):
+        load_run_datasets(RunConfig.model_validate({**recipe, "rollout": vllm}), [DatasetSpec(path=str(data))])
+    hf = load_run_datasets(RunConfig.model_validate(recipe), [DatasetSpec(path=str(data))])
+    assert [len(r.videos) for r in hf[0].rows] == [1, 2]  # the hf engine takes any number
 
 
 def test_a_video_that_breaks_while_decoding_names_its_row(tmp_path, processor):

@@ -71,3 +71,19 @@ def test_bench_reports_throughputs_and_agrees_with_the_bare_loop():
     assert report["bare_per_s"] > 0 and report["router_per_s"] > 0 and report["router_1worker_per_s"] > 0
     # the report rounds each figure on its own: compare the ratio to that precision
     assert report["speedup"] == pytest.approx(report["router_per_s"] / report["bare_per_s"], rel=1e-2)
+
+
+def test_score_takes_image_and_video_paths_relative_to_the_file(tmp_path):
+    (tmp_path / "data" / "frames").mkdir(parents=True)
+    for name in ("a.png", "clip.mp4", "frames/0.png", "frames/1.png"):
+        (tmp_path / "data" / name).write_bytes(b"x")
+    row = {"task": "counting", "response": "1", "label": {}}
+    rows = [{**row, "videos": ["clip.mp4", ["frames/0.png", "frames/1.png"]]},
+            {**row, "images": ["a.png"], "videos": [["frames/0.png", "frames/9.png"]]}]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("rewards:\n  routes:\n    counting: [{fn: 'reward_fixtures:media_files'}]\n")
+    out = tmp_path / "out.jsonl"
+    args = ["score", str(write_rows(tmp_path / "data" / "r.jsonl", rows)), "--recipe", str(recipe), "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["reward"] for line in out.read_text().splitlines()] == [1.0, 0.0]  # no frames/9.png

@@ -32,6 +32,7 @@ def router():
             "die": [{"fn": f"{FX}:die"}],
             "trl": [{"fn": f"{FX}:trl_exact", "adapter": "trl"}],
             "verl": [{"fn": f"{FX}:verl_exact", "adapter": "verl"}],
+            "trl_media": [{"fn": f"{FX}:trl_media", "adapter": "trl"}],
             "returned": [{"fn": AS_RETURNED}],
         },
     )
@@ -39,8 +40,8 @@ def router():
         yield r
 
 
-def sample(task, text, label=None):
-    return RewardInput.from_text(text, task, label or {})
+def sample(task, text, label=None, **kwargs):
+    return RewardInput.from_text(text, task, label or {}, **kwargs)
 
 
 def counting_batch(n):
@@ -179,6 +180,16 @@ def test_adapters_end_to_end(router):
         sample("verl", "B", {"answer": "B"}), sample("verl", "C", {"answer": "B"}),
     ])
     assert [r.reward for r in results] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_the_trl_adapter_passes_images_and_videos_as_columns(router):
+    media = {"images": ("/d/a.png",), "videos": ("/d/v.mp4", ("/d/f0.png", "/d/f1.png"))}
+    expected = ["/d/a.png", "/d/v.mp4", ["/d/f0.png", "/d/f1.png"]]  # a video's frames: a list, as in a dataset
+    results = router.score([
+        sample("trl_media", "x", {"media": expected}, **media),
+        sample("trl_media", "x", {"media": expected[:2]}, **media),
+    ])
+    assert [(r.reward, r.error) for r in results] == [(1.0, None), (0.0, None)]
 
 
 def test_long_responses_larger_than_a_pipe_buffer(router):

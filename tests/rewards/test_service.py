@@ -23,20 +23,24 @@ from typer.testing import CliRunner
 
 from morl.rewards.cli import app
 from morl.rewards.config import HttpService, RewardsConfig
-from morl.rewards.contract import open_image
+from morl.rewards.contract import decode_request, encode_sample, media_bytes, open_image, request_body
 from morl.rewards.http_client import HttpRewardClient
 from morl.rewards.http_server import make_server
 from morl.rewards.preference import PreferenceScorer
 from morl.rewards.router import RewardErrorRateExceeded, RewardRouter
 from morl.rewards.types import RewardInput
+from morl.rollout.types import Completion
+from morl.run.step import reward_input
 
 from helpers import (  # noqa: E402
     build_text_rm,
     build_vl_rm,
     reference_text_rewards,
     text_samples,
+    video_row,
     vl_samples,
     write_image,
+    write_video,
 )
 
 FX = "reward_fixtures"
@@ -148,6 +152,10 @@ def test_a_request_off_the_contract_is_a_400_naming_the_key(scorer):
             (b"not json", "bad request"),
             (b'{"samples": [{"response": 3}]}', "samples[0].response must be a str"),
             (b'{"samples": [{"response": "x", "images": [1]}]}', "samples[0].images must be strings"),
+            (b'{"samples": [{"response": "x", "videos": "a.mp4"}]}', "samples[0].videos must be a list, got str"),
+            (b'{"samples": [{"response": "x", "videos": [1]}]}', "samples[0].videos must be strings"),
+            (b'{"samples": [{"response": "x", "videos": [["0.png", 1]]}]}', "samples[0].videos must be strings"),
+            (b'{"samples": [{"response": "x", "videos": [[]]}]}', "samples[0].videos must be strings"),
         ]:
             request = urllib.request.Request(url, data=body)
             with pytest.raises(urllib.error.HTTPError) as info:
@@ -222,10 +230,80 @@ def test_image_paths_are_opened_only_under_the_image_root(tmp_path):
     for name in ("inside", "relative", "dotdot inside"):
         assert outcomes.pop(name) == (0.112, None), name
     assert {outcome for outcome in outcomes.values()} == {
-        (None, "service: images[0]: no image file at this path under the service's image root")
+        (None, "service: images[0]: no file at this path under the service's image root")
     }  # forbidden, missing or odd: one message, naming no path
     assert without_root[0][0] is None and "started without an image root" in without_root[0][1]
     assert inline == [(0.112, None)]
+
+
+def media(tmp_path):
+    """A real video file and a video as two frame files, under `tmp_path`."""
+    (tmp_path / "frames").mkdir()
+    frames = (write_image(tmp_path / "frames" / "0.png", (220, 30, 30)),
+              write_image(tmp_path / "frames" / "1.png", (30, 30, 220)))
+    return write_video(tmp_path / "clip.mp4", seconds=0.5, fps=4), frames
+
+
+def video_bytes(samples):
+    """A scorer that reads every video of a sample, frames included, as a judge model does: their bytes / 1e6."""
+
+    def size(video):
+        return sum(len(media_bytes(ref)) for ref in ([video] if isinstance(video, str) else video))
+
+    return [(sum(size(video) for video in s.videos) / 1e6, None) for s in samples]
+
+
+def test_videos_travel_in_each_images_mode_and_decode_to_the_same_files(tmp_path):
+    clip, frames = media(tmp_path)
+    sent = sample(images=(frames[0],), videos=(clip, frames))
+
+    def round_trip(mode):
+        return decode_request(json.loads(request_body([encode_sample(sent, mode)])))[0]
+
+    inline, by_path, without = round_trip("base64"), round_trip("path"), round_trip("none")
+    (video, frame_refs) = inline.videos
+    assert video.startswith("data:video/mp4;base64,") and media_bytes(video) == open(clip, "rb").read()
+    assert isinstance(frame_refs, tuple) and all(ref.startswith("data:image/png;base64,") for ref in frame_refs)
+    assert [media_bytes(ref) for ref in frame_refs] == [open(frame, "rb").read() for frame in frames]
+    assert open_image(frame_refs[1]).getpixel((30, 40)) == (30, 30, 220)
+    assert by_path.videos == (clip, frames) and by_path.images == (frames[0],)
+    assert without.videos == () and without.images == ()
+    assert decode_request({"samples": [{"response": "x"}]})[0].videos == ()  # a request from before videos
+
+
+def test_reward_input_carries_the_rows_videos_as_absolute_paths(tmp_path):
+    clip, frames = media(tmp_path)
+    row = video_row("v", [clip, list(frames)], images=[frames[0]])
+    seen = reward_input(row, Completion([1, 2], "<think>hm</think>[00:00, 00:01]", [0.0, 0.0], "stop"))
+    assert seen.videos == (clip, frames) and seen.images == (frames[0],)
+    assert seen.response == "[00:00, 00:01]" and seen.task == "temporal"
+
+
+def test_video_paths_are_opened_only_under_the_image_root(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    clip, frames = media(root)
+    secret = write_video(outside / "secret.mp4", seconds=0.5, fps=4)
+    (root / "escape.mp4").symlink_to(secret)
+    size = (os.path.getsize(clip) + sum(os.path.getsize(frame) for frame in frames)) / 1e6
+    cases = {
+        "file and frames": ((clip, frames), (size, None)),
+        "relative": (("clip.mp4", ("frames/0.png", "frames/1.png")), (size, None)),
+        "outside": ((secret,), (None, "service: videos[0]: no file at this path under the service's image root")),
+        "symlink out": ((str(root / "escape.mp4"),), (None, "service: videos[0]: no file at this path under the "
+                                                           "service's image root")),
+        "a frame outside": ((clip, (frames[0], write_image(outside / "f.png", (0, 0, 0)))),
+                            (None, "service: videos[1][1]: no file at this path under the service's image root")),
+    }
+    with serving(video_bytes, image_root=root) as url:
+        outcomes = client(url, images="path").score([sample(videos=videos) for videos, _ in cases.values()])
+    with serving(video_bytes) as url:  # no image root: no video path, inline videos still
+        (_, without_root), = client(url, images="path").score([sample(videos=(clip,))])
+        inline = client(url, images="base64").score([sample(videos=(clip, frames))])
+    assert dict(zip(cases, outcomes)) == {name: outcome for name, (_, outcome) in cases.items()}
+    assert without_root.startswith("service: videos[0]: paths are refused") and "image root" in without_root
+    assert inline == [(size, None)]
 
 
 @pytest.mark.parametrize(
@@ -417,7 +495,7 @@ def test_cli_serve_preference_runs_a_standalone_service_with_its_guards(text_rm,
     assert [r for r, _ in outcomes] == pytest.approx(expected, abs=1e-5)
     assert no_token.startswith("HTTP 401") and too_big[0] == 413
     banner = process.stdout.read().decode()
-    assert f"token required, image paths under {tmp_path.resolve()}, requests up to 1 MiB" in banner
+    assert f"token required, image and video paths under {tmp_path.resolve()}, requests up to 1 MiB" in banner
 
 
 def test_cli_serve_refuses_a_token_http_cannot_carry(text_rm):

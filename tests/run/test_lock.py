@@ -1,12 +1,17 @@
-"""One run per run directory: a second run is refused with the holder's pid, and a killed holder frees it."""
+"""One run per run directory: a second run is refused with the holder's pid, a killed holder frees it, and a run
+that fails to start frees it and stops what it started."""
 
 import os
 import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
+import ray
 
+from morl.config import load_config
+from morl.run import trainer as trainer_module
 from morl.run.lock import RunDirBusyError, RunDirLock
 
 from helpers import REPO, TINY_WORLD
@@ -59,3 +64,34 @@ def test_morl_train_into_a_busy_directory_exits_2_naming_the_holder(held, toy_wo
     assert len(errors) == 1 and f"pid {holder.pid}" in errors[0] and "Traceback" not in done.stderr
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert sorted(p.name for p in run_dir.iterdir()) == [".morl.lock", "metrics.jsonl"]
+
+
+def live_children() -> list[str]:
+    """This process's live descendants ("pid cmdline"), but multiprocessing's resource tracker: one per process."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{child.pid} {' '.join(child.cmdline())}")
+        except psutil.NoSuchProcess:
+            pass
+    return [cmd for cmd in found if "resource_tracker" not in cmd]
+
+
+def test_a_run_that_fails_to_start_stops_what_it_started_and_frees_the_directory(tmp_path, toy_world, monkeypatch):
+    def learner_fails(*args, **kwargs):
+        raise RuntimeError("the learner could not start")
+
+    monkeypatch.setattr(trainer_module, "LearnerGroup", learner_fails)  # after Ray, reward workers and rollout actors
+    tiny = [f"toy_world.{k}={v}" for k, v in TINY_WORLD.items()]
+    run_dir = tmp_path / "run"
+    cfg = load_config(REPO / "recipes" / "quickstart.yaml", [f"toy_world.root={toy_world}", *tiny,
+                                                             f"trainer.output_dir={run_dir}"])
+    ray.shutdown()  # an earlier test's Ray would be joined, not started, and so left running (rightly)
+    handler, before = signal.getsignal(signal.SIGINT), live_children()
+    with pytest.raises(RuntimeError, match="the learner could not start"):
+        trainer_module.Trainer(cfg)
+    assert not ray.is_initialized()
+    assert [cmd for cmd in live_children() if cmd not in before] == []
+    assert signal.getsignal(signal.SIGINT) is handler
+    RunDirLock(run_dir).acquire().release()

@@ -1,0 +1,140 @@
+"""Experiment trackers, read back with each one's own reader: TensorBoard's event accumulator, W&B's offline
+transaction log, the MLflow client. A run's metrics reach each at their steps; a resume logs no step twice; a
+tracker that cannot start stops the run by name; one that fails mid-run is dropped and the run goes on."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from morl.config import RunConfig
+from morl.run.trackers import TrackerError, Trackers
+
+from helpers import OVERRIDES, REPO, morl_train, small_tmpfs, wandb_history
+
+ALL_TRACKERS = ["trainer.loggers=[jsonl,tensorboard,wandb,mlflow]", "tracking.wandb_mode=offline"]
+
+
+def steps_of(run_dir) -> dict[str, dict[int, float]]:
+    """metrics.jsonl, as {metric: {step: value}}."""
+    out: dict[str, dict[int, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        metrics = json.loads(line)
+        for key, value in metrics.items():
+            out.setdefault(key, {})[metrics["step"]] = value
+    return out
+
+
+def tensorboard_scalars(run_dir, key: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(key)]
+
+
+def mlflow_history(run_dir, key: str) -> list[tuple[int, float]]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]["run_id"]
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def wandb_steps(run_dir, key: str) -> list[tuple[int, float]]:
+    return [(row["_step"], row[key]) for row in wandb_history(run_dir) if key in row]
+
+
+def test_every_tracker_gets_the_metrics_at_their_steps_the_config_the_samples_and_the_eval(tmp_path, toy_world):
+    run = tmp_path / "run"
+    morl_train(toy_world, run, *ALL_TRACKERS, "trainer.log_samples_every=1")
+    logged = steps_of(run)
+    per_task = next(k for k in logged if k.startswith("reward/") and k.count("/") == 1 and set(logged[k]) == {1, 2}
+                    and k != "reward/mean")  # fmt: skip
+    for key in ("reward/mean", per_task):
+        expected = [(step, pytest.approx(value, rel=1e-6)) for step, value in sorted(logged[key].items())]
+        assert tensorboard_scalars(run, key) == expected
+        assert wandb_steps(run, key) == expected
+        assert mlflow_history(run, key) == expected
+    # the config as hyper-parameters, the eval table at the end
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]
+    mlflow_run = client.get_run(run_id)
+    assert mlflow_run.data.params["rollout.group_size"] == "4" and mlflow_run.info.status == "FINISHED"
+    eval_json = json.loads((run / "eval.json").read_text())
+    assert mlflow_run.data.metrics["eval/policy/mean"] == pytest.approx(eval_json["policy"]["mean"])
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"config", "eval", "samples"} <= {tag.split("/")[0] for tag in events.Tags()["tensors"]}
+    # samples.jsonl: every response of the step's sampled groups, with reward, advantage and finish reason
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2}
+    assert all(len([s for s in samples if s["prompt_id"] == p and s["step"] == 1]) == 4
+               for p in {s["prompt_id"] for s in samples if s["step"] == 1})  # fmt: skip
+    assert all(s["finish_reason"] in ("stop", "length") and 0.0 <= s["reward"] <= 1.0 for s in samples)
+    artifacts = {a.path for a in client.list_artifacts(run_id, "samples")}
+    assert artifacts == {"samples/step_000001.json", "samples/step_000002.json"}
+
+
+def test_a_resume_continues_each_tracker_run_without_a_step_twice(tmp_path, toy_world):
+    run = tmp_path / "run"
+    extra = [*ALL_TRACKERS, "eval.enabled=false", "trainer.save_every=1", "trainer.keep_last=null"]
+    morl_train(toy_world, run, *extra)
+    first_run_ids = json.loads((run / "trackers.json").read_text())
+    # back to step 1 (step 2 is trained again) and on to step 3
+    morl_train(toy_world, run, *extra, "trainer.max_steps=3", "--resume", str(run / "checkpoints" / "step_000001"),
+               "--force")  # fmt: skip
+    logged = steps_of(run)["reward/mean"]
+    assert sorted(logged) == [1, 2, 3]
+    assert [s for s, _ in tensorboard_scalars(run, "reward/mean")] == [1, 2, 3]
+    assert [s for s, _ in mlflow_history(run, "reward/mean")] == [1, 2, 3]
+    assert [s for s, _ in wandb_steps(run, "reward/mean")] == [1, 2, 3]  # over both offline runs of one id
+    ids = json.loads((run / "trackers.json").read_text())
+    assert ids["wandb"]["id"] == first_run_ids["wandb"]["id"] and ids["mlflow"] == first_run_ids["mlflow"]
+    # the resume retrains step 2 to what the first run logged, so the trackers' step 2 is the run's
+    assert mlflow_history(run, "reward/mean")[1][1] == pytest.approx(logged[2], rel=1e-6)
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_by_name(tmp_path, toy_world):
+    env = {**os.environ, "WANDB_MODE": "online", "HOME": str(tmp_path), "PYTHONPATH": str(REPO / "tests")}
+    env.pop("WANDB_API_KEY", None)
+    cmd = [sys.executable, "-m", "morl.cli", "train", str(REPO / "recipes" / "quickstart.yaml"),
+           f"toy_world.root={toy_world}", *OVERRIDES, "trainer.loggers=[wandb]", "--output-dir", str(tmp_path / "run")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "trainer.loggers: wandb could not start" in errors[0], done.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_and_the_others_go_on(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow keeps a sqlite store's artifacts in ./mlruns
+    run = tmp_path / "run"
+    run.mkdir()
+    with small_tmpfs(tmp_path / "disk", size_kib=2048) as disk:
+        cfg = RunConfig.model_validate({
+            "model": {"path": str(tmp_path)},
+            "trainer": {"loggers": ["tensorboard", "mlflow"]},
+            "tracking": {"mlflow_tracking_uri": f"sqlite:///{disk / 'mlflow.db'}"},  # on a disk about to fill up
+        })  # fmt: skip
+        trackers = Trackers(cfg, run, resume_step=0)
+        trackers.log(1, {"step": 1, "reward/mean": 0.25})
+        filler = disk / "filler"
+        with pytest.raises(OSError), filler.open("wb") as f:
+            while True:
+                f.write(b"\0" * 2**12)
+        trackers.log(2, {"step": 2, "reward/mean": 0.5})
+        assert list(trackers.active) == ["tensorboard"] and "tracker mlflow failed on step 2" in caplog.text
+        trackers.log(3, {"step": 3, "reward/mean": 0.75})
+        trackers.close()
+    assert [s for s, _ in tensorboard_scalars(run, "reward/mean")] == [1, 2, 3]
+    assert "mlflow" in json.loads((run / "trackers.json").read_text())  # a resume would continue its run
+
+
+def test_an_uninstalled_or_broken_tracker_is_named_before_anything_starts(tmp_path):
+    cfg = RunConfig.model_validate(
+        {"model": {"path": str(tmp_path)}, "trainer": {"loggers": ["mlflow"]},
+         "tracking": {"mlflow_tracking_uri": "unknown-scheme://nowhere"}}
+    )  # fmt: skip
+    with pytest.raises(TrackerError, match=r"trainer.loggers: mlflow could not start"):
+        Trackers(cfg, tmp_path, resume_step=0)
