@@ -22,9 +22,12 @@ class MetricsWriter:
     def __init__(self, path: Path):
         self.path = path
 
-    def write(self, metrics: dict) -> None:
+    def write(self, *records: dict) -> None:
+        """Append each record as one line, in one open of the file (none: the file is not touched)."""
+        if not records:
+            return
         with self.path.open("a") as f:
-            f.write(json.dumps(metrics, sort_keys=True) + "\n")
+            f.write("".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
 
     def keep_until(self, step: int) -> None:
         """Drop the lines of steps after `step` (and a line torn by a kill), so a resumed run logs each step once."""

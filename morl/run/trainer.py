@@ -110,8 +110,7 @@ class Trainer:
                 except RolloutAbandoned:
                     self._stop(step - 1, before)
                 metrics_file.write(metrics)
-                for sample in samples:
-                    samples_file.write(sample)
+                samples_file.write(*samples)
                 self.trackers.log(step, metrics, samples)
                 progress.update(metrics)
                 if step == last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):

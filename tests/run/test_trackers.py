@@ -131,7 +131,7 @@ def test_a_tracker_that_fails_mid_run_is_dropped_and_the_others_go_on(tmp_path, 
     assert "mlflow" in json.loads((run / "trackers.json").read_text())  # a resume would continue its run
 
 
-def test_an_uninstalled_or_broken_tracker_is_named_before_anything_starts(tmp_path):
+def test_a_tracker_that_cannot_reach_its_store_is_named_before_anything_starts(tmp_path):
     cfg = RunConfig.model_validate(
         {"model": {"path": str(tmp_path)}, "trainer": {"loggers": ["mlflow"]},
          "tracking": {"mlflow_tracking_uri": "unknown-scheme://nowhere"}}
