@@ -1,4 +1,4 @@
-"""`morl` command line: train, config, compare, filter, rewards, bench."""
+"""`morl` command line: train, eval, config, compare, plot, filter, preflight, rewards, bench."""
 
 from __future__ import annotations
 
@@ -152,7 +152,9 @@ def preflight(
 
 @app.command()
 def compare(
-    runs: list[Path] = typer.Argument(..., help="run directories, each with the eval.json of a finished run"),
+    runs: list[Path] = typer.Argument(
+        ..., help="run directories (each with the eval.json of a finished run) or JSON files of `morl eval -o`"
+    ),
 ) -> None:
     """Held-out reward and response length per task of several runs, side by side (e.g. morl vs grpo)."""
     from morl.run.metrics import console as stdout
@@ -160,6 +162,48 @@ def compare(
 
     with exit_on(CompareError):
         print_comparison([load_run_eval(run) for run in runs], stdout)
+
+
+@app.command("eval")
+def eval_checkpoint(
+    model_dir: Path = typer.Argument(..., help="HF-format checkpoint: RUN/final, a checkpoint's policy/, an SFT dir"),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe whose held-out data, rewards and engine are used"),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides of the recipe"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write eval.json's JSON here (a new file)"),
+    sft_from: Optional[Path] = typer.Option(
+        None, "--sft-from", help="an earlier eval.json of the same held-out prompts: its SFT result is reused"
+    ),
+) -> None:
+    """Held-out reward per task of a checkpoint against the recipe's SFT model, as `morl train` reports it."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from morl.run.metrics import eval_table
+    from morl.tools.evaluate import EvalError, evaluate_checkpoint, write_report
+
+    with exit_on(*USER_ERRORS, EvalError):
+        if output is not None and output.exists():
+            raise EvalError(f"-o {output}: already exists; name a new file")
+        cfg = load_config(recipe, [*(overrides or []), "eval.enabled=true"])
+        report = evaluate_checkpoint(cfg, model_dir, sft_from)
+        eval_table({model: report[model] for model in ("sft", "policy")})
+        if output is not None:
+            write_report(report, output)
+            console.print(f"wrote {output}")
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="run directories (their metrics.jsonl, and eval.json when present)"),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="directory for the PNGs (created)"),
+    smoothing: float = typer.Option(0.6, "--smooth", min=0.0, max=0.99, help="EMA weight of the smoothed curves"),
+) -> None:
+    """PNGs of reward, pass rate and response length per task, advantages, sample waste, step time and held-out
+    reward, the runs overlaid and labelled."""
+    from morl.tools.plot import PlotError, plot_runs
+
+    with exit_on(PlotError):
+        written = plot_runs(runs, output_dir, smoothing)
+    for path in written:
+        typer.echo(str(path))
 
 
 @bench_app.command("rollout")

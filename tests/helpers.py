@@ -48,15 +48,20 @@ OVERRIDES = [
 
 def morl_train(world, out_dir, *extra, recipe: str = "quickstart.yaml"):
     recipe = str(REPO / "recipes" / recipe)
-    cmd = [sys.executable, "-m", "morl.cli", "train", recipe, f"toy_world.root={world}",
-           *OVERRIDES, *extra, "--output-dir", str(out_dir)]
-    # a fresh process, as a user starts it: no torch.distributed variables left by in-process learner tests
+    done = morl("train", recipe, f"toy_world.root={world}", *OVERRIDES, *extra, "--output-dir", str(out_dir))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def morl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`morl ARGS` in a fresh process, as a user starts it: no torch.distributed variables left by in-process
+    learner tests, and the tests' reward modules importable."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK",
                                                              "WORLD_SIZE")}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+    env.setdefault("COLUMNS", "200")
+    return subprocess.run([sys.executable, "-m", "morl.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 # --- processes and sockets -----------------------------------------------------------------------------------

@@ -42,13 +42,21 @@ class RunParts:
     workers: list  # rollout worker actors (empty when not asked for)
     owns_ray: bool
 
+    def restart_workers(self, weights: str) -> None:
+        """Replace the rollout workers with new ones loaded from `weights` (an HF-format directory)."""
+        self._stop_workers()
+        self.workers = start_rollout_workers(self.cfg, weights)
+
+    def _stop_workers(self) -> None:
+        for actor in self.workers:
+            ray.kill(actor)
+        self.workers = []
+
     def close(self) -> None:
         """Stop the reward workers and the rollout actors, and Ray when this build started it."""
         if self.router is not None:
             self.router.close()
-        for actor in self.workers:
-            ray.kill(actor)
-        self.workers = []
+        self._stop_workers()
         if self.owns_ray:
             ray.shutdown()
             self.owns_ray = False
@@ -58,7 +66,7 @@ def prepare_model(cfg: RunConfig) -> None:
     """The recipe's model directory, checked: its toy world built first when it has one (a no-op once built).
 
     `morl train` calls this before it creates the run directory, so a bad model path or toy-world root leaves
-    nothing behind; `build_run` calls it for every other tool.
+    nothing behind, and `morl filter` before it reads the data; `build_run` calls it for every other tool.
     """
     if cfg.toy_world is not None:
         from morl.toy.world import ensure_toy_world
@@ -76,11 +84,13 @@ def build_run(
     workers: bool = True,
     weights: str | None = None,
     reward_log_dir: Path | None = None,
+    model_prepared: bool = False,
 ) -> RunParts:
     """The parts `cfg` describes: the prompt source (`prompts`), the held-out rows (`held_out`), the reward router
     (`rewards`, writing what reward functions print to `reward_log_dir`), Ray, and the rollout workers (`workers`,
-    loaded from `weights`, default the recipe's model)."""
-    prepare_model(cfg)
+    loaded from `weights`, default the recipe's model). `model_prepared`: the caller ran prepare_model already."""
+    if not model_prepared:
+        prepare_model(cfg)
     os.environ.update(QUIET_OFFLINE_ENV)
     from transformers import AutoProcessor
 

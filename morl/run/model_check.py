@@ -20,13 +20,14 @@ class ModelDirError(ValueError):
     """`model.path` or `model.processor_path` is not a usable Qwen2.5-VL-compatible HF directory."""
 
 
-def check_model_dir(path: str, processor_path: str | None = None) -> None:
-    """Raise ModelDirError naming the config key, the directory, what is missing and what was found."""
-    model_dir = _existing_dir("model.path", path)
-    _raise_if("model.path", model_dir, model_problems(model_dir))
+def check_model_dir(path: str, processor_path: str | None = None, key: str = "model.path") -> None:
+    """Raise ModelDirError naming the config key (or `key`, the argument that gave `path`), the directory, what is
+    missing and what was found."""
+    model_dir = _existing_dir(key, path)
+    _raise_if(key, model_dir, model_problems(model_dir))
     if processor_path is None:
         hint = "; a tokenizer and processor kept elsewhere go in model.processor_path"
-        _raise_if("model.path", model_dir, processor_problems(model_dir), hint)
+        _raise_if(key, model_dir, processor_problems(model_dir), hint)
     else:
         processor_dir = _existing_dir("model.processor_path", processor_path)
         _raise_if("model.processor_path", processor_dir, processor_problems(processor_dir))

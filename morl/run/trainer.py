@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -21,15 +20,15 @@ import ray
 from morl.config import RunConfig, dump_config
 from morl.data.rows import Row
 from morl.learner.group import LearnerGroup
-from morl.rollout.fleet import generate_in_order
-from morl.rollout.types import Completion, SamplingParams
 from morl.run.build import build_run, prepare_model
-from morl.run.checkpoint import Checkpoint, CheckpointError, capture_rng, resolve_resume, restore_rng, save_checkpoint
+from morl.run.checkpoint import POLICY_DIR, Checkpoint, CheckpointError, capture_rng, resolve_resume, restore_rng, save_checkpoint
 from morl.run.collection import RolloutAbandoned, RolloutScheduler
 from morl.run.interrupts import RunInterrupted, StopRequest
 from morl.run.lock import RunDirLock
 from morl.run.metrics import MetricsWriter, ProgressDisplay, console, eval_table
-from morl.run.step import PhaseTimer, build_batch, mean, prompt_set, reward_input, reward_metrics, sample_rows
+from morl.run.evaluation import eval_report, eval_subset, evaluate
+from morl.run.model_card import write_model_card
+from morl.run.step import PhaseTimer, build_batch, prompt_set, reward_metrics, sample_rows
 from morl.run.trackers import Trackers
 from morl.run.weight_sync import check_logprob_mismatch, plan_buckets, sync_rollout_weights
 
@@ -61,7 +60,9 @@ class Trainer:
         self.trackers = Trackers(cfg, self.out_dir, resume_step=self.resume_from.step if self.resume_from else 0)
         self._started.callback(self.trackers.close)
         start_weights = str(self.resume_from.policy_dir) if self.resume_from else None
-        self.parts = build_run(cfg, held_out=True, weights=start_weights, reward_log_dir=self.out_dir / "logs")
+        self.parts = build_run(
+            cfg, held_out=True, weights=start_weights, reward_log_dir=self.out_dir / "logs", model_prepared=True
+        )
         self._started.callback(self.parts.close)
         self.source, self.router, self.workers = self.parts.source, self.parts.router, self.parts.workers
         self.eval_rows = self.parts.held_out
@@ -79,6 +80,7 @@ class Trainer:
         self.start_step = 0
         self.saved_step = 0  # the newest step with a checkpoint (0: none)
         self.sft_eval: dict | None = None  # evaluate()'s reward, response_length and prompts
+        self._warned_eval_prompts = False
         if self.resume_from is not None:
             self.restore(self.resume_from)
 
@@ -86,12 +88,10 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        results, lengths = {}, {}
         if cfg.eval.enabled and self.resume_from is None:
             self.sft_eval = self.evaluate()
-        if cfg.eval.enabled and self.sft_eval is not None and self._same_eval_prompts(self.sft_eval):
-            results["sft"], lengths["sft"] = self.sft_eval["reward"], self.sft_eval["response_length"]
-            eval_table(results)
+        if self._comparable_sft() is not None:
+            eval_table({"sft": self.sft_eval["reward"]})
         metrics_file = MetricsWriter(self.out_dir / "metrics.jsonl")
         samples_file = MetricsWriter(self.out_dir / "samples.jsonl")
         for written in (metrics_file, samples_file):
@@ -117,14 +117,18 @@ class Trainer:
                     self.save_checkpoint(step)
                 if self.stop.requested:
                     self._stop(step, self.driver_state())  # the last step included: final/ and the eval wait
-        self.learner.save_hf(str(self.out_dir / "final"))
+        final = self.out_dir / "final"
+        self.learner.save_hf(str(final))
+        held_out = None
         if cfg.eval.enabled:
             policy = self.evaluate()
-            results["policy"], lengths["policy"] = policy["reward"], policy["response_length"]
-            (self.out_dir / "eval.json").write_text(json.dumps({**results, "response_length": lengths}, indent=2))
-            eval_table(results)
-            self.trackers.log_eval(last, results)
-        return results
+            report = eval_report(self._comparable_sft(), policy)
+            (self.out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+            held_out = {model: report[model] for model in ("sft", "policy") if model in report}
+            eval_table(held_out)
+            self.trackers.log_eval(last, held_out)
+        write_model_card(final, cfg, last, held_out)
+        return held_out or {}
 
     def _stop(self, step: int, state: dict) -> None:
         """End the run after `step` on a signal: checkpoint it unless that is done (or no step trained), then raise."""
@@ -172,12 +176,6 @@ class Trainer:
             samples = sample_rows(step, rollout.decided, self.cfg.trainer.samples_per_task, self.cfg.algo.adv_eps)
         return metrics, samples
 
-    def score(self, rows: list[Row], completions: list[list[Completion]]) -> list[list[float | None]]:
-        inputs = [reward_input(row, c) for row, group in zip(rows, completions) for c in group]
-        flat = [r.reward for r in self.router.score(inputs)]
-        g = len(completions[0]) if completions else 0
-        return [flat[i * g : (i + 1) * g] for i in range(len(completions))]
-
     # ------------------------------------------------------------------ checkpoints
 
     def driver_state(self) -> dict:
@@ -197,13 +195,19 @@ class Trainer:
         ckpt = save_checkpoint(
             self.out_dir,
             step,
-            lambda directory: self.learner.save_checkpoint(str(directory)),
+            lambda directory: self._write_checkpoint(directory, step),
             state or self.driver_state(),
             self.cfg,
             self.cfg.trainer.keep_last,
         )
         self.saved_step = step
         return ckpt
+
+    def _write_checkpoint(self, directory: Path, step: int) -> None:
+        """The learner's files, and the policy's model card with the SFT table (the policy is evaluated at the end)."""
+        self.learner.save_checkpoint(str(directory))
+        sft = self._comparable_sft()
+        write_model_card(directory / POLICY_DIR, self.cfg, step, {"sft": sft["reward"]} if sft else None)
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from `ckpt`: learner weights and optimizer, prompt order, reward counters, RNGs, step counter.
@@ -232,49 +236,31 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict:
-        """Greedy decoding on the held-out rows: "reward" and "response_length" (tokens), each per task and as
-        the mean over tasks, and which "prompts" (prompt_set). Lengths show what the reports watch: reasoning
-        answers grow, grounding ones shrink."""
-        rows = self._eval_subset()
-        prompts = [self.parts.encode(row) for row in rows]
-        greedy = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True)
-        completions = generate_in_order(self.workers, prompts, greedy, seeds=[0] * len(prompts))
-        rewards = self.score(rows, completions)
-        by_task: dict[str, list[tuple[float, int]]] = defaultdict(list)
-        for row, (r,), (c,) in zip(rows, rewards, completions):
-            by_task[row.task].append((0.0 if r is None else r, len(c.token_ids)))
-        result = {}
-        for k, name in enumerate(("reward", "response_length")):
-            per_task = {task: mean(x[k] for x in xs) for task, xs in sorted(by_task.items())}
-            result[name] = {**per_task, "mean": mean(per_task.values())}
-        return {**result, "prompts": prompt_set(rows)}
+        """The workers' current weights on the held-out rows (evaluation.evaluate)."""
+        return evaluate(self.parts, self._eval_subset())
 
-    def _same_eval_prompts(self, sft_eval: dict) -> bool:
-        """Whether the SFT score (from the checkpoint, on a resume) was taken on the prompts the policy's will be:
-        a resume with other `eval.*` settings would otherwise compare scores of different prompt sets."""
+    def _comparable_sft(self) -> dict | None:
+        """The SFT evaluation, when it was taken on the prompts the policy's will be (None otherwise, or without
+        one): a resume with other `eval.*` settings would compare scores of different prompt sets."""
+        if not self.cfg.eval.enabled or self.sft_eval is None:
+            return None
         current = prompt_set(self._eval_subset())
-        if sft_eval.get("prompts") == current:
-            return True
-        saved = sft_eval.get("prompts", {}).get("count", "an unrecorded number of")
-        log.warning(
-            "the SFT checkpoint was evaluated on %s held-out prompts, the policy will be on %d others (eval.* changed "
-            "on resume): no SFT score or delta is reported; resume with the original eval settings to compare",
-            saved,
-            current["count"],
-        )
-        return False
+        if self.sft_eval.get("prompts") == current:
+            return self.sft_eval
+        if not self._warned_eval_prompts:
+            saved = self.sft_eval.get("prompts", {}).get("count", "an unrecorded number of")
+            log.warning(
+                "the SFT checkpoint was evaluated on %s held-out prompts, the policy will be on %d others (eval.* "
+                "changed on resume): no SFT score or delta is reported; resume with the original eval settings to "
+                "compare",
+                saved,
+                current["count"],
+            )
+            self._warned_eval_prompts = True
+        return None
 
     def _eval_subset(self) -> list[Row]:
-        cap = self.cfg.eval.max_prompts_per_task
-        if cap is None:
-            return self.eval_rows
-        taken: dict[str, int] = defaultdict(int)
-        subset = []
-        for row in self.eval_rows:
-            if taken[row.task] < cap:
-                taken[row.task] += 1
-                subset.append(row)
-        return subset
+        return eval_subset(self.eval_rows, self.cfg.eval.max_prompts_per_task)
 
     def close(self) -> None:
         """Stop every process the run started (Ray's too, when the run started Ray) and free the run directory."""

@@ -1,10 +1,12 @@
 """`morl compare RUN_A RUN_B ...`: the held-out results of several runs side by side.
 
-Each run directory's eval.json (written when `morl train` finishes) holds the greedy held-out reward per task
-of the SFT checkpoint and of the final policy, and the mean greedy response length per task:
+Each run directory's eval.json (written when `morl train` finishes; `morl eval -o` writes the same) holds the
+greedy held-out reward per task of the SFT checkpoint and of the final policy, the mean greedy response length per
+task, and which held-out prompts were evaluated:
 
     {"sft": {"<task>": r, ..., "mean": r}, "policy": {...},
-     "response_length": {"sft": {"<task>": tokens, ..., "mean": tokens}, "policy": {...}}}
+     "response_length": {"sft": {"<task>": tokens, ..., "mean": tokens}, "policy": {...}},
+     "prompts": {"count": n, "digest": "<sha256 of task/id lines, 16 hex digits>"}}
 
 The typical use is an ablation: the same world trained with `algo.name: morl` and with `algo.name: grpo`.
 """
@@ -34,14 +36,16 @@ class RunEval:
     results: dict[str, dict[str, dict[str, float]]]
 
 
-def load_run_eval(run_dir: str | Path) -> RunEval:
-    """Read and check `run_dir/eval.json`. Response lengths are optional (runs from before they were recorded)."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise CompareError(f"{run}: run directory not found")
-    path = run / "eval.json"
-    if not path.is_file():
-        raise CompareError(f"{path}: not found (`morl train` writes it at the end of a run with eval.enabled)")
+def load_run_eval(run: str | Path) -> RunEval:
+    """Read and check a run directory's eval.json, or a JSON file of that shape (what `morl eval -o` writes).
+    Response lengths are optional (runs from before they were recorded)."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / "eval.json"
+        if not path.is_file():
+            raise CompareError(f"{path}: not found (`morl train` writes it at the end of a run with eval.enabled)")
+    elif not path.is_file():
+        raise CompareError(f"{path}: neither a run directory nor an eval JSON file")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -51,7 +55,7 @@ def load_run_eval(run_dir: str | Path) -> RunEval:
     results = {"reward": _models(raw, path, "")}
     if "response_length" in raw:
         results["response_length"] = _models(raw["response_length"], path, "response_length.")
-    return RunEval(str(run_dir), results)
+    return RunEval(str(run), results)
 
 
 def _models(node: object, path: Path, prefix: str) -> dict[str, dict[str, float]]:

@@ -97,15 +97,16 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FilterError(f"{out}: already exists and is not an empty directory; choose another -o (nothing written)")
     from morl.rollout.fleet import generate_in_order, rollout_sampling
-    from morl.run.build import build_run
+    from morl.run.build import build_run, prepare_model
     from morl.run.collection import prompt_seed
     from morl.run.step import reward_input
 
     paths = list(dict.fromkeys(spec.path for spec in cfg.data.train))  # a file listed twice is filtered once
-    parts = build_run(cfg, prompts=False)  # the toy world first, when the recipe has one: it holds the data
+    prepare_model(cfg)  # the toy world first, when the recipe has one: it holds the data
+    datasets = load_run_datasets(cfg, [DatasetSpec(path=p) for p in paths])  # a bad row: refused before Ray starts
+    parts = build_run(cfg, prompts=False, model_prepared=True)
     rewards: list[list[float | None]] = []
     try:
-        datasets = load_run_datasets(cfg, [DatasetSpec(path=p) for p in paths])
         sampling = rollout_sampling(cfg.rollout, n=settings.samples)
         prompts = [(d, row) for d, ds in enumerate(datasets) for row in ds.rows]
         chunk = cfg.trainer.prompts_per_step

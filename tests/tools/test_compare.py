@@ -97,4 +97,4 @@ def test_bad_run_is_a_clear_error(runs, content, message):
 def test_missing_run_directory(runs):
     result = CliRunner().invoke(app, ["compare", "morl", "nowhere"])
     assert result.exit_code == 2
-    assert "nowhere: run directory not found" in result.output
+    assert "nowhere: neither a run directory nor an eval JSON file" in result.output

@@ -81,6 +81,24 @@ def test_output_directory_that_holds_files_is_refused_before_anything_runs(tmp_p
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_a_bad_row_is_refused_before_ray_or_any_worker_starts(tmp_path, toy_world, monkeypatch):
+    import morl.run.build
+    from morl.data.rows import DataError
+
+    def ray_started(cfg):
+        raise AssertionError("Ray started before the data was read")
+
+    monkeypatch.setattr(morl.run.build, "init_ray", ray_started)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "task": "counting", "messages": [{"role": "user", "content": "hi"}], "images": [], '
+                   '"label": {}}\n{not json\n')
+    cfg = load_config(recipe(tmp_path, toy_world, [{"path": str(bad)}]))
+    with pytest.raises(DataError, match=r"bad.jsonl:2: "):
+        run_filter(cfg, SETTINGS, tmp_path / "out", Console(width=200))
+    assert not (tmp_path / "out").exists()
+
+
 def parquet_copy(tmp_path, world, task) -> Path:
     """The task's train split as Parquet, images as Hugging Face {bytes, path} structs relative to the file."""
     source = world / "data" / task / "train.jsonl"

@@ -1,0 +1,84 @@
+"""`morl eval MODEL_DIR --recipe RECIPE`: a recipe's held-out evaluation of any HF-format checkpoint.
+
+MODEL_DIR may be a run's `final/`, a checkpoint's `policy/` (or the checkpoint directory itself), or an SFT
+directory. The result has eval.json's shape (`morl compare` reads either): the recipe's own model (`model.path`,
+the SFT checkpoint) as "sft", MODEL_DIR as "policy". Both are decoded greedily by the recipe's rollout engine and
+scored by its rewards, exactly as `morl train` does at the start and end of a run, so `morl eval RUN/final`
+reproduces RUN/eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from morl.config import RunConfig
+from morl.run.build import build_run
+from morl.run.checkpoint import POLICY_DIR
+from morl.run.evaluation import eval_report, eval_subset, evaluate
+from morl.run.model_check import check_model_dir
+from morl.run.step import prompt_set
+
+
+class EvalError(ValueError):
+    """The recipe has nothing to evaluate on, an --sft-from file does not fit, or the output cannot be written."""
+
+
+def resolve_model_dir(model_dir: Path) -> Path:
+    """A checkpoint directory (`checkpoints/step_N`) means its policy; any other directory is taken as it is."""
+    if not (model_dir / "config.json").is_file() and (model_dir / POLICY_DIR / "config.json").is_file():
+        return model_dir / POLICY_DIR
+    return model_dir
+
+
+def evaluate_checkpoint(cfg: RunConfig, model_dir: Path, sft_from: Path | None = None) -> dict:
+    """eval.json's content for `model_dir` against the recipe's SFT model (taken from `sft_from`, an earlier
+    eval.json of the same held-out prompts, instead of evaluated again when given)."""
+    if not cfg.data.eval:
+        raise EvalError("data.eval lists no held-out dataset: the recipe has nothing to evaluate on")
+    model_dir = resolve_model_dir(model_dir)
+    check_model_dir(str(model_dir), cfg.model.processor_dir, key="MODEL_DIR")
+    parts = build_run(cfg, prompts=False, held_out=True, weights=str(model_dir))
+    try:
+        rows = eval_subset(parts.held_out, cfg.eval.max_prompts_per_task)
+        sft = _earlier_sft(sft_from, prompt_set(rows)) if sft_from else None
+        policy = evaluate(parts, rows)
+        if sft is None and _same_dir(model_dir, cfg.model.path):
+            sft = policy
+        elif sft is None:
+            parts.restart_workers(cfg.model.path)
+            sft = evaluate(parts, rows)
+    finally:
+        parts.close()
+    return eval_report(sft, policy)
+
+
+def _earlier_sft(path: Path, prompts: dict) -> dict:
+    """The "sft" result of an earlier eval.json, refused unless it was taken on the same held-out prompts."""
+    try:
+        earlier = json.loads(path.read_text())
+        sft = {"reward": earlier["sft"], "response_length": earlier["response_length"]["sft"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EvalError(f"--sft-from {path}: not an eval.json with an sft result ({type(exc).__name__}: {exc})")
+    if earlier.get("prompts") != prompts:
+        raise EvalError(
+            f"--sft-from {path}: evaluated on other held-out prompts ({earlier.get('prompts')}) than this recipe's "
+            f"({prompts}); drop --sft-from to evaluate the SFT model again"
+        )
+    return {**sft, "prompts": prompts}
+
+
+def _same_dir(a: Path, b: str | None) -> bool:
+    return b is not None and Path(b).expanduser().resolve() == a.expanduser().resolve()
+
+
+def write_report(report: dict, out: Path) -> None:
+    """Write `out` whole (a temporary file renamed into place); an existing file is never overwritten."""
+    if out.exists():
+        raise EvalError(f"-o {out}: already exists; name a new file")
+    if not out.parent.is_dir():
+        raise EvalError(f"-o {out}: no such directory {out.parent}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out)
