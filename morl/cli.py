@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from morl.cluster import ClusterError
 from morl.config import ConfigError, dump_config, load_config
 from morl.data.encoding import PromptTooLongError
 from morl.data.rows import DataError
@@ -39,6 +40,7 @@ USER_ERRORS = (
     StaleWeightsError,
     RunDirBusyError,
     TrackerError,
+    ClusterError,
 )
 
 # a full disk, an exceeded quota, a failing or read-only one: the machine's state, not a bug to trace
@@ -58,6 +60,11 @@ def _split_resume_path(args: list[str], resume: bool) -> tuple[list[str], str | 
     if len(paths) > 1:
         raise ConfigError(f"--resume takes one checkpoint path, got {len(paths)}: {' '.join(paths)}")
     return [a for a in args if "=" in a], paths[0] if paths else LATEST
+
+
+def _ray_override(address: str | None) -> list[str]:
+    """`--ray-address` as the override it stands for (quoted: YAML must not read host:port as a number)."""
+    return [f"ray.address='{address}'"] if address else []
 
 
 @contextlib.contextmanager
@@ -92,6 +99,9 @@ def train(
         "`--resume PATH`: from that checkpoint, or that run directory's newest",
     ),
     force: bool = typer.Option(False, "--force", help="resume even though the config changed keys that are not safe"),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help='join this Ray cluster ("auto" or host:port; sets ray.address)'
+    ),
 ) -> None:
     """Run a MORL recipe."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -99,7 +109,7 @@ def train(
     with exit_on(*USER_ERRORS):
         overrides, resume_from = _split_resume_path(overrides or [], resume)
         extra = [f"trainer.output_dir={output_dir}"] if output_dir else []
-        cfg = load_config(recipe, [*overrides, *extra])
+        cfg = load_config(recipe, [*overrides, *extra, *_ray_override(ray_address)])
         from morl.run.trainer import Trainer
 
         trainer = Trainer(cfg, resume=resume_from, force=force)
@@ -173,6 +183,9 @@ def eval_checkpoint(
     sft_from: Optional[Path] = typer.Option(
         None, "--sft-from", help="an earlier eval.json of the same held-out prompts: its SFT result is reused"
     ),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help='join this Ray cluster ("auto" or host:port; sets ray.address)'
+    ),
 ) -> None:
     """Held-out reward per task of a checkpoint against the recipe's SFT model, as `morl train` reports it."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -182,7 +195,7 @@ def eval_checkpoint(
     with exit_on(*USER_ERRORS, EvalError):
         if output is not None and output.exists():
             raise EvalError(f"-o {output}: already exists; name a new file")
-        cfg = load_config(recipe, [*(overrides or []), "eval.enabled=true"])
+        cfg = load_config(recipe, [*(overrides or []), "eval.enabled=true", *_ray_override(ray_address)])
         report = evaluate_checkpoint(cfg, model_dir, sft_from)
         eval_table({model: report[model] for model in ("sft", "policy")})
         if output is not None:
@@ -281,6 +294,9 @@ def filter_prompts(
     max_pass_rate: float = typer.Option(0.9, help="drop prompts whose pass rate is above this (too easy)"),
     min_pass_rate: float = typer.Option(0.0, help="drop prompts whose pass rate is below this (too hard)"),
     pass_threshold: float = typer.Option(1.0, help="a sample passes when its reward is >= this"),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help='join this Ray cluster ("auto" or host:port; sets ray.address)'
+    ),
 ) -> None:
     """Offline pass-rate filter: K samples per train prompt; keep the prompts neither too easy nor too hard."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -288,7 +304,7 @@ def filter_prompts(
     from morl.tools.filter import FilterError, FilterSettings, run_filter
 
     with exit_on(*USER_ERRORS, FilterError):
-        cfg = load_config(recipe, overrides or [])
+        cfg = load_config(recipe, [*(overrides or []), *_ray_override(ray_address)])
         settings = FilterSettings(samples, max_pass_rate, min_pass_rate, pass_threshold)
         run_filter(cfg, settings, output_dir, stdout)
 

@@ -82,6 +82,13 @@ class RolloutConfig(Section):
     )
     cpu_kv_cache_gib: int = Field(1, gt=0, description="vllm on CPU: KV cache GiB per worker (VLLM_CPU_KVCACHE_SPACE)")
     sync_bucket_mb: int = Field(512, gt=0, description="weight sync: MiB per bucket (one transfer call per bucket)")
+    resources: dict[str, float] = Field(
+        {}, description="custom Ray resources each worker needs, e.g. {rollout_node: 1}: the workers go on the nodes "
+        "that declare them (ray start --resources)"
+    )
+    placement: Literal["pack", "spread"] = Field(
+        "pack", description="the workers' placement group: pack them on as few nodes as fit, or spread them over nodes"
+    )
 
     @model_validator(mode="after")
     def _vllm_only_options(self) -> RolloutConfig:
@@ -176,6 +183,10 @@ class LearnerConfig(Section):
     offload_optimizer: bool = Field(False, description="ZeRO: optimizer states (and its step) in host memory")
     offload_params: bool = Field(False, description="ZeRO-3: parameters in host memory between uses")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    resources: dict[str, float] = Field(
+        {}, description="custom Ray resources each rank needs, e.g. {learner_node: 1}: the ranks go on the nodes that "
+        "declare them (packed on as few as fit)"
+    )
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> LearnerConfig:
@@ -243,20 +254,23 @@ class RayConfig(Section):
 
     address: str | None = Field(
         None,
-        description='null: a private Ray instance of the run, listening on 127.0.0.1 only (RAY_ADDRESS is ignored); '
+        description='null: the cluster RAY_ADDRESS names (as `ray job submit` sets it), else a private Ray instance '
+        'of the run listening on 127.0.0.1 only; "local": that private instance whatever the environment says; '
         '"auto" (RAY_ADDRESS, else the cluster `ray start` made on this machine) or "host:port" (a cluster\'s GCS '
-        "address): join that cluster",
+        "address): join that cluster. `morl train --ray-address` sets it",
     )
 
     @field_validator("address")
     @classmethod
     def _auto_or_host_port(cls, address: str | None) -> str | None:
-        if address is None or address == "auto":
+        if address in (None, "auto", "local"):
             return address
         host, _, port = address.rpartition(":")
         if host and port.isdigit() and 0 < int(port) < 65536:
             return address
-        raise ValueError('must be "auto" or host:port (null, the default, starts a private local instance)')
+        raise ValueError(
+            'must be "auto", "local" or host:port (null, the default: RAY_ADDRESS when set, else a private local instance)'
+        )
 
 
 class RunConfig(Section):

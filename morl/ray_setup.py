@@ -25,9 +25,18 @@ QUIET_OFFLINE_ENV = {
 
 
 def init_ray(cfg: RunConfig) -> None:
-    """Ray for a run: the cluster of `ray.address`, or a private instance with a core for each of its actors."""
+    """Ray for a run: the cluster `ray.address` (else RAY_ADDRESS) names, or a private instance with a core for
+    each of its actors."""
     cpus = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus
-    start_ray(cfg.ray.address, num_cpus=max(os.cpu_count() or 1, cpus))
+    start_ray(cluster_address(cfg.ray.address), num_cpus=max(os.cpu_count() or 1, cpus))
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: `ray.address`, else RAY_ADDRESS (what `ray job submit` gives its entrypoint); None
+    (a private instance) for "local", or when neither names one."""
+    if address == "local":
+        return None
+    return address or os.environ.get("RAY_ADDRESS") or None
 
 
 def start_ray(address: str | None = None, num_cpus: float | None = None) -> bool:

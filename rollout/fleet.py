@@ -7,6 +7,10 @@ from collections.abc import Sequence
 
 import ray
 
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from morl.cluster import cluster_has_gpus, ready_placement, rollout_gpus, rollout_part
 from morl.config import RolloutConfig, RunConfig
 from morl.ray_setup import threads_for
 from morl.rollout.types import Completion, SamplingParams
@@ -24,28 +28,34 @@ def rollout_sampling(rollout: RolloutConfig, n: int | None = None) -> SamplingPa
     )
 
 
-def start_rollout_workers(cfg: RunConfig, weights_path: str) -> list:
-    """`rollout.num_workers` Ray actors, each hosting an engine loaded from `weights_path`."""
+def start_rollout_workers(cfg: RunConfig, weights_path: str, placement: PlacementGroup) -> list:
+    """`rollout.num_workers` Ray actors, each hosting an engine loaded from `weights_path`, one per bundle of
+    `placement` (rollout_placement)."""
     rollout = cfg.rollout
+    gpus = rollout_gpus(cfg, cluster_has_gpus())
     if rollout.engine == "vllm":
         from morl.rollout.vllm_engine import vllm_engine_factory
 
         make_engine = vllm_engine_factory(weights_path, cfg.model, rollout, cfg.trainer.seed)
-        # a cluster without GPUs runs vLLM's CPU build on the worker's cores; colocated, the learner holds the
-        # GPU too, so each worker claims a share of it
-        on_gpus = ray.cluster_resources().get("GPU", 0) > 0
-        gpus = rollout.tensor_parallel_size * (0.5 if rollout.colocate else 1.0) if on_gpus else 0
     else:
         from morl.rollout.hf_engine import HFEngine
 
         make_engine = functools.partial(HFEngine, weights_path, cfg.model.processor_path, cfg.model.dtype)
-        gpus = 0
-    actor = ray.remote(num_cpus=rollout.cpus_per_worker, num_gpus=gpus, concurrency_groups=CONCURRENCY_GROUPS)(
-        RolloutWorker
-    )
-    return [actor.remote(make_engine, threads_for(rollout.cpus_per_worker)) for _ in range(rollout.num_workers)]
+    actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
+    return [
+        actor.options(
+            num_cpus=rollout.cpus_per_worker,
+            num_gpus=gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=i),
+        ).remote(make_engine, threads_for(rollout.cpus_per_worker))
+        for i in range(rollout.num_workers)
+    ]
 
 
+def rollout_placement(cfg: RunConfig) -> PlacementGroup:
+    """The rollout workers' placement group, ready: a bundle per worker, packed or spread (`rollout.placement`)."""
+    part = rollout_part(cfg, cluster_has_gpus())
+    return ready_placement(part, "PACK" if cfg.rollout.placement == "pack" else "SPREAD")
 def generate_in_order(
     workers: Sequence, prompts: list[EncodedPrompt], sampling: SamplingParams, seeds: Sequence[int]
 ) -> list[list[Completion]]:

@@ -1,5 +1,5 @@
-"""The run's Ray, started for real: a private instance listens on loopback only, and joining a cluster takes
-`ray.address`, never an address found in the environment."""
+"""The run's Ray, started for real: a private instance listens on loopback only; a cluster is joined by
+`ray.address` or RAY_ADDRESS (as `ray job submit` sets it), and "local" keeps a run private whatever the environment."""
 
 import os
 import shutil
@@ -75,12 +75,12 @@ JOIN = """
 import sys, ray
 from morl.config import RunConfig
 from morl.ray_setup import init_ray
-init_ray(RunConfig(model={"path": "/m"}, ray={"address": sys.argv[1]}))
+init_ray(RunConfig(model={"path": "/m"}, ray={"address": sys.argv[1] or None}))
 print(ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"])
 """
 
 
-def test_joining_a_cluster_is_the_recipes_choice_not_the_environments(tmp_path, monkeypatch, shutdown_ray):
+def test_a_cluster_is_joined_by_the_recipe_or_the_environment_and_local_stays_private(tmp_path, monkeypatch, shutdown_ray):
     temp_dir = tempfile.mkdtemp(prefix="morl-ray-")  # short: Ray's socket paths must fit in 107 bytes
     address = f"127.0.0.1:{free_port()}"
     # Ray's local-only mode, for the cluster and its driver: this test opens nothing beyond loopback either
@@ -98,25 +98,26 @@ def test_joining_a_cluster_is_the_recipes_choice_not_the_environments(tmp_path, 
         assert ready.read_text().strip() == address
 
         monkeypatch.setenv("RAY_ADDRESS", address)
-        init_ray(run_config(tmp_path))  # no ray.address: a private instance, RAY_ADDRESS or not
+        init_ray(run_config(tmp_path, address="local"))  # "local": a private instance, RAY_ADDRESS or not
         assert ray.get_runtime_context().gcs_address != address
         ray.shutdown()
 
         monkeypatch.delenv("RAY_ADDRESS")
         auth = {"RAY_AUTH_MODE": "token"}  # `ray start` made the head require its token (~/.ray/auth_token)
-        joined = subprocess.run([sys.executable, "-c", JOIN, address], env={**loopback, **auth},
-                                capture_output=True, text=True, timeout=300)
-        assert joined.returncode == 0, joined.stderr[-2000:]
-        gcs_address, cpus = joined.stdout.split()
-        assert gcs_address == address and float(cpus) == 1  # the cluster's own size, not the run's
+        for how, argument, env in (("recipe", address, {}), ("environment", "", {"RAY_ADDRESS": address})):
+            joined = subprocess.run([sys.executable, "-c", JOIN, argument], env={**loopback, **auth, **env},
+                                    capture_output=True, text=True, timeout=300)
+            assert joined.returncode == 0, how + joined.stderr[-2000:]
+            gcs_address, cpus = joined.stdout.split()
+            assert gcs_address == address and float(cpus) == 1, how  # the cluster's own size, not the run's
     finally:
         stop(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.parametrize("address", ["local", ":6379", "head:", "head:0", "head:65536", "head:port"])
+@pytest.mark.parametrize("address", ["locale", ":6379", "head:", "head:0", "head:65536", "head:port"])
 def test_a_ray_address_that_is_not_auto_or_host_port_names_the_key(address):
-    with pytest.raises(ConfigError, match=r"ray\.address: .*must be \"auto\" or host:port"):
+    with pytest.raises(ConfigError, match=r"ray\.address: .*must be \"auto\", \"local\" or host:port"):
         load_config(None, ["model.path=/m", f"ray.address='{address}'"])
 
 

@@ -74,7 +74,7 @@ def rank0_device(learner: PolicyLearner) -> tuple[str, str, float]:
 
 
 def bench_learner(cfg: RunConfig, sequences: int, prompt_tokens: int, response_tokens: int, steps: int) -> dict:
-    parts = build_run(cfg, prompts=False, rewards=False, workers=False)  # Ray and the tokenizer
+    parts = build_run(cfg, prompts=False, rewards=False, workers=False, learner=True)  # Ray and the tokenizer
     tokenizer = parts.processor.tokenizer
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)  # chat and vision tokens
     vocab = [i for i in range(len(tokenizer)) if i not in special]

@@ -48,7 +48,7 @@ class _BareReceiver:
 
 
 def bench_sync(cfg: RunConfig, rounds: int) -> dict:
-    parts = build_run(cfg, rewards=False)
+    parts = build_run(cfg, rewards=False, learner=True)
     rc = cfg.rollout
     workers = parts.workers
     learner = LearnerGroup(cfg, parts.banned_ids)

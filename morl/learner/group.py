@@ -1,8 +1,8 @@
 """The learner as the driver sees it: `learner.num_ranks` PolicyLearner Ray actors forming one DeepSpeed group.
 
-The ranks live in one Ray placement group (PACK: one node when it fits), one bundle per rank: a GPU each on a
-GPU cluster (none when colocated: the learner shares the vLLM workers' GPU, as with one rank), `learner.cpus`
-cores each. Rank 0's node address and a free port there are the rendezvous of torch.distributed (nccl on GPUs,
+The ranks live in one Ray placement group (PACK: one node when it fits), one bundle per rank (morl/cluster.py): a
+GPU each on a GPU cluster (none when colocated: the learner shares the vLLM workers' GPU, as with one rank),
+`learner.cpus` cores and `learner.resources` each. Rank 0's node address and a free port there are the rendezvous of torch.distributed (nccl on GPUs,
 gloo on CPU). One rank and N ranks are the same code.
 
 Collective calls (the update, ZeRO-3 gathers, saves and loads) go to every rank at once and answer with
@@ -15,19 +15,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from morl.cluster import cluster_has_gpus, learner_part, ready_placement
 from morl.config import RunConfig
 from morl.learner.policy import PolicyLearner, free_port
 from morl.ray_setup import threads_for
 from morl.types import TrainBatch
 
-PLACEMENT_TIMEOUT_S = 120.0
-
-
-class LearnerPlacementError(RuntimeError):
-    """The cluster cannot hold the learner's ranks (too few GPUs or CPUs left after the rollout workers)."""
 
 
 @ray.remote(num_cpus=0)
@@ -41,17 +37,9 @@ class LearnerGroup:
         """Start the ranks of `cfg.learner` (the policy of `cfg.model`, sampled at `cfg.rollout.temperature`)."""
         lc = cfg.learner
         self.zero3 = lc.zero_stage == 3
-        gpus = 0 if cfg.rollout.colocate or not ray.cluster_resources().get("GPU") else 1
-        bundle = {"CPU": lc.cpus, **({"GPU": gpus} if gpus else {})}
-        self.placement = placement_group([bundle] * lc.num_ranks, strategy="PACK")
-        ready, _ = ray.wait([self.placement.ready()], timeout=PLACEMENT_TIMEOUT_S)
-        if not ready:
-            remove_placement_group(self.placement)
-            raise LearnerPlacementError(
-                f"learner.num_ranks={lc.num_ranks} ranks of {bundle} could not be placed in {PLACEMENT_TIMEOUT_S:.0f} s "
-                f"(the cluster has {ray.cluster_resources()}, rollout workers included): lower learner.num_ranks, "
-                "learner.cpus or rollout.num_workers"
-            )
+        part = learner_part(cfg, cluster_has_gpus())
+        gpus = part.bundle.get("GPU", 0)
+        self.placement = ready_placement(part, "PACK")
         addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=self._bundle(0)).remote())
         actor = ray.remote(PolicyLearner)
         self.ranks = [

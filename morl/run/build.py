@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+from morl.cluster import alive_nodes, check_fits, cluster_has_gpus, learner_part, rollout_part
 from morl.config import RunConfig
 from morl.data.encoding import PromptEncoder, vision_token_ids
 from morl.data.rows import Row
 from morl.data.source import PromptSource, load_run_datasets
 from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
 from morl.rewards.router import RewardRouter
-from morl.rollout.fleet import start_rollout_workers
+from morl.rollout.fleet import rollout_placement, start_rollout_workers
 from morl.run.interrupts import children_ignore_sigint
 from morl.run.model_check import check_model_dir
 
@@ -41,11 +43,12 @@ class RunParts:
     router: RewardRouter | None
     workers: list  # rollout worker actors (empty when not asked for)
     owns_ray: bool
+    placement: PlacementGroup | None = None  # the rollout workers' bundles
 
     def restart_workers(self, weights: str) -> None:
         """Replace the rollout workers with new ones loaded from `weights` (an HF-format directory)."""
         self._stop_workers()
-        self.workers = start_rollout_workers(self.cfg, weights)
+        self.workers = start_rollout_workers(self.cfg, weights, self.placement)
 
     def _stop_workers(self) -> None:
         for actor in self.workers:
@@ -57,6 +60,9 @@ class RunParts:
         if self.router is not None:
             self.router.close()
         self._stop_workers()
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+            self.placement = None
         if self.owns_ray:
             ray.shutdown()
             self.owns_ray = False
@@ -85,10 +91,14 @@ def build_run(
     weights: str | None = None,
     reward_log_dir: Path | None = None,
     model_prepared: bool = False,
+    learner: bool = False,
 ) -> RunParts:
     """The parts `cfg` describes: the prompt source (`prompts`), the held-out rows (`held_out`), the reward router
     (`rewards`, writing what reward functions print to `reward_log_dir`), Ray, and the rollout workers (`workers`,
-    loaded from `weights`, default the recipe's model). `model_prepared`: the caller ran prepare_model already."""
+    loaded from `weights`, default the recipe's model). `model_prepared`: the caller ran prepare_model already.
+
+    Before any actor starts, the cluster is checked to hold the workers and, when the caller will start one
+    (`learner`), the learner's ranks: a recipe that cannot be placed is refused saying what is missing."""
     if not model_prepared:
         prepare_model(cfg)
     os.environ.update(QUIET_OFFLINE_ENV)
@@ -111,8 +121,12 @@ def build_run(
     try:
         with children_ignore_sigint():  # a terminal's Ctrl-C must not kill the actors a checkpoint needs
             init_ray(cfg)
+        on_gpus = cluster_has_gpus()
+        asked = [rollout_part(cfg, on_gpus)] if workers else []
+        check_fits(asked + ([learner_part(cfg, on_gpus)] if learner else []), alive_nodes())
         if workers:
-            parts.workers = start_rollout_workers(cfg, weights or cfg.model.path)
+            parts.placement = rollout_placement(cfg)
+            parts.workers = start_rollout_workers(cfg, weights or cfg.model.path, parts.placement)
     except BaseException:
         parts.close()
         raise

@@ -67,6 +67,9 @@ SAFE_TO_CHANGE = (
     "rollout.prompts_per_call",
     "rollout.calls_per_worker",
     "rollout.sync_bucket_mb",
+    "rollout.resources",  # which nodes the workers run on
+    "rollout.placement",
+    "learner.resources",
     "learner.cpus",
     "learner.micro_batch_size",  # the loss is a token mean over the whole batch whatever the micro-batch size
     "learner.gradient_checkpointing",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ray
 
+from morl.cluster import alive_nodes, check_shared_dir
 from morl.config import RunConfig, dump_config
 from morl.data.rows import Row
 from morl.learner.group import LearnerGroup
@@ -61,9 +62,12 @@ class Trainer:
         self._started.callback(self.trackers.close)
         start_weights = str(self.resume_from.policy_dir) if self.resume_from else None
         self.parts = build_run(
-            cfg, held_out=True, weights=start_weights, reward_log_dir=self.out_dir / "logs", model_prepared=True
+            cfg, held_out=True, weights=start_weights, reward_log_dir=self.out_dir / "logs", model_prepared=True,
+            learner=True,
         )
         self._started.callback(self.parts.close)
+        if len(alive_nodes()) > 1:  # the ranks write their checkpoint shards where they run
+            check_shared_dir(self.out_dir, "trainer.output_dir")
         self.source, self.router, self.workers = self.parts.source, self.parts.router, self.parts.workers
         self.eval_rows = self.parts.held_out
         self.abandon_on_signal = cfg.trainer.on_signal == "abandon"

@@ -1,0 +1,182 @@
+"""Where a run's actors go on a Ray cluster: the bundle each part asks for, a check that the cluster can hold them
+all before anything starts, and the check that every node sees the run directory.
+
+Each learner rank and each rollout worker is one placement-group bundle: its CPUs, its GPU (on a cluster that has
+GPUs) and the custom resources of `learner.resources` / `rollout.resources`, which is how a recipe pins a part to
+the nodes that declared them (`ray start --resources='{"rollout_node": 8}'`). The learner's ranks are packed
+(PACK: as few nodes as possible, so the gradient all-reduce stays inside a node when it can); the rollout workers
+are packed or spread (`rollout.placement`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+if TYPE_CHECKING:
+    from morl.config import RunConfig
+
+PLACEMENT_TIMEOUT_S = 120.0  # what other jobs hold is waited for this long
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot hold the recipe, or one of its nodes cannot see the run directory; the message says what."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a run as the cluster sees it: `count` bundles of `bundle`, and the keys that size it."""
+
+    name: str
+    count: int
+    bundle: dict[str, float]
+    keys: str
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def rollout_gpus(cfg: RunConfig, on_gpus: bool) -> float:
+    """GPUs per rollout worker: none for the HF engine or on a CPU cluster (vLLM's CPU build); colocated with the
+    learner, a share of the GPU the learner holds too."""
+    if cfg.rollout.engine != "vllm" or not on_gpus:
+        return 0.0
+    return cfg.rollout.tensor_parallel_size * (0.5 if cfg.rollout.colocate else 1.0)
+
+
+def learner_gpus(cfg: RunConfig, on_gpus: bool) -> float:
+    """A GPU per rank on a GPU cluster, unless vLLM is colocated (it then claims the shares)."""
+    return 0.0 if cfg.rollout.colocate or not on_gpus else 1.0
+
+
+def _bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
+
+
+def rollout_part(cfg: RunConfig, on_gpus: bool) -> Part:
+    r = cfg.rollout
+    return Part("rollout workers", r.num_workers, _bundle(r.cpus_per_worker, rollout_gpus(cfg, on_gpus), r.resources),
+                "rollout.num_workers, rollout.cpus_per_worker, rollout.resources")
+
+
+def learner_part(cfg: RunConfig, on_gpus: bool) -> Part:
+    lc = cfg.learner
+    return Part("learner ranks", lc.num_ranks, _bundle(lc.cpus, learner_gpus(cfg, on_gpus), lc.resources),
+                "learner.num_ranks, learner.cpus, learner.resources")
+
+
+def ready_placement(part: Part, strategy: str) -> PlacementGroup:
+    """A placement group of `part`'s bundles, once Ray has reserved them (refused by name after a timeout)."""
+    group = placement_group([part.bundle] * part.count, strategy=strategy)
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(group)
+        raise ClusterError(
+            f"{part.name}: {part.count} x {_fmt(part.bundle)} could not be placed in {PLACEMENT_TIMEOUT_S:.0f} s "
+            f"(the cluster has {_fmt(ray.cluster_resources())}, other parts of the run and other jobs included): "
+            f"change {part.keys}"
+        )
+    return group
+
+
+def alive_nodes() -> dict[str, dict[str, float]]:
+    """Each alive node's address and its total resources (node-id and memory entries left out)."""
+    nodes = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            resources = {k: v for k, v in node["Resources"].items() if not k.startswith("node:")
+                         and k not in ("memory", "object_store_memory")}
+            nodes[f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"] = resources
+    return nodes
+
+
+def check_fits(parts: list[Part], nodes: dict[str, dict[str, float]]) -> None:
+    """Refuse a recipe whose bundles cannot all be placed on the nodes, saying which part and what is missing.
+
+    First-fit, largest bundles first, on the nodes' total resources: what other jobs hold is Ray's to wait for
+    (the placement groups time out with an error of their own).
+    """
+    free = {name: dict(res) for name, res in nodes.items()}
+    bundles = sorted(((p, i) for p in parts for i in range(p.count)), key=lambda pi: -sum(pi[0].bundle.values()))
+    for part, index in bundles:
+        home = next((n for n, res in free.items() if all(res.get(k, 0) >= v for k, v in part.bundle.items())), None)
+        if home is None:
+            raise ClusterError(_refusal(parts, nodes, part))
+        for k, v in part.bundle.items():
+            free[home][k] -= v
+
+
+def _refusal(parts: list[Part], nodes: dict[str, dict[str, float]], stuck: Part) -> str:
+    asked = "; ".join(f"{p.name}: {p.count} x {_fmt(p.bundle)}" for p in parts)
+    totals: dict[str, float] = {}
+    for p in parts:
+        for k, v in p.bundle.items():
+            totals[k] = totals.get(k, 0) + v * p.count
+    have = {k: sum(res.get(k, 0) for res in nodes.values()) for k in totals}
+    short = [f"{k}: {_num(totals[k])} asked, {_num(have[k])} in the cluster" for k in totals if totals[k] > have[k]]
+    absent = [k for k, v in stuck.bundle.items() if not any(res.get(k, 0) >= v for res in nodes.values())]
+    why = (f"no node has {', '.join(f'{k} >= {_num(stuck.bundle[k])}' for k in absent)}" if absent
+           else "; ".join(short) if short else "the nodes that could hold one are filled by the other bundles")
+    listing = "; ".join(f"{n} {_fmt(res)}" for n, res in nodes.items()) or "none alive"
+    return (f"the Ray cluster cannot hold this recipe ({asked}): {stuck.name} do not fit, {why}. Nodes: {listing}. "
+            f"Change {stuck.keys}, or add nodes with those resources")
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {_num(v)}" for k, v in sorted(resources.items())) + "}"
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+@ray.remote(num_cpus=0)
+def _sees(marker: str, token: str, reply: str) -> str | None:
+    """On one node: the driver's marker read back (None when this node cannot see it), and this node's reply."""
+    path = Path(marker)
+    try:
+        if path.read_text() != token:
+            return None
+        Path(reply).write_text(token)
+    except OSError:
+        return None
+    return ray.util.get_node_ip_address()
+
+
+def check_shared_dir(directory: Path, key: str) -> None:
+    """Refuse `directory` unless every alive node reads the driver's marker there and the driver reads each
+    node's reply: checkpoint shards, written by the ranks where they live, must land where the driver resumes."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    directory.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = directory / f".morl-storage-check-{token}"
+    marker.write_text(token)
+    replies = []
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        refs = []
+        for node in nodes:
+            reply = directory / f".morl-storage-check-{token}-{node['NodeID'][:12]}"
+            replies.append(reply)
+            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            refs.append(_sees.options(scheduling_strategy=strategy).remote(str(marker), token, str(reply)))
+        blind = [
+            node["NodeManagerAddress"]
+            for node, seen, reply in zip(nodes, ray.get(refs), replies)
+            if seen is None or not reply.is_file() or reply.read_text() != token
+        ]
+    finally:
+        for path in (marker, *replies):
+            path.unlink(missing_ok=True)
+    if blind:
+        raise ClusterError(
+            f"{key} {directory}: not shared with node(s) {', '.join(blind)} (a marker written there was not seen "
+            "both ways): put the run directory on a filesystem every node mounts at the same path"
+        )
