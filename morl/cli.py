@@ -177,7 +177,9 @@ def compare(
 @app.command("eval")
 def eval_checkpoint(
     model_dir: Path = typer.Argument(..., help="HF-format checkpoint: RUN/final, a checkpoint's policy/, an SFT dir"),
-    recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe whose held-out data, rewards and engine are used"),
+    recipe: Path = typer.Option(
+        ..., "--recipe", "-r", help="YAML recipe whose held-out data, rewards and engine are used"
+    ),
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides of the recipe"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write eval.json's JSON here (a new file)"),
     sft_from: Optional[Path] = typer.Option(
@@ -190,11 +192,11 @@ def eval_checkpoint(
     """Held-out reward per task of a checkpoint against the recipe's SFT model, as `morl train` reports it."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from morl.run.metrics import eval_table
-    from morl.tools.evaluate import EvalError, evaluate_checkpoint, write_report
+    from morl.tools.evaluate import EvalError, check_new_output, evaluate_checkpoint, write_report
 
     with exit_on(*USER_ERRORS, EvalError):
-        if output is not None and output.exists():
-            raise EvalError(f"-o {output}: already exists; name a new file")
+        if output is not None:
+            check_new_output(output)
         cfg = load_config(recipe, [*(overrides or []), "eval.enabled=true", *_ray_override(ray_address)])
         report = evaluate_checkpoint(cfg, model_dir, sft_from)
         eval_table({model: report[model] for model in ("sft", "policy")})

@@ -2,8 +2,8 @@
 
 The ranks live in one Ray placement group (PACK: one node when it fits), one bundle per rank (morl/cluster.py): a
 GPU each on a GPU cluster (none when colocated: the learner shares the vLLM workers' GPU, as with one rank),
-`learner.cpus` cores and `learner.resources` each. Rank 0's node address and a free port there are the rendezvous of torch.distributed (nccl on GPUs,
-gloo on CPU). One rank and N ranks are the same code.
+`learner.cpus` cores and `learner.resources` each. Rank 0's node address and a free port there are the rendezvous
+of torch.distributed (nccl on GPUs, gloo on CPU). One rank and N ranks are the same code.
 
 Collective calls (the update, ZeRO-3 gathers, saves and loads) go to every rank at once and answer with
 rank 0's result; the others go to rank 0 alone.
@@ -23,7 +23,6 @@ from morl.config import RunConfig
 from morl.learner.policy import PolicyLearner, free_port
 from morl.ray_setup import threads_for
 from morl.types import TrainBatch
-
 
 
 @ray.remote(num_cpus=0)

@@ -19,10 +19,17 @@ import ray
 
 from morl.cluster import alive_nodes, check_shared_dir
 from morl.config import RunConfig, dump_config
-from morl.data.rows import Row
 from morl.learner.group import LearnerGroup
 from morl.run.build import build_run, prepare_model
-from morl.run.checkpoint import POLICY_DIR, Checkpoint, CheckpointError, capture_rng, resolve_resume, restore_rng, save_checkpoint
+from morl.run.checkpoint import (
+    POLICY_DIR,
+    Checkpoint,
+    CheckpointError,
+    capture_rng,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
 from morl.run.collection import RolloutAbandoned, RolloutScheduler
 from morl.run.interrupts import RunInterrupted, StopRequest
 from morl.run.lock import RunDirLock
@@ -69,7 +76,8 @@ class Trainer:
         if len(alive_nodes()) > 1:  # the ranks write their checkpoint shards where they run
             check_shared_dir(self.out_dir, "trainer.output_dir")
         self.source, self.router, self.workers = self.parts.source, self.parts.router, self.parts.workers
-        self.eval_rows = self.parts.held_out
+        self.eval_rows = eval_subset(self.parts.held_out, cfg.eval.max_prompts_per_task)
+        self.eval_prompts = prompt_set(self.eval_rows)  # which prompts an SFT score must share to be compared
         self.abandon_on_signal = cfg.trainer.on_signal == "abandon"
         self.stop = StopRequest("abandoning this step's rollout" if self.abandon_on_signal else "finishing this step")
         self.stop.install()
@@ -241,14 +249,14 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """The workers' current weights on the held-out rows (evaluation.evaluate)."""
-        return evaluate(self.parts, self._eval_subset())
+        return evaluate(self.parts, self.eval_rows)
 
     def _comparable_sft(self) -> dict | None:
         """The SFT evaluation, when it was taken on the prompts the policy's will be (None otherwise, or without
         one): a resume with other `eval.*` settings would compare scores of different prompt sets."""
         if not self.cfg.eval.enabled or self.sft_eval is None:
             return None
-        current = prompt_set(self._eval_subset())
+        current = self.eval_prompts
         if self.sft_eval.get("prompts") == current:
             return self.sft_eval
         if not self._warned_eval_prompts:
@@ -262,9 +270,6 @@ class Trainer:
             )
             self._warned_eval_prompts = True
         return None
-
-    def _eval_subset(self) -> list[Row]:
-        return eval_subset(self.eval_rows, self.cfg.eval.max_prompts_per_task)
 
     def close(self) -> None:
         """Stop every process the run started (Ray's too, when the run started Ray) and free the run directory."""

@@ -73,12 +73,17 @@ def _same_dir(a: Path, b: str | None) -> bool:
     return b is not None and Path(b).expanduser().resolve() == a.expanduser().resolve()
 
 
-def write_report(report: dict, out: Path) -> None:
-    """Write `out` whole (a temporary file renamed into place); an existing file is never overwritten."""
+def check_new_output(out: Path) -> None:
+    """Refuse an output path that exists (never overwritten) or whose folder does not: before an evaluation runs."""
     if out.exists():
         raise EvalError(f"-o {out}: already exists; name a new file")
     if not out.parent.is_dir():
         raise EvalError(f"-o {out}: no such directory {out.parent}")
+
+
+def write_report(report: dict, out: Path) -> None:
+    """Write `out` whole (a temporary file renamed into place), checked new again (the evaluation took a while)."""
+    check_new_output(out)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out)
