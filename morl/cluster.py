@@ -1,5 +1,5 @@
 """Where a run's actors go on a Ray cluster: the bundle each part asks for, a check that the cluster can hold them
-all before anything starts, and the check that every node sees the run directory.
+all before anything starts, the check that every node sees the run directory, and naming the node a run lost.
 
 Each learner rank and each rollout worker is one placement-group bundle: its CPUs, its GPU (on a cluster that has
 GPUs) and the custom resources of `learner.resources` / `rollout.resources`, which is how a recipe pins a part to
@@ -10,22 +10,32 @@ are packed or spread (`rollout.placement`).
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
+from ray.exceptions import LocalRayletDiedError, NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 if TYPE_CHECKING:
     from morl.config import RunConfig
 
 PLACEMENT_TIMEOUT_S = 120.0  # what other jobs hold is waited for this long
+NODE_DEATH_WAIT_S = 30.0  # Ray marks a node dead after its health checks fail (about 15 s by default)
+
+# what Ray raises when an actor of the run, or the node it lived on, is gone
+PART_LOSSES = (RayActorError, NodeDiedError, ObjectLostError, WorkerCrashedError, LocalRayletDiedError)
 
 
 class ClusterError(RuntimeError):
     """The cluster cannot hold the recipe, or one of its nodes cannot see the run directory; the message says what."""
+
+
+class PartLostError(ClusterError):
+    """An actor of the run died mid-run, with its node or alone: the run stops, its last checkpoint resumes it."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,12 @@ def learner_part(cfg: RunConfig, on_gpus: bool) -> Part:
                 "learner.num_ranks, learner.cpus, learner.resources")
 
 
+def reward_part(cfg: RunConfig) -> Part:
+    rc = cfg.rewards
+    return Part("reward hosts", rc.hosts, _bundle(rc.num_workers, 0.0, rc.host_resources),
+                "rewards.hosts, rewards.num_workers, rewards.host_resources")
+
+
 def ready_placement(part: Part, strategy: str) -> PlacementGroup:
     """A placement group of `part`'s bundles, once Ray has reserved them (refused by name after a timeout)."""
     group = placement_group([part.bundle] * part.count, strategy=strategy)
@@ -94,6 +110,18 @@ def alive_nodes() -> dict[str, dict[str, float]]:
                          and k not in ("memory", "object_store_memory")}
             nodes[f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"] = resources
     return nodes
+
+
+def lost_nodes(before: dict[str, dict[str, float]], wait_s: float = NODE_DEATH_WAIT_S) -> list[str]:
+    """The nodes of `before` (alive_nodes()) that are no longer alive, waiting up to `wait_s` for Ray to notice:
+    an actor's call fails as soon as its connection breaks, its node is marked dead only later. Empty when every
+    node is still there (the actor's process died alone)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        gone = sorted(set(before) - set(alive_nodes()))
+        if gone or time.monotonic() >= deadline:
+            return gone
+        time.sleep(1.0)
 
 
 def check_fits(parts: list[Part], nodes: dict[str, dict[str, float]]) -> None:

@@ -259,6 +259,20 @@ class RayConfig(Section):
         '"auto" (RAY_ADDRESS, else the cluster `ray start` made on this machine) or "host:port" (a cluster\'s GCS '
         "address): join that cluster. `morl train --ray-address` sets it",
     )
+    py_modules: list[str] = Field(
+        [],
+        description="directories (packages) or .py files shipped to every node of a cluster the run joins (Ray's "
+        "runtime_env py_modules), for code the reward modules import; the reward modules themselves (rewards.modules "
+        "and module:function routes) are shipped without being listed, unless installed",
+    )
+
+    @field_validator("py_modules")
+    @classmethod
+    def _existing_code(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not (Path(path).is_dir() or (Path(path).suffix == ".py" and Path(path).is_file())):
+                raise ValueError(f"{path!r} is neither a directory nor a .py file")
+        return [str(Path(path).resolve()) for path in paths]
 
     @field_validator("address")
     @classmethod

@@ -1,9 +1,15 @@
-"""Start or join the Ray instance a run's actors live in; a private one listens on 127.0.0.1 only."""
+"""Start or join the Ray instance a run's actors live in; a private one listens on 127.0.0.1 only, a cluster gets
+the user's reward code shipped to its nodes."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import site
+import sysconfig
+from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import ray
@@ -28,7 +34,36 @@ def init_ray(cfg: RunConfig) -> None:
     """Ray for a run: the cluster `ray.address` (else RAY_ADDRESS) names, or a private instance with a core for
     each of its actors."""
     cpus = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus
-    start_ray(cluster_address(cfg.ray.address), num_cpus=max(os.cpu_count() or 1, cpus))
+    cpus += cfg.rewards.hosts * cfg.rewards.num_workers
+    address = cluster_address(cfg.ray.address)
+    start_ray(address, num_cpus=max(os.cpu_count() or 1, cpus), py_modules=user_code(cfg) if address else ())
+
+
+def user_code(cfg: RunConfig) -> list[str]:
+    """What a cluster's nodes need of the user's code: `ray.py_modules`, and the file or package directory of each
+    reward module the recipe names (rewards.modules, module:function routes) that no installed distribution holds."""
+    names = {*cfg.rewards.modules}
+    names.update(spec.fn.partition(":")[0] for specs in cfg.rewards.routes.values() for spec in specs if ":" in spec.fn)
+    paths = list(cfg.ray.py_modules)
+    for top in sorted({name.split(".")[0] for name in names}):
+        path = _own_source(top)
+        if path is not None and path not in paths:
+            paths.append(path)
+    return paths
+
+
+def _own_source(top: str) -> str | None:
+    """The package directory or module file of top-level module `top`; None for morl, the standard library and what
+    is installed (every node has those; shipping them would shadow the node's own)."""
+    spec = importlib.util.find_spec(top)
+    if top == "morl" or spec is None or spec.origin in (None, "built-in", "frozen"):
+        return None
+    locations = list(spec.submodule_search_locations or [])
+    path = Path(locations[0] if len(locations) == 1 else spec.origin).resolve()
+    libraries = {*site.getsitepackages(), *(sysconfig.get_paths()[key] for key in ("purelib", "platlib", "stdlib"))}
+    if any(path.is_relative_to(Path(root).resolve()) for root in libraries):
+        return None
+    return str(path)
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -39,16 +74,17 @@ def cluster_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def start_ray(address: str | None = None, num_cpus: float | None = None) -> bool:
+def start_ray(address: str | None = None, num_cpus: float | None = None, py_modules: Sequence[str] = ()) -> bool:
     """Connect this process to Ray unless it already is; True when this call connected it (so may shut it down).
 
     `address` None starts a new instance of this process's own (never one that `ray start` or RAY_ADDRESS
     points at), every server of it bound to 127.0.0.1; "auto" or "host:port" joins that cluster, whose size is
-    its own (`num_cpus` only sizes a private instance).
+    its own (`num_cpus` only sizes a private instance). `py_modules` are shipped to every node of the job.
     """
     if ray.is_initialized():
         return False
-    options = {"log_to_driver": True, "runtime_env": {"env_vars": QUIET_OFFLINE_ENV}}
+    runtime_env = {"env_vars": QUIET_OFFLINE_ENV, **({"py_modules": list(py_modules)} if py_modules else {})}
+    options = {"log_to_driver": True, "runtime_env": runtime_env}
     if address is not None:
         ray.init(address=address, **options)
         return True

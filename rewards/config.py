@@ -139,7 +139,9 @@ class RewardsConfig(BaseModel, extra="forbid"):
             task: [RewardSpec.model_construct(**spec) for spec in specs] for task, specs in DEFAULT_ROUTES.items()
         }
     )
-    num_workers: int = Field(2, ge=1)  # sandbox processes
+    num_workers: int = Field(2, ge=1)  # sandbox processes (per host, with hosts)
+    hosts: int = Field(0, ge=0)  # 0: the sandbox processes run on the driver; N: N Ray actors hold them (hosts.py)
+    host_resources: dict[str, float] = {}  # custom Ray resources each host asks for: the nodes they may land on
     timeout_s: float = Field(10.0, gt=0)  # hard limit per reward call; a hung call is killed and counted as an error
     max_error_rate: float = Field(0.05, ge=0, le=1)  # share of errored samples in the window that stops the run
     error_window: int = Field(1000, ge=1)  # samples in that window

@@ -16,12 +16,16 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from morl.rewards.adapters import to_score
 from morl.rewards.config import PreferenceService, RewardsConfig, RewardSpec
 from morl.rewards.http_client import HttpRewardClient
 from morl.rewards.sandbox import Outcome, SandboxPool
 from morl.rewards.types import RewardInput, RewardResult
+
+if TYPE_CHECKING:
+    from morl.rewards.hosts import HostedPool
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +45,10 @@ class RewardRouter:
     """Scores samples by task with the configured weighted reward functions (in a sandboxed process pool) and
     reward services (over HTTP).
 
-    Lifecycle: the constructor starts the sandbox pool; `start()` starts the recipe's Ray Serve services and
-    connects to all services (a no-op without services). `with` calls it, and so does the first `submit`, so a
-    driver that configures Ray itself only needs to build the router before `ray.init` and score after it;
-    `close()` stops everything the router started.
+    Lifecycle: the constructor starts the driver's sandbox pool; `start()` starts the reward hosts instead when
+    `rewards.hosts` asks for them (rewards/hosts.py), and the recipe's Ray Serve services, and connects to all
+    services. `with` calls it, and so does the first `submit`, so a driver that configures Ray itself only needs to
+    build the router before `ray.init` and score after it; `close()` stops everything the router started.
 
     What reward functions print is appended to `log_dir/rewards.log` (a run's `logs/`); without a log directory
     only a first excerpt per reward function reaches the console (rewards/worker_output.py).
@@ -52,8 +56,11 @@ class RewardRouter:
 
     def __init__(self, cfg: RewardsConfig, log_dir: Path | None = None):
         self.cfg = cfg
-        output_log = log_dir / "rewards.log" if log_dir is not None else None
-        self._pool = SandboxPool(cfg.num_workers, cfg.timeout_s, cfg.modules, output_log=output_log)
+        self._log_dir = log_dir
+        # on hosts: started with Ray, in start()
+        self._pool: SandboxPool | HostedPool | None = None if cfg.hosts else SandboxPool(
+            cfg.num_workers, cfg.timeout_s, cfg.modules, output_log=log_dir / "rewards.log" if log_dir else None
+        )
         self._clients: dict[str, HttpRewardClient] = {}  # service name -> client, once started
         self._serve = None  # RayServeServices, when the recipe has services for the run to start
         self._started = self._closed = False
@@ -78,10 +85,16 @@ class RewardRouter:
                 raise RuntimeError("reward router is closed")
             if self._started:
                 return self
-            services = self.cfg.services
+            cfg = self.cfg
+            services = cfg.services
             urls = {name: s.url for name, s in services.items() if s.kind == "http"}
             launched = {name: s for name, s in services.items() if isinstance(s, PreferenceService)}
             try:
+                if self._pool is None:
+                    from morl.rewards.hosts import HostedPool
+
+                    self._pool = HostedPool(cfg.hosts, cfg.num_workers, cfg.timeout_s, cfg.modules,
+                                            cfg.host_resources, self._log_dir)
                 if launched:
                     from morl.rewards.ray_serve import RayServeServices  # needs ray[serve]: only when asked for
 
@@ -172,7 +185,8 @@ class RewardRouter:
         with self._start_lock:
             self._stop_services()
             self._closed = True
-        self._pool.close()
+        if self._pool is not None:
+            self._pool.close()
 
     def _stop_services(self) -> None:
         for client in self._clients.values():
@@ -243,16 +257,21 @@ def _join(
     lock = threading.Lock()
 
     def done(indices: list[int], future: Future[list[Outcome]]) -> None:
-        for i, outcome in zip(indices, future.result()):
-            outcomes[i] = outcome
+        lost = future.exception()  # a reward host is gone: not a reward's failure, so the caller must see it
+        if lost is None:
+            for i, outcome in zip(indices, future.result()):
+                outcomes[i] = outcome
         with lock:
             remaining[0] -= 1
-            last = remaining[0] == 0
-        if last:
-            try:
-                result.set_result(finish(outcomes))
-            except Exception as e:
-                result.set_exception(e)
+            if result.done() or (lost is None and remaining[0]):
+                return
+            if lost is not None:
+                result.set_exception(lost)
+                return
+        try:
+            result.set_result(finish(outcomes))
+        except Exception as e:
+            result.set_exception(e)
 
     for indices, future in parts:
         future.add_done_callback(functools.partial(done, indices))

@@ -46,23 +46,26 @@ OVERRIDES = [
 ]
 
 
-def morl_train(world, out_dir, *extra, recipe: str = "quickstart.yaml", env: dict[str, str] | None = None):
+def morl_train(world, out_dir, *extra, recipe: str = "quickstart.yaml", env: dict[str, str] | None = None,
+               cwd: Path | None = None):
     recipe = str(REPO / "recipes" / recipe)
     done = morl("train", recipe, f"toy_world.root={world}", *OVERRIDES, *extra, "--output-dir", str(out_dir),
-                env=env)
+                env=env, cwd=cwd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
-def morl(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`morl ARGS` in a fresh process, as a user starts it: no torch.distributed variables left by in-process
-    learner tests, and the tests' reward modules importable; `env` adds variables."""
+def morl(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
+         cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`morl ARGS` in a fresh process (in `cwd`), as a user starts it: no torch.distributed variables left by
+    in-process learner tests, and the tests' reward modules importable; `env` adds variables (PYTHONPATH's after
+    the tests' folder)."""
     env = {k: v for k, v in {**os.environ, **(env or {})}.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     env.setdefault("COLUMNS", "200")
     return subprocess.run([sys.executable, "-m", "morl.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, cwd=cwd)
 
 
 # --- processes and sockets -----------------------------------------------------------------------------------

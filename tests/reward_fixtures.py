@@ -3,6 +3,7 @@ the `fixture_*` names registered when the module is listed in `rewards.modules`)
 driver's sys.path, which holds this folder under pytest."""
 
 import os
+import signal
 import time
 
 from morl.rewards.registry import reward
@@ -26,6 +27,12 @@ def sleep_forever(response, sample):
 
 def die(response, sample):
     os._exit(3)
+
+
+def kill_host(response, sample):
+    """Kills the process that started this sandbox worker: on a reward host, the host itself."""
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(1e9)
 
 
 def raw_score(response, sample):

@@ -1,8 +1,13 @@
-"""A run on a Ray cluster of three nodes on this machine (Ray's own multi-node test cluster): learner ranks and
-rollout workers on the nodes their custom resources name, checkpoints in the driver's run directory, a resume, a
-recipe the cluster cannot hold refused before any actor starts, and the fit check's arithmetic."""
+"""A run on a Ray cluster of three nodes on this machine (Ray's own multi-node test cluster): learner ranks, rollout
+workers and reward hosts on the nodes their custom resources name, checkpoints in the driver's run directory, a
+resume, a reward module shipped only from the driver (and one whose import fails on a node, named), a recipe the
+cluster cannot hold refused before any actor starts, a node lost mid-run, and the fit check's arithmetic."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import ray
@@ -10,7 +15,7 @@ import ray
 from morl.cluster import ClusterError, Part, check_fits
 from morl.compat import loopback_node_ip
 
-from helpers import OVERRIDES, REPO, morl, morl_train
+from helpers import OVERRIDES, REPO, TESTS, morl, morl_train
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +31,11 @@ def cluster():
 
     ray.shutdown()
     with loopback_node_ip():  # every node's servers on 127.0.0.1, as a private run's
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"reward_node": 1}})
         learner_node = cluster.add_node(num_cpus=2, resources={"learner_node": 1})  # the quickstart's learner.cpus
         rollout_node = cluster.add_node(num_cpus=2, resources={"rollout_node": 2})
         cluster.wait_for_nodes()
-    yield cluster, learner_node.node_id, rollout_node.node_id
+    yield cluster, learner_node.node_id, rollout_node
     ray.shutdown()
     cluster.shutdown()
 
@@ -52,6 +57,7 @@ def actors_by_class(address: str) -> dict[str, set[str]]:
 
 def test_a_run_places_its_parts_on_the_named_nodes_and_resumes(cluster, toy_world, tmp_path):
     cluster, learner_node, rollout_node = cluster
+    rollout_node = rollout_node.node_id
     run = tmp_path / "run"
     address = ["--ray-address", cluster.address]
     morl_train(toy_world, run, *PLACED, *address, env=LOOPBACK)
@@ -67,6 +73,53 @@ def test_a_run_places_its_parts_on_the_named_nodes_and_resumes(cluster, toy_worl
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+SHIPPED_REWARD = """
+from morl.rewards.registry import reward
+
+
+@reward("shipped_length")
+def shipped_length(response, sample):
+    return min(len(response), 12) / 12
+"""
+ON_THE_REWARD_NODE = ["rewards.hosts=1", "rewards.host_resources={reward_node: 1}", "rewards.num_workers=1",
+                      *(f"rewards.routes.{task}=[{{fn: shipped_length}}]" for task in ("counting", "grounding", "math",
+                                                                                     "choice"))]
+
+
+def test_reward_hosts_run_a_module_shipped_only_from_the_driver(cluster, toy_world, tmp_path):
+    cluster, _, _ = cluster
+    code, cwd = tmp_path / "code", tmp_path / "cwd"  # the cluster's workers see neither (Ray adds the driver's cwd)
+    code.mkdir(), cwd.mkdir()
+    (code / "shipped_reward.py").write_text(SHIPPED_REWARD)
+    run = tmp_path / "run"
+    morl_train(toy_world, run, *PLACED, *ON_THE_REWARD_NODE, "rewards.modules=[shipped_reward]",
+               "--ray-address", cluster.address, env={**LOOPBACK, "PYTHONPATH": str(code)}, cwd=cwd)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["reward/shipped_length/errors"] == 0 for m in metrics)
+    assert actors_by_class(cluster.address)["RewardHost"] == {cluster.head_node.node_id}
+
+
+def test_a_reward_module_that_imports_on_the_driver_but_not_on_a_node_is_refused_naming_it(cluster, toy_world,
+                                                                                           tmp_path):
+    cluster, _, _ = cluster
+    code, helper, cwd = tmp_path / "code", tmp_path / "helper", tmp_path / "cwd"
+    for folder in (code, helper, cwd):
+        folder.mkdir()
+    (helper / "local_helper.py").write_text("LENGTH = 12\n")  # on the driver's path only, and not listed to ship
+    (code / "needs_helper.py").write_text("import local_helper\n" + SHIPPED_REWARD)
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    done = morl("train", recipe, f"toy_world.root={toy_world}", *OVERRIDES, *PLACED, *ON_THE_REWARD_NODE,
+                "rewards.modules=[needs_helper]", "--ray-address", cluster.address,
+                "--output-dir", str(tmp_path / "run"),
+                env={**LOOPBACK, "PYTHONPATH": f"{code}{os.pathsep}{helper}"}, cwd=cwd)
+    assert done.returncode == 2, done.stderr[-3000:]
+    head = cluster.head_node.node_id[:8]
+    assert f"import on the driver but not on node 127.0.0.1 ({head}): ModuleNotFoundError: No module named " \
+           "'local_helper'" in done.stderr, done.stderr[-3000:]
+    assert "ray.py_modules" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_recipe_the_cluster_cannot_hold_is_refused_before_any_actor_starts(cluster, toy_world, tmp_path):
     cluster, _, _ = cluster
     recipe = str(REPO / "recipes" / "quickstart.yaml")
@@ -76,6 +129,41 @@ def test_a_recipe_the_cluster_cannot_hold_is_refused_before_any_actor_starts(clu
     assert "the Ray cluster cannot hold this recipe" in done.stderr and "rollout workers do not fit" in done.stderr
     assert "rollout_node: 3 asked, 2 in the cluster" in done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def steps_logged(run) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_node_lost_mid_run_stops_it_by_name_and_its_checkpoint_resumes_on_the_nodes_left(cluster, toy_world,
+                                                                                          tmp_path):
+    cluster, _, rollout_node = cluster
+    run = tmp_path / "run"
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    env = {**os.environ, **LOOPBACK, "PYTHONPATH": str(TESTS), "COLUMNS": "200"}
+    command = [sys.executable, "-m", "morl.cli", "train", recipe, f"toy_world.root={toy_world}", *OVERRIDES, *PLACED,
+               "trainer.max_steps=40", "trainer.save_every=2", "--ray-address", cluster.address,
+               "--output-dir", str(run)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as driver:
+        first = run / "checkpoints" / "step_000002" / "trainer_state.json"
+        deadline = time.monotonic() + 300
+        while not first.is_file() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.is_file(), driver.communicate(timeout=60)
+        cluster.remove_node(rollout_node, allow_graceful=False)  # the rollout workers' node, mid-run
+        out, err = driver.communicate(timeout=240)
+    assert driver.returncode == 2, out[-2000:] + err[-3000:]
+    assert f"node 127.0.0.1 ({rollout_node.node_id[:8]}) left the Ray cluster" in err
+    saved = max(int(p.parent.name.split("_")[1]) for p in run.glob("checkpoints/step_*/trainer_state.json"))
+    assert str(run / "checkpoints" / f"step_{saved:06d}") in err and "Traceback" not in err
+
+    with loopback_node_ip():  # the cluster there is now: a new node in the lost one's place
+        cluster.add_node(num_cpus=2, resources={"rollout_node": 2})
+        cluster.wait_for_nodes()
+    done = morl_train(toy_world, run, *PLACED, "--ray-address", cluster.address, f"trainer.max_steps={saved + 1}",
+                      "--resume", env=LOOPBACK)
+    assert f"resuming from {run / 'checkpoints' / f'step_{saved:06d}'}" in done.stdout.replace("\n", "")
+    assert steps_logged(run) == list(range(1, saved + 2))
 
 
 def test_the_fit_check_packs_bundles_on_nodes_and_names_what_is_missing():

@@ -16,9 +16,9 @@ import pytest
 import ray
 
 from morl.config import ConfigError, RunConfig, load_config
-from morl.ray_setup import init_ray
+from morl.ray_setup import init_ray, user_code
 
-from helpers import is_loopback, listeners
+from helpers import TESTS, is_loopback, listeners
 
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
@@ -119,6 +119,30 @@ def test_a_cluster_is_joined_by_the_recipe_or_the_environment_and_local_stays_pr
 def test_a_ray_address_that_is_not_auto_or_host_port_names_the_key(address):
     with pytest.raises(ConfigError, match=r"ray\.address: .*must be \"auto\", \"local\" or host:port"):
         load_config(None, ["model.path=/m", f"ray.address='{address}'"])
+
+
+def test_the_users_reward_code_is_shipped_and_installed_code_is_not(tmp_path):
+    (tmp_path / "my_rewards").mkdir()
+    (tmp_path / "my_rewards" / "__init__.py").write_text("")
+    (tmp_path / "my_rewards" / "math_checks.py").write_text("def exact(response, sample):\n    return 1.0\n")
+    (tmp_path / "helpers_dir").mkdir()
+    sys.path.insert(0, str(tmp_path))
+    try:
+        cfg = load_config(None, [
+            f"model.path={tmp_path}", "rewards.modules=[reward_fixtures, sympy]",
+            "rewards.routes.math=[{fn: 'my_rewards.math_checks:exact'}, {fn: counting}]",
+            f"ray.py_modules=[{tmp_path / 'helpers_dir'}]",
+        ])
+        # the listed folder, then each module's own package directory or file; sympy is installed, counting is morl's
+        assert user_code(cfg) == [str(tmp_path / "helpers_dir"), str(tmp_path / "my_rewards"),
+                                  str(TESTS / "reward_fixtures.py")]
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_ray_py_modules_that_do_not_exist_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"ray\.py_modules: .*neither a directory nor a \.py file"):
+        load_config(None, [f"model.path={tmp_path}", f"ray.py_modules=[{tmp_path / 'missing'}]"])
 
 
 def free_port() -> int:

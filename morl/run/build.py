@@ -2,7 +2,7 @@
 
     toy world (when the recipe has one) -> model directory check -> processor -> prompt encoder
     -> prompt source -> reward router -> Ray (a private loopback instance, or the recipe's cluster)
-    -> rollout workers
+    -> the router's reward hosts and services -> rollout workers
 
 A tool asks only for the parts it uses; `close()` stops every process the parts started, Ray's too when this
 build started Ray.
@@ -18,7 +18,7 @@ from typing import Any
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from morl.cluster import alive_nodes, check_fits, cluster_has_gpus, learner_part, rollout_part
+from morl.cluster import alive_nodes, check_fits, cluster_has_gpus, learner_part, reward_part, rollout_part
 from morl.config import RunConfig
 from morl.data.encoding import PromptEncoder, vision_token_ids
 from morl.data.rows import Row
@@ -97,8 +97,8 @@ def build_run(
     (`rewards`, writing what reward functions print to `reward_log_dir`), Ray, and the rollout workers (`workers`,
     loaded from `weights`, default the recipe's model). `model_prepared`: the caller ran prepare_model already.
 
-    Before any actor starts, the cluster is checked to hold the workers and, when the caller will start one
-    (`learner`), the learner's ranks: a recipe that cannot be placed is refused saying what is missing."""
+    Before any actor starts, the cluster is checked to hold the workers, the reward hosts and, when the caller will
+    start one (`learner`), the learner's ranks: a recipe that cannot be placed is refused saying what is missing."""
     if not model_prepared:
         prepare_model(cfg)
     os.environ.update(QUIET_OFFLINE_ENV)
@@ -123,7 +123,11 @@ def build_run(
             init_ray(cfg)
         on_gpus = cluster_has_gpus()
         asked = [rollout_part(cfg, on_gpus)] if workers else []
-        check_fits(asked + ([learner_part(cfg, on_gpus)] if learner else []), alive_nodes())
+        asked += [learner_part(cfg, on_gpus)] if learner else []
+        asked += [reward_part(cfg)] if rewards and cfg.rewards.hosts else []
+        check_fits(asked, alive_nodes())
+        if parts.router is not None:  # its reward hosts and services, before the rollout workers load the model
+            parts.router.start()
         if workers:
             parts.placement = rollout_placement(cfg)
             parts.workers = start_rollout_workers(cfg, weights or cfg.model.path, parts.placement)

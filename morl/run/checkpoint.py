@@ -75,6 +75,8 @@ SAFE_TO_CHANGE = (
     "learner.gradient_checkpointing",
     "learner.max_logprob_mismatch",
     "rewards.num_workers",
+    "rewards.hosts",  # where the same reward functions run
+    "rewards.host_resources",
     "rewards.timeout_s",
     "rewards.max_error_rate",
     "rewards.error_window",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 
-from morl.cluster import alive_nodes, check_shared_dir
+from morl.cluster import PART_LOSSES, PartLostError, alive_nodes, check_shared_dir, lost_nodes
 from morl.config import RunConfig, dump_config
 from morl.learner.group import LearnerGroup
 from morl.run.build import build_run, prepare_model
@@ -26,9 +26,11 @@ from morl.run.checkpoint import (
     Checkpoint,
     CheckpointError,
     capture_rng,
+    checkpoints_dir,
     resolve_resume,
     restore_rng,
     save_checkpoint,
+    step_name,
 )
 from morl.run.collection import RolloutAbandoned, RolloutScheduler
 from morl.run.interrupts import RunInterrupted, StopRequest
@@ -73,7 +75,8 @@ class Trainer:
             learner=True,
         )
         self._started.callback(self.parts.close)
-        if len(alive_nodes()) > 1:  # the ranks write their checkpoint shards where they run
+        self.nodes = alive_nodes()  # to name the one a run loses
+        if len(self.nodes) > 1:  # the ranks write their checkpoint shards where they run
             check_shared_dir(self.out_dir, "trainer.output_dir")
         self.source, self.router, self.workers = self.parts.source, self.parts.router, self.parts.workers
         self.eval_rows = eval_subset(self.parts.held_out, cfg.eval.max_prompts_per_task)
@@ -89,7 +92,7 @@ class Trainer:
         drops_weights = cfg.rollout.colocate and cfg.rollout.sleep_level == 2
         sizes = self.learner.weight_sizes(cfg.model.dtype, trainable_only=not drops_weights)
         self.sync_plan = plan_buckets(sizes, cfg.rollout.sync_bucket_mb * 2**20)
-        self.start_step = 0
+        self.start_step = self.done_step = 0  # done_step: the last step whose metrics are written
         self.saved_step = 0  # the newest step with a checkpoint (0: none)
         self.sft_eval: dict | None = None  # evaluate()'s reward, response_length and prompts
         self._warned_eval_prompts = False
@@ -99,6 +102,16 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
+        """Train to trainer.max_steps, then save final/ and evaluate it; the held-out scores (empty when off).
+
+        An actor of the run that dies, with its node or alone, stops the run with a PartLostError that names the
+        node and the checkpoint to resume from; what Ray raised is its cause."""
+        try:
+            return self._fit()
+        except PART_LOSSES as exc:
+            raise self._lost(exc) from exc
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         if cfg.eval.enabled and self.resume_from is None:
             self.sft_eval = self.evaluate()
@@ -125,6 +138,7 @@ class Trainer:
                 samples_file.write(*samples)
                 self.trackers.log(step, metrics, samples)
                 progress.update(metrics)
+                self.done_step = step
                 if step == last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                     self.save_checkpoint(step)
                 if self.stop.requested:
@@ -141,6 +155,20 @@ class Trainer:
             self.trackers.log_eval(last, held_out)
         write_model_card(final, cfg, last, held_out)
         return held_out or {}
+
+    def _lost(self, exc: BaseException) -> PartLostError:
+        gone = lost_nodes(self.nodes)
+        what = (f"node {', '.join(gone)} left the Ray cluster" if gone else
+                "an actor of the run died on a node still alive (its process crashed; that node's Ray logs say why)")
+        cause = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        if self.saved_step:
+            ckpt = checkpoints_dir(self.out_dir) / step_name(self.saved_step)
+            then = (f"its last complete checkpoint, {ckpt}, resumes it: `morl train` with --resume, on the nodes "
+                    f"there are now, with the same learner.num_ranks={self.cfg.learner.num_ranks}")
+        else:
+            then = "no checkpoint had been written: start it again"
+        return PartLostError(f"{what} after step {self.done_step} ({type(exc).__name__}: {cause}). The run stopped; "
+                             f"{then}")
 
     def _stop(self, step: int, state: dict) -> None:
         """End the run after `step` on a signal: checkpoint it unless that is done (or no step trained), then raise."""
@@ -241,7 +269,7 @@ class Trainer:
         # checkpoints written before the scheduler had a state_dict hold its one number under this key
         self.scheduler.load_state_dict(ckpt.state.get("scheduler") or {"valid_rate": ckpt.state["rollout_valid_rate"]})
         restore_rng(ckpt.state["rng"])
-        self.start_step = self.saved_step = ckpt.step
+        self.start_step = self.saved_step = self.done_step = ckpt.step
         self.sft_eval = ckpt.state["eval_sft"]
         console.print(f"resuming from {ckpt.path} (step {ckpt.step} of {self.cfg.trainer.max_steps})")
 
