@@ -108,8 +108,13 @@ def alive_nodes() -> dict[str, dict[str, float]]:
         if node.get("Alive"):
             resources = {k: v for k, v in node["Resources"].items() if not k.startswith("node:")
                          and k not in ("memory", "object_store_memory")}
-            nodes[f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"] = resources
+            nodes[_node_name(node)] = resources
     return nodes
+
+
+def _node_name(node: dict) -> str:
+    """A node as the run names it: its address and node id prefix (nodes of one machine share the address)."""
+    return f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"
 
 
 def lost_nodes(before: dict[str, dict[str, float]], wait_s: float = NODE_DEATH_WAIT_S) -> list[str]:
@@ -196,7 +201,7 @@ def check_shared_dir(directory: Path, key: str) -> None:
             strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
             refs.append(_sees.options(scheduling_strategy=strategy).remote(str(marker), token, str(reply)))
         blind = [
-            node["NodeManagerAddress"]
+            _node_name(node)
             for node, seen, reply in zip(nodes, ray.get(refs), replies)
             if seen is None or not reply.is_file() or reply.read_text() != token
         ]

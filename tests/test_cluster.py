@@ -1,7 +1,8 @@
 """A run on a Ray cluster of three nodes on this machine (Ray's own multi-node test cluster): learner ranks, rollout
 workers and reward hosts on the nodes their custom resources name, checkpoints in the driver's run directory, a
-resume, a reward module shipped only from the driver (and one whose import fails on a node, named), a recipe the
-cluster cannot hold refused before any actor starts, a node lost mid-run, and the fit check's arithmetic."""
+resume, a reward module shipped only from the driver (and one whose import fails on a node, named), a run directory
+the nodes cannot see and a recipe the cluster cannot hold, each refused before any actor starts, a node lost
+mid-run, and the fit check's arithmetic."""
 
 import json
 import os
@@ -129,6 +130,25 @@ def test_a_recipe_the_cluster_cannot_hold_is_refused_before_any_actor_starts(clu
     assert "the Ray cluster cannot hold this recipe" in done.stderr and "rollout workers do not fit" in done.stderr
     assert "rollout_node: 3 asked, 2 in the cluster" in done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_directory_the_nodes_cannot_see_is_refused_naming_them(cluster, toy_world, tmp_path):
+    cluster, _, _ = cluster
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    train = [sys.executable, "-m", "morl.cli", "train", recipe, f"toy_world.root={toy_world}", *OVERRIDES, *PLACED,
+             "--ray-address", cluster.address, "--output-dir", str(shared / "run")]
+    # the driver in a mount namespace of its own, where `shared` is a tmpfs: a disk only the driver's machine has
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", f'mount -t tmpfs none {shared} && exec "$@"', "sh",
+                           *train], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **LOOPBACK, "PYTHONPATH": str(TESTS), "COLUMNS": "200"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"trainer.output_dir {shared / 'run'}: not shared with node(s) 127.0.0.1 (" in done.stderr
+    named = done.stderr.split("not shared with node(s)", 1)[1].split("(a marker", 1)[0]
+    every = [cluster.head_node, *cluster.worker_nodes]
+    assert all(f"({node.node_id[:8]})" in named for node in every), named
+    assert not list(shared.iterdir())  # the driver's tmpfs is gone with it; nothing reached the disk underneath
 
 
 def steps_logged(run) -> list[int]:

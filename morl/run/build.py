@@ -18,7 +18,15 @@ from typing import Any
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from morl.cluster import alive_nodes, check_fits, cluster_has_gpus, learner_part, reward_part, rollout_part
+from morl.cluster import (
+    alive_nodes,
+    check_fits,
+    check_shared_dir,
+    cluster_has_gpus,
+    learner_part,
+    reward_part,
+    rollout_part,
+)
 from morl.config import RunConfig
 from morl.data.encoding import PromptEncoder, vision_token_ids
 from morl.data.rows import Row
@@ -92,13 +100,15 @@ def build_run(
     reward_log_dir: Path | None = None,
     model_prepared: bool = False,
     learner: bool = False,
+    run_dir: Path | None = None,
 ) -> RunParts:
     """The parts `cfg` describes: the prompt source (`prompts`), the held-out rows (`held_out`), the reward router
     (`rewards`, writing what reward functions print to `reward_log_dir`), Ray, and the rollout workers (`workers`,
     loaded from `weights`, default the recipe's model). `model_prepared`: the caller ran prepare_model already.
 
     Before any actor starts, the cluster is checked to hold the workers, the reward hosts and, when the caller will
-    start one (`learner`), the learner's ranks: a recipe that cannot be placed is refused saying what is missing."""
+    start one (`learner`), the learner's ranks: a recipe that cannot be placed is refused saying what is missing.
+    On a cluster of more than one node, `run_dir` (where the ranks write checkpoint shards) must be shared by all."""
     if not model_prepared:
         prepare_model(cfg)
     os.environ.update(QUIET_OFFLINE_ENV)
@@ -125,7 +135,10 @@ def build_run(
         asked = [rollout_part(cfg, on_gpus)] if workers else []
         asked += [learner_part(cfg, on_gpus)] if learner else []
         asked += [reward_part(cfg)] if rewards and cfg.rewards.hosts else []
-        check_fits(asked, alive_nodes())
+        nodes = alive_nodes()
+        check_fits(asked, nodes)
+        if run_dir is not None and len(nodes) > 1:
+            check_shared_dir(run_dir, "trainer.output_dir")
         if parts.router is not None:  # its reward hosts and services, before the rollout workers load the model
             parts.router.start()
         if workers:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 
-from morl.cluster import PART_LOSSES, PartLostError, alive_nodes, check_shared_dir, lost_nodes
+from morl.cluster import PART_LOSSES, PartLostError, alive_nodes, lost_nodes
 from morl.config import RunConfig, dump_config
 from morl.learner.group import LearnerGroup
 from morl.run.build import build_run, prepare_model
@@ -72,12 +72,10 @@ class Trainer:
         start_weights = str(self.resume_from.policy_dir) if self.resume_from else None
         self.parts = build_run(
             cfg, held_out=True, weights=start_weights, reward_log_dir=self.out_dir / "logs", model_prepared=True,
-            learner=True,
+            learner=True, run_dir=self.out_dir,
         )
         self._started.callback(self.parts.close)
         self.nodes = alive_nodes()  # to name the one a run loses
-        if len(self.nodes) > 1:  # the ranks write their checkpoint shards where they run
-            check_shared_dir(self.out_dir, "trainer.output_dir")
         self.source, self.router, self.workers = self.parts.source, self.parts.router, self.parts.workers
         self.eval_rows = eval_subset(self.parts.held_out, cfg.eval.max_prompts_per_task)
         self.eval_prompts = prompt_set(self.eval_rows)  # which prompts an SFT score must share to be compared
