@@ -5,7 +5,8 @@ Each learner rank and each rollout worker is one placement-group bundle: its CPU
 GPUs) and the custom resources of `learner.resources` / `rollout.resources`, which is how a recipe pins a part to
 the nodes that declared them (`ray start --resources='{"rollout_node": 8}'`). The learner's ranks are packed
 (PACK: as few nodes as possible, so the gradient all-reduce stays inside a node when it can); the rollout workers
-are packed or spread (`rollout.placement`).
+are packed or spread (`rollout.placement`). Reward hosts (`rewards.hosts`) are actors of their own, spread over
+the nodes that have `rewards.host_resources`; the fit check counts them like bundles.
 """
 
 from __future__ import annotations

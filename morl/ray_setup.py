@@ -8,8 +8,8 @@ import math
 import os
 import site
 import sysconfig
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
