@@ -56,24 +56,6 @@ def actors_by_class(address: str) -> dict[str, set[str]]:
         ray.shutdown()
 
 
-def test_a_run_places_its_parts_on_the_named_nodes_and_resumes(cluster, toy_world, tmp_path):
-    cluster, learner_node, rollout_node = cluster
-    rollout_node = rollout_node.node_id
-    run = tmp_path / "run"
-    address = ["--ray-address", cluster.address]
-    morl_train(toy_world, run, *PLACED, *address, env=LOOPBACK)
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert (run / "checkpoints" / "step_000002" / "trainer_state.json").is_file()  # in the driver's run directory
-    placed = actors_by_class(cluster.address)
-    assert placed["PolicyLearner"] == {learner_node}
-    assert placed["RolloutWorker"] == {rollout_node}
-    assert not list(run.glob(".morl-storage-check-*"))  # the shared-directory markers are cleaned up
-
-    done = morl_train(toy_world, run, *PLACED, *address, "trainer.max_steps=3", "--resume", env=LOOPBACK)
-    assert "resuming from" in done.stdout
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-
-
 SHIPPED_REWARD = """
 from morl.rewards.registry import reward
 
@@ -87,18 +69,28 @@ ON_THE_REWARD_NODE = ["rewards.hosts=1", "rewards.host_resources={reward_node: 1
                                                                                      "choice"))]
 
 
-def test_reward_hosts_run_a_module_shipped_only_from_the_driver(cluster, toy_world, tmp_path):
-    cluster, _, _ = cluster
+def test_a_run_places_its_parts_on_the_named_nodes_runs_shipped_rewards_and_resumes(cluster, toy_world, tmp_path):
+    cluster, learner_node, rollout_node = cluster
     code, cwd = tmp_path / "code", tmp_path / "cwd"  # the cluster's workers see neither (Ray adds the driver's cwd)
     code.mkdir(), cwd.mkdir()
-    (code / "shipped_reward.py").write_text(SHIPPED_REWARD)
+    (code / "shipped_reward.py").write_text(SHIPPED_REWARD)  # on the driver's PYTHONPATH only
     run = tmp_path / "run"
-    morl_train(toy_world, run, *PLACED, *ON_THE_REWARD_NODE, "rewards.modules=[shipped_reward]",
-               "--ray-address", cluster.address, env={**LOOPBACK, "PYTHONPATH": str(code)}, cwd=cwd)
+    recipe = [*PLACED, *ON_THE_REWARD_NODE, "rewards.modules=[shipped_reward]", "--ray-address", cluster.address]
+    driver = {"env": {**LOOPBACK, "PYTHONPATH": str(code)}, "cwd": cwd}
+    morl_train(toy_world, run, *recipe, **driver)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
-    assert all(m["reward/shipped_length/errors"] == 0 for m in metrics)
-    assert actors_by_class(cluster.address)["RewardHost"] == {cluster.head_node.node_id}
+    assert all(m["reward/shipped_length/errors"] == 0 for m in metrics)  # scored on the host, which imported it
+    assert (run / "checkpoints" / "step_000002" / "trainer_state.json").is_file()  # in the driver's run directory
+    placed = actors_by_class(cluster.address)
+    assert placed["PolicyLearner"] == {learner_node}
+    assert placed["RolloutWorker"] == {rollout_node.node_id}
+    assert placed["RewardHost"] == {cluster.head_node.node_id}
+    assert not list(run.glob(".morl-storage-check-*"))  # the shared-directory markers are cleaned up
+
+    done = morl_train(toy_world, run, *recipe, "trainer.max_steps=3", "--resume", **driver)
+    assert "resuming from" in done.stdout
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 def test_a_reward_module_that_imports_on_the_driver_but_not_on_a_node_is_refused_naming_it(cluster, toy_world,
