@@ -100,6 +100,14 @@ class RolloutConfig(Section):
         return self
 
 
+# the algo.* keys each update rule reads beyond the shared ones (morl/algo/updates.py); another rule's keys are refused
+ALGORITHM_OPTIONS = {"morl": (), "grpo": ("mini_batches", "update_epochs", "clip_low", "clip_high", "kl_coef")}
+ALGORITHM_SUMMARY = {
+    "morl": "one on-policy step per rollout batch: no mini-batches, ratio clip or KL",
+    "grpo": "the vanilla GRPO ablation",
+}
+
+
 class AlgoConfig(Section):
     name: Literal["morl", "grpo"] = Field(
         "morl", description="morl: one on-policy step per rollout batch; grpo: the vanilla GRPO ablation"
@@ -135,14 +143,14 @@ class AlgoConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _grpo_only_options(self) -> AlgoConfig:
-        if self.name != "grpo":
-            for key in ("mini_batches", "update_epochs", "clip_low", "clip_high", "kl_coef"):
-                if (value := getattr(self, key)) != AlgoConfig.model_fields[key].default:
-                    raise ValueError(
-                        f"algo.{key}={value} needs algo.name=grpo (algo.name={self.name} takes one on-policy step "
-                        "per rollout batch: no mini-batches, ratio clip or KL)"
-                    )
+    def _options_of_the_algorithm(self) -> AlgoConfig:
+        for key in {key for keys in ALGORITHM_OPTIONS.values() for key in keys} - set(ALGORITHM_OPTIONS[self.name]):
+            if (value := getattr(self, key)) != AlgoConfig.model_fields[key].default:
+                users = [name for name, keys in ALGORITHM_OPTIONS.items() if key in keys]
+                raise ValueError(
+                    f"algo.{key}={value} needs algo.name={' or '.join(users)} (algo.name={self.name} does not use it; "
+                    f"{ALGORITHM_SUMMARY[self.name]})"
+                )
         return self
 
     @model_validator(mode="after")

@@ -1,13 +1,14 @@
 """Recipes and overrides: every mistake names its key."""
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import typer
 import yaml
 
 from morl.cli import exit_on
-from morl.config import ConfigError, apply_override, dump_config, load_config
+from morl.config import ALGORITHM_OPTIONS, AlgoConfig, ConfigError, apply_override, dump_config, load_config
 
 from helpers import REPO
 
@@ -119,6 +120,14 @@ def test_grpo_options_are_refused_under_morl(recipe, override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=f"{key}=.* needs algo.name=grpo"):
         load_config(recipe, [override])
+
+
+def test_every_update_rule_lists_the_options_it_reads():
+    from morl.algo.updates import UPDATES
+
+    names = set(get_args(AlgoConfig.model_fields["name"].annotation))
+    assert set(UPDATES) == set(ALGORITHM_OPTIONS) == names
+    assert all(key in AlgoConfig.model_fields for keys in ALGORITHM_OPTIONS.values() for key in keys)
 
 
 def test_rollout_correction_options(recipe):
