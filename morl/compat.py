@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,6 +105,28 @@ def loopback_node_ip() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def ray_job_working_dir() -> Path | None:
+    """The folder `ray job submit --working-dir` unpacked this entrypoint into (its cwd); None outside such a job.
+
+    Ray (2.60) hands a job's entrypoint its job config, runtime_env included, in the variable named by
+    ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR. The unpacked folder is on the head node only
+    and Ray's package cache removes it once the job is done with it.
+    """
+    from ray._private.runtime_env import constants
+
+    name = getattr(constants, "RAY_JOB_CONFIG_JSON_ENV_VAR", None)
+    if name is None:
+        import ray
+
+        raise RuntimeError(f"ray {ray.__version__} has no RAY_JOB_CONFIG_JSON_ENV_VAR (checked on 2.60): morl cannot "
+                           "tell whether it runs in a Ray job's uploaded working directory")
+    try:
+        runtime_env = json.loads(os.environ.get(name) or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return Path.cwd().resolve() if runtime_env.get("working_dir") else None
 
 
 # --- transformers: the Qwen2-VL video processor ------------------------------------------------------------------

@@ -18,7 +18,7 @@ import ray
 from morl.config import ConfigError, RunConfig, load_config
 from morl.ray_setup import init_ray, user_code
 
-from helpers import TESTS, is_loopback, listeners
+from helpers import REPO, TESTS, is_loopback, listeners
 
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
@@ -143,6 +143,44 @@ def test_the_users_reward_code_is_shipped_and_installed_code_is_not(tmp_path):
 def test_ray_py_modules_that_do_not_exist_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"ray\.py_modules: .*neither a directory nor a \.py file"):
         load_config(None, [f"model.path={tmp_path}", f"ray.py_modules=[{tmp_path / 'missing'}]"])
+
+
+def test_a_ray_job_refuses_a_run_directory_inside_its_uploaded_working_directory(tmp_path):
+    """A real `ray job submit --working-dir`: the job's relative run directory would live in Ray's unpacked copy."""
+    temp_dir = tempfile.mkdtemp(prefix="morl-job-")  # short: Ray's socket paths must fit in 107 bytes
+    port, dashboard, agent = free_port(), free_port(), free_port()
+    loopback = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    head = subprocess.Popen(
+        [RAY_CLI, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+         f"--temp-dir={temp_dir}",
+         "--disable-usage-stats"],
+        env=loopback, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        ready = Path(temp_dir) / "ray_current_cluster"
+        deadline = time.monotonic() + 120
+        while not ready.exists() and head.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        folder = tmp_path / "job"
+        folder.mkdir()
+        recipe = REPO / "recipes" / "quickstart.yaml"
+        while True:  # the head's job agent comes up a little after the head itself
+            submitted = subprocess.run(
+                [RAY_CLI, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(folder),
+                 "--", sys.executable, "-m", "morl.cli", "train", str(recipe), "-o", "runs/r1"],
+                env=loopback, capture_output=True, text=True, timeout=300,
+            )
+            out = submitted.stdout + submitted.stderr
+            if "No available agent to submit job" not in out or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert submitted.returncode != 0 and "failed" in out, out[-3000:]
+        assert "trainer.output_dir runs/r1: inside this Ray job's unpacked working directory" in out, out[-3000:]
+        assert "-o /shared/runs/NAME" in out
+    finally:
+        stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -18,7 +18,8 @@ from pathlib import Path
 import ray
 
 from morl.cluster import PART_LOSSES, PartLostError, alive_nodes, lost_nodes
-from morl.config import RunConfig, dump_config
+from morl.compat import ray_job_working_dir
+from morl.config import ConfigError, RunConfig, dump_config
 from morl.learner.group import LearnerGroup
 from morl.run.build import build_run, prepare_model
 from morl.run.checkpoint import (
@@ -45,12 +46,25 @@ from morl.run.weight_sync import check_logprob_mismatch, plan_buckets, sync_roll
 log = logging.getLogger("morl.run.trainer")
 
 
+def check_outlives_job(out_dir: Path) -> None:
+    """Refuse a run directory inside the folder a Ray job's uploaded working directory was unpacked into: it is on
+    the head node only, and Ray removes it once the job is done."""
+    job_dir = ray_job_working_dir()
+    if job_dir is not None and out_dir.resolve().is_relative_to(job_dir):
+        raise ConfigError(
+            f"trainer.output_dir {out_dir}: inside this Ray job's unpacked working directory ({job_dir}), which is on "
+            "the head node only and is removed once the job is done; give an absolute path on storage every node "
+            "mounts (-o /shared/runs/NAME)"
+        )
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None, force: bool = False):
         """`resume`: None (a new run), checkpoint.LATEST, or a checkpoint / run directory; see resolve_resume."""
         self.cfg = cfg
         self.force = force
         self.out_dir = Path(cfg.trainer.output_dir)
+        check_outlives_job(self.out_dir)
         prepare_model(cfg)  # a bad model or toy-world root is refused before the run directory exists
         self._started = ExitStack()  # what close() stops, newest first; a failed start stops what it started
         self.run_lock = RunDirLock(self.out_dir).acquire()  # before anything reads or prunes the directory
