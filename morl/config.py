@@ -82,6 +82,11 @@ class RolloutConfig(Section):
     )
     cpu_kv_cache_gib: int = Field(1, gt=0, description="vllm on CPU: KV cache GiB per worker (VLLM_CPU_KVCACHE_SPACE)")
     sync_bucket_mb: int = Field(512, gt=0, description="weight sync: MiB per bucket (one transfer call per bucket)")
+    weight_transport: Literal["object_store", "broadcast"] = Field(
+        "object_store",
+        description="weight sync: each bucket once through Ray's object store, or broadcast from learner rank 0 to "
+        "every worker in a process group of their own (gloo on CPU, NCCL on GPUs; morl/weight_group.py)",
+    )
     resources: dict[str, float] = Field(
         {}, description="custom Ray resources each worker needs, e.g. {rollout_node: 1}: the workers go on the nodes "
         "that declare them (ray start --resources)"
@@ -89,6 +94,13 @@ class RolloutConfig(Section):
     placement: Literal["pack", "spread"] = Field(
         "pack", description="the workers' placement group: pack them on as few nodes as fit, or spread them over nodes"
     )
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> RolloutConfig:
+        if self.colocate and self.weight_transport == "broadcast":
+            raise ValueError("rollout.weight_transport=broadcast cannot go with rollout.colocate=true: colocated "
+                             "workers map the learner's buckets on its GPU (CUDA IPC), nothing is sent")
+        return self
 
     @model_validator(mode="after")
     def _vllm_only_options(self) -> RolloutConfig:

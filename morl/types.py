@@ -95,13 +95,15 @@ class TensorMeta:
 class PackedBucket:
     """Named tensors laid end to end in one flat buffer of a single dtype: the unit a weight sync moves.
 
-    Exactly one of `flat` (the buffer itself) and `cuda_ipc` (a handle to a buffer on the sender's GPU, see
-    `morl.compat.share_by_cuda_ipc`) is set.
+    Exactly one of `flat` (the buffer itself), `cuda_ipc` (a handle to a buffer on the sender's GPU, see
+    `morl.compat.share_by_cuda_ipc`) and `broadcast` (the buffer's size and dtype: it arrives over the weight group,
+    morl/weight_group.py) is set.
     """
 
     metas: list[TensorMeta]
     flat: torch.Tensor | None = None
     cuda_ipc: tuple[Callable[..., torch.Tensor], tuple[Any, ...]] | None = None
+    broadcast: tuple[int, str] | None = None
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """(name, view into the buffer) for each tensor, in packing order."""

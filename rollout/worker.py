@@ -16,6 +16,7 @@ import torch
 
 from morl.rollout.types import Completion, RolloutEngine, SamplingParams
 from morl.types import EncodedPrompt, PackedBucket
+from morl.weight_group import WeightGroup
 
 CONCURRENCY_GROUPS = {"control": 1}
 
@@ -55,8 +56,16 @@ class RolloutWorker:
         with self._lock:
             return call_id in self._aborted
 
+    def join_weight_group(self, addr: str, port: int, rank: int, world: int) -> None:
+        """Join the weight broadcast group as receiver `rank` (morl/weight_group.py)."""
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the GPU Ray gave this actor
+        self.weight_group = WeightGroup(addr, port, rank, world, device)
+
     def load_weights(self, weights: PackedBucket | dict[str, torch.Tensor]) -> None:
-        """One sync bucket (`morl.types.PackedBucket`), or a whole {name: tensor} state."""
+        """One sync bucket (`morl.types.PackedBucket`; its buffer received here when it comes by broadcast), or a
+        whole {name: tensor} state."""
+        if isinstance(weights, PackedBucket) and weights.broadcast is not None:
+            weights = PackedBucket(weights.metas, flat=self.weight_group.receive(*weights.broadcast))
         self.engine.load_weights(weights.tensors() if isinstance(weights, PackedBucket) else weights.items())
 
     def sleep(self, level: int) -> None:

@@ -1,6 +1,6 @@
 """A run on a Ray cluster of three nodes on this machine (Ray's own multi-node test cluster): learner ranks, rollout
-workers and reward hosts on the nodes their custom resources name, checkpoints in the driver's run directory, a
-resume, a reward module shipped only from the driver (and one whose import fails on a node, named), a run directory
+workers and reward hosts on the nodes their custom resources name, weights broadcast from the learner's node to
+the rollout node, checkpoints in the driver's run directory, a resume, a reward module shipped only from the driver (and one whose import fails on a node, named), a run directory
 the nodes cannot see and a recipe the cluster cannot hold, each refused before any actor starts, a node lost
 mid-run, and the fit check's arithmetic."""
 
@@ -75,12 +75,14 @@ def test_a_run_places_its_parts_on_the_named_nodes_runs_shipped_rewards_and_resu
     code.mkdir(), cwd.mkdir()
     (code / "shipped_reward.py").write_text(SHIPPED_REWARD)  # on the driver's PYTHONPATH only
     run = tmp_path / "run"
-    recipe = [*PLACED, *ON_THE_REWARD_NODE, "rewards.modules=[shipped_reward]", "--ray-address", cluster.address]
+    recipe = [*PLACED, *ON_THE_REWARD_NODE, "rewards.modules=[shipped_reward]", "rollout.weight_transport=broadcast",
+              "--ray-address", cluster.address]
     driver = {"env": {**LOOPBACK, "PYTHONPATH": str(code)}, "cwd": cwd}
     morl_train(toy_world, run, *recipe, **driver)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["reward/shipped_length/errors"] == 0 for m in metrics)  # scored on the host, which imported it
+    assert metrics[1]["logprob_mismatch"] < 1e-5  # step 2 sampled on the weights broadcast to the other node
     assert (run / "checkpoints" / "step_000002" / "trainer_state.json").is_file()  # in the driver's run directory
     placed = actors_by_class(cluster.address)
     assert placed["PolicyLearner"] == {learner_node}

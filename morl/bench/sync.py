@@ -4,7 +4,8 @@ then the log-prob gap right after each sync, and a sync skipped on purpose.
 The learner and the rollout workers are the run's own Ray actors (the recipe's engine and model).
 "sync" is `morl.run.weight_sync.sync_rollout_weights`: every parameter, gathered and packed bucket by
 bucket, loaded into every worker's engine. "bare" moves the same number of bytes as one flat
-buffer from an actor to as many receiving actors, each copying it into a preallocated buffer:
+buffer from an actor to as many receiving actors, each copying it into a preallocated buffer, by the recipe's
+transport (Ray's object store, or one broadcast in a weight group of the bare actors):
 what the transport costs with no naming, packing or loading. Best of `rounds` for each.
 
 The gap check runs real updates: the workers sample a batch, the learner takes a step on it (its
@@ -16,16 +17,25 @@ from stale weights, which `learner.max_logprob_mismatch` must stop.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import ray
 import torch
 
 from morl.config import RunConfig
 from morl.learner.group import LearnerGroup
+from morl.learner.policy import free_port
 from morl.rollout.fleet import generate_in_order, rollout_sampling
 from morl.run.build import RunParts, build_run
-from morl.run.weight_sync import StaleWeightsError, check_logprob_mismatch, plan_buckets, sync_rollout_weights
+from morl.run.weight_sync import (
+    StaleWeightsError,
+    check_logprob_mismatch,
+    form_weight_group,
+    plan_buckets,
+    sync_rollout_weights,
+)
 from morl.types import TrainBatch
+from morl.weight_group import WeightGroup
 
 DEFAULT_GUARD = 1e-4
 """The stale-weights threshold the check uses when the recipe sets no `learner.max_logprob_mismatch`."""
@@ -38,6 +48,16 @@ class _BareSender:
     def send(self) -> torch.Tensor:
         return self.buffer
 
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join(self, addr: str, port: int, world: int) -> None:
+        self.group = WeightGroup(addr, port, 0, world, torch.device("cpu"))
+
+    def broadcast(self) -> None:
+        self.group.send(self.buffer)
+        self.group.close()  # done once every receiver has it
+
 
 class _BareReceiver:
     def __init__(self, nbytes: int):
@@ -46,6 +66,12 @@ class _BareReceiver:
     def receive(self, flat: torch.Tensor) -> None:
         self.buffer.copy_(flat)
 
+    def join(self, addr: str, port: int, rank: int, world: int) -> None:
+        self.group = WeightGroup(addr, port, rank, world, torch.device("cpu"))
+
+    def receive_broadcast(self) -> None:
+        self.buffer.copy_(self.group.receive(self.buffer.numel(), "uint8"))
+
 
 def bench_sync(cfg: RunConfig, rounds: int) -> dict:
     parts = build_run(cfg, rewards=False, learner=True)
@@ -53,25 +79,36 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
     workers = parts.workers
     learner = LearnerGroup(cfg, parts.banned_ids)
     cuda_ipc = rc.engine == "vllm" and rc.colocate
+    broadcast = rc.weight_transport == "broadcast"
     plan = plan_buckets(learner.weight_sizes(cfg.model.dtype), rc.sync_bucket_mb * 2**20)
     nbytes = sum(b.nbytes for b in plan)
     sender = ray.remote(num_cpus=0)(_BareSender).remote(nbytes)
     receivers = [ray.remote(num_cpus=0)(_BareReceiver).remote(nbytes) for _ in workers]
+    if broadcast:
+        form_weight_group(learner, workers)
+        addr, port = ray.get(sender.address.remote())
+        world = 1 + len(receivers)
+        ray.get([sender.join.remote(addr, port, world),
+                 *(r.join.remote(addr, port, rank, world) for rank, r in enumerate(receivers, start=1))])
 
     def bare() -> float:
         start = time.perf_counter()
-        flat = sender.send.remote()
-        ray.get([r.receive.remote(flat) for r in receivers])
+        if broadcast:
+            ray.get([sender.broadcast.remote(), *(r.receive_broadcast.remote() for r in receivers)])
+        else:
+            flat = sender.send.remote()
+            ray.get([r.receive.remote(flat) for r in receivers])
         return time.perf_counter() - start
 
-    sync_rollout_weights(learner, workers, plan, dtype=cfg.model.dtype, cuda_ipc=cuda_ipc)  # warm-up
+    def sync() -> float:
+        return sync_rollout_weights(learner, workers, plan, dtype=cfg.model.dtype, cuda_ipc=cuda_ipc,
+                                    broadcast=broadcast).seconds
+
+    sync()  # warm-up
     bare()
-    best_sync = min(
-        sync_rollout_weights(learner, workers, plan, dtype=cfg.model.dtype, cuda_ipc=cuda_ipc).seconds
-        for _ in range(rounds)
-    )
+    best_sync = min(sync() for _ in range(rounds))
     best_bare = min(bare() for _ in range(rounds))
-    gaps = logprob_gaps(parts, learner, plan, rounds, cuda_ipc)
+    gaps = logprob_gaps(parts, learner, rounds, sync)
     learner.close()
     for actor in [sender, *receivers]:
         ray.kill(actor)
@@ -79,7 +116,7 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
     gb = nbytes / 1e9
     return {
         "engine": rc.engine,
-        "transport": "cuda_ipc" if cuda_ipc else "object_store",
+        "transport": "cuda_ipc" if cuda_ipc else rc.weight_transport,
         "workers": len(workers),
         "gb": round(gb, 4),
         "buckets": len(plan),
@@ -91,7 +128,7 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
     }
 
 
-def logprob_gaps(parts: RunParts, learner: LearnerGroup, plan: list, rounds: int, cuda_ipc: bool) -> dict:
+def logprob_gaps(parts: RunParts, learner: LearnerGroup, rounds: int, sync: Callable[[], float]) -> dict:
     """The learner's log-prob gap on batches sampled after each of `rounds` syncs, and after a skipped one."""
     cfg, workers = parts.cfg, parts.workers
     sampling = rollout_sampling(cfg.rollout)
@@ -111,7 +148,7 @@ def logprob_gaps(parts: RunParts, learner: LearnerGroup, plan: list, rounds: int
     step(0)
     synced = []
     for k in range(rounds):
-        sync_rollout_weights(learner, workers, plan, dtype=cfg.model.dtype, cuda_ipc=cuda_ipc)
+        sync()
         synced.append(step(k + 1))  # sampled right after a sync, then an update
     stale = step(rounds + 1)  # the last update was never synced: these samples come from the weights before it
     try:

@@ -39,7 +39,7 @@ class LearnerGroup:
         part = learner_part(cfg, cluster_has_gpus())
         gpus = part.bundle.get("GPU", 0)
         self.placement = ready_placement(part, "PACK")
-        addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=self._bundle(0)).remote())
+        addr, port = self.rank0_address()
         actor = ray.remote(PolicyLearner)
         self.ranks = [
             actor.options(num_cpus=lc.cpus, num_gpus=gpus, scheduling_strategy=self._bundle(rank)).remote(
@@ -85,13 +85,24 @@ class LearnerGroup:
     def weight_sizes(self, dtype: str, trainable_only: bool = False) -> list[tuple[str, int]]:
         return ray.get(self.ranks[0].weight_sizes.remote(dtype, trainable_only))
 
-    def weight_bucket(self, names: list[str], dtype: str, cuda_ipc: bool = False) -> ray.ObjectRef:
+    def rank0_address(self) -> tuple[str, int]:
+        """Rank 0's node address and a port free there now: where a group meeting at rank 0 rendezvous (the
+        learner's own, the weight broadcast group)."""
+        return ray.get(_rendezvous_address.options(scheduling_strategy=self._bundle(0)).remote())
+
+    def join_weight_group(self, addr: str, port: int, world: int) -> ray.ObjectRef:
+        """Rank 0 joins the weight broadcast group as its sender; a future, done once every member has joined."""
+        return self.ranks[0].join_weight_group.remote(addr, port, world)
+
+    def weight_bucket(
+        self, names: list[str], dtype: str, cuda_ipc: bool = False, broadcast: bool = False
+    ) -> ray.ObjectRef:
         """A future of rank 0's packed bucket (so the sync can fetch the next bucket while this one loads).
 
         Under ZeRO-3 every rank takes part in the gather; the other ranks' calls return None.
         """
         ranks = self.ranks if self.zero3 else self.ranks[:1]
-        futures = [rank.weight_bucket.remote(names, dtype, cuda_ipc) for rank in ranks]
+        futures = [rank.weight_bucket.remote(names, dtype, cuda_ipc, broadcast) for rank in ranks]
         return futures[0]
 
     def release_shared_buckets(self) -> None:

@@ -8,8 +8,6 @@ by the whole batch's token count and metrics summed over ranks, so N ranks take 
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import math
 import os
 import re
@@ -30,6 +28,7 @@ from morl.learner.lr_schedule import lr_multiplier
 from morl.learner.shares import MicroBatch, rank_micro_batches, vision_kind
 from morl.run.checkpoint import ENGINE_DIR, POLICY_DIR, CheckpointError, capture_rng, restore_rng
 from morl.types import PackedBucket, TrainBatch
+from morl.weight_group import WeightGroup, bound_store
 
 ENGINE_TAG = "state"  # DeepSpeed's name for the one engine state a checkpoint directory holds
 
@@ -92,21 +91,10 @@ def _set_rendezvous(rendezvous: dict[str, str] | None) -> None:
 
 
 def _init_process_group(backend: str) -> None:
-    """torch.distributed for this rank (from the rendezvous variables), listening on MASTER_ADDR only.
-
-    torch's TCPStore listens on every interface by itself: rank 0 hands it a socket bound to MASTER_ADDR instead,
-    so a local run (MASTER_ADDR 127.0.0.1, Ray on loopback) opens no port beyond loopback; gloo's and NCCL's own
-    sockets then stay on the loopback interface too.
-    """
+    """torch.distributed for this rank (from the rendezvous variables), listening on MASTER_ADDR only."""
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if ipaddress.ip_address(addr).is_loopback:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-    listen_fd = socket.create_server((addr, port)).detach() if rank == 0 else None  # the store owns it from here
-    store = torch.distributed.TCPStore(
-        addr, port, world, is_master=rank == 0, timeout=datetime.timedelta(minutes=5), master_listen_fd=listen_fd
-    )
+    store = bound_store(addr, port, rank, world)
     torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
@@ -280,12 +268,19 @@ class PolicyLearner:
             if p.requires_grad or not trainable_only
         ]
 
-    def weight_bucket(self, names: list[str], dtype: str, cuda_ipc: bool = False) -> PackedBucket | None:
+    def join_weight_group(self, addr: str, port: int, world: int) -> None:
+        """Become rank 0, the sender, of the weight broadcast group (rank 0 of the learner only)."""
+        self.weight_group = WeightGroup(addr, port, 0, world, torch.device(self.engine.device))
+
+    def weight_bucket(
+        self, names: list[str], dtype: str, cuda_ipc: bool = False, broadcast: bool = False
+    ) -> PackedBucket | None:
         """These parameters gathered from their ZeRO-3 shards into one flat `dtype` buffer, on rank 0.
 
         Under ZeRO-3 every rank must take part in the gather; only rank 0 packs (the others return None).
         On CPU for Ray's object store, or (`cuda_ipc`) left on this GPU and shared by a handle,
-        kept alive by `shared_buckets` until the receivers have loaded it.
+        kept alive by `shared_buckets` until the receivers have loaded it, or (`broadcast`) sent over the weight
+        group, the bucket answering with its layout only.
         """
         import deepspeed
 
@@ -295,6 +290,9 @@ class PolicyLearner:
             if self.rank != 0:
                 return None
             bucket = pack_bucket([(n, p.detach()) for n, p in zip(names, chosen)], getattr(torch, dtype))
+        if broadcast:
+            self.weight_group.send(bucket.flat)
+            return PackedBucket(bucket.metas, broadcast=(bucket.flat.numel(), dtype))
         return self.shared_buckets.share(bucket) if cuda_ipc else bucket.to_cpu()
 
     def release_shared_buckets(self) -> None:

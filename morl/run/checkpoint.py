@@ -67,6 +67,7 @@ SAFE_TO_CHANGE = (
     "rollout.prompts_per_call",
     "rollout.calls_per_worker",
     "rollout.sync_bucket_mb",
+    "rollout.weight_transport",  # how the same weights reach the workers
     "rollout.resources",  # which nodes the workers run on
     "rollout.placement",
     "learner.resources",

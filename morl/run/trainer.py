@@ -41,7 +41,7 @@ from morl.run.evaluation import eval_report, eval_subset, evaluate
 from morl.run.model_card import write_model_card
 from morl.run.step import PhaseTimer, build_batch, prompt_set, reward_metrics, sample_rows
 from morl.run.trackers import Trackers
-from morl.run.weight_sync import check_logprob_mismatch, plan_buckets, sync_rollout_weights
+from morl.run.weight_sync import check_logprob_mismatch, form_weight_group, plan_buckets, sync_rollout_weights
 
 log = logging.getLogger("morl.run.trainer")
 
@@ -104,6 +104,9 @@ class Trainer:
         drops_weights = cfg.rollout.colocate and cfg.rollout.sleep_level == 2
         sizes = self.learner.weight_sizes(cfg.model.dtype, trainable_only=not drops_weights)
         self.sync_plan = plan_buckets(sizes, cfg.rollout.sync_bucket_mb * 2**20)
+        self.broadcast = cfg.rollout.weight_transport == "broadcast"
+        if self.broadcast:
+            form_weight_group(self.learner, self.workers)
         self.start_step = self.done_step = 0  # done_step: the last step whose metrics are written
         self.saved_step = 0  # the newest step with a checkpoint (0: none)
         self.sft_eval: dict | None = None  # evaluate()'s reward, response_length and prompts
@@ -207,9 +210,8 @@ class Trainer:
             check_logprob_mismatch(metrics["logprob_mismatch"], self.cfg.learner.max_logprob_mismatch, step)
             if colocated:
                 ray.get([w.wake_up.remote(["weights"]) for w in self.workers])
-            sync = sync_rollout_weights(
-                self.learner, self.workers, self.sync_plan, dtype=self.cfg.model.dtype, cuda_ipc=colocated
-            )
+            sync = sync_rollout_weights(self.learner, self.workers, self.sync_plan, dtype=self.cfg.model.dtype,
+                                        cuda_ipc=colocated, broadcast=self.broadcast)
             if colocated:
                 ray.get([w.wake_up.remote(["kv_cache"]) for w in self.workers])
             metrics.update(sync.as_metrics())

@@ -100,20 +100,31 @@ def sync_weights(plan: Sequence[Bucket], fetch: Callable[[Bucket], Any], deliver
     return SyncStats(time.perf_counter() - start, sum(b.nbytes for b in plan), len(plan))
 
 
+def form_weight_group(learner, workers: Sequence[Any]) -> None:
+    """The weight broadcast group (morl/weight_group.py) of learner rank 0 and `workers`, met at rank 0's node."""
+    import ray
+
+    addr, port = learner.rank0_address()
+    world = 1 + len(workers)
+    ray.get([learner.join_weight_group(addr, port, world),
+             *(w.join_weight_group.remote(addr, port, rank, world) for rank, w in enumerate(workers, start=1))])
+
+
 def sync_rollout_weights(
-    learner, workers: Sequence[Any], plan: Sequence[Bucket], *, dtype: str, cuda_ipc: bool
+    learner, workers: Sequence[Any], plan: Sequence[Bucket], *, dtype: str, cuda_ipc: bool, broadcast: bool = False
 ) -> SyncStats:
     """`sync_weights` between a `morl.learner.group.LearnerGroup` and `RolloutWorker` Ray actors.
 
-    `cuda_ipc` (vLLM colocated on the learner's GPU) sends handles instead of bytes; otherwise each
-    bucket travels once through Ray's object store (CPU), shared by all workers.
+    `cuda_ipc` (vLLM colocated on the learner's GPU) sends handles instead of bytes; `broadcast` sends each
+    bucket's buffer over the weight group (form_weight_group first), the bucket's layout through Ray; otherwise
+    each bucket travels once through Ray's object store (CPU), shared by all workers.
     """
     import ray
 
     def deliver(ref) -> None:
         ray.get([w.load_weights.remote(ref) for w in workers])
 
-    stats = sync_weights(plan, lambda b: learner.weight_bucket(list(b.names), dtype, cuda_ipc), deliver)
+    stats = sync_weights(plan, lambda b: learner.weight_bucket(list(b.names), dtype, cuda_ipc, broadcast), deliver)
     if cuda_ipc:
         learner.release_shared_buckets()
     return stats

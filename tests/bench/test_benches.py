@@ -53,3 +53,14 @@ def test_a_skipped_sync_into_vllm_is_stopped_by_the_mismatch_guard(toy_world):
     assert float(numbers["mismatch_after_sync_max"]) < 1e-5
     assert float(numbers["mismatch_stale"]) > 1e-4
     assert numbers["stale_run_stopped"] == "True"
+
+
+def test_a_broadcast_sync_reaches_every_worker(toy_world):
+    """`morl bench sync` over the weight broadcast group (gloo on CPU) to two HF workers: each sync leaves both at
+    the learner's weights (the gap at numerics level), a skipped one is stopped, and the bare broadcast is timed."""
+    numbers = report(bench("sync", toy_world, *SMALL, "rollout.num_workers=2", "rollout.weight_transport=broadcast",
+                           "learner.max_logprob_mismatch=1e-4", "learner.lr=1e-3", "--rounds", "1"))
+    assert numbers["transport"] == "broadcast" and numbers["workers"] == "2"
+    assert float(numbers["mismatch_after_sync_max"]) < 1e-5
+    assert float(numbers["mismatch_stale"]) > 1e-4 and numbers["stale_run_stopped"] == "True"
+    assert float(numbers["bare_seconds_per_gb"]) > 0 and float(numbers["sync_over_bare"]) > 0

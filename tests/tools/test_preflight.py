@@ -240,3 +240,5 @@ def test_colocated_vllm_needs_a_one_rank_learner():
     assert load_config(None, colocated).learner.num_ranks == 1
     with pytest.raises(ConfigError, match=r"rollout\.colocate=true needs learner\.num_ranks=1 \(got 2\)"):
         load_config(None, [*colocated, "learner.num_ranks=2"])
+    with pytest.raises(ConfigError, match=r"rollout\.weight_transport=broadcast cannot go with rollout\.colocate"):
+        load_config(None, [*colocated, "rollout.weight_transport=broadcast"])
