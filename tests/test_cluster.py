@@ -1,8 +1,8 @@
 """A run on a Ray cluster of three nodes on this machine (Ray's own multi-node test cluster): learner ranks, rollout
 workers and reward hosts on the nodes their custom resources name, weights broadcast from the learner's node to
-the rollout node, checkpoints in the driver's run directory, a resume, a reward module shipped only from the driver (and one whose import fails on a node, named), a run directory
-the nodes cannot see and a recipe the cluster cannot hold, each refused before any actor starts, a node lost
-mid-run, and the fit check's arithmetic."""
+the rollout node, checkpoints in the driver's run directory, a resume, a reward module shipped only from the
+driver (and one whose import fails on a node, named), a run directory the nodes cannot see and a recipe the
+cluster cannot hold, each refused before any actor starts, a node lost mid-run, and the fit check's arithmetic."""
 
 import json
 import os
