@@ -41,7 +41,7 @@ class WeightGroup:
     def __init__(self, addr: str, port: int, rank: int, world: int, device: torch.device):
         store = bound_store(addr, port, rank, world)
         if device.type == "cuda":
-            self.group = dist.ProcessGroupNCCL(store, rank, world)
+            self.group = dist.ProcessGroupNCCL(store, rank, world, TIMEOUT)
         else:
             self.group = dist.ProcessGroupGloo(store, rank, world, TIMEOUT)
         self.device = device
