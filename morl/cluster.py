@@ -1,5 +1,5 @@
 """Where a run's actors go on a Ray cluster: the bundle each part asks for, a check that the cluster can hold them
-all before anything starts, the check that every node sees the run directory, and naming the node a run lost.
+all before anything starts, which nodes cannot see the run directory, and naming the node a run lost.
 
 Each learner rank and each rollout worker is one placement-group bundle: its CPUs, its GPU (on a cluster that has
 GPUs) and the custom resources of `learner.resources` / `rollout.resources`, which is how a recipe pins a part to
@@ -32,7 +32,7 @@ PART_LOSSES = (RayActorError, NodeDiedError, ObjectLostError, WorkerCrashedError
 
 
 class ClusterError(RuntimeError):
-    """The cluster cannot hold the recipe, or one of its nodes cannot see the run directory; the message says what."""
+    """The cluster cannot hold the recipe, or a part of it did not start; the message says what."""
 
 
 class PartLostError(ClusterError):
@@ -183,9 +183,10 @@ def _sees(marker: str, token: str, reply: str) -> str | None:
     return ray.util.get_node_ip_address()
 
 
-def check_shared_dir(directory: Path, key: str) -> None:
-    """Refuse `directory` unless every alive node reads the driver's marker there and the driver reads each
-    node's reply: checkpoint shards, written by the ranks where they live, must land where the driver resumes."""
+def nodes_blind_to(directory: Path) -> dict[str, str]:
+    """The alive nodes that cannot see `directory` as the driver does, {node id: name}: each node must read the
+    driver's marker there and the driver must read each node's reply (morl/staging.py copies the checkpoint files
+    of learner ranks on those nodes)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -201,16 +202,11 @@ def check_shared_dir(directory: Path, key: str) -> None:
             replies.append(reply)
             strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
             refs.append(_sees.options(scheduling_strategy=strategy).remote(str(marker), token, str(reply)))
-        blind = [
-            _node_name(node)
+        return {
+            node["NodeID"]: _node_name(node)
             for node, seen, reply in zip(nodes, ray.get(refs), replies)
             if seen is None or not reply.is_file() or reply.read_text() != token
-        ]
+        }
     finally:
         for path in (marker, *replies):
             path.unlink(missing_ok=True)
-    if blind:
-        raise ClusterError(
-            f"{key} {directory}: not shared with node(s) {', '.join(blind)} (a marker written there was not seen "
-            "both ways): put the run directory on a filesystem every node mounts at the same path"
-        )

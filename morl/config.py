@@ -285,6 +285,12 @@ class RayConfig(Section):
         "runtime_env py_modules), for code the reward modules import; the reward modules themselves (rewards.modules "
         "and module:function routes) are shipped without being listed, unless installed",
     )
+    staging_dir: str | None = Field(
+        None,
+        description="on a cluster whose nodes do not all see trainer.output_dir: the node-local directory where "
+        "learner ranks on those nodes write checkpoints before the driver copies them into the run directory, and "
+        "where a resume sends them back (null: each node's temp directory; needs room for one checkpoint)",
+    )
 
     @field_validator("py_modules")
     @classmethod

@@ -11,8 +11,10 @@ that call's error, as in the driver's pool.
 from __future__ import annotations
 
 import asyncio
+import logging
+import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +26,7 @@ from morl.rewards.sandbox import Outcome, SandboxPool
 from morl.rewards.types import RewardInput
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 START_TIMEOUT_S = 180.0  # a host's workers import sympy and the reward modules: slower on a busy node
 
 
@@ -37,8 +40,14 @@ def node_name() -> str:
 class RewardHost:
     """A sandbox pool on one node; `run` answers one sample's calls as their outcomes."""
 
-    def __init__(self, num_workers: int, timeout_s: float, modules: Sequence[str], output_log: str | None):
+    def __init__(self, num_workers: int, timeout_s: float, modules: Sequence[str], output_log: str | None,
+                 blind_nodes: Collection[str] = ()):
+        """`blind_nodes`: ids of the nodes that cannot see the run directory `output_log` is in; on one of those,
+        what the reward functions print goes to a directory of this node's own instead."""
         self.node = node_name()
+        if output_log and ray.get_runtime_context().get_node_id() in blind_nodes:
+            output_log = str(Path(tempfile.mkdtemp(prefix="morl-reward-log-")) / Path(output_log).name)
+        self.output_log = output_log
         self.failure: str | None = None  # why the pool did not start, for the driver to report (start())
         self.pool: SandboxPool | None = None
         try:
@@ -47,9 +56,9 @@ class RewardHost:
         except RuntimeError as e:
             self.failure = str(e)
 
-    def start(self) -> tuple[str, str | None]:
-        """This host's node, and why its sandbox did not start (None: it did)."""
-        return self.node, self.failure
+    def start(self) -> tuple[str, str | None, str | None]:
+        """This host's node, why its sandbox did not start (None: it did), and where its output log is."""
+        return self.node, self.failure, self.output_log
 
     async def run(self, sample: RewardInput, calls: Sequence[tuple[str, str]]) -> list[Outcome]:
         return await asyncio.wrap_future(self.pool.submit(sample, calls, list))
@@ -64,13 +73,11 @@ class HostedPool:
     the fewest samples in flight."""
 
     def __init__(self, hosts: int, num_workers: int, timeout_s: float, modules: Sequence[str],
-                 resources: dict[str, float], log_dir: Path | None):
+                 resources: dict[str, float], log_dir: Path | None, blind_nodes: Collection[str] = ()):
         options = {"num_cpus": num_workers, "resources": resources, "scheduling_strategy": "SPREAD"}
+        logs = [str(log_dir / f"rewards.host{i}.log") if log_dir is not None else None for i in range(hosts)]
         self.hosts = [
-            RewardHost.options(**options).remote(
-                num_workers, timeout_s, list(modules),
-                str(log_dir / f"rewards.host{i}.log") if log_dir is not None else None,
-            )
+            RewardHost.options(**options).remote(num_workers, timeout_s, list(modules), logs[i], list(blind_nodes))
             for i in range(hosts)
         ]
         self._in_flight = [0] * hosts
@@ -83,10 +90,14 @@ class HostedPool:
                 f"the {hosts} reward host(s) did not start in {START_TIMEOUT_S + 60:.0f} s: does the cluster have "
                 f"rewards.num_workers={num_workers} CPUs and rewards.host_resources={resources} free for each?"
             ) from None
-        failed = [(node, failure) for node, failure in started if failure is not None]
+        failed = [(node, failure) for node, failure, _ in started if failure is not None]
         if failed:
             self.close()
             raise ClusterError(_start_failure(*failed[0], modules))
+        for i, (node, _, output_log) in enumerate(started):
+            if output_log != logs[i]:
+                log.warning("reward host %d is on node %s, which cannot see the run directory: what its reward "
+                            "functions print goes to %s on that node", i, node, output_log)
 
     def submit(
         self, sample: RewardInput, calls: Sequence[tuple[str, str]], finish: Callable[[list[Outcome]], T]

@@ -13,7 +13,7 @@ import functools
 import logging
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,9 +77,10 @@ class RewardRouter:
         """Task types that have a route."""
         return frozenset(self.cfg.routes)
 
-    def start(self) -> RewardRouter:
-        """Start the recipe's Ray Serve services (ray.init first if Ray is not up) and wait until every service
-        answers; idempotent. Raises RuntimeError naming a service that does not come up."""
+    def start(self, blind_nodes: Collection[str] = ()) -> RewardRouter:
+        """Start the reward hosts and the recipe's Ray Serve services (ray.init first if Ray is not up) and wait
+        until every service answers; idempotent. Raises RuntimeError naming a service that does not come up.
+        `blind_nodes`: the ids of nodes that cannot see the log directory (a host there logs on its node)."""
         with self._start_lock:
             if self._closed:
                 raise RuntimeError("reward router is closed")
@@ -94,7 +95,7 @@ class RewardRouter:
                     from morl.rewards.hosts import HostedPool
 
                     self._pool = HostedPool(cfg.hosts, cfg.num_workers, cfg.timeout_s, cfg.modules,
-                                            cfg.host_resources, self._log_dir)
+                                            cfg.host_resources, self._log_dir, blind_nodes)
                 if launched:
                     from morl.rewards.ray_serve import RayServeServices  # needs ray[serve]: only when asked for
 

@@ -1,11 +1,13 @@
 """A run on a Ray cluster of three nodes on this machine (Ray's own multi-node test cluster): learner ranks, rollout
 workers and reward hosts on the nodes their custom resources name, weights broadcast from the learner's node to
 the rollout node, checkpoints in the driver's run directory, a resume, a reward module shipped only from the
-driver (and one whose import fails on a node, named), a run directory the nodes cannot see and a recipe the
-cluster cannot hold, each refused before any actor starts, a node lost mid-run, and the fit check's arithmetic."""
+driver (and one whose import fails on a node, named), a run directory no node sees (its checkpoints copied to the
+driver, and back for a resume), a recipe the cluster cannot hold, refused before any actor starts, a node lost
+mid-run, and the fit check's arithmetic."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import ray
 
 from morl.cluster import ClusterError, Part, check_fits
 from morl.compat import loopback_node_ip
+from morl.run.checkpoint import read_checkpoint
 
 from helpers import OVERRIDES, REPO, TESTS, morl, morl_train
 
@@ -126,25 +129,44 @@ def test_a_recipe_the_cluster_cannot_hold_is_refused_before_any_actor_starts(clu
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_run_directory_the_nodes_cannot_see_is_refused_naming_them(cluster, toy_world, tmp_path):
+def test_a_run_directory_no_node_sees_gets_each_checkpoint_copied_to_the_driver_and_a_resume_sends_it_back(
+        cluster, toy_world, tmp_path):
     if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs a mount namespace of its own (unshare --mount: root, or CAP_SYS_ADMIN)")
-    cluster, _, _ = cluster
-    shared = tmp_path / "shared"
+    cluster, learner_node, _ = cluster
+    shared, seen, staging = tmp_path / "shared", tmp_path / "seen", tmp_path / "staging"
     shared.mkdir()
+    run = shared / "run"
     recipe = str(REPO / "recipes" / "quickstart.yaml")
     train = [sys.executable, "-m", "morl.cli", "train", recipe, f"toy_world.root={toy_world}", *OVERRIDES, *PLACED,
-             "--ray-address", cluster.address, "--output-dir", str(shared / "run")]
-    # the driver in a mount namespace of its own, where `shared` is a tmpfs: a disk only the driver's machine has
-    done = subprocess.run(["unshare", "--mount", "sh", "-c", f'mount -t tmpfs none {shared} && exec "$@"', "sh",
-                           *train], capture_output=True, text=True, timeout=600,
+             "trainer.save_every=1", f"ray.staging_dir={staging}", "--ray-address", cluster.address,
+             "--output-dir", str(run)]
+    resume = [*train, "trainer.max_steps=3", "--resume"]
+    # the driver in a mount namespace of its own, where `shared` is a tmpfs: a disk only the driver's machine has;
+    # both runs in it, and the run directory copied out for the checks below before the tmpfs goes with it
+    script = (f"mount -t tmpfs none {shared} && {shlex.join(train)} && {shlex.join(resume)}; status=$?; "
+              f"cp -r {run} {seen}; exit $status")
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=900,
                           env={**os.environ, **LOOPBACK, "PYTHONPATH": str(TESTS), "COLUMNS": "200"})
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert f"trainer.output_dir {shared / 'run'}: not shared with node(s) 127.0.0.1 (" in done.stderr
-    named = done.stderr.split("not shared with node(s)", 1)[1].split("(a marker", 1)[0]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     every = [cluster.head_node, *cluster.worker_nodes]
-    assert all(f"({node.node_id[:8]})" in named for node in every), named
-    assert not list(shared.iterdir())  # the driver's tmpfs is gone with it; nothing reached the disk underneath
+    warned = done.stderr.split("is not shared with node(s)", 1)[1].split(": learner ranks", 1)[0]
+    assert all(f"({node.node_id[:8]})" in warned for node in every), warned
+    learner = f"127.0.0.1 ({learner_node[:8]})"
+    for copied in ("checkpoint step_000001", "checkpoint step_000002", "checkpoint step_000003", "final"):
+        assert f"{copied}: copied from node {learner}: " in done.stdout, done.stdout[-3000:]
+    assert "resuming from" in done.stdout
+    checkpoints = sorted(path.name for path in (seen / "checkpoints").iterdir())
+    assert checkpoints == ["step_000002", "step_000003"]  # keep_last=2, every one whole (its manifest checks out)
+    engine = {f.name for f in (read_checkpoint(seen / "checkpoints" / "step_000003").path / "deepspeed").rglob("*")}
+    assert {"mp_rank_00_model_states.pt", "latest"} <= engine and any(n.endswith("optim_states.pt") for n in engine)
+    assert (seen / "final" / "model.safetensors").is_file()
+    metrics = [json.loads(line) for line in (seen / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    # step 3 sampled on the weights the resume sent back to the learner node and synced to the rollout node
+    assert metrics[2]["logprob_mismatch"] < 1e-5
+    assert not list(shared.iterdir())  # no node wrote a run directory of its own under the driver's path
+    assert not list(staging.iterdir())  # each staged copy is gone, and the staging directory with the run
 
 
 def steps_logged(run) -> list[int]:

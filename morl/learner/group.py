@@ -6,12 +6,14 @@ GPU each on a GPU cluster (none when colocated: the learner shares the vLLM work
 of torch.distributed (nccl on GPUs, gloo on CPU). One rank and N ranks are the same code.
 
 Collective calls (the update, ZeRO-3 gathers, saves and loads) go to every rank at once and answer with
-rank 0's result; the others go to rank 0 alone.
+rank 0's result; the others go to rank 0 alone. Ranks on a node that cannot see the run directory save into a
+staging directory on their node, which the group copies into the run directory (morl/staging.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -22,18 +24,23 @@ from morl.cluster import cluster_has_gpus, learner_part, ready_placement
 from morl.config import RunConfig
 from morl.learner.policy import PolicyLearner, free_port
 from morl.ray_setup import threads_for
+from morl.run.checkpoint import ENGINE_DIR
+from morl.staging import Copied, pull, push, start_stage
 from morl.types import TrainBatch
+
+RESUME_STAGE = "resume"  # the staged name of the engine state a resume sends to the blind nodes
 
 
 @ray.remote(num_cpus=0)
-def _rendezvous_address() -> tuple[str, int]:
-    """Rank 0's node address and a port free there (run in rank 0's bundle)."""
-    return ray.util.get_node_ip_address(), free_port()
+def _bundle_node() -> tuple[str, str, int]:
+    """The node of the bundle this runs in: its address, its id, and a port free there now."""
+    return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id(), free_port()
 
 
 class LearnerGroup:
-    def __init__(self, cfg: RunConfig, banned_ids: Sequence[int] = ()):
-        """Start the ranks of `cfg.learner` (the policy of `cfg.model`, sampled at `cfg.rollout.temperature`)."""
+    def __init__(self, cfg: RunConfig, banned_ids: Sequence[int] = (), blind_nodes: Mapping[str, str] | None = None):
+        """Start the ranks of `cfg.learner` (the policy of `cfg.model`, sampled at `cfg.rollout.temperature`);
+        `blind_nodes` ({node id: name}): the nodes that cannot see the run directory."""
         lc = cfg.learner
         self.zero3 = lc.zero_stage == 3
         part = learner_part(cfg, cluster_has_gpus())
@@ -62,17 +69,29 @@ class LearnerGroup:
             )
             for rank in range(lc.num_ranks)
         ]
+        self.rank_nodes = [node for _, node, _ in ray.get([
+            _bundle_node.options(scheduling_strategy=self._bundle(rank)).remote() for rank in range(lc.num_ranks)
+        ])]
+        # one staging directory on each blind node a rank lives on
+        self.node_names = dict(blind_nodes or {})
+        self.stages = {node: start_stage(node, cfg.ray.staging_dir) for node in dict.fromkeys(self.rank_nodes)
+                       if node in self.node_names}
+        self.stage_dirs = dict(zip(self.stages, ray.get([stage.directory.remote() for stage in self.stages.values()])))
 
     def _bundle(self, rank: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)
 
     def _on_all(self, method: str, *args) -> Any:
-        """`method` on every rank at once (a collective); rank 0's result.
+        """`method` on every rank at once (a collective); rank 0's result."""
+        return self._on_each(method, [args] * len(self.ranks))
+
+    def _on_each(self, method: str, args: Sequence[Sequence[Any]]) -> Any:
+        """`method` on every rank at once, rank k with `args[k]`; rank 0's result.
 
         A rank's OSError (a full disk under a save) is raised as itself, so the caller can tell it from a bug.
         """
         try:
-            return ray.get([getattr(rank, method).remote(*args) for rank in self.ranks])[0]
+            return ray.get([getattr(rank, method).remote(*a) for rank, a in zip(self.ranks, args)])[0]
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, OSError):
                 raise exc.cause from None
@@ -88,7 +107,8 @@ class LearnerGroup:
     def rank0_address(self) -> tuple[str, int]:
         """Rank 0's node address and a port free there now: where a group meeting at rank 0 rendezvous (the
         learner's own, the weight broadcast group)."""
-        return ray.get(_rendezvous_address.options(scheduling_strategy=self._bundle(0)).remote())
+        addr, _, port = ray.get(_bundle_node.options(scheduling_strategy=self._bundle(0)).remote())
+        return addr, port
 
     def join_weight_group(self, addr: str, port: int, world: int) -> ray.ObjectRef:
         """Rank 0 joins the weight broadcast group as its sender; a future, done once every member has joined."""
@@ -108,20 +128,42 @@ class LearnerGroup:
     def release_shared_buckets(self) -> None:
         ray.get(self.ranks[0].release_shared_buckets.remote())
 
-    def save_hf(self, out_dir: str) -> None:
-        self._on_all("save_hf", out_dir)
+    def save_hf(self, out_dir: str) -> dict[str, Copied]:
+        return self._save("save_hf", out_dir)
 
-    def save_checkpoint(self, out_dir: str) -> None:
-        self._on_all("save_checkpoint", out_dir)
+    def save_checkpoint(self, out_dir: str) -> dict[str, Copied]:
+        return self._save("save_checkpoint", out_dir)
+
+    def _save(self, method: str, out_dir: str) -> dict[str, Copied]:
+        """`method(dir)` on every rank, each rank on a blind node writing into its node's staging directory, whose
+        files are then copied into `out_dir`; what each copy moved, by node name."""
+        name = Path(out_dir).name
+        try:
+            self._on_each(method, [(self._local(node, name, out_dir),) for node in self.rank_nodes])
+            return {self.node_names[node]: pull(stage, name, Path(out_dir)) for node, stage in self.stages.items()}
+        finally:
+            ray.get([stage.remove.remote(name) for stage in self.stages.values()])
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
-        self._on_all("load_checkpoint", ckpt_dir)
+        """The checkpoint's engine state into every rank, sent first to the blind nodes' staging directories."""
+        try:
+            for stage in self.stages.values():
+                push(Path(ckpt_dir) / ENGINE_DIR, stage, f"{RESUME_STAGE}/{ENGINE_DIR}")
+            self._on_each("load_checkpoint", [(self._local(node, RESUME_STAGE, ckpt_dir),) for node in self.rank_nodes])
+        finally:
+            ray.get([stage.remove.remote(RESUME_STAGE) for stage in self.stages.values()])
+
+    def _local(self, node: str, name: str, path: str) -> str:
+        """Where a rank on `node` finds `path` of the run directory: there, or staged as `name` on a blind node."""
+        return str(Path(self.stage_dirs[node]) / name) if node in self.stages else path
 
     def apply_on_rank0(self, fn: Callable[..., Any], *args) -> Any:
         """`fn(learner, *args)` inside rank 0's actor (a module-level function, so Ray can ship it)."""
         return ray.get(self.ranks[0].apply.remote(fn, *args))
 
     def close(self) -> None:
-        for rank in self.ranks:
-            ray.kill(rank)
+        if self.stages:  # each removes its staging directory
+            ray.wait([stage.close.remote() for stage in self.stages.values()], num_returns=len(self.stages), timeout=30)
+        for actor in [*self.ranks, *self.stages.values()]:
+            ray.kill(actor)
         remove_placement_group(self.placement)

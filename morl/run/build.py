@@ -10,8 +10,9 @@ build started Ray.
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from morl.cluster import (
     alive_nodes,
     check_fits,
-    check_shared_dir,
     cluster_has_gpus,
     learner_part,
+    nodes_blind_to,
     reward_part,
     rollout_part,
 )
@@ -36,6 +37,8 @@ from morl.rewards.router import RewardRouter
 from morl.rollout.fleet import rollout_placement, start_rollout_workers
 from morl.run.interrupts import children_ignore_sigint
 from morl.run.model_check import check_model_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class RunParts:
     workers: list  # rollout worker actors (empty when not asked for)
     owns_ray: bool
     placement: PlacementGroup | None = None  # the rollout workers' bundles
+    blind_nodes: dict[str, str] = field(default_factory=dict)  # {node id: name} of nodes that cannot see run_dir
 
     def restart_workers(self, weights: str) -> None:
         """Replace the rollout workers with new ones loaded from `weights` (an HF-format directory)."""
@@ -108,7 +112,8 @@ def build_run(
 
     Before any actor starts, the cluster is checked to hold the workers, the reward hosts and, when the caller will
     start one (`learner`), the learner's ranks: a recipe that cannot be placed is refused saying what is missing.
-    On a cluster of more than one node, `run_dir` (where the ranks write checkpoint shards) must be shared by all."""
+    On a cluster of more than one node, the nodes that cannot see `run_dir` (where checkpoints go) are found, for
+    the learner to copy its ranks' files from them (morl/staging.py)."""
     if not model_prepared:
         prepare_model(cfg)
     os.environ.update(QUIET_OFFLINE_ENV)
@@ -138,9 +143,15 @@ def build_run(
         nodes = alive_nodes()
         check_fits(asked, nodes)
         if run_dir is not None and len(nodes) > 1:
-            check_shared_dir(run_dir, "trainer.output_dir")
+            parts.blind_nodes = nodes_blind_to(run_dir)
+            if parts.blind_nodes:
+                log.warning(
+                    "trainer.output_dir %s is not shared with node(s) %s: learner ranks there write checkpoints to "
+                    "their own disk (ray.staging_dir) and the driver copies them here through Ray",
+                    run_dir, ", ".join(parts.blind_nodes.values()),
+                )
         if parts.router is not None:  # its reward hosts and services, before the rollout workers load the model
-            parts.router.start()
+            parts.router.start(parts.blind_nodes)
         if workers:
             parts.placement = rollout_placement(cfg)
             parts.workers = start_rollout_workers(cfg, weights or cfg.model.path, parts.placement)

@@ -41,7 +41,14 @@ from morl.run.evaluation import eval_report, eval_subset, evaluate
 from morl.run.model_card import write_model_card
 from morl.run.step import PhaseTimer, build_batch, prompt_set, reward_metrics, sample_rows
 from morl.run.trackers import Trackers
-from morl.run.weight_sync import check_logprob_mismatch, form_weight_group, plan_buckets, sync_rollout_weights
+from morl.run.weight_sync import (
+    SyncStats,
+    check_logprob_mismatch,
+    form_weight_group,
+    plan_buckets,
+    sync_rollout_weights,
+)
+from morl.staging import Copied
 
 log = logging.getLogger("morl.run.trainer")
 
@@ -56,6 +63,12 @@ def check_outlives_job(out_dir: Path) -> None:
             "the head node only and is removed once the job is done; give an absolute path on storage every node "
             "mounts (-o /shared/runs/NAME)"
         )
+
+
+def report_copies(what: str, copies: dict[str, Copied]) -> None:
+    """A line per node whose learner files were copied into the run directory (morl/staging.py)."""
+    for node, copied in copies.items():
+        console.print(f"{what}: copied from node {node}: {copied}")
 
 
 class Trainer:
@@ -83,10 +96,10 @@ class Trainer:
         # trackers first: one that cannot start fails the run before anything expensive has
         self.trackers = Trackers(cfg, self.out_dir, resume_step=self.resume_from.step if self.resume_from else 0)
         self._started.callback(self.trackers.close)
-        start_weights = str(self.resume_from.policy_dir) if self.resume_from else None
+        # the rollout workers load the recipe's model, on every node; a resume syncs the checkpoint's weights to them
         self.parts = build_run(
-            cfg, held_out=True, weights=start_weights, reward_log_dir=self.out_dir / "logs", model_prepared=True,
-            learner=True, run_dir=self.out_dir,
+            cfg, held_out=True, reward_log_dir=self.out_dir / "logs", model_prepared=True, learner=True,
+            run_dir=self.out_dir,
         )
         self._started.callback(self.parts.close)
         self.nodes = alive_nodes()  # to name the one a run loses
@@ -97,7 +110,7 @@ class Trainer:
         self.stop = StopRequest("abandoning this step's rollout" if self.abandon_on_signal else "finishing this step")
         self.stop.install()
         self._started.callback(self.stop.uninstall)
-        self.learner = LearnerGroup(cfg, self.parts.banned_ids)
+        self.learner = LearnerGroup(cfg, self.parts.banned_ids, self.parts.blind_nodes)
         self._started.callback(self.learner.close)
         self.scheduler = RolloutScheduler.from_config(cfg, self.parts)
         # engines that keep their weights between syncs get only what trains (vLLM sleep level 2 drops them all)
@@ -159,7 +172,7 @@ class Trainer:
                 if self.stop.requested:
                     self._stop(step, self.driver_state())  # the last step included: final/ and the eval wait
         final = self.out_dir / "final"
-        self.learner.save_hf(str(final))
+        report_copies("final", self.learner.save_hf(str(final)))
         held_out = None
         if cfg.eval.enabled:
             policy = self.evaluate()
@@ -210,8 +223,7 @@ class Trainer:
             check_logprob_mismatch(metrics["logprob_mismatch"], self.cfg.learner.max_logprob_mismatch, step)
             if colocated:
                 ray.get([w.wake_up.remote(["weights"]) for w in self.workers])
-            sync = sync_rollout_weights(self.learner, self.workers, self.sync_plan, dtype=self.cfg.model.dtype,
-                                        cuda_ipc=colocated, broadcast=self.broadcast)
+            sync = self.sync_weights()
             if colocated:
                 ray.get([w.wake_up.remote(["kv_cache"]) for w in self.workers])
             metrics.update(sync.as_metrics())
@@ -229,6 +241,11 @@ class Trainer:
         if every and step % every == 0:
             samples = sample_rows(step, rollout.decided, self.cfg.trainer.samples_per_task, self.cfg.algo.adv_eps)
         return metrics, samples
+
+    def sync_weights(self) -> SyncStats:
+        """The learner's weights into every rollout worker."""
+        return sync_rollout_weights(self.learner, self.workers, self.sync_plan, dtype=self.cfg.model.dtype,
+                                    cuda_ipc=self.cfg.rollout.colocate, broadcast=self.broadcast)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -259,17 +276,19 @@ class Trainer:
 
     def _write_checkpoint(self, directory: Path, step: int) -> None:
         """The learner's files, and the policy's model card with the SFT table (the policy is evaluated at the end)."""
-        self.learner.save_checkpoint(str(directory))
+        report_copies(f"checkpoint {step_name(step)}", self.learner.save_checkpoint(str(directory)))
         sft = self._comparable_sft()
         write_model_card(directory / POLICY_DIR, self.cfg, step, {"sft": sft["reward"]} if sft else None)
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from `ckpt`: learner weights and optimizer, prompt order, reward counters, RNGs, step counter.
 
-        The rollout workers were started from the checkpoint's policy. A data set whose size changed cannot continue
-        its saved order; with --force the order starts over (the step counter still decides how many steps remain).
+        The rollout workers, started from the recipe's model, get the checkpoint's weights from the learner. A data
+        set whose size changed cannot continue its saved order; with --force the order starts over (the step counter
+        still decides how many steps remain).
         """
         self.learner.load_checkpoint(str(ckpt.path))
+        self.sync_weights()
         try:
             self.source.load_state_dict(ckpt.state["sampler"])
         except ValueError as exc:

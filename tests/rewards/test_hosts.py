@@ -1,6 +1,11 @@
 """Reward hosts, on a private Ray instance: the sandbox pools run in Ray actors and score what the driver's pool
 would (failures and timeouts still one call's error), the reward modules reach them by Ray's py_modules, and a
-host that dies fails its samples with Ray's error instead of a zero reward."""
+host that dies fails its samples with Ray's error instead of a zero reward; a host on a node that cannot see the run
+directory keeps what rewards print on its node and says where."""
+
+import logging
+import shutil
+from pathlib import Path
 
 import pytest
 import ray
@@ -14,12 +19,13 @@ from morl.rewards.types import RewardInput
 from helpers import TESTS
 
 FX = "reward_fixtures"
+OUT = "reward_output_fixtures"
 
 
 @pytest.fixture(scope="module")
 def hosted_ray():
     ray.shutdown()
-    start_ray(num_cpus=4, py_modules=[str(TESTS / f"{FX}.py")])  # Ray's workers do not see pytest's sys.path
+    start_ray(num_cpus=4, py_modules=[str(TESTS / f"{module}.py") for module in (FX, OUT)])  # Ray's workers do not see pytest's sys.path
     yield
     ray.shutdown()
 
@@ -52,3 +58,21 @@ def test_a_host_that_dies_fails_its_samples_with_rays_error(hosted_ray):
         with pytest.raises(PART_LOSSES):
             hosted.submit(sample("kill", "x")).result(timeout=120)
         assert hosted.error_counts()[f"{FX}:kill_host"] == 0  # not counted as the reward's failure
+
+
+def test_a_host_on_a_node_that_cannot_see_the_run_directory_logs_on_its_node_and_says_where(hosted_ray, tmp_path,
+                                                                                           caplog):
+    here = ray.get_runtime_context().get_node_id()
+    cfg = RewardsConfig(num_workers=1, timeout_s=5.0, hosts=1, routes={"chatty": [{"fn": f"{OUT}:chatty"}]})
+    router = RewardRouter(cfg, log_dir=tmp_path / "logs")
+    with caplog.at_level(logging.WARNING, logger="morl.rewards.hosts"):
+        router.start(blind_nodes=[here])  # as the run's start-up check would have found this node
+    with router:
+        assert [r.reward for r in router.score([sample("chatty", "abc")])] == [1.0]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "morl.rewards.hosts"]
+    where = Path(warning.rsplit(" goes to ", 1)[1].removesuffix(" on that node"))
+    try:
+        assert where.name == "rewards.host0.log" and "checking 'abc'" in where.read_text()
+        assert not (tmp_path / "logs").exists()  # nothing written under the run directory's path on that node
+    finally:
+        shutil.rmtree(where.parent)
