@@ -207,7 +207,8 @@ VIDEO_CODECS = {".mp4": ("libx264", {"qp": "0"}), ".webm": ("libvpx-vp9", {"loss
 
 
 def write_video(path: Path, *, seconds: float, fps: int, size: int = 56) -> str:
-    """A lossless video whose frame k is one flat colour of red level 4k (mod 256): which frame is which reads back."""
+    """A lossless video whose frame k is one flat colour, red level 4 (k mod 64) and green level 4 (k div 64 mod 64):
+    which frame is which reads back, up to frame 4095."""
     import av
 
     codec, options = VIDEO_CODECS[path.suffix]
@@ -217,7 +218,7 @@ def write_video(path: Path, *, seconds: float, fps: int, size: int = 56) -> str:
         stream.pix_fmt = "yuv444p"
         for k in range(round(seconds * fps)):
             rgb = np.zeros((size, size, 3), dtype=np.uint8)
-            rgb[..., 0] = 4 * k % 256
+            rgb[..., 0], rgb[..., 1] = 4 * (k % 64), 4 * (k // 64 % 64)
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=stream.pix_fmt)
             container.mux(stream.encode(frame))
         container.mux(stream.encode())

@@ -9,7 +9,8 @@ The plan for one video, all decided before any frame is decoded:
   the temporal patch (2), each taken at the middle of its time slot;
 - size: the processor's own resize rule (a multiple of 28 on each side, within its pixel bounds), with each
   frame's share of ``max_tokens`` as the upper bound; if even the smallest size is over budget, fewer frames;
-- decoding keeps only the planned frames, resized, so memory holds the sampled video, never the source.
+- decoding keeps only the planned frames, resized, so memory holds the sampled video, never the source, and
+  seeks past long stretches between them (an hour sampled at 256 frames decodes a few keyframe intervals each).
 The processor is then given the frames and their source positions, from which it derives the fps actually
 sampled and so ``second_per_grid_ts``; its own resize finds nothing left to do.
 """
@@ -27,6 +28,7 @@ from morl.data.rows import DataError, open_image
 from morl.types import SampledVideo, VideoRef
 
 TEMPORAL_PATCH = 2  # frames one Qwen2.5-VL video token spans: the vision config's temporal_patch_size
+SEEK_GAP_S = 10.0  # a sampled frame further ahead is reached by a seek (keyframes are rarely further apart)
 
 
 class VideoError(DataError):
@@ -130,35 +132,43 @@ def load_video(ref: VideoRef, settings: VideoSettings, geometry: FrameGeometry) 
     if isinstance(ref, list):
         frames = [_fit(open_image(ref[i]), height, width) for i in indices]
     else:
-        frames = _decode(ref, indices, height, width)
+        frames = _decode(ref, indices, header.fps, height, width)
     return SampledVideo(np.stack(frames), indices, header.frames, header.fps)
 
 
-def _decode(path: str, indices: list[int], height: int, width: int) -> list[np.ndarray]:
-    """One pass over the file, keeping frames at `indices` (sorted, may repeat); an early end repeats the last
-    frame read, since headers without a frame count only estimate it."""
+def _decode(path: str, indices: list[int], fps: float, height: int, width: int) -> list[np.ndarray]:
+    """The frames at `indices` (sorted, may repeat) of a file whose header gives `fps`, in one forward pass that
+    seeks to the keyframe before a frame more than SEEK_GAP_S ahead (a long video sampled sparsely is not decoded
+    whole). Frames are numbered by their timestamps. An early end repeats the last frame read, since headers
+    without a frame count only estimate it."""
     import av
 
-    frames: list[np.ndarray] = []
+    kept: dict[int, np.ndarray] = {}
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            position = 0
-            for number, frame in enumerate(container.decode(stream)):
-                if indices[position] != number:
-                    continue
-                image = _fit(frame.to_image(), height, width)
-                while position < len(indices) and indices[position] == number:
-                    frames.append(image)
-                    position += 1
-                if position == len(indices):
-                    break
+            start, base = stream.start_time or 0, stream.time_base
+            decoded, number = container.decode(stream), -1  # the last decoded frame's number
+            for target in sorted(set(indices)):
+                if target - number > SEEK_GAP_S * fps and base:
+                    container.seek(start + int(target / fps / base), stream=stream)  # to the keyframe at or before
+                    decoded = container.decode(stream)
+                for frame in decoded:
+                    number = number + 1 if frame.pts is None else round(float((frame.pts - start) * base) * fps)
+                    if number >= target:
+                        kept[target] = _fit(frame.to_image(), height, width)
+                        break
+                else:
+                    break  # the file ended before the header said
     except av.FFmpegError as e:
         raise VideoError(f"video {path!r} could not be decoded: {e}") from None
-    if not frames:
+    if not kept:
         raise VideoError(f"video {path!r} has no decodable frame")
-    frames.extend([frames[-1]] * (len(indices) - len(frames)))
+    frames, last = [], None
+    for index in indices:
+        last = kept.get(index, last)
+        frames.append(last)
     return frames
 
 

@@ -31,8 +31,8 @@ def processor():
 
 
 def frame_numbers(video) -> list[int]:
-    """The source frame each sampled frame shows (write_video paints frame k with red level k)."""
-    return [round(int(f[..., 0].mean()) / 4) for f in video.frames]
+    """The source frame each sampled frame shows (write_video paints frame k's number in its red and green)."""
+    return [round(f[..., 0].mean() / 4) + 64 * round(f[..., 1].mean() / 4) for f in video.frames]
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".webm", ".avi"])
@@ -46,6 +46,16 @@ def test_containers_decode_to_the_frames_at_the_sampled_times(tmp_path, suffix):
     assert frame_numbers(video) == video.indices
     assert video.frames.shape == (12, 56, 56, 3) and video.frames.dtype == np.uint8
     assert video.sampled_fps == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".avi"])
+def test_a_long_video_sampled_sparsely_seeks_to_the_same_frames_a_full_pass_gives(tmp_path, suffix):
+    path = write_video(tmp_path / f"long{suffix}", seconds=100, fps=25, size=28)  # 2,500 frames
+    video = load_video(path, VideoSettings(fps=2, max_frames=8), GEOMETRY)  # 12.5 s apart: each reached by a seek
+    assert video.indices == [156, 468, 781, 1093, 1406, 1718, 2031, 2343]
+    assert frame_numbers(video) == video.indices
+    dense = load_video(path, VideoSettings(fps=2, max_frames=256), GEOMETRY)  # 0.5 s apart: decoded in order
+    assert frame_numbers(dense) == dense.indices and len(dense.indices) == 200
 
 
 def test_max_frames_samples_sparser_and_keeps_whole_temporal_patches(tmp_path):
