@@ -70,6 +70,11 @@ class EncodedPrompt:
         a long video weigh a quarter as much again."""
         return replace(self, videos=()) if self.videos else self
 
+    def without_pixels(self) -> EncodedPrompt:
+        """This prompt without its processed pixels, for an engine that preprocesses the images and sampled frames
+        itself (vLLM): the pixels are most of a vision prompt's bytes, and the driver keeps them for the learner."""
+        return replace(self, pixel_values=None, pixel_values_videos=None)
+
 
 @dataclass
 class TrainBatch:

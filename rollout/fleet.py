@@ -56,13 +56,20 @@ def rollout_placement(cfg: RunConfig) -> PlacementGroup:
     """The rollout workers' placement group, ready: a bundle per worker, packed or spread (`rollout.placement`)."""
     part = rollout_part(cfg, cluster_has_gpus())
     return ready_placement(part, "PACK" if cfg.rollout.placement == "pack" else "SPREAD")
+def engine_prompts(prompts: Sequence[EncodedPrompt], engine: str) -> list[EncodedPrompt]:
+    """What a rollout worker of `engine` is sent of each prompt: vLLM reads the row's images and the sampled frames,
+    never the processed pixels, so those stay with the driver."""
+    return [p.without_pixels() for p in prompts] if engine == "vllm" else list(prompts)
+
+
 def generate_in_order(
-    workers: Sequence, prompts: list[EncodedPrompt], sampling: SamplingParams, seeds: Sequence[int]
+    workers: Sequence, prompts: list[EncodedPrompt], sampling: SamplingParams, seeds: Sequence[int], *, engine: str
 ) -> list[list[Completion]]:
-    """Split prompts evenly over the workers and gather their groups in order (evaluation)."""
+    """Split prompts evenly over the workers (of `engine`) and gather their groups in order (evaluation)."""
     n = len(workers)
+    sent = engine_prompts(prompts, engine)
     refs = [
-        w.generate.remote(prompts[i::n], sampling, list(seeds[i::n])) for i, w in enumerate(workers) if prompts[i::n]
+        w.generate.remote(sent[i::n], sampling, list(seeds[i::n])) for i, w in enumerate(workers) if sent[i::n]
     ]
     merged: list[list[Completion]] = [None] * len(prompts)  # type: ignore[list-item]
     for i, result in enumerate(ray.get(refs)):

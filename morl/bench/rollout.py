@@ -22,7 +22,7 @@ import torch
 from morl.config import RunConfig
 from morl.data.rows import Row, open_image
 from morl.ray_setup import threads_for
-from morl.rollout.fleet import generate_in_order, rollout_sampling
+from morl.rollout.fleet import engine_prompts, generate_in_order, rollout_sampling
 from morl.rollout.types import SamplingParams
 from morl.run.build import build_run
 from morl.run.collection import RolloutBatch, RolloutScheduler
@@ -108,8 +108,8 @@ def bench_engine(cfg: RunConfig, rounds: int) -> dict:
     one = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_workers": 1})})
     parts = build_run(one, rewards=False)
     rows = [parts.source.draw().row for _ in range(cfg.trainer.prompts_per_step)]
-    prompts = [parts.encode(row) for row in rows]
     rc = cfg.rollout
+    prompts = engine_prompts([parts.encode(row) for row in rows], rc.engine)  # as the scheduler sends them
     sampling = rollout_sampling(rc)
     seeds = list(range(len(prompts)))
     (worker,) = parts.workers
@@ -155,7 +155,8 @@ def bench_rollout(cfg: RunConfig, steps: int) -> dict:
         state = source.state_dict()
         warm = [parts.encode(source.draw().row)] * len(parts.workers)  # first-call allocations, off the clock
         source.load_state_dict(state)
-        generate_in_order(parts.workers, warm, schedulers["seamless"].sampling, seeds=[0] * len(warm))
+        generate_in_order(parts.workers, warm, schedulers["seamless"].sampling, seeds=[0] * len(warm),
+                          engine=parts.cfg.rollout.engine)
         totals = {mode: ModeTotals() for mode in MODES}
         same_batches = True
         for step in range(steps):

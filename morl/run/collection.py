@@ -35,7 +35,7 @@ from morl.config import RunConfig
 from morl.data.encoding import PromptEncoder
 from morl.data.source import DrawnPrompt, PromptSource
 from morl.rewards.router import RewardRouter
-from morl.rollout.fleet import rollout_sampling
+from morl.rollout.fleet import engine_prompts, rollout_sampling
 from morl.rollout.types import Completion, SamplingParams
 from morl.rollout.worker import GenerateResult
 from morl.run.step import reward_input
@@ -161,7 +161,9 @@ class RolloutScheduler:
         prompts_per_call: int,
         calls_per_worker: int,
         run_seed: int,
+        engine: str,
     ):
+        """`engine`: the workers' rollout engine, which decides what they are sent of each prompt."""
         self.workers = list(workers)
         self.router = router
         self.encode = encode
@@ -173,6 +175,7 @@ class RolloutScheduler:
         self.prompts_per_call = prompts_per_call
         self.calls_per_worker = calls_per_worker
         self.run_seed = run_seed
+        self.engine = engine
         self.valid_rate = 1.0  # running estimate of the share of groups that survive; sizes seamless refills
 
     @classmethod
@@ -191,6 +194,7 @@ class RolloutScheduler:
             prompts_per_call=cfg.rollout.prompts_per_call,
             calls_per_worker=cfg.rollout.calls_per_worker,
             run_seed=cfg.trainer.seed,
+            engine=cfg.rollout.engine,
         )
 
     def state_dict(self) -> dict[str, float]:
@@ -226,7 +230,8 @@ class RolloutScheduler:
     def start_call(self, worker: int, groups: list[Group]) -> tuple[ray.ObjectRef, _Call]:
         call = _Call(worker, next(_CALL_IDS), groups)
         seeds = [prompt_seed(self.run_seed, g.prompt.seq) for g in groups]
-        ref = self.workers[worker].generate.remote([g.encoded for g in groups], self.sampling, seeds, call.call_id)
+        prompts = engine_prompts([g.encoded for g in groups], self.engine)
+        ref = self.workers[worker].generate.remote(prompts, self.sampling, seeds, call.call_id)
         return ref, call
 
     def submit_scoring(self, group: Group) -> None:

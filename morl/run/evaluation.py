@@ -46,7 +46,8 @@ def evaluate(parts: RunParts, rows: list[Row]) -> dict:
     reports watch: reasoning answers grow, grounding ones shrink. A failed reward counts as 0."""
     prompts = [parts.encode(row) for row in rows]
     greedy = SamplingParams(n=1, max_new_tokens=parts.cfg.rollout.max_new_tokens, greedy=True)
-    completions = generate_in_order(parts.workers, prompts, greedy, seeds=[0] * len(prompts))
+    completions = generate_in_order(parts.workers, prompts, greedy, seeds=[0] * len(prompts),
+                                    engine=parts.cfg.rollout.engine)
     rewards = score_groups(parts.router, rows, completions)
     by_task: dict[str, list[tuple[float, int]]] = defaultdict(list)
     for row, (r,), (c,) in zip(rows, rewards, completions):

@@ -116,7 +116,8 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
             for start in range(0, len(prompts), chunk):
                 rows = [row for _, row in prompts[start : start + chunk]]
                 seeds = [prompt_seed(cfg.trainer.seed, start + i) for i in range(len(rows))]
-                groups = generate_in_order(parts.workers, [parts.encode(row) for row in rows], sampling, seeds)
+                groups = generate_in_order(parts.workers, [parts.encode(row) for row in rows], sampling, seeds,
+                                           engine=cfg.rollout.engine)
                 if scoring is not None:
                     rewards.extend(_resolve(scoring, router))
                 scoring = [[router.submit(reward_input(row, c)) for c in group] for row, group in zip(rows, groups)]

@@ -13,6 +13,7 @@ from morl.data.encoding import PromptEncoder, PromptTooLongError, vision_token_i
 from morl.data.loading import load_dataset
 from morl.data.rows import Row, open_image
 from morl.learner.buckets import pack_bucket
+from morl.rollout.fleet import engine_prompts
 from morl.rollout.hf_engine import HFEngine
 from morl.rollout.types import SamplingParams
 from morl.rollout.vllm_engine import (
@@ -224,7 +225,10 @@ def restore(hf_model, engine, original: dict[str, torch.Tensor]) -> None:
 def test_groups_and_logprobs_match_the_learners(engine, hf_model, prompts):
     encoded, processor = prompts
     chosen = [*encoded[:32:8], encoded[-1]]  # one prompt of each task and the two-image prompt
-    groups = engine.generate(chosen, SamplingParams(n=4, temperature=TEMPERATURE, max_new_tokens=24), seeds=[1, 2, 3, 4, 5])
+    sent = engine_prompts(chosen, "vllm")  # as the scheduler sends them: no pixels, vLLM reads the images
+    assert all(p.pixel_values is None and p.image_grid_thw is not None for p in sent)
+    sampling = SamplingParams(n=4, temperature=TEMPERATURE, max_new_tokens=24)
+    groups = engine.generate(sent, sampling, seeds=[1, 2, 3, 4, 5])
     assert len(groups) == len(chosen) and all(len(g) == 4 for g in groups)
     flat = [c for g in groups for c in g]
     assert all(len(c.logprobs) == len(c.token_ids) > 0 and c.finish_reason in ("stop", "length") for c in flat)
@@ -247,7 +251,9 @@ def test_video_prompts_match_the_learners(engine, hf_model, world, tmp_path):
     with pytest.raises(ValueError, match="rollout.max_videos_per_prompt=0"):
         vllm_prompt(video_prompts[0], placeholders(processor), max_prompt_tokens=4096, limits=limits(1, 0))
     sampling = SamplingParams(n=4, temperature=TEMPERATURE, max_new_tokens=24)
-    groups = engine.generate(video_prompts, sampling, seeds=[1, 2, 3])
+    sent = engine_prompts(video_prompts, "vllm")  # the sampled frames without the processed pixels
+    assert all(p.pixel_values_videos is None and p.videos for p in sent)
+    groups = engine.generate(sent, sampling, seeds=[1, 2, 3])
     assert all(len(g) == 4 and all(c.token_ids for c in g) for g in groups)
     video_pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert video_pad not in {t for g in groups for c in g for t in c.token_ids}

@@ -94,7 +94,7 @@ def make_scheduler(pool, router, kinds, delays=None, *, mode="seamless", refill=
     scheduler = RolloutScheduler(
         pool, router, encode, source, SamplingParams(n=G),
         dispatch=DISPATCH[mode](), dynamic_sampling=dynamic, max_refill_rounds=refill, prompts_per_call=1,
-        calls_per_worker=2, run_seed=0,
+        calls_per_worker=2, run_seed=0, engine="hf",
     )
     return scheduler, source
 
@@ -199,6 +199,7 @@ def test_seamless_and_synchronous_train_on_the_same_batches(toy_world):
             scheduler = RolloutScheduler(
                 pool, route, encode, src, SamplingParams(n=G, max_new_tokens=12), dispatch=DISPATCH[mode](),
                 dynamic_sampling=False, max_refill_rounds=0, prompts_per_call=1, calls_per_worker=2, run_seed=5,
+                engine="hf",
             )
             batches[mode] = [scheduler.collect(3) for _ in range(2)]
     finally:
