@@ -136,11 +136,13 @@ class LearnerGroup:
 
     def _save(self, method: str, out_dir: str) -> dict[str, Copied]:
         """`method(dir)` on every rank, each rank on a blind node writing into its node's staging directory, whose
-        files are then copied into `out_dir`; what each copy moved, by node name."""
+        files are then copied into `out_dir`; what each copy moved, by node name (nodes whose ranks wrote nothing,
+        as all but rank 0 under save_hf, left out)."""
         name = Path(out_dir).name
         try:
             self._on_each(method, [(self._local(node, name, out_dir),) for node in self.rank_nodes])
-            return {self.node_names[node]: pull(stage, name, Path(out_dir)) for node, stage in self.stages.items()}
+            copies = {self.node_names[node]: pull(stage, name, Path(out_dir)) for node, stage in self.stages.items()}
+            return {node: copied for node, copied in copies.items() if copied.files}
         finally:
             ray.get([stage.remove.remote(name) for stage in self.stages.values()])
 
