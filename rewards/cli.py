@@ -70,12 +70,14 @@ def bench(
     n: int = typer.Option(3000, help="responses per round"),
     workers: int = typer.Option(2, help="sandbox workers of the router under test"),
     rounds: int = typer.Option(3, help="rounds; the best of each contender counts"),
+    hosts: int = typer.Option(0, help="also the router on this many reward hosts (rewards.hosts), on a local Ray"),
 ) -> None:
-    """Router throughput vs a bare single-process loop on mixed math / grounding / counting responses, then the time
-    each built-in reward takes on hostile inputs (each must get its score in under 50 ms)."""
+    """Router throughput vs a bare single-process loop on mixed math / grounding / counting responses (and, with
+    --hosts, on reward hosts vs the driver's pool), then the time each built-in reward takes on hostile inputs (each
+    must get its score in under 50 ms)."""
     from morl.bench.rewards import HOSTILE_BUDGET_MS, bench_hostile, bench_rewards
 
-    report = bench_rewards(n=n, workers=workers, rounds=rounds)
+    report = bench_rewards(n=n, workers=workers, rounds=rounds, hosts=hosts)
     table = Table("metric", "value")
     for key, value in report.items():
         table.add_row(key, str(value))

@@ -14,10 +14,9 @@ import asyncio
 import logging
 import tempfile
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TypeVar
 
 import ray
 
@@ -25,9 +24,9 @@ from morl.cluster import ClusterError
 from morl.rewards.sandbox import Outcome, SandboxPool
 from morl.rewards.types import RewardInput
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 180.0  # a host's workers import sympy and the reward modules: slower on a busy node
+MAX_BATCH = 32  # samples in one Ray call to a host: a few groups, so a large batch still spreads over the hosts
 
 
 def node_name() -> str:
@@ -60,8 +59,11 @@ class RewardHost:
         """This host's node, why its sandbox did not start (None: it did), and where its output log is."""
         return self.node, self.failure, self.output_log
 
-    async def run(self, sample: RewardInput, calls: Sequence[tuple[str, str]]) -> list[Outcome]:
-        return await asyncio.wrap_future(self.pool.submit(sample, calls, list))
+    async def run(
+        self, samples: Sequence[RewardInput], calls: Sequence[Sequence[tuple[str, str]]]
+    ) -> list[list[Outcome]]:
+        """Each sample's outcomes, its calls spread over this host's sandbox processes."""
+        return await asyncio.gather(*map(asyncio.wrap_future, self.pool.submit_many(samples, calls)))
 
     def close(self) -> None:
         if self.pool is not None:  # a pool that failed to start closed itself
@@ -69,8 +71,8 @@ class RewardHost:
 
 
 class HostedPool:
-    """The sandbox pool's interface (`submit`, `close`) over RewardHost actors: each sample goes to the host with
-    the fewest samples in flight."""
+    """The sandbox pool's interface (`submit_many`, `close`) over RewardHost actors: a batch goes in shares, each
+    to the host with the fewest samples in flight."""
 
     def __init__(self, hosts: int, num_workers: int, timeout_s: float, modules: Sequence[str],
                  resources: dict[str, float], log_dir: Path | None, blind_nodes: Collection[str] = ()):
@@ -99,26 +101,38 @@ class HostedPool:
                 log.warning("reward host %d is on node %s, which cannot see the run directory: what its reward "
                             "functions print goes to %s on that node", i, node, output_log)
 
-    def submit(
-        self, sample: RewardInput, calls: Sequence[tuple[str, str]], finish: Callable[[list[Outcome]], T]
-    ) -> Future[T]:
-        """Run each (reward, adapter) call on `sample` on a host; the future gets `finish(outcomes)`, or Ray's error
-        when the host is gone."""
+    def submit_many(
+        self, samples: Sequence[RewardInput], calls: Sequence[Sequence[tuple[str, str]]]
+    ) -> list[Future[list[Outcome]]]:
+        """Run each sample's (reward, adapter) calls on a host, in one Ray call per share of the batch (a share per
+        host, at most MAX_BATCH samples); a future each, with the sample's outcomes, or Ray's error when its host
+        is gone."""
+        futures: list[Future[list[Outcome]]] = [Future() for _ in samples]
+        size = min(MAX_BATCH, -(-len(samples) // len(self.hosts))) or 1
+        for start in range(0, len(samples), size):
+            self._send(samples[start:start + size], calls[start:start + size], futures[start:start + size])
+        return futures
+
+    def _send(self, samples: Sequence[RewardInput], calls: Sequence[Sequence[tuple[str, str]]],
+              futures: list[Future[list[Outcome]]]) -> None:
+        """One Ray call to the host with the fewest samples in flight."""
         with self._lock:
             index = min(range(len(self.hosts)), key=self._in_flight.__getitem__)
-            self._in_flight[index] += 1
-        result: Future[T] = Future()
+            self._in_flight[index] += len(samples)
 
-        def done(answer: Future[list[Outcome]]) -> None:
+        def done(answer: Future[list[list[Outcome]]]) -> None:
             with self._lock:
-                self._in_flight[index] -= 1
+                self._in_flight[index] -= len(samples)
             try:
-                result.set_result(finish(answer.result()))
+                outcomes = answer.result()
             except BaseException as e:  # the host (or its node) is gone: the caller must see it, not a zero
-                result.set_exception(e)
+                for future in futures:
+                    future.set_exception(e)
+                return
+            for future, sample_outcomes in zip(futures, outcomes):
+                future.set_result(sample_outcomes)
 
-        self.hosts[index].run.remote(sample, list(calls)).future().add_done_callback(done)
-        return result
+        self.hosts[index].run.remote(list(samples), [list(c) for c in calls]).future().add_done_callback(done)
 
     def close(self) -> None:
         """Stop every host's sandbox processes (those of a host that is gone need nothing), then the hosts."""

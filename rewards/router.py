@@ -112,28 +112,31 @@ class RewardRouter:
 
     def submit(self, sample: RewardInput) -> Future[RewardResult]:
         """Start scoring one sample now; the future never raises for a reward failure (see RewardResult.error)."""
-        specs = self._route(sample.task)
+        return self.submit_many([sample])[0]
+
+    def submit_many(self, samples: Sequence[RewardInput]) -> list[Future[RewardResult]]:
+        """Start scoring `samples` now (a group, say), a future each in order. Their sandboxed calls go to the pool
+        as one batch: one Ray call per reward host rather than one per sample (rewards/hosts.py). Raises
+        UnknownTaskError before scoring anything."""
+        routes = [self._route(sample.task) for sample in samples]
         if not self._started:
             self.start()
-        finish = functools.partial(self._combine, specs)
-        local = [i for i, spec in enumerate(specs) if spec.fn not in self._clients]
-        if len(local) == len(specs):
-            return self._pool.submit(sample, [(spec.fn, spec.adapter) for spec in specs], finish)
-        parts: list[tuple[list[int], Future[list[Outcome]]]] = []
-        if local:
-            calls = [(specs[i].fn, specs[i].adapter) for i in local]
-            parts.append((local, self._pool.submit(sample, calls, list)))
-        for i, spec in enumerate(specs):
-            if spec.fn in self._clients:
-                parts.append(([i], _as_list(self._clients[spec.fn].submit(sample))))
-        return _join(parts, len(specs), finish)
+        local = [[i for i, spec in enumerate(specs) if spec.fn not in self._clients] for specs in routes]
+        pooled = iter(self._pool.submit_many(
+            [sample for sample, indices in zip(samples, local) if indices],
+            [[(specs[i].fn, specs[i].adapter) for i in indices] for specs, indices in zip(routes, local) if indices],
+        ))
+        futures = []
+        for sample, specs, indices in zip(samples, routes, local):
+            parts = [(indices, next(pooled))] if indices else []
+            parts += [([i], _as_list(self._clients[spec.fn].submit(sample)))
+                      for i, spec in enumerate(specs) if spec.fn in self._clients]
+            futures.append(_join(parts, len(specs), functools.partial(self._combine, specs)))
+        return futures
 
     def score(self, samples: Sequence[RewardInput]) -> list[RewardResult]:
         """Score a batch, blocking; results in input order. Raises UnknownTaskError before scoring anything."""
-        for sample in samples:
-            self._route(sample.task)
-        futures = [self.submit(sample) for sample in samples]
-        return [future.result() for future in futures]
+        return [future.result() for future in self.submit_many(samples)]
 
     def error_counts(self) -> dict[str, int]:
         """Failed calls so far per routed reward fn name, zeros included (for `reward/<name>/errors` metrics)."""

@@ -24,18 +24,17 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from morl.rewards.adapters import finite_score, resolve
 from morl.rewards.types import RewardInput
 from morl.rewards.worker_output import OutputCapture, OutputLog, Printed
 
-T = TypeVar("T")
 Outcome = tuple[float | None, str | None]  # (score, None) | (None, error) | (None, None): not run
 # A score is finite but not yet clamped to [0, 1]: the router clamps it and counts those outside.
 
@@ -47,12 +46,11 @@ _CTX = mp.get_context("spawn")
 
 
 @dataclass
-class _Job(Generic[T]):
+class _Job:
     seq: int
     calls: Sequence[tuple[str, str]]  # (reward name or module:function path, adapter)
     sample: RewardInput
-    finish: Callable[[list[Outcome]], T]  # runs on the dispatcher thread; its value resolves the future
-    future: Future[T]
+    future: Future[list[Outcome]]  # resolved on the dispatcher thread
 
 
 @dataclass
@@ -63,7 +61,7 @@ class _Worker:
     outbox: queue.SimpleQueue[Any]
     sender: threading.Thread
     ready: bool = False
-    chunks: deque[list[_Job[Any]]] = field(default_factory=deque)  # sent, not yet answered, in order
+    chunks: deque[list[_Job]] = field(default_factory=deque)  # sent, not yet answered, in order
 
 
 class SandboxPool:
@@ -84,7 +82,7 @@ class SandboxPool:
         self._modules = list(modules)
         self._output = OutputLog(output_log)
         self._lock = threading.Lock()
-        self._pending: deque[_Job[Any]] = deque()
+        self._pending: deque[_Job] = deque()
         self._seq = 0
         self._woken = False
         self._closing = False
@@ -100,20 +98,24 @@ class SandboxPool:
             self.close()
             raise RuntimeError(f"reward sandbox failed to start:\n{reason}")
 
-    def submit(
-        self, sample: RewardInput, calls: Sequence[tuple[str, str]], finish: Callable[[list[Outcome]], T]
-    ) -> Future[T]:
-        """Run each (reward, adapter) call on `sample` in a worker; the future gets `finish(outcomes)`."""
+    def submit(self, sample: RewardInput, calls: Sequence[tuple[str, str]]) -> Future[list[Outcome]]:
+        """Run each (reward, adapter) call on `sample` in a worker; the future gets their outcomes."""
         with self._lock:
             if self._broken or self._closing:
                 raise RuntimeError(f"reward sandbox is {'broken: ' + self._broken if self._broken else 'closed'}")
             self._seq += 1
-            job = _Job(self._seq, calls, sample, finish, Future())
+            job = _Job(self._seq, calls, sample, Future())
             self._pending.append(job)
             wake, self._woken = not self._woken, True
         if wake:
             self._wake_w.send_bytes(b"")
         return job.future
+
+    def submit_many(
+        self, samples: Sequence[RewardInput], calls: Sequence[Sequence[tuple[str, str]]]
+    ) -> list[Future[list[Outcome]]]:
+        """`submit` for each sample with its calls; each future gets the sample's outcomes."""
+        return [self.submit(sample, sample_calls) for sample, sample_calls in zip(samples, calls)]
 
     def close(self) -> None:
         """Stop the workers; samples still queued or running get a 'closed' error outcome."""
@@ -253,11 +255,8 @@ class SandboxPool:
             worker.conn.close()
 
 
-def _finish(job: _Job[Any], outcomes: list[Outcome]) -> None:
-    try:
-        job.future.set_result(job.finish(outcomes))
-    except Exception as e:
-        job.future.set_exception(e)
+def _finish(job: _Job, outcomes: list[Outcome]) -> None:
+    job.future.set_result(outcomes)
 
 
 def _send_loop(conn: Connection, outbox: queue.SimpleQueue[Any]) -> None:

@@ -13,6 +13,7 @@ that hits the sandbox timeout instead is counted as an error and can stop the ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import math_verify.parser
+import ray
 
+from morl.ray_setup import start_ray
 from morl.rewards.adapters import resolve, to_score
 from morl.rewards.config import RewardsConfig
 from morl.rewards.registry import get_reward
@@ -35,15 +38,26 @@ GROUP = 8
 HOSTILE_BUDGET_MS = 50.0
 
 
-def bench_rewards(n: int = 3000, workers: int = 2, rounds: int = 3, seed: int = 0) -> dict[str, float | int]:
-    """Samples per second of the bare loop and of the router with `workers` and with 1 worker, and their ratios."""
+def bench_rewards(
+    n: int = 3000, workers: int = 2, rounds: int = 3, seed: int = 0, hosts: int = 0
+) -> dict[str, float | int]:
+    """Samples per second of the bare loop and of the router with `workers` and with 1 worker, and their ratios;
+    with `hosts`, also of the router on that many reward hosts of `workers` each (rewards.hosts: Ray actors, here
+    on a private Ray instance of this machine), against the driver's own pool of `workers`."""
     cfg = RewardsConfig(num_workers=workers)
-    with RewardRouter(cfg) as router, RewardRouter(cfg.model_copy(update={"num_workers": 1})) as router_1:
+    with contextlib.ExitStack() as stack:
+        router = stack.enter_context(RewardRouter(cfg))
+        router_1 = stack.enter_context(RewardRouter(cfg.model_copy(update={"num_workers": 1})))
         contenders: dict[str, Callable[[list[RewardInput]], list[float | None]]] = {
             "bare": lambda samples: bare_score(samples, cfg),
             "router": lambda samples: [r.reward for r in router.score(samples)],
             "router_1worker": lambda samples: [r.reward for r in router_1.score(samples)],
         }
+        if hosts:
+            if start_ray(num_cpus=hosts * workers):
+                stack.callback(ray.shutdown)
+            hosted = stack.enter_context(RewardRouter(cfg.model_copy(update={"hosts": hosts})))
+            contenders["router_on_hosts"] = lambda samples: [r.reward for r in hosted.score(samples)]
         for score in contenders.values():  # warm up on a set no timed round uses
             score(mixed_samples(GROUP * 30, seed - 1))
         best = dict.fromkeys(contenders, 0.0)
@@ -55,14 +69,17 @@ def bench_rewards(n: int = 3000, workers: int = 2, rounds: int = 3, seed: int = 
                 start = time.perf_counter()
                 rewards[name] = score(samples)
                 best[name] = max(best[name], n / (time.perf_counter() - start))
-            together = zip(rewards["router"], rewards["router_1worker"], rewards["bare"])
-            mismatches += sum(r != b or r1 != b for r, r1, b in together)
+            routed = [rewards[name] for name in contenders if name != "bare"]
+            mismatches += sum(any(r != b for r in scored) for b, *scored in zip(rewards["bare"], *routed))
     report: dict[str, float | int] = {"n": n, "rounds": rounds, "workers": workers, "cpus": os.cpu_count() or 0}
     report["load_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine skews the ratios
     report["parallel_capacity"] = round(parallel_capacity(workers), 2)  # the ceiling for "speedup" right now
     report.update({f"{name}_per_s": round(rate, 1) for name, rate in best.items()})
     report["speedup"] = round(best["router"] / best["bare"], 3)
     report["speedup_1worker"] = round(best["router_1worker"] / best["bare"], 3)
+    if hosts:  # what sending each sample to a Ray actor costs, against the same sandboxes on the driver
+        report["hosts"] = hosts
+        report["hosts_vs_router"] = round(best["router_on_hosts"] / best["router"], 3)
     report["mismatches"] = mismatches
     return report
 

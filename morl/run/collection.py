@@ -235,7 +235,7 @@ class RolloutScheduler:
         return ref, call
 
     def submit_scoring(self, group: Group) -> None:
-        group.reward_futures = [self.router.submit(reward_input(group.prompt.row, c)) for c in group.completions]
+        group.reward_futures = self.router.submit_many([reward_input(group.prompt.row, c) for c in group.completions])
 
 
 class _Collection:

@@ -120,7 +120,8 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
                                            engine=cfg.rollout.engine)
                 if scoring is not None:
                     rewards.extend(_resolve(scoring, router))
-                scoring = [[router.submit(reward_input(row, c)) for c in group] for row, group in zip(rows, groups)]
+                scoring = [router.submit_many([reward_input(row, c) for c in group])
+                           for row, group in zip(rows, groups)]
                 progress.advance(progress.task_ids[0], len(rows))
             if scoring is not None:
                 rewards.extend(_resolve(scoring, router))

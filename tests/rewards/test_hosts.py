@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from morl.bench.rewards import bench_rewards
 from morl.cluster import PART_LOSSES
 from morl.ray_setup import start_ray
 from morl.rewards.config import RewardsConfig
@@ -25,7 +26,8 @@ OUT = "reward_output_fixtures"
 @pytest.fixture(scope="module")
 def hosted_ray():
     ray.shutdown()
-    start_ray(num_cpus=4, py_modules=[str(TESTS / f"{module}.py") for module in (FX, OUT)])  # Ray's workers do not see pytest's sys.path
+    # Ray's workers do not see pytest's sys.path
+    start_ray(num_cpus=4, py_modules=[str(TESTS / f"{module}.py") for module in (FX, OUT)])
     yield
     ray.shutdown()
 
@@ -60,6 +62,18 @@ def test_a_host_that_dies_fails_its_samples_with_rays_error(hosted_ray):
         assert hosted.error_counts()[f"{FX}:kill_host"] == 0  # not counted as the reward's failure
 
 
+def test_a_batch_goes_to_the_hosts_in_shares_and_a_lost_host_fails_only_its_share(hosted_ray):
+    """A group is one Ray call per host, not one per sample: 4 samples on 2 hosts are two shares of 2, so the host
+    that dies takes the share it held and the other share is scored."""
+    with router_for({"kill": [{"fn": f"{FX}:kill_host"}], "mixed": [{"fn": "fixture_half"}]}) as hosted:
+        futures = hosted.submit_many([sample("kill", "x"), sample("mixed", "a"), sample("mixed", "b"),
+                                      sample("mixed", "c")])
+        for future in futures[:2]:
+            with pytest.raises(PART_LOSSES):
+                future.result(timeout=120)
+        assert [f.result(timeout=120).reward for f in futures[2:]] == [0.5, 0.5]
+
+
 def test_a_host_on_a_node_that_cannot_see_the_run_directory_logs_on_its_node_and_says_where(hosted_ray, tmp_path,
                                                                                            caplog):
     here = ray.get_runtime_context().get_node_id()
@@ -76,3 +90,12 @@ def test_a_host_on_a_node_that_cannot_see_the_run_directory_logs_on_its_node_and
         assert not (tmp_path / "logs").exists()  # nothing written under the run directory's path on that node
     finally:
         shutil.rmtree(where.parent)
+
+
+def test_the_rewards_bench_scores_on_hosts_as_the_bare_loop_does(hosted_ray):
+    """`morl bench rewards --hosts N`: the hosted router is one more contender, on the Ray that is up."""
+    report = bench_rewards(n=48, workers=1, rounds=1, hosts=1)
+    assert report["mismatches"] == 0 and report["router_on_hosts_per_s"] > 0
+    assert report["hosts_vs_router"] == pytest.approx(report["router_on_hosts_per_s"] / report["router_per_s"],
+                                                      rel=1e-2)
+    assert ray.is_initialized()  # the bench leaves a Ray it did not start running
