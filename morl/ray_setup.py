@@ -7,6 +7,7 @@ import importlib.util
 import math
 import os
 import site
+import socket
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import ray
 
+from morl.cluster import ClusterError
 from morl.compat import loopback_node_ip
 
 if TYPE_CHECKING:
@@ -86,11 +88,44 @@ def start_ray(address: str | None = None, num_cpus: float | None = None, py_modu
     runtime_env = {"env_vars": QUIET_OFFLINE_ENV, **({"py_modules": list(py_modules)} if py_modules else {})}
     options = {"log_to_driver": True, "runtime_env": runtime_env}
     if address is not None:
-        ray.init(address=address, **options)
+        _check_answers(address)
+        try:
+            ray.init(address=address, **options)
+        except ConnectionError as exc:
+            raise ClusterError(_join_failure(address, exc)) from None
         return True
     with loopback_node_ip():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **options)
     return True
+
+
+def _check_answers(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse a host:port where nothing accepts a connection (Ray itself would retry it for minutes); "auto" and
+    ray:// addresses are Ray's to resolve."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(f"{_cannot_join(address)}: nothing answers there ({exc}). Is the cluster's head node up "
+                           "(`ray start --head`), and is that its address?") from None
+
+
+def _cannot_join(address: str) -> str:
+    return f"could not join the Ray cluster at {address} (ray.address, --ray-address or RAY_ADDRESS)"
+
+
+def _join_failure(address: str, exc: ConnectionError) -> str:
+    """Why joining the cluster at `address` failed, as one line: Ray's own last word (its error's cause holds the
+    gRPC reason, a missing token among them), and what to do about a token."""
+    reason = str(exc.__cause__ or exc)
+    last = next((line.strip() for line in reversed(reason.splitlines()) if line.strip()), reason)
+    hint = ""
+    if "InvalidAuthToken" in reason and os.environ.get("RAY_AUTH_MODE") != "token":
+        hint = (" The cluster wants its token (`ray start` turns token authentication on): run with "
+                "RAY_AUTH_MODE=token and the head node's ~/.ray/auth_token here (or RAY_AUTH_TOKEN).")
+    return f"{_cannot_join(address)}: {last.rstrip('.')}.{hint}"
 
 
 def threads_for(cpus: float) -> int:

@@ -15,6 +15,7 @@ import psutil
 import pytest
 import ray
 
+from morl.cluster import ClusterError
 from morl.config import ConfigError, RunConfig, load_config
 from morl.ray_setup import init_ray, user_code
 
@@ -80,7 +81,9 @@ print(ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"])
 """
 
 
-def test_a_cluster_is_joined_by_the_recipe_or_the_environment_and_local_stays_private(tmp_path, monkeypatch, shutdown_ray):
+def test_a_cluster_is_joined_by_the_recipe_or_the_environment_and_local_stays_private(
+    tmp_path, monkeypatch, shutdown_ray
+):
     temp_dir = tempfile.mkdtemp(prefix="morl-ray-")  # short: Ray's socket paths must fit in 107 bytes
     address = f"127.0.0.1:{free_port()}"
     # Ray's local-only mode, for the cluster and its driver: this test opens nothing beyond loopback either
@@ -103,7 +106,13 @@ def test_a_cluster_is_joined_by_the_recipe_or_the_environment_and_local_stays_pr
         ray.shutdown()
 
         monkeypatch.delenv("RAY_ADDRESS")
-        auth = {"RAY_AUTH_MODE": "token"}  # `ray start` made the head require its token (~/.ray/auth_token)
+        # `ray start` made the head require its token (~/.ray/auth_token): without it, one line that says so
+        refused = subprocess.run([sys.executable, "-c", JOIN, address], env={**loopback, "RAY_AUTH_MODE": "disabled"},
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode != 0
+        assert f"ClusterError: could not join the Ray cluster at {address}" in refused.stderr
+        assert "InvalidAuthToken" in refused.stderr and "run with RAY_AUTH_MODE=token" in refused.stderr
+        auth = {"RAY_AUTH_MODE": "token"}
         for how, argument, env in (("recipe", address, {}), ("environment", "", {"RAY_ADDRESS": address})):
             joined = subprocess.run([sys.executable, "-c", JOIN, argument], env={**loopback, **auth, **env},
                                     capture_output=True, text=True, timeout=300)
@@ -113,6 +122,14 @@ def test_a_cluster_is_joined_by_the_recipe_or_the_environment_and_local_stays_pr
     finally:
         stop(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_an_address_where_nothing_answers_is_refused_at_once_naming_it(tmp_path, shutdown_ray):
+    """Ray would retry a dead GCS address for minutes; the run says so before it tries."""
+    address = f"127.0.0.1:{free_port()}"  # closed again: nothing listens there
+    with pytest.raises(ClusterError, match=rf"could not join the Ray cluster at {address} .*nothing answers there"):
+        init_ray(run_config(tmp_path, address=address))
+    assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize("address", ["locale", ":6379", "head:", "head:0", "head:65536", "head:port"])
