@@ -18,6 +18,7 @@ import ray
 from morl.data.loading import LoadedDataset
 from morl.data.rows import Row
 from morl.data.source import PromptSource
+from morl.ray_setup import start_ray
 from morl.rewards.config import RewardsConfig
 from morl.rewards.router import RewardRouter
 from morl.rollout.types import Completion, SamplingParams
@@ -70,8 +71,7 @@ def rows(kinds: list[str], delays: list[float] | None = None) -> LoadedDataset:
 
 @pytest.fixture(scope="module")
 def router():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=2)  # private, as a run's: never a `ray start` cluster that happens to run on this machine
     r = RewardRouter(RewardsConfig(routes={"counting": [{"fn": "counting"}]}, num_workers=1))
     yield r
     r.close()
