@@ -77,7 +77,7 @@ def bench_rewards(
     report.update({f"{name}_per_s": round(rate, 1) for name, rate in best.items()})
     report["speedup"] = round(best["router"] / best["bare"], 3)
     report["speedup_1worker"] = round(best["router_1worker"] / best["bare"], 3)
-    if hosts:  # what sending each sample to a Ray actor costs, against the same sandboxes on the driver
+    if hosts:  # what sending the samples to Ray actors costs, against the same sandboxes on the driver
         report["hosts"] = hosts
         report["hosts_vs_router"] = round(best["router_on_hosts"] / best["router"], 3)
     report["mismatches"] = mismatches
