@@ -55,7 +55,12 @@ def cluster_has_gpus() -> bool:
 
 def rollout_gpus(cfg: RunConfig, on_gpus: bool) -> float:
     """GPUs per rollout worker: none for the HF engine or on a CPU cluster (vLLM's CPU build); colocated with the
-    learner, a share of the GPU the learner holds too."""
+    learner, a share of the GPU the learner holds too. Colocation needs GPUs: vLLM's CPU build cannot sleep."""
+    if cfg.rollout.engine == "vllm" and cfg.rollout.colocate and not on_gpus:
+        raise ClusterError(
+            "rollout.colocate=true puts vLLM on the learner's GPU and sleeps it during the update, but this Ray "
+            "cluster has no GPU (vLLM's CPU build has no sleep mode): set rollout.colocate=false"
+        )
     if cfg.rollout.engine != "vllm" or not on_gpus:
         return 0.0
     return cfg.rollout.tensor_parallel_size * (0.5 if cfg.rollout.colocate else 1.0)

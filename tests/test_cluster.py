@@ -2,8 +2,8 @@
 workers and reward hosts on the nodes their custom resources name, weights broadcast from the learner's node to
 the rollout node, checkpoints in the driver's run directory, a resume, a reward module shipped only from the
 driver (and one whose import fails on a node, named), a run directory no node sees (its checkpoints copied to the
-driver, and back for a resume), a recipe the cluster cannot hold, refused before any actor starts, a node lost
-mid-run, and the fit check's arithmetic."""
+driver, and back for a resume), a recipe the cluster cannot hold, refused before any actor starts (colocated vLLM
+on a cluster without GPUs too), a node lost mid-run, and the fit check's arithmetic."""
 
 import json
 import os
@@ -128,6 +128,16 @@ def test_a_recipe_the_cluster_cannot_hold_is_refused_before_any_actor_starts(clu
     assert "rollout_node: 3 asked, 2 in the cluster" in done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
+
+
+def test_colocated_vllm_on_a_cluster_without_gpus_is_refused_before_any_actor_starts(toy_world, tmp_path):
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    done = morl("train", recipe, f"toy_world.root={toy_world}", *OVERRIDES, "rollout.engine=vllm",
+                "rollout.colocate=true", "--output-dir", str(tmp_path / "run"), timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "rollout.colocate=true" in done.stderr and "set rollout.colocate=false" in done.stderr
+    assert "RolloutWorker" not in done.stderr  # refused by the driver, not by a worker that crashed
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 def test_a_run_directory_no_node_sees_gets_each_checkpoint_copied_to_the_driver_and_a_resume_sends_it_back(
         cluster, toy_world, tmp_path):
