@@ -1,6 +1,6 @@
 """The vLLM engine on CPU, for real (vLLM's CPU build): requests, samples, seeds, log-probs, weight loads, abort.
 
-What only a GPU has (sleep mode, CUDA IPC, bf16 kernels) is tests/test_vllm_gpu.py, marker `gpu`.
+What only a GPU has (sleep mode, CUDA IPC, bf16 kernels) is tests/rollout/test_vllm_gpu.py, marker `gpu`.
 """
 
 import pytest

@@ -1,8 +1,9 @@
 """What only a GPU has: bf16 vLLM kernels, sleep mode, the CUDA IPC weight transport (marker `gpu`).
 
 The engine's CPU-runnable behaviour (seeds, the placeholder ban, weight reload, abort) runs on every CI
-commit in tests/test_vllm_engine.py with vLLM's CPU build. Skipped without CUDA. On the GPU machine:
-    python -m pytest -q -m gpu tests/test_vllm_gpu.py
+commit in tests/rollout/test_vllm_engine.py with vLLM's CPU build. Skipped without CUDA. On the GPU machine,
+.ci/gpu_check.sh runs them (docs/vllm.md#gpu-check):
+    python -m pytest -q -m gpu tests/rollout/test_vllm_gpu.py
 NOT RUN YET: no GPU machine was available when these were written.
 """
 
