@@ -17,7 +17,7 @@ import ray
 
 from morl.cluster import ClusterError
 from morl.config import ConfigError, RunConfig, load_config
-from morl.ray_setup import init_ray, user_code
+from morl.ray_setup import _check_answers, init_ray, user_code
 
 from helpers import REPO, TESTS, is_loopback, listeners
 
@@ -130,6 +130,18 @@ def test_an_address_where_nothing_answers_is_refused_at_once_naming_it(tmp_path,
     with pytest.raises(ClusterError, match=rf"could not join the Ray cluster at {address} .*nothing answers there"):
         init_ray(run_config(tmp_path, address=address))
     assert not ray.is_initialized()
+
+
+def test_only_host_port_addresses_are_probed_before_joining():
+    """"auto" and Ray Client (ray://) addresses are Ray's to resolve; a host:port, IPv6 in brackets too, is probed."""
+    dead = free_port()
+    for address in ("auto", f"ray://127.0.0.1:{dead}"):
+        _check_answers(address, timeout_s=1.0)  # returns: not ours to probe
+    for address in (f"127.0.0.1:{dead}", f"[::1]:{dead}"):
+        with pytest.raises(ClusterError, match=r"nothing answers there"):
+            _check_answers(address, timeout_s=1.0)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        _check_answers(f"127.0.0.1:{server.getsockname()[1]}", timeout_s=1.0)  # something listens: no refusal
 
 
 @pytest.mark.parametrize("address", ["locale", ":6379", "head:", "head:0", "head:65536", "head:port"])
