@@ -11,8 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
-python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA GPU: run this on the GPU machine')" \
-  || exit 2
+python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA GPU here')" || exit 2
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export VLLM_USE_FLASHINFER_SAMPLER=0  # the kit does not carry flashinfer
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . >"$OUT/install.log" 2>&1 \
@@ -31,13 +30,14 @@ step() {  # NAME SECONDS COMMAND...: run it with a time limit, log it, one summa
   tail -n 8 "$OUT/$name.log"
 }
 
-# a small toy world for the CLI runs (the tests build their own)
-TOY=(toy_world.root=/tmp/gpu-check-toy toy_world.train_per_task=16 toy_world.eval_per_task=4 toy_world.sft_steps=40
-     toy_world.sft_batch_size=8)
-step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/rollout/test_vllm_gpu.py
-step bench_rollout 150 morl bench rollout recipes/quickstart.yaml "${TOY[@]}" rollout.engine=vllm \
-  rollout.num_workers=1 --steps 0 --rounds 3
-step train_colocated 150 morl train recipes/quickstart.yaml "${TOY[@]}" rollout.engine=vllm rollout.colocate=true \
-  rollout.num_workers=1 trainer.max_steps=2 trainer.prompts_per_step=8 eval.max_prompts_per_task=4 -o /tmp/gpu-check-run
+# the CLI runs: a small toy world (the tests build their own), bf16 as on GPUs, vLLM, one worker
+RUN=(toy_world.root=/tmp/gpu-check-toy toy_world.train_per_task=16 toy_world.eval_per_task=4 toy_world.sft_steps=40
+     toy_world.sft_batch_size=8 model.dtype=bfloat16 rollout.engine=vllm rollout.num_workers=1)
+step gpu_tests 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/rollout/test_vllm_gpu.py
+step bench_rollout 170 morl bench rollout recipes/quickstart.yaml "${RUN[@]}" --steps 0 --rounds 3
+# eager: this run checks sleep / wake and the CUDA IPC sync, not speed, and CUDA graphs would take a minute to start
+step train_colocated 150 morl train recipes/quickstart.yaml "${RUN[@]}" rollout.colocate=true \
+  rollout.enforce_eager=true trainer.max_steps=2 trainer.prompts_per_step=8 eval.max_prompts_per_task=4 \
+  -o /tmp/gpu-check-run
 cp /tmp/gpu-check-run/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
 cat "$OUT/summary.txt"
