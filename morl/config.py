@@ -69,7 +69,9 @@ class RolloutConfig(Section):
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="vllm: share of each worker GPU's memory vLLM takes (weights + KV cache)"
     )
-    colocate: bool = Field(False, description="vllm: share the learner's GPUs; vLLM sleeps during the update")
+    colocate: bool = Field(
+        False, description="vllm: one worker shares the learner's GPU and sleeps during the update (one GPU in all)"
+    )
     sleep_level: Literal[1, 2] = Field(
         2, description="colocate: 1 keeps weights in host memory, 2 discards them (reloaded from the learner)"
     )
@@ -94,6 +96,18 @@ class RolloutConfig(Section):
     placement: Literal["pack", "spread"] = Field(
         "pack", description="the workers' placement group: pack them on as few nodes as fit, or spread them over nodes"
     )
+
+    @model_validator(mode="after")
+    def _colocated_is_one_gpu(self) -> RolloutConfig:
+        """Colocation shares one GPU: the learner's buckets are mapped there by CUDA IPC, which reaches no other GPU,
+        and the worker's share of it (half a GPU per tensor-parallel rank) cannot hold a second rank."""
+        if self.colocate and (self.num_workers, self.tensor_parallel_size) != (1, 1):
+            raise ValueError(
+                f"rollout.colocate=true puts one vLLM worker on the learner's GPU: rollout.num_workers and "
+                f"rollout.tensor_parallel_size must be 1 (got {self.num_workers} and {self.tensor_parallel_size}); "
+                "for more rollout GPUs set rollout.colocate=false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_transport(self) -> RolloutConfig:

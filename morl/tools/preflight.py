@@ -263,14 +263,9 @@ def estimate(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> Estimate:
         ranks = f"(CPU run, {n} ranks)" if n > 1 else "(CPU run)"
         host = {**host_parts(shape, cfg, n, 0), **{f"{k} {ranks}": n * v for k, v in learner.items()}}
         return Estimate(0, [Budget("host", host, hw.host_bytes)])
-    workers = f"rollout.num_workers x rollout.tensor_parallel_size = {rollout_gpus} GPUs"
-    if rc.colocate and rollout_gpus > hw.gpus:
-        problem = f"{workers} of {hw.gpus}: the learner's GPUs are all it may share"
-    elif not rc.colocate and rollout_gpus + n > hw.gpus:
+    if not rc.colocate and rollout_gpus + n > hw.gpus:  # colocated: one GPU (the config allows no more)
+        workers = f"rollout.num_workers x rollout.tensor_parallel_size = {rollout_gpus} GPUs"
         problem = f"{workers} and learner.num_ranks = {n} need {rollout_gpus + n} GPUs, of {hw.gpus}"
-    else:
-        problem = None
-    if problem:
         return Estimate(0, [], problems=[f"{problem}; lower them or add GPUs (--gpus)"])
     resident = {**learner_resident(shape, cfg, n), "runtime": RUNTIME}
     update = {**resident, **learner_activations(shape, cfg)}

@@ -139,7 +139,6 @@ def test_stop_ids_are_the_hf_engines(toy_world):
 def test_factory_takes_the_recipe_settings():
     rollout = RolloutConfig(
         engine="vllm",
-        tensor_parallel_size=2,
         gpu_memory_utilization=0.4,
         colocate=True,
         max_images_per_prompt=3,
@@ -151,7 +150,7 @@ def test_factory_takes_the_recipe_settings():
     assert make.keywords == dict(
         max_prompt_tokens=1000,
         max_new_tokens=24,
-        tensor_parallel_size=2,
+        tensor_parallel_size=1,
         gpu_memory_utilization=0.4,
         max_images_per_prompt=3,
         max_videos_per_prompt=0,
@@ -160,6 +159,9 @@ def test_factory_takes_the_recipe_settings():
         cpu_kv_cache_gib=1,
         seed=5,
     )
+    apart = RolloutConfig(engine="vllm", tensor_parallel_size=2)
+    apart = vllm_engine_factory("/ckpt", ModelConfig(path="/ckpt"), apart, seed=0)
+    assert (apart.keywords["tensor_parallel_size"], apart.keywords["enable_sleep_mode"]) == (2, False)
 
 
 # ---------------------------------------------------------------------------------------------- the real engine

@@ -235,10 +235,13 @@ def test_gpu_options_are_validated_by_name(override, words):
         load_config(None, ["model.path=/ckpt", override])
 
 
-def test_colocated_vllm_needs_a_one_rank_learner():
+def test_colocated_vllm_is_one_worker_on_a_one_rank_learners_gpu():
     colocated = ["model.path=/ckpt", "rollout.engine=vllm", "rollout.colocate=true"]
     assert load_config(None, colocated).learner.num_ranks == 1
     with pytest.raises(ConfigError, match=r"rollout\.colocate=true needs learner\.num_ranks=1 \(got 2\)"):
         load_config(None, [*colocated, "learner.num_ranks=2"])
+    for override, got in (("rollout.num_workers=2", "2 and 1"), ("rollout.tensor_parallel_size=2", "1 and 2")):
+        with pytest.raises(ConfigError, match=rf"one vLLM worker on the learner's GPU: .* must be 1 \(got {got}\)"):
+            load_config(None, [*colocated, override])
     with pytest.raises(ConfigError, match=r"rollout\.weight_transport=broadcast cannot go with rollout\.colocate"):
         load_config(None, [*colocated, "rollout.weight_transport=broadcast"])
