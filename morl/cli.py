@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from ray.exceptions import RayActorError
 from rich.console import Console
 from rich.markup import escape
 
-from morl.cluster import ClusterError
+from morl.cluster import ClusterError, start_failure
 from morl.config import ConfigError, dump_config, load_config
 from morl.data.encoding import PromptTooLongError
 from morl.data.rows import DataError
@@ -69,12 +70,17 @@ def _ray_override(address: str | None) -> list[str]:
 
 @contextlib.contextmanager
 def exit_on(*errors: type[Exception]) -> Iterator[None]:
-    """Bad input (a user's recipe, data, checkpoint, ...) or a full or failing disk ends the command with its
-    message and exit status 2."""
+    """Bad input (a user's recipe, data, checkpoint, ...), a part of the run that could not start, or a full or
+    failing disk ends the command with its message and exit status 2."""
     try:
         yield
     except errors as exc:
         _error_line(str(exc))
+    except RayActorError as exc:  # a part of the run that could not start says why; any other loss is a bug's trace
+        why = start_failure(exc)
+        if why is None:
+            raise
+        _error_line(why)
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:
             raise

@@ -11,6 +11,7 @@ the nodes that have `rewards.host_resources`; the fit check counts them like bun
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,7 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
-from ray.exceptions import LocalRayletDiedError, NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+from ray.exceptions import (
+    ActorDiedError,
+    LocalRayletDiedError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    WorkerCrashedError,
+)
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 if TYPE_CHECKING:
@@ -37,6 +45,24 @@ class ClusterError(RuntimeError):
 
 class PartLostError(ClusterError):
     """An actor of the run died mid-run, with its node or alone: the run stops, its last checkpoint resumes it."""
+
+
+def start_failure(exc: BaseException) -> str | None:
+    """What an actor that failed in its constructor raised, as one line naming the actor; None for any other loss.
+
+    Ray reports such an actor as died, with the constructor's traceback in its message: a vLLM engine that finds
+    too little memory for its KV cache, a learner that cannot load its model. That is the part not starting, with
+    its reason, not a process that crashed mid-run."""
+    if not (isinstance(exc, ActorDiedError) and exc.actor_init_failed):
+        return None
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() or [type(exc).__name__]
+    actor = re.search(r"ray::(\w+)\.__init__", lines[0])
+    frames = [i for i, line in enumerate(lines) if line.startswith('  File "')]
+    # Python's own report of the exception: from the first line after the last frame that is not indented
+    after = frames[-1] + 1 if frames else len(lines)
+    raised = next((i for i in range(after, len(lines)) if lines[i][:1].strip()), None)
+    why = " ".join(line.strip() for line in lines[raised:] if line.strip()) if raised is not None else lines[0]
+    return f"{actor.group(1) if actor else 'an actor of the run'} could not start: {why}"
 
 
 @dataclass(frozen=True)

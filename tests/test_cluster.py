@@ -139,6 +139,18 @@ def test_colocated_vllm_on_a_cluster_without_gpus_is_refused_before_any_actor_st
     assert "RolloutWorker" not in done.stderr  # refused by the driver, not by a worker that crashed
     assert not (tmp_path / "run" / "checkpoints").exists()
 
+
+def test_a_part_that_cannot_start_says_why_in_one_line(toy_world, tmp_path):
+    """vLLM refusing a KV cache larger than the machine's memory (on GPUs: the commonest start-up failure) is the
+    worker's own error on the last line, not 'an actor crashed, start it again'."""
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    done = morl("train", recipe, f"toy_world.root={toy_world}", *OVERRIDES, "rollout.engine=vllm",
+                "rollout.cpu_kv_cache_gib=100000", "--output-dir", str(tmp_path / "run"), timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: RolloutWorker could not start: ValueError: ") and "100000" in last, last
+    assert "crashed" not in last
+
 def test_a_run_directory_no_node_sees_gets_each_checkpoint_copied_to_the_driver_and_a_resume_sends_it_back(
         cluster, toy_world, tmp_path):
     if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:

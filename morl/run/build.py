@@ -28,7 +28,7 @@ from morl.cluster import (
     reward_part,
     rollout_part,
 )
-from morl.config import RunConfig
+from morl.config import ConfigError, RunConfig
 from morl.data.encoding import PromptEncoder, vision_token_ids
 from morl.data.rows import Row
 from morl.data.source import PromptSource, load_run_datasets
@@ -36,7 +36,7 @@ from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
 from morl.rewards.router import RewardRouter
 from morl.rollout.fleet import rollout_placement, start_rollout_workers
 from morl.run.interrupts import children_ignore_sigint
-from morl.run.model_check import check_model_dir
+from morl.run.model_check import check_model_dir, max_positions
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,13 @@ def prepare_model(cfg: RunConfig) -> None:
 
         ensure_toy_world(cfg.toy_world)
     check_model_dir(cfg.model.path, cfg.model.processor_path)
+    positions = max_positions(Path(cfg.model.path).expanduser())
+    longest = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+    if positions is not None and longest > positions:  # vLLM refuses to start; HF would sample past its positions
+        raise ConfigError(
+            f"rollout.max_prompt_tokens + rollout.max_new_tokens = {longest} is longer than the model takes: "
+            f"max_position_embeddings {positions} in {cfg.model.path}/config.json; lower them"
+        )
 
 
 def build_run(

@@ -33,6 +33,15 @@ def check_model_dir(path: str, processor_path: str | None = None, key: str = "mo
         _raise_if("model.processor_path", processor_dir, processor_problems(processor_dir))
 
 
+def max_positions(model_dir: Path) -> int | None:
+    """The longest sequence the model takes: config.json's max_position_embeddings (its text model's, else the
+    top level's); None when it does not say."""
+    config = _json_or_empty(model_dir / "config.json")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    value = text.get("max_position_embeddings", config.get("max_position_embeddings"))
+    return value if isinstance(value, int) else None
+
+
 def model_problems(model_dir: Path) -> list[str]:
     """What keeps `from_pretrained` from loading a Qwen2.5-VL model here: its config and its weights."""
     problems = []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 
-from morl.cluster import PART_LOSSES, PartLostError, alive_nodes, lost_nodes
+from morl.cluster import PART_LOSSES, PartLostError, alive_nodes, lost_nodes, start_failure
 from morl.compat import ray_job_working_dir
 from morl.config import ConfigError, RunConfig, dump_config
 from morl.learner.group import LearnerGroup
@@ -137,6 +137,8 @@ class Trainer:
         try:
             return self._fit()
         except PART_LOSSES as exc:
+            if start_failure(exc) is not None:  # it never ran: its own error, not a loss to resume from
+                raise
             raise self._lost(exc) from exc
 
     def _fit(self) -> dict:

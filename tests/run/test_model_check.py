@@ -7,7 +7,9 @@ import shutil
 import pytest
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from morl.run.model_check import ModelDirError, check_model_dir
+from morl.config import ConfigError, load_config
+from morl.run.build import prepare_model
+from morl.run.model_check import ModelDirError, check_model_dir, max_positions
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +69,22 @@ def test_missing_directories_and_templates(split_sft, tmp_path):
     (no_template / "chat_template.jinja").unlink()
     with pytest.raises(ModelDirError, match=r"model.processor_path .*: no chat template"):
         check_model_dir(str(model_dir), str(no_template))
+
+
+def test_prompts_and_responses_longer_than_the_models_positions_are_refused_before_any_actor(split_sft):
+    model, processor = split_sft
+    assert max_positions(model) == 4096  # the toy's text model; a config that does not say gives None
+    base = [f"model.path={model}", f"model.processor_path={processor}", "rollout.max_new_tokens=96"]
+    prepare_model(load_config(None, [*base, "rollout.max_prompt_tokens=4000"]))  # 4096 positions: fits
+    with pytest.raises(ConfigError, match=r"rollout\.max_prompt_tokens \+ rollout\.max_new_tokens = 4097 is longer "
+                                          r"than the model takes: max_position_embeddings 4096 in .*config\.json"):
+        prepare_model(load_config(None, [*base, "rollout.max_prompt_tokens=4001"]))
+    config = json.loads((model / "config.json").read_text())
+    del config["text_config"]["max_position_embeddings"]
+    (model / "config.json").write_text(json.dumps(config))
+    try:
+        assert max_positions(model) is None
+        prepare_model(load_config(None, [*base, "rollout.max_prompt_tokens=4001"]))  # nothing to check against
+    finally:
+        config["text_config"]["max_position_embeddings"] = 4096
+        (model / "config.json").write_text(json.dumps(config))
