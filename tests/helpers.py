@@ -55,13 +55,20 @@ def morl_train(world, out_dir, *extra, recipe: str = "quickstart.yaml", env: dic
     return done
 
 
+# what in-process learner and vLLM engine tests set in this process's environment (rollout/vllm_compat.py)
+LEFT_BY_IN_PROCESS_TESTS = (
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+    "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_ALLOW_INSECURE_SERIALIZATION",
+)
+
+
 def morl(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
          cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`morl ARGS` in a fresh process (in `cwd`), as a user starts it: no torch.distributed variables left by
-    in-process learner tests, and the tests' reward modules importable; `env` adds variables (PYTHONPATH's after
-    the tests' folder)."""
-    env = {k: v for k, v in {**os.environ, **(env or {})}.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    in-process learner tests nor vLLM settings left by in-process engine tests (an exported
+    VLLM_CPU_KVCACHE_SPACE would override the recipe's), and the tests' reward modules importable; `env` adds
+    variables (PYTHONPATH's after the tests' folder)."""
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in LEFT_BY_IN_PROCESS_TESTS}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     env.setdefault("COLUMNS", "200")
     return subprocess.run([sys.executable, "-m", "morl.cli", *args], capture_output=True, text=True,
