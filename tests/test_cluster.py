@@ -129,7 +129,6 @@ def test_a_recipe_the_cluster_cannot_hold_is_refused_before_any_actor_starts(clu
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-
 def test_colocated_vllm_on_a_cluster_without_gpus_is_refused_before_any_actor_starts(toy_world, tmp_path):
     recipe = str(REPO / "recipes" / "quickstart.yaml")
     done = morl("train", recipe, f"toy_world.root={toy_world}", *OVERRIDES, "rollout.engine=vllm",
@@ -150,6 +149,7 @@ def test_a_part_that_cannot_start_says_why_in_one_line(toy_world, tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: RolloutWorker could not start: ValueError: ") and "100000" in last, last
     assert "crashed" not in last
+
 
 def test_a_run_directory_no_node_sees_gets_each_checkpoint_copied_to_the_driver_and_a_resume_sends_it_back(
         cluster, toy_world, tmp_path):

@@ -71,7 +71,7 @@ def test_missing_directories_and_templates(split_sft, tmp_path):
         check_model_dir(str(model_dir), str(no_template))
 
 
-def test_prompts_and_responses_longer_than_the_models_positions_are_refused_before_any_actor(split_sft):
+def test_prompts_and_responses_longer_than_the_models_positions_are_refused_before_any_actor(split_sft, tmp_path):
     model, processor = split_sft
     assert max_positions(model) == 4096  # the toy's text model; a config that does not say gives None
     base = [f"model.path={model}", f"model.processor_path={processor}", "rollout.max_new_tokens=96"]
@@ -79,12 +79,10 @@ def test_prompts_and_responses_longer_than_the_models_positions_are_refused_befo
     with pytest.raises(ConfigError, match=r"rollout\.max_prompt_tokens \+ rollout\.max_new_tokens = 4097 is longer "
                                           r"than the model takes: max_position_embeddings 4096 in .*config\.json"):
         prepare_model(load_config(None, [*base, "rollout.max_prompt_tokens=4001"]))
-    config = json.loads((model / "config.json").read_text())
+    unsaid = shutil.copytree(model, tmp_path / "model")
+    config = json.loads((unsaid / "config.json").read_text())
     del config["text_config"]["max_position_embeddings"]
-    (model / "config.json").write_text(json.dumps(config))
-    try:
-        assert max_positions(model) is None
-        prepare_model(load_config(None, [*base, "rollout.max_prompt_tokens=4001"]))  # nothing to check against
-    finally:
-        config["text_config"]["max_position_embeddings"] = 4096
-        (model / "config.json").write_text(json.dumps(config))
+    (unsaid / "config.json").write_text(json.dumps(config))
+    assert max_positions(unsaid) is None
+    base[0] = f"model.path={unsaid}"
+    prepare_model(load_config(None, [*base, "rollout.max_prompt_tokens=4001"]))  # nothing to check against
