@@ -202,7 +202,22 @@ class LearnerConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
-    micro_batch_size: int = Field(64, gt=0, description="sequences per forward/backward; still one optimizer step")
+    micro_batch_size: int = Field(
+        64, gt=0, description="at most this many sequences per forward/backward, packed without padding; still one "
+        "optimizer step"
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        gt=0,
+        description="token budget of a micro-batch (prompt, vision and answer tokens of its packed sequences): "
+        "sequences are packed up to it; a longer sequence runs alone; null: only learner.micro_batch_size limits",
+    )
+    logprob_chunk_tokens: int = Field(
+        1024,
+        gt=0,
+        description="answer positions per lm_head chunk: log-probs and entropy never hold [tokens, vocabulary] "
+        "logits, only [chunk, vocabulary], recomputed in the backward",
+    )
     freeze_vision_tower: bool = Field(False, description="train the language model (and nothing of the ViT)")
     cpus: float = Field(1.0, gt=0, description="CPU cores per learner rank (also its torch threads)")
     num_ranks: int = Field(
