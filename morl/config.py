@@ -212,6 +212,11 @@ class LearnerConfig(Section):
         description="token budget of a micro-batch (prompt, vision and answer tokens of its packed sequences): "
         "sequences are packed up to it; a longer sequence runs alone; null: only learner.micro_batch_size limits",
     )
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="the learner's attention: sdpa (packed sequences under a block-diagonal causal mask, "
+        "exact everywhere), or flash_attention_2 (GPUs with flash-attn installed: varlen kernels, no mask)",
+    )
     logprob_chunk_tokens: int = Field(
         1024,
         gt=0,

@@ -75,6 +75,7 @@ SAFE_TO_CHANGE = (
     "learner.micro_batch_size",  # the loss is a token mean over the whole batch whatever the micro-batch size
     "learner.max_tokens_per_micro_batch",
     "learner.logprob_chunk_tokens",
+    "learner.attn_implementation",
     "learner.gradient_checkpointing",
     "learner.max_logprob_mismatch",
     "rewards.num_workers",
