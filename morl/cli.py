@@ -18,7 +18,7 @@ from morl.cluster import ClusterError, start_failure
 from morl.config import ConfigError, dump_config, load_config
 from morl.data.encoding import PromptTooLongError
 from morl.data.rows import DataError
-from morl.learner.policy import NonFiniteLossError
+from morl.learner.policy import LearnerOutOfMemoryError, NonFiniteLossError
 from morl.rewards import cli as rewards_cli
 from morl.rewards.router import RewardErrorRateExceeded
 from morl.run.checkpoint import LATEST, CheckpointError
@@ -36,6 +36,7 @@ USER_ERRORS = (
     PromptTooLongError,
     RewardErrorRateExceeded,
     NonFiniteLossError,
+    LearnerOutOfMemoryError,
     CheckpointError,
     ModelDirError,
     StaleWeightsError,

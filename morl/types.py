@@ -6,8 +6,8 @@ The driver, the rollout workers and the learner ranks all import these; none of 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -76,17 +76,56 @@ class EncodedPrompt:
         return replace(self, pixel_values=None, pixel_values_videos=None)
 
 
+@dataclass(frozen=True)
+class SequenceShape:
+    """What the learner's plan needs of a sequence: its token counts and which vision inputs it has."""
+
+    prompt_tokens: int  # images' and videos' placeholder tokens included
+    response_tokens: int
+    has_images: bool = False
+    has_videos: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.response_tokens
+
+
 @dataclass
 class TrainBatch:
-    """One rollout batch, flattened to sequences: each carries its prompt, response and advantage."""
+    """One rollout batch, flattened to sequences: each carries its prompt, response, advantage and task.
 
-    prompts: list[EncodedPrompt]
-    responses: list[list[int]]
-    rollout_logprobs: list[list[float]]
+    `shapes`, `advantages` and `tasks` cover every sequence; a learner rank receives the batch `only` with the
+    prompts, responses and rollout log-probs of the sequences it runs (None elsewhere): a rank deserialises its
+    share, not the whole batch.
+    """
+
+    prompts: list[EncodedPrompt | None]
+    responses: list[list[int] | None]
+    rollout_logprobs: list[list[float] | None]
     advantages: list[float]
+    tasks: list[str] = field(default_factory=list)  # empty: no task known (tools' synthetic batches)
+    shapes: list[SequenceShape] = field(default_factory=list)  # derived from prompts and responses when empty
+
+    def __post_init__(self) -> None:
+        if not self.shapes:
+            self.shapes = [
+                SequenceShape(len(p.input_ids), len(r), p.image_grid_thw is not None, p.video_grid_thw is not None)
+                for p, r in zip(self.prompts, self.responses)
+            ]
 
     def __len__(self) -> int:
-        return len(self.responses)
+        return len(self.advantages)
+
+    def only(self, rows: Collection[int]) -> TrainBatch:
+        """This batch with the payload of `rows` alone (None for the other sequences); shapes, advantages and
+        tasks whole."""
+
+        def keep(values: list) -> list:
+            return [v if i in rows else None for i, v in enumerate(values)]
+
+        return TrainBatch(
+            keep(self.prompts), keep(self.responses), keep(self.rollout_logprobs), self.advantages, self.tasks, self.shapes
+        )
 
 
 @dataclass(frozen=True)

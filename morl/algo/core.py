@@ -26,6 +26,7 @@ over micro-batches and ranks). Under GRPO (below) the correction is of pi_old ag
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -51,18 +52,30 @@ def zero_variance_groups(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards == rewards[:, :1]).all(dim=1)
 
 
-def token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, banned_ids: list[int] = ()
-) -> torch.Tensor:
-    """log pi(token) under the sampling policy: logits / T with banned tokens (vision placeholders) removed.
+def sampling_log_softmax(logits: torch.Tensor, temperature: float = 1.0, banned_ids: Sequence[int] = ()) -> torch.Tensor:
+    """log pi over the vocabulary (last dim), in float32: logits / T with banned tokens (vision placeholders) removed.
 
-    Rollout engines and the learner both call this, so their log-probs of the same
-    tokens agree up to numerics; their gap is the per-step weight-sync health check.
+    Rollout engines and the learner both call this, so their log-probs of the same tokens agree up to numerics;
+    their gap is the per-step weight-sync health check. In float32 whatever the model's dtype: a bfloat16
+    log-softmax over 151,936 tokens loses the small probabilities that the gradient and the entropy are made of.
     """
     logits = logits.float() / temperature
     if banned_ids:
         logits = logits.index_fill(-1, torch.as_tensor(list(banned_ids), device=logits.device), float("-inf"))
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, banned_ids: Sequence[int] = ()
+) -> torch.Tensor:
+    """log pi(token) under the sampling policy (`sampling_log_softmax`), for each position of `tokens`."""
+    log_probs = sampling_log_softmax(logits, temperature, banned_ids)
+    return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """H = -sum_v p_v log p_v over the last dim, from log-probs; banned tokens (log p = -inf, p = 0) add 0."""
+    return -(log_probs.exp() * log_probs.masked_fill(torch.isneginf(log_probs), 0.0)).sum(-1)
 
 
 def policy_gradient_loss_sum(logprobs: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

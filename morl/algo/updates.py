@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -51,6 +51,10 @@ class UpdateContext(Protocol):
 class _Update:
     def __init__(self, algo: AlgoConfig):
         self.algo = algo
+
+    def slices(self, n: int) -> list[range]:
+        """The parts of an n-sequence batch that one optimizer step each trains on (the driver plans ranks by them)."""
+        return [range(n)]
 
     def correction(
         self, logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
@@ -101,6 +105,7 @@ class MorlUpdate(_Update):
             "grad_norm": grad_norm,
             "logprob_mismatch": sums["mismatch"] / max(total_tokens, 1),
             **self.correction_metrics(sums["corrected"], total_tokens),
+            **entropy_metrics(sums),
             "train_tokens": float(total_tokens),
             "train_sequences": float(len(batch)),
             "optimizer_steps": 1.0,
@@ -115,23 +120,27 @@ class GrpoUpdate(_Update):
         self.optimizer_steps_per_batch = algo.mini_batches * algo.update_epochs
         self.needs_reference = algo.kl_coef > 0
 
+    def slices(self, n: int) -> list[range]:
+        return mini_batch_slices(n, self.algo.mini_batches)
+
     def __call__(self, learner: UpdateContext, batch: TrainBatch) -> dict[str, float]:
         """Vanilla GRPO: `algo.update_epochs` passes of `algo.mini_batches` clipped-ratio optimizer steps.
 
         The old log-probs (and, with a KL term, the reference's) are computed once, without gradient,
         before the first step and over the same micro-batches the steps use, so the first step's ratio
         is exactly 1; the rollout correction's weights, of pi_old against pi_rollout, with them.
-        Each mini-batch's loss is its own token-mean, its sequences shared over the ranks.
+        Each mini-batch's loss is its own token-mean, its sequences shared over the ranks. The entropy is the first
+        epoch's, measured in each mini-batch's training forward.
         A non-finite loss stops the update at that step; the steps before it stay applied.
         """
         algo = self.algo
-        slices = mini_batch_slices(len(batch), algo.mini_batches)
+        slices = self.slices(len(batch))
         old = learner.frozen_logprobs(learner.engine, batch, slices)
         ref = learner.frozen_logprobs(learner.reference, batch, slices) if learner.reference is not None else None
         total_tokens = token_count(batch, range(len(batch)))
         mine = [i for indices in slices for micro in learner.micro_batches(batch, indices) for i in micro.rows]
         weights, batch_sums = self._old_vs_rollout(learner, batch, old, mine)
-        losses, grad_norms, sums = [], [], Counter()
+        losses, grad_norms, sums, first_epoch = [], [], Counter(), Counter()
         for epoch in range(algo.update_epochs):
             for m, indices in enumerate(slices):
                 loss_of = functools.partial(self._loss, batch, old, ref, weights, token_count(batch, indices))
@@ -140,6 +149,8 @@ class GrpoUpdate(_Update):
                 losses.append(loss)
                 grad_norms.append(grad_norm)
                 sums.update(step_sums)
+                if epoch == 0:  # each sequence once: the entropy of the policy as the epoch found it
+                    first_epoch.update(step_sums)
         metrics = {
             "loss": sum(losses) / len(losses),
             "grad_norm": sum(grad_norms) / len(grad_norms),
@@ -149,6 +160,7 @@ class GrpoUpdate(_Update):
             "train_sequences": float(len(batch)),
             "optimizer_steps": float(len(losses)),
             "clip_fraction": sums["clipped"] / max(sums["tokens"], 1),
+            **entropy_metrics(first_epoch),
         }
         if ref is not None:
             metrics["kl"] = sums["kl"] / max(sums["tokens"], 1)
@@ -195,12 +207,47 @@ def update_rule(algo: AlgoConfig) -> MorlUpdate | GrpoUpdate:
     return UPDATES[algo.name](algo)
 
 
+# --- the policy's entropy, per task ------------------------------------------------------------------------------
+
+ENTROPY, ENTROPY_TOKENS = "entropy/", "entropy_tokens/"
+
+
+def entropy_sums(entropy: torch.Tensor, mask: torch.Tensor, tasks: Sequence[str | None]) -> Counter:
+    """Summed entropy and token count of each task's answer tokens ([B, T] entropy and 0/1 mask, a task per row),
+    under `entropy/<task>` and `entropy_tokens/<task>`: sums, so micro-batches and ranks add up."""
+    sums: Counter = Counter()
+    per_row, tokens = (entropy * mask).sum(-1).tolist(), mask.sum(-1).tolist()
+    for task, h, n in zip(tasks, per_row, tokens):
+        sums[ENTROPY + (task or "")] += h
+        sums[ENTROPY_TOKENS + (task or "")] += n
+    return sums
+
+
+def entropy_keys(tasks: Iterable[str | None]) -> dict[str, float]:
+    """Every key `entropy_sums` can give for these tasks, at 0: each rank sums the same keys over the ranks."""
+    return {prefix + (task or ""): 0.0 for task in set(tasks) for prefix in (ENTROPY, ENTROPY_TOKENS)}
+
+
+def entropy_metrics(sums: Mapping[str, float]) -> dict[str, float]:
+    """`entropy/<task>` (token-mean per task, for the tasks named) and `entropy/mean` (over every answer token)."""
+    tasks = [key.removeprefix(ENTROPY_TOKENS) for key in sums if key.startswith(ENTROPY_TOKENS)]
+    metrics = {
+        ENTROPY + task: sums[ENTROPY + task] / sums[ENTROPY_TOKENS + task]
+        for task in tasks
+        if task and sums[ENTROPY_TOKENS + task]
+    }
+    total = sum(sums[ENTROPY_TOKENS + task] for task in tasks)
+    if total:
+        metrics[ENTROPY + "mean"] = sum(sums[ENTROPY + task] for task in tasks) / total
+    return metrics
+
+
 # --- per-sequence values as padded tensors ------------------------------------------------------------------------
 
 
 def token_count(batch: TrainBatch, indices: Iterable[int]) -> int:
     """Response tokens of the sequences `indices`: what a token-mean divides by."""
-    return sum(len(batch.responses[i]) for i in indices)
+    return sum(batch.shapes[i].response_tokens for i in indices)
 
 
 def advantages(batch: TrainBatch, idx: Sequence[int], like: torch.Tensor) -> torch.Tensor:

@@ -20,15 +20,18 @@ import ray
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from morl.algo.updates import update_rule
 from morl.cluster import cluster_has_gpus, learner_part, ready_placement
 from morl.config import RunConfig
-from morl.learner.policy import PolicyLearner, free_port
+from morl.learner.policy import LearnerOutOfMemoryError, NonFiniteLossError, PolicyLearner, free_port
+from morl.learner.shares import rank_rows
 from morl.ray_setup import threads_for
 from morl.run.checkpoint import ENGINE_DIR
 from morl.staging import Copied, pull, push, start_stage
 from morl.types import TrainBatch
 
-RESUME_STAGE = "resume"  # the staged name of the engine state a resume sends to the blind nodes
+RESUME_STAGE = "resume"
+RAISED_AS_THEMSELVES = (OSError, LearnerOutOfMemoryError, NonFiniteLossError)  # a rank's errors a user acts on  # the staged name of the engine state a resume sends to the blind nodes
 
 
 @ray.remote(num_cpus=0)
@@ -42,6 +45,8 @@ class LearnerGroup:
         """Start the ranks of `cfg.learner` (the policy of `cfg.model`, sampled at `cfg.rollout.temperature`);
         `blind_nodes` ({node id: name}): the nodes that cannot see the run directory."""
         lc = cfg.learner
+        self.cfg = lc
+        self.update = update_rule(cfg.algo)  # its slices: the parts of a batch each optimizer step trains on
         self.zero3 = lc.zero_stage == 3
         part = learner_part(cfg, cluster_has_gpus())
         gpus = part.bundle.get("GPU", 0)
@@ -88,18 +93,29 @@ class LearnerGroup:
     def _on_each(self, method: str, args: Sequence[Sequence[Any]]) -> Any:
         """`method` on every rank at once, rank k with `args[k]`; rank 0's result.
 
-        A rank's OSError (a full disk under a save) is raised as itself, so the caller can tell it from a bug.
+        The first rank to fail is reported at once (the others may be waiting for it in a collective), and its
+        OSError (a full disk under a save), out-of-memory or non-finite-loss error is raised as itself, so the
+        command prints one line and the caller can tell a full disk from a bug.
         """
+        futures = [getattr(rank, method).remote(*a) for rank, a in zip(self.ranks, args)]
+        pending = list(futures)
         try:
-            return ray.get([getattr(rank, method).remote(*a) for rank, a in zip(self.ranks, args)])[0]
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
         except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, OSError):
+            if isinstance(exc.cause, RAISED_AS_THEMSELVES):
                 raise exc.cause from None
             raise
+        return ray.get(futures[0])
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One update of the rollout batch; every rank gets the whole batch and trains on its share."""
-        return self._on_all("train_step", ray.put(batch))
+        """One update of the rollout batch: each rank is sent the sequences its plan runs (`rank_rows`), not the
+        whole batch, and every rank computes the same plan from the shapes all of them get."""
+        slices = self.update.slices(len(batch))
+        ranks = len(self.ranks)
+        shares = [batch.only(rank_rows(batch, slices, self.cfg, ranks=ranks, rank=r)) for r in range(ranks)]
+        return self._on_each("train_step", [(ray.put(share),) for share in shares])
 
     def weight_sizes(self, dtype: str, trainable_only: bool = False) -> list[tuple[str, int]]:
         return ray.get(self.ranks[0].weight_sizes.remote(dtype, trainable_only))

@@ -14,18 +14,20 @@ import re
 import socket
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from morl.algo.updates import update_rule
+from morl.algo.updates import entropy_keys, entropy_sums, update_rule
 from morl.compat import full_numel, use_reference_video_positions, zero_kept_gradients
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
 from morl.learner.buckets import SharedBuckets, pack_bucket
-from morl.learner.logprobs import response_logprobs
+from morl.learner.logprobs import AnswerScores, response_logprobs
 from morl.learner.lr_schedule import lr_multiplier
-from morl.learner.shares import MicroBatch, rank_micro_batches, vision_kind
+from morl.learner.packing import filler_sequence
+from morl.learner.shares import MicroBatch, rank_plan
 from morl.run.checkpoint import ENGINE_DIR, POLICY_DIR, CheckpointError, capture_rng, restore_rng
 from morl.types import PackedBucket, TrainBatch
 from morl.weight_group import WeightGroup, bound_store
@@ -34,6 +36,10 @@ ENGINE_TAG = "state"  # DeepSpeed's name for the one engine state a checkpoint d
 
 class NonFiniteLossError(RuntimeError):
     """The update produced a NaN/inf loss or gradient; the weights were left untouched."""
+
+
+class LearnerOutOfMemoryError(RuntimeError):
+    """A micro-batch did not fit a rank's memory; the message names the rank, its size and the keys that lower it."""
 
 
 def trainable_parameters(model, *, freeze_vision_tower: bool) -> list[torch.nn.Parameter]:
@@ -174,20 +180,23 @@ class PolicyLearner:
         self.engine.train()
         if self.cfg.zero_stage > 0:
             self._clear_kept_gradients()
-        loss_total, sums = 0.0, Counter()
+        loss_total, sums = 0.0, Counter(entropy_keys(batch.tasks or [None]))
         chunks = self.micro_batches(batch, indices)
         for k, micro in enumerate(chunks):
-            logprobs, mask = self._logprobs(self.engine, batch, micro.forward_rows)
-            counted = len(micro.rows)
-            loss, stats = loss_of(micro.rows, logprobs[:counted], mask[:counted])
-            if self._any_rank(not torch.isfinite(loss)):
-                self.engine.zero_grad()
-                raise NonFiniteLossError(f"loss is not finite in micro-batch {k}{where}; the update was skipped")
-            self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
-            # the filler's term moves no weight but runs the backward through the modules other ranks use
-            self.engine.backward(loss * self.world + 0.0 * logprobs[counted:].sum())
+            with self._out_of_memory_named(batch, micro):
+                scores = self._scores(self.engine, batch, micro)
+                counted = len(micro.rows)
+                logprobs, mask = scores.logprobs[:counted], scores.mask[:counted]
+                loss, stats = loss_of(micro.rows, logprobs, mask)
+                if self._any_rank(not torch.isfinite(loss)):
+                    self.engine.zero_grad()
+                    raise NonFiniteLossError(f"loss is not finite in micro-batch {k}{where}; the update was skipped")
+                self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
+                # the fillers' term moves no weight but runs the backward through the modules other ranks use
+                self.engine.backward(loss * self.world + 0.0 * scores.logprobs[counted:].sum())
             loss_total += loss.item()
             sums.update(stats)
+            sums.update(entropy_sums(scores.entropy[:counted], mask, [self._task(batch, i) for i in micro.rows]))
         self.engine.step()
         grad_norm = float(self.engine.get_global_grad_norm())
         if not math.isfinite(grad_norm):
@@ -228,31 +237,70 @@ class PolicyLearner:
         per_sequence: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         for indices in slices:
             for micro in self.micro_batches(batch, indices):
-                logprobs, _ = self._logprobs(model, batch, micro.forward_rows)
+                with self._out_of_memory_named(batch, micro):
+                    scores = self._scores(model, batch, micro)
                 for row, i in enumerate(micro.rows):
-                    per_sequence[i] = logprobs[row, : len(batch.responses[i])]
+                    per_sequence[i] = scores.logprobs[row, : batch.shapes[i].response_tokens]
         return per_sequence
 
     def micro_batches(self, batch: TrainBatch, indices: Sequence[int]) -> list[MicroBatch]:
         """This rank's micro-batches of the sequences `indices`: its token-balanced share, in step with the others."""
-        return rank_micro_batches(
-            list(indices),
-            [len(p.input_ids) + len(r) for p, r in zip(batch.prompts, batch.responses)],
-            [vision_kind(p.pixel_values is not None, p.pixel_values_videos is not None) for p in batch.prompts],
-            ranks=self.world,
-            rank=self.rank,
-            size=self.cfg.micro_batch_size,
-        )
+        return rank_plan(batch, indices, self.cfg, ranks=self.world, rank=self.rank)
 
-    def _logprobs(self, model, batch: TrainBatch, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scores(self, model, batch: TrainBatch, micro: MicroBatch) -> AnswerScores:
+        """Log-probs and entropies of the micro-batch's rows, then of its fillers (cut to the least they need)."""
+        config = self.engine.module.config
+        pairs = [(batch.prompts[i], batch.responses[i]) for i in micro.rows]
+        pairs += [filler_sequence(batch.prompts[f.row], f.kind, config) for f in micro.fillers]
         return response_logprobs(
             model,
-            [batch.prompts[i] for i in idx],
-            [batch.responses[i] for i in idx],
-            config=self.engine.module.config,
-            pad_id=self.pad_id,
+            [p for p, _ in pairs],
+            [r for _, r in pairs],
             temperature=self.temperature,
             banned_ids=self.banned_ids,
+            chunk_tokens=self.cfg.logprob_chunk_tokens,
+            attn_implementation=self.cfg.attn_implementation,
+        )
+
+    @staticmethod
+    def _task(batch: TrainBatch, i: int) -> str | None:
+        return batch.tasks[i] if batch.tasks else None
+
+    @contextmanager
+    def _out_of_memory_named(self, batch: TrainBatch, micro: MicroBatch):
+        """A micro-batch that runs out of device (or host) memory, reported as one line naming this rank, the
+        micro-batch's size and the keys that make it smaller."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            raise LearnerOutOfMemoryError(self._out_of_memory_message(batch, micro, exc)) from None
+        except RuntimeError as exc:  # the CPU allocator's refusal is a plain RuntimeError
+            if "can't allocate memory" not in str(exc):
+                raise
+            raise LearnerOutOfMemoryError(self._out_of_memory_message(batch, micro, exc)) from None
+
+    def _out_of_memory_message(self, batch: TrainBatch, micro: MicroBatch, exc: BaseException) -> str:
+        tokens = sum(batch.shapes[i].tokens for i in micro.rows)
+        answer = sum(batch.shapes[i].response_tokens for i in micro.rows)
+        cfg = self.cfg
+        lower = [
+            f"learner.max_tokens_per_micro_batch (now {cfg.max_tokens_per_micro_batch}"
+            + (", so a micro-batch is up to learner.micro_batch_size whole sequences)" if cfg.max_tokens_per_micro_batch is None else ")"),
+            f"learner.logprob_chunk_tokens (now {cfg.logprob_chunk_tokens})",
+        ]
+        if not cfg.gradient_checkpointing:
+            lower.append("learner.gradient_checkpointing=true")
+        if not cfg.offload_optimizer and cfg.zero_stage > 0:
+            lower.append("learner.offload_optimizer=true")
+        if not cfg.offload_params and cfg.zero_stage == 3:
+            lower.append("learner.offload_params=true")
+        if len(micro.rows) == 1:
+            lower.append("rollout.max_new_tokens (this micro-batch is one sequence: no budget splits it)")
+        where = f"{self.engine.device}" if self.engine.device.type == "cuda" else "host memory"
+        return (
+            f"learner rank {self.rank} ran out of {where} in a micro-batch of {tokens} tokens "
+            f"({len(micro.rows)} sequences, {answer} answer tokens): lower {', '.join(lower)}; "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         )
 
     def weight_sizes(self, dtype: str, trainable_only: bool = False) -> list[tuple[str, int]]:

@@ -32,18 +32,23 @@ def reward_input(row: Row, completion: Completion) -> RewardInput:
 
 
 def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[str, float]]:
-    """Flatten the accepted groups into sequences, each with its group-normalised advantage."""
-    batch = TrainBatch([], [], [], [])
+    """Flatten the accepted groups into sequences, each with its group-normalised advantage and its task."""
     if not groups:
-        return batch, {}
+        return TrainBatch([], [], [], []), {}
     advantages = group_advantages(torch.tensor([g.rewards for g in groups]), adv_eps)
-    for i, group in enumerate(groups):
-        prompt = group.encoded.without_frames()  # one object per group: sent to the learner once
-        for j, completion in enumerate(group.completions):
-            batch.prompts.append(prompt)
-            batch.responses.append(completion.token_ids)
-            batch.rollout_logprobs.append(completion.logprobs)
-            batch.advantages.append(advantages[i, j].item())
+    sequences = [
+        # one prompt object per group: sent to a learner rank once
+        (group.encoded.without_frames(), completion, advantages[i, j].item(), group.task)
+        for i, group in enumerate(groups)
+        for j, completion in enumerate(group.completions)
+    ]
+    batch = TrainBatch(
+        [prompt for prompt, *_ in sequences],
+        [completion.token_ids for _, completion, *_ in sequences],
+        [completion.logprobs for _, completion, *_ in sequences],
+        [advantage for *_, advantage, _ in sequences],
+        [task for *_, task in sequences],
+    )
     adv = torch.tensor(batch.advantages)
     return batch, {
         "advantage/mean": adv.mean().item(),

@@ -111,6 +111,9 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, smoothing: float = 0.6) -> li
         "response_length.png": plots.per_task(
             "response_length/", "tokens", "Mean response length per task", with_mean=True
         ),
+        "entropy.png": plots.per_task(
+            "entropy/", "nats", "Policy entropy per task (answer tokens, sampling distribution)", with_mean=True
+        ),
         "advantages.png": plots.advantages(),
         "sample_waste.png": plots.sample_waste(),
         "step_time.png": plots.step_time(),

@@ -48,10 +48,8 @@ def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, l
         for _ in range(steps):
             chosen = rng.sample(examples, min(batch_size, len(examples)))
             prompts, responses = [p for p, _ in chosen], [r for _, r in chosen]
-            logprobs, mask = response_logprobs(
-                model, prompts, responses, config=model.config, pad_id=tokenizer.pad_token_id
-            )
-            loss = token_mean_loss(logprobs, torch.ones(len(chosen)), mask)
+            scores = response_logprobs(model, prompts, responses)
+            loss = token_mean_loss(scores.logprobs, torch.ones(len(chosen)), scores.mask)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -7,11 +7,13 @@ import torch
 
 from morl.algo.core import (
     clipped_policy_loss_sum,
+    entropy,
     group_advantages,
     k3_kl_sum,
     mini_batch_slices,
     policy_gradient_loss_sum,
     rollout_correction_weights,
+    sampling_log_softmax,
     token_logprobs,
     token_mean_loss,
     zero_variance_groups,
@@ -78,6 +80,24 @@ def test_token_logprobs_temperature_and_banned_tokens():
     # temperature 2 halves the logits: [1, sqrt 3] -> p(1) = sqrt3 / (1 + sqrt3)
     lp = token_logprobs(logits, tokens, temperature=2.0, banned_ids=[2])
     assert lp.item() == pytest.approx(math.log(math.sqrt(3) / (1 + math.sqrt(3))))
+
+
+
+def test_entropy_of_the_sampling_distribution_closed_form():
+    # token 2 banned: p = [1/4, 3/4], H = -(1/4 log 1/4 + 3/4 log 3/4); the banned -inf adds 0, not nan
+    logits = torch.tensor([[0.0, math.log(3.0), 5.0]])
+    h = entropy(sampling_log_softmax(logits, banned_ids=[2]))
+    assert h.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    # uniform over V tokens: log V; one certain token: 0
+    assert entropy(sampling_log_softmax(torch.zeros(1, 7))).item() == pytest.approx(math.log(7))
+    assert entropy(sampling_log_softmax(torch.tensor([[0.0, -1e4]]))).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sampling_log_softmax_is_float32_for_bfloat16_logits():
+    logits = torch.randn(3, 1000).to(torch.bfloat16)
+    log_probs = sampling_log_softmax(logits, temperature=0.7)
+    assert log_probs.dtype == torch.float32
+    assert torch.allclose(log_probs, torch.log_softmax(logits.float() / 0.7, -1))
 
 
 # --- vanilla GRPO -------------------------------------------------------------------------------------------

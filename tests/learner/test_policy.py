@@ -145,9 +145,8 @@ def test_seq_mask_drops_responses_and_keeps_their_tokens_in_the_token_mean(toy_w
 def batch_logprobs(model, train_batch, banned):
     """Log-probs [B, T] of the batch's responses under `model` (no gradient), and their mask."""
     with torch.no_grad():
-        return response_logprobs(
-            model, train_batch.prompts, train_batch.responses, config=model.config, pad_id=0, banned_ids=banned
-        )
+        scores = response_logprobs(model, train_batch.prompts, train_batch.responses, banned_ids=banned)
+        return scores.logprobs, scores.mask
 
 
 def test_grpo_first_step_is_the_morl_step(toy_world, batch):

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from morl.learner.shares import IMAGES, VIDEOS, MicroBatch, balanced_shares, rank_micro_batches
+from morl.learner.shares import IMAGES, VIDEOS, Filler, MicroBatch, balanced_shares, rank_micro_batches
 
 
 def test_shares_balance_tokens_longest_first():
@@ -15,14 +15,26 @@ def test_shares_balance_tokens_longest_first():
     assert balanced_shares([5, 5], 3) == [[0], [1], []]  # more ranks than sequences: some get none
 
 
-def plans(tokens, images, indices, ranks, size):
-    return [rank_micro_batches(indices, tokens, images, ranks=ranks, rank=r, size=size) for r in range(ranks)]
+def plans(tokens, images, indices, ranks, size, budget=None):
+    return [
+        rank_micro_batches(indices, tokens, images, ranks=ranks, rank=r, size=size, budget=budget) for r in range(ranks)
+    ]
 
 
 def test_one_rank_runs_text_first_then_images_without_fillers():
     tokens, images = [3, 9, 4, 7, 1], [True, False, True, True, False]
     (plan,) = plans(tokens, images, range(5), ranks=1, size=2)
-    assert plan == [MicroBatch((1, 4)), MicroBatch((0, 2)), MicroBatch((3,))]
+    # within a kind, longest first into the first micro-batch with room: 3 (7) and 2 (4), then 0 (3)
+    assert plan == [MicroBatch((1, 4)), MicroBatch((2, 3)), MicroBatch((0,))]
+
+
+def test_a_token_budget_packs_first_fit_longest_first_and_a_longer_sequence_runs_alone():
+    tokens, kinds = [30, 70, 50, 20, 150, 45, 5], [0] * 7
+    (plan,) = plans(tokens, kinds, range(7), ranks=1, size=64, budget=100)
+    # 150 alone (over the budget); 70 + 30 = 100; 50 + 45 + 5 = 100; 20 left
+    assert plan == [MicroBatch((4,)), MicroBatch((0, 1)), MicroBatch((2, 5, 6)), MicroBatch((3,))]
+    (plan,) = plans(tokens, kinds, range(7), ranks=1, size=2, budget=100)  # the sequence count limits too
+    assert all(len(m.rows) <= 2 for m in plan) and sorted(i for m in plan for i in m.rows) == list(range(7))
 
 
 def test_a_short_rank_and_a_rank_without_images_get_fillers():
@@ -32,9 +44,10 @@ def test_a_short_rank_and_a_rank_without_images_get_fillers():
     # shares: [0, 1, 3] (30 + 10 + 5) and [2, 4] (20 + 25), text-only first
     assert [m.rows for m in rank0] == [(0,), (1,), (3,)]
     assert [m.rows for m in rank1] == [(), (2,), (4,)]  # the short share starts late, so it ends with the others
-    assert rank1[0].fillers == (3,)  # nothing to run yet, and rank 0 runs an image: the cheapest with an image
-    assert rank1[1].fillers == (3,)  # sequence 2 has no image while rank 0 runs one
-    assert rank1[0].forward_rows == (3,) and rank1[1].forward_rows == (2, 3)
+    # nothing to run yet, and rank 0 runs an image: the first image of the cheapest sequence with one
+    assert rank1[0].fillers == (Filler(3, IMAGES),)
+    assert rank1[1].fillers == (Filler(3, IMAGES),)  # sequence 2 has no image while rank 0 runs one
+    assert rank1[0].payload_rows == (3,) and rank1[1].payload_rows == (2, 3)
     assert all(not m.fillers for m in (*rank0, rank1[2]))
 
 
@@ -43,30 +56,41 @@ def test_images_and_videos_run_the_same_vision_calls_on_every_rank():
     tokens, kinds = [40, 30, 5, 6], [IMAGES | VIDEOS, VIDEOS, IMAGES, VIDEOS]
     rank0, rank1 = plans(tokens, kinds, [0, 1], ranks=2, size=1)
     assert rank0 == [MicroBatch((0,))]
-    assert rank1 == [MicroBatch((1,), (0,))]  # the only sequence adding images without adding a third kind
+    assert rank1 == [MicroBatch((1,), (Filler(0, IMAGES),))]  # the only sequence with images
     # neither kind-3 row in the step: a rank with nothing left needs one filler per kind
     rank0, rank1 = plans([40, 5, 6], [IMAGES, IMAGES, VIDEOS], [0, 1, 2], ranks=2, size=2)
     assert [m.rows for m in rank0] == [(0,)] and [m.rows for m in rank1] == [(1, 2)]
-    assert rank0[0].fillers == (2,)
+    assert rank0[0].fillers == (Filler(2, VIDEOS),)
 
 
-@pytest.mark.parametrize("seed", range(20))
+def vision_calls(m: MicroBatch, kinds) -> set[int]:
+    """The vision kinds a micro-batch runs: its rows', and each filler's own (a cut adds no kind outside the
+    micro-batch's, checked below)."""
+    return {k for k in (IMAGES, VIDEOS) for kind in [*(kinds[i] for i in m.rows), *(f.kind for f in m.fillers)] if kind & k}
+
+
+@pytest.mark.parametrize("seed", range(30))
 def test_every_sequence_counts_once_and_ranks_stay_in_step(seed):
     rng = random.Random(seed)
     n, ranks, size = rng.randint(1, 13), rng.randint(1, 4), rng.randint(1, 3)
+    budget = rng.choice([None, rng.randint(10, 80)])
     tokens = [rng.randint(1, 50) for _ in range(n)]
     images = [rng.choice([0, IMAGES, VIDEOS, IMAGES | VIDEOS]) if rng.random() < 0.6 else 0 for _ in range(n)]
     indices = sorted(rng.sample(range(n), rng.randint(1, n)))  # a GRPO mini-batch is a part of the batch
-    per_rank = plans(tokens, images, indices, ranks, size)
+    per_rank = plans(tokens, images, indices, ranks, size, budget)
     counted = sorted(i for plan in per_rank for m in plan for i in m.rows)
     assert counted == indices
     assert len({len(plan) for plan in per_rank}) == 1  # the same number of passes on every rank
-    last = [any(images[i] for i in m.forward_rows) for m in (plan[-1] for plan in per_rank)]
+    last = [vision_calls(plan[-1], images) for plan in per_rank]
     assert all(last) == any(images[i] for i in indices)  # the vision tower runs last whenever it runs
     for slot in zip(*per_rank):
-        calls = [{k for i in m.forward_rows for k in (IMAGES, VIDEOS) if images[i] & k} for m in slot]
+        calls = [vision_calls(m, images) for m in slot]
         assert all(c == calls[0] for c in calls)  # the same vision calls (images, videos) on every rank
-        assert all(m.forward_rows and len(m.rows) <= size for m in slot)
-        assert all(set(m.fillers) <= set(indices) for m in slot)
+        assert all(m.payload_rows and len(m.rows) <= size for m in slot)
+        assert all(budget is None or len(m.rows) == 1 or sum(tokens[i] for i in m.rows) <= budget for m in slot)
+        for m in slot:
+            assert {f.row for f in m.fillers} <= set(indices)
+            # a filler's source has its kind and nothing the micro-batch does not run
+            assert all(images[f.row] & f.kind == f.kind and images[f.row] & ~sum(calls[0]) == 0 for f in m.fillers)
     loads = [sum(tokens[i] for m in plan for i in m.rows) for plan in per_rank]
     assert max(loads) - min(loads) <= max(tokens[i] for i in indices)  # balanced up to one sequence

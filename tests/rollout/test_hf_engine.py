@@ -39,14 +39,13 @@ def max_gap(engine, processor, prompts, groups) -> float:
     """The largest |rollout - teacher-forced| log-prob over the groups' response tokens (the engine's own weights)."""
     flat = [c for g in groups for c in g]
     with torch.no_grad():
-        logprobs, mask = response_logprobs(
+        scores = response_logprobs(
             engine.model,
             [p for p, g in zip(prompts, groups) for _ in g],
             [c.token_ids for c in flat],
-            config=engine.model.config,
-            pad_id=processor.tokenizer.pad_token_id,
             banned_ids=engine.banned_ids,
         )
+    logprobs, mask = scores.logprobs, scores.mask
     rollout = torch.zeros_like(logprobs)
     for i, c in enumerate(flat):
         rollout[i, : len(c.logprobs)] = torch.tensor(c.logprobs)

@@ -184,14 +184,8 @@ def test_guard_catches_a_sync_that_never_happened(toy_world):
     def mismatch() -> float:
         (group,) = engine.generate([prompt], SamplingParams(n=4, max_new_tokens=8), seeds=[1])
         with torch.no_grad():
-            logprobs, mask = response_logprobs(
-                learner,
-                [prompt] * 4,
-                [c.token_ids for c in group],
-                config=learner.config,
-                pad_id=processor.tokenizer.pad_token_id,
-                banned_ids=engine.banned_ids,
-            )
+            scores = response_logprobs(learner, [prompt] * 4, [c.token_ids for c in group], banned_ids=engine.banned_ids)
+        logprobs, mask = scores.logprobs, scores.mask
         rollout = torch.zeros_like(logprobs)
         for i, c in enumerate(group):
             rollout[i, : len(c.logprobs)] = torch.tensor(c.logprobs)

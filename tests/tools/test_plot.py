@@ -25,7 +25,8 @@ def write_run(run_dir, steps: int, *, offset: float = 0.0, with_eval: bool = Tru
                   "rollout/worker1_idle_s": 0.6, "reward/fixture_boom/errors": 1}
         for task in TASKS:
             record |= {f"reward/{task}": 0.05 * step, f"pass_rate/{task}": 0.02 * step,
-                       f"response_length/{task}": 10.0 + step}
+                       f"response_length/{task}": 10.0 + step, f"entropy/{task}": 1.0 - 0.1 * step}
+        record["entropy/mean"] = 1.0 - 0.1 * step
         lines.append(json.dumps(record))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail)
     if with_eval:
@@ -69,6 +70,9 @@ def test_figures_label_their_axes_and_name_every_run(tmp_path):
     assert [t.get_text() for t in reward.legends[0].texts] == ["morl", "grpo"]
     counting = reward.axes[1]
     assert len(counting.lines) == 4  # per run: raw (faint) and smoothed
+    entropy = plots.per_task("entropy/", "nats", "Policy entropy per task", with_mean=True)
+    assert [ax.get_title() for ax in entropy.axes if ax.get_visible()] == ["mean over tasks", "counting", "grounding"]
+    assert list(entropy.axes[1].lines[0].get_ydata()) == pytest.approx([1.0 - 0.1 * s for s in range(1, 7)])
 
     timing = plots.step_time()
     stacked = timing.axes[0]
@@ -89,8 +93,8 @@ def test_morl_plot_writes_the_pngs_and_skips_what_no_run_has(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "png")])
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in (tmp_path / "png").iterdir())
-    assert written == ["advantages.png", "eval.png", "pass_rate.png", "response_length.png", "reward.png",
-                       "sample_waste.png", "step_time.png"]
+    assert written == ["advantages.png", "entropy.png", "eval.png", "pass_rate.png", "response_length.png",
+                       "reward.png", "sample_waste.png", "step_time.png"]
     for name in written:
         with Image.open(tmp_path / "png" / name) as image:
             assert image.width > 400 and image.height > 300
