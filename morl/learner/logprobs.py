@@ -83,13 +83,15 @@ def answer_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(target) and the entropy at each of the A rows of `hidden` [A, hidden]: two float32 [A] tensors.
 
-    lm_head is called as a module, once per chunk (and again per chunk in the backward), so ZeRO-3 gathers its
+    Every chunk but the last is checkpointed: the last one's log-softmax is the first the backward needs, so keeping
+    it costs one chunk of memory and saves its recompute (an answer of one chunk is never recomputed). lm_head is
+    called as a module, once per chunk (and again per recomputed chunk in the backward), so ZeRO-3 gathers its
     shard each time as it does for any module.
     """
     logprobs, entropies = [], []
     for start in range(0, len(targets), chunk_tokens):
         rows = slice(start, start + chunk_tokens)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and start + chunk_tokens < len(targets):
             lp, h = checkpoint(
                 _chunk, lm_head, hidden[rows], targets[rows], temperature, banned_ids, use_reentrant=False
             )
