@@ -364,3 +364,16 @@ def test_sequences_longer_than_the_model_takes_are_refused(tmp_path):
     assert not est.fits
     assert "max_position_embeddings = 128000" in est.problems[0] and "at most 119808" in est.problems[0]
 
+
+def test_the_8gpu_recipe_fits_long_answers(tmp_path):
+    cfg = mimo_8gpu(tmp_path)
+    rc, lc = cfg.rollout, cfg.learner
+    longest = rc.max_prompt_tokens + rc.max_new_tokens
+    assert rc.max_new_tokens >= 32768 and longest <= MIMO_VL_7B["max_position_embeddings"]
+    assert lc.max_tokens_per_micro_batch >= longest  # no sequence runs alone past the budget
+    est = estimate(cfg, ModelShape.from_config(MIMO_VL_7B), Hardware(8, 80, 1024))
+    assert est.fits and est.kv_cache_tokens >= longest
+    path = checkpoint(tmp_path, MIMO_VL_7B)
+    recipe = str(RECIPES / "mimo_vl_7b_morl_8gpu.yaml")
+    run = CliRunner().invoke(app, ["preflight", recipe, f"model.path={path}", "--gpus", "8"])
+    assert run.exit_code == 0, run.output
