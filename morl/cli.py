@@ -154,14 +154,16 @@ def preflight(
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
     gpus: int = typer.Option(1, min=0, help="GPUs per node the run gets (0: a CPU run)"),
     gpu_mem_gib: float = typer.Option(80.0, min=1, help="memory of one GPU, GiB"),
-    host_mem_gib: Optional[float] = typer.Option(None, min=1, help="host memory, GiB (default: this machine's)"),
+    host_mem_gib: Optional[float] = typer.Option(
+        None, min=1, help="host memory of a node, GiB (default: unchecked for a GPU run; this machine's for a CPU run)"
+    ),
 ) -> None:
     """Estimate GPU and host memory for a recipe from its model's config.json; refuse one that cannot fit."""
-    from morl.tools.preflight import Hardware, PreflightError, host_memory_gib, report
+    from morl.tools.preflight import PreflightError, hardware, report
 
     with exit_on(ConfigError, PreflightError):
         cfg = load_config(recipe, overrides or [])
-        lines, fits = report(cfg, Hardware(gpus, gpu_mem_gib, host_mem_gib or host_memory_gib()))
+        lines, fits = report(cfg, hardware(gpus, gpu_mem_gib, host_mem_gib))
     typer.echo("\n".join(lines))
     if not fits:
         raise typer.Exit(2)

@@ -1,25 +1,47 @@
 """Will a recipe fit? GPU and host memory estimated from the model's config.json before any GPU time is spent.
 
 Closed-form estimates, upper bounds where there is a choice. P parameters, T trainable (P without the
-ViT when it is frozen), b bytes per element of `model.dtype`, n = `learner.num_ranks` (ZeRO ranks), and a
-micro-batch of B sequences padded to S = max_prompt_tokens + max_new_tokens tokens:
+ViT when it is frozen), b bytes per element of `model.dtype`, n = `learner.num_ranks` (ZeRO ranks), h hidden
+width, L layers, V vocabulary, S = max_prompt_tokens + max_new_tokens the longest sequence.
+
+The learner packs sequences without padding into micro-batches of at most `learner.max_tokens_per_micro_batch`
+tokens (budget; none: no token limit) and `learner.micro_batch_size` sequences; a sequence longer than the budget
+runs alone. So its largest micro-batch holds M = max(min(budget, micro_batch_size x S), S) tokens, of which at
+most A = max(min(budget, micro_batch_size x max_new_tokens), max_new_tokens) are answer tokens, and a
+micro-batch of two or more sequences holds at most K = min(budget, micro_batch_size x S) (none when
+micro_batch_size is 1). Log-probs come from the answer positions' final hidden states, pushed through lm_head
+in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each recomputed in the backward.
 
     learner weights      b P, / n under ZeRO-3; with offload_params only the live layers stay on the GPU
             gradients    b T, / n under ZeRO-2 and 3; one reduce bucket with offload_optimizer
             optimizer    (8 + 4) T: Adam m and v plus fp32 master weights (8 T for a float32 model),
                          / n under ZeRO-1, 2 and 3; in host memory with offload_optimizer
-            activations  B S tokens x every layer's saved tensors, b (7 h + 3 kv + 4 I) each; with
+            ZeRO         n > 1: under ZeRO-3 the gathered live parameters, b (V h + 2 layers) (the embedding
+                         or lm_head whole, the current layer and one prefetched); under ZeRO-2 and 3 the
+                         full-size gradient bucket b x 5e8 filled before each reduce-scatter
+            activations  M tokens x every layer's saved tensors, b (7 h + 3 kv + 4 I) each; with
                          checkpointing each layer's input (b h) plus one layer's tensors
-            logits       B S V (b + 12): the logits and the fp32 copies the log-softmax makes
+            logits       one chunk, C V (2 b + 16): its logits in b, their float32 copy, the log-softmax, and in
+                         the backward's recompute also the float32 gradient, the softmax and the gradient in b
+            answer rows  2 A h b: the answer positions' hidden states, gathered, and their gradient
+            attention    sdpa: a micro-batch of several sequences needs a boolean block-diagonal mask, K^2
+                         bytes, which SDPA converts to an additive mask in b, K^2 b, and key/value heads
+                         repeated for every query head, 2 K h b, for each layer whose tensors are held (one
+                         with checkpointing, L without); a lone sequence needs none. flash_attention_2: none.
+                         eager: the mask, and per layer held the scores of M^2 per head, in b, their float32
+                         softmax and its copy in b: heads M^2 (4 + 2 b)
     vLLM    its pool     gpu_memory_utilization x GPU: weights b P / TP, a profiled peak, then KV cache,
-                         which must hold one sequence of S tokens (2 L kv b / TP bytes per token)
+                         which must hold one sequence of S tokens (2 L kv b / TP bytes per token); S may not
+                         exceed the model's max_position_embeddings
     host                 each learner rank loads the checkpoint in float32 (4 P) at start-up; offloaded
                          optimizer (fp32 gradients + states) and parameters; sleep level 1 keeps vLLM's
                          weights; weight-sync buckets in Ray's object store
 
 Colocated, one GPU carries the learner's resident state plus vLLM's pool during the rollout, and the
-learner's peak plus a sleeping vLLM during the update; both must fit. A recipe that does not fit is
-refused with each change that would make it fit (each checked by estimating again).
+learner's peak plus a sleeping vLLM during the update; both must fit. Host memory is checked against
+--host-mem-gib; a GPU run's nodes are not the machine preflight runs on, so without it the need is only
+reported (a CPU run is judged by this machine's memory, and says so). A recipe that does not fit is refused
+with each change that would make it fit (each checked by estimating again).
 """
 
 from __future__ import annotations
@@ -65,6 +87,7 @@ class ModelShape:
     in_channels: int
     merge: int
     vision_out: int
+    max_positions: int | None = None  # max_position_embeddings: the longest sequence it takes (None: unsaid)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], where: str = "config.json") -> ModelShape:
@@ -93,6 +116,7 @@ class ModelShape:
             in_channels=vision.get("in_channels", vision.get("in_chans", 3)),
             merge=vision.get("spatial_merge_size", 2),
             vision_out=vision.get("out_hidden_size", text["hidden_size"]),
+            max_positions=text.get("max_position_embeddings"),
         )
 
     @classmethod
@@ -137,24 +161,33 @@ class ModelShape:
 class Hardware:
     gpus: int  # per node
     gpu_mem_gib: float
-    host_mem_gib: float
+    host_mem_gib: float | None  # None: not known, so host memory is reported, not checked
+    host_is_this_machine: bool = False  # host_mem_gib was measured here, not given
 
     @property
     def gpu_bytes(self) -> int:
         return int(self.gpu_mem_gib * GIB)
 
     @property
-    def host_bytes(self) -> int:
-        return int(self.host_mem_gib * GIB)
+    def host_bytes(self) -> int | None:
+        return None if self.host_mem_gib is None else int(self.host_mem_gib * GIB)
+
+
+def hardware(gpus: int, gpu_mem_gib: float, host_mem_gib: float | None) -> Hardware:
+    """What the run gets. Without a stated host memory, a CPU run is judged by this machine's (it trains where it
+    is checked, as the quickstarts do); a GPU run's is unknown: its nodes are not the machine preflight runs on."""
+    if host_mem_gib is not None or gpus > 0:
+        return Hardware(gpus, gpu_mem_gib, host_mem_gib)
+    return Hardware(gpus, gpu_mem_gib, host_memory_gib(), host_is_this_machine=True)
 
 
 @dataclass
 class Budget:
-    """Memory one place must hold at its peak, by component."""
+    """Memory one place must hold at its peak, by component; no limit: reported, not checked."""
 
     where: str
     parts: dict[str, int]
-    limit: int
+    limit: int | None
 
     @property
     def used(self) -> int:
@@ -162,7 +195,11 @@ class Budget:
 
     @property
     def fits(self) -> bool:
-        return self.used <= self.limit
+        return self.limit is None or self.used <= self.limit
+
+    @property
+    def overage(self) -> int:
+        return 0 if self.fits else self.used - self.limit
 
 
 @dataclass
@@ -177,11 +214,14 @@ class Estimate:
         return not self.problems and all(b.fits for b in self.budgets)
 
 
+def trainable_params(shape: ModelShape, cfg: RunConfig) -> int:
+    return shape.params - shape.vision_params if cfg.learner.freeze_vision_tower else shape.params
+
+
 def learner_resident(shape: ModelShape, cfg: RunConfig, n: int) -> dict[str, int]:
     """What each learner GPU holds between steps: weights, gradients, optimizer states."""
     lc, b = cfg.learner, DTYPE_BYTES[cfg.model.dtype]
-    total = shape.params
-    trainable = total - shape.vision_params if lc.freeze_vision_tower else total
+    total, trainable = shape.params, trainable_params(shape, cfg)
     if lc.offload_params:
         biggest = shape.vocab * shape.hidden  # the embedding, gathered whole for its lookup
         weights = b * (biggest + 2 * shape.layer_params)  # plus the current layer and one prefetched
@@ -198,21 +238,91 @@ def learner_resident(shape: ModelShape, cfg: RunConfig, n: int) -> dict[str, int
     }
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """The learner's largest micro-batch, in tokens: what its transient memory scales with."""
+
+    tokens: int  # M: all its tokens (prompt, vision and answer)
+    answer_tokens: int  # A: the answer positions among them, scored through lm_head
+    prompt_tokens: int  # the prompt positions among them: the bound on vision tokens
+    packed_tokens: int  # K: the largest micro-batch of two or more sequences (0: one sequence each), masked
+    lone: bool  # M is one sequence longer than the token budget, which runs alone
+
+
+def micro_batch(cfg: RunConfig) -> MicroBatch:
+    """Sequences are packed without padding up to the token budget and micro_batch_size sequences; a sequence
+    longer than the budget runs alone, so no micro-batch is shorter than its worst case of one longest sequence."""
+    lc, rc = cfg.learner, cfg.rollout
+    longest = rc.max_prompt_tokens + rc.max_new_tokens
+    budget = lc.max_tokens_per_micro_batch
+
+    def packed(per_sequence: int) -> int:
+        most = lc.micro_batch_size * per_sequence
+        return most if budget is None else min(budget, most)
+
+    return MicroBatch(
+        tokens=max(packed(longest), longest),
+        answer_tokens=max(packed(rc.max_new_tokens), rc.max_new_tokens),
+        prompt_tokens=max(packed(rc.max_prompt_tokens), rc.max_prompt_tokens),
+        packed_tokens=packed(longest) if lc.micro_batch_size > 1 else 0,
+        lone=budget is not None and budget < longest,
+    )
+
+
+def layers_held(shape: ModelShape, cfg: RunConfig) -> int:
+    """Decoder layers whose full tensors are alive at once: one under checkpointing (recomputed layer by layer)."""
+    return 1 if cfg.learner.gradient_checkpointing else shape.layers
+
+
+def attention_parts(shape: ModelShape, cfg: RunConfig, mb: MicroBatch) -> dict[str, int]:
+    """What the attention implementation adds beyond the per-token tensors: masks of packed sequences, eager's
+    scores. A lone sequence is plainly causal and needs no mask."""
+    impl, b = cfg.learner.attn_implementation, DTYPE_BYTES[cfg.model.dtype]
+    held, k = layers_held(shape, cfg), mb.packed_tokens
+    if impl == "flash_attention_2":  # varlen kernels: sequence boundaries, no mask
+        return {}
+    if impl == "sdpa":  # the boolean mask; per layer SDPA's additive copy and the key/value heads repeated (no GQA)
+        return {"attention mask (packed sequences)": k * k + held * (b * k * k + 2 * k * shape.hidden * b)}
+    scores = held * shape.heads * mb.tokens**2 * (4 + 2 * b)  # eager: scores in b, float32 softmax, its copy in b
+    return {"attention mask (packed sequences)": k * k, "attention scores (eager)": scores}
+
+
 def learner_activations(shape: ModelShape, cfg: RunConfig) -> dict[str, int]:
-    """The update's transient memory for one micro-batch of padded sequences."""
-    lc, rc, b = cfg.learner, cfg.rollout, DTYPE_BYTES[cfg.model.dtype]
-    tokens = lc.micro_batch_size * (rc.max_prompt_tokens + rc.max_new_tokens)
+    """The update's transient memory for the largest micro-batch of packed sequences."""
+    lc, b = cfg.learner, DTYPE_BYTES[cfg.model.dtype]
+    mb = micro_batch(cfg)
     per_layer = b * (7 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate)
     if lc.gradient_checkpointing:
-        text = tokens * (shape.layers * b * shape.hidden + per_layer)
+        text = mb.tokens * (shape.layers * b * shape.hidden + per_layer)
     else:
-        text = tokens * shape.layers * per_layer
-    parts = {"activations": text, "logits": tokens * shape.vocab * (b + 12)}
+        text = mb.tokens * shape.layers * per_layer
+    chunk = min(lc.logprob_chunk_tokens, mb.answer_tokens)
+    parts = {
+        "activations": text,
+        "logits (one lm_head chunk)": chunk * shape.vocab * (2 * b + 16),
+        "answer hidden states": 2 * mb.answer_tokens * shape.hidden * b,
+        **attention_parts(shape, cfg, mb),
+    }
     if not lc.freeze_vision_tower:  # a frozen ViT saves nothing for the backward pass
-        patches = lc.micro_batch_size * rc.max_prompt_tokens * shape.merge**2  # bound: the whole prompt is image
+        patches = mb.prompt_tokens * shape.merge**2  # bound: the whole prompt is image
         per_block = b * (8 * shape.vision_hidden + 4 * shape.vision_intermediate)
         depth = 1 if lc.gradient_checkpointing else shape.vision_depth
         parts["vision activations"] = patches * (depth * per_block + shape.vision_depth * b * shape.vision_hidden)
+    return parts
+
+
+def zero_transients(shape: ModelShape, cfg: RunConfig, n: int) -> dict[str, int]:
+    """Full-size buffers ZeRO holds during the update when it shards over n > 1 ranks: gathered parameters
+    (ZeRO-3; with offload_params they are the weights' part already) and the gradient bucket of a reduce-scatter
+    (with offload_optimizer it is the gradients' part already)."""
+    lc, b = cfg.learner, DTYPE_BYTES[cfg.model.dtype]
+    if n == 1:
+        return {}
+    parts = {}
+    if lc.zero_stage == 3 and not lc.offload_params:
+        parts["ZeRO-3 gathered parameters"] = b * (shape.vocab * shape.hidden + 2 * shape.layer_params)
+    if lc.zero_stage >= 2 and not lc.offload_optimizer:
+        parts["ZeRO gradient reduce bucket"] = b * min(REDUCE_BUCKET, trainable_params(shape, cfg))
     return parts
 
 
@@ -229,7 +339,7 @@ def vllm_pool(shape: ModelShape, cfg: RunConfig) -> tuple[dict[str, int], int]:
 
 def host_parts(shape: ModelShape, cfg: RunConfig, n: int, vllm_workers: int) -> dict[str, int]:
     lc, rc, b = cfg.learner, cfg.rollout, DTYPE_BYTES[cfg.model.dtype]
-    trainable = shape.params - shape.vision_params if lc.freeze_vision_tower else shape.params
+    trainable = trainable_params(shape, cfg)
     parts = {
         "learner checkpoint load (float32, each rank)": 4 * shape.params * max(n, 1),
         "processes (driver, Ray, GPU workers)": DRIVER_HOST + PROCESS_HOST * (n + vllm_workers),
@@ -251,24 +361,38 @@ def gpus_of_rollout(cfg: RunConfig) -> int:
     return rc.num_workers * rc.tensor_parallel_size if rc.engine == "vllm" else 0
 
 
+def position_problems(shape: ModelShape, cfg: RunConfig) -> list[str]:
+    """A sequence longer than the model's positions: vLLM refuses to start (and `morl train` refuses the recipe)."""
+    rc = cfg.rollout
+    longest = rc.max_prompt_tokens + rc.max_new_tokens
+    if shape.max_positions is None or longest <= shape.max_positions:
+        return []
+    return [
+        f"rollout.max_prompt_tokens + rollout.max_new_tokens = {longest} exceeds the model's max_position_embeddings "
+        f"= {shape.max_positions}; lower them (rollout.max_new_tokens at most "
+        f"{shape.max_positions - rc.max_prompt_tokens} with this prompt length)"
+    ]
+
+
 def estimate(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> Estimate:
     rc = cfg.rollout
     vllm = rc.engine == "vllm"
     rollout_gpus = gpus_of_rollout(cfg)
     n = cfg.learner.num_ranks
+    positions = position_problems(shape, cfg)
     if hw.gpus == 0:
         if vllm:
-            return Estimate(0, [], problems=["rollout.engine=vllm needs GPUs (--gpus)"])
+            return Estimate(0, [], problems=["rollout.engine=vllm needs GPUs (--gpus)", *positions])
         learner = {**learner_resident(shape, cfg, n), **learner_activations(shape, cfg)}
         ranks = f"(CPU run, {n} ranks)" if n > 1 else "(CPU run)"
         host = {**host_parts(shape, cfg, n, 0), **{f"{k} {ranks}": n * v for k, v in learner.items()}}
-        return Estimate(0, [Budget("host", host, hw.host_bytes)])
+        return Estimate(0, [Budget("host", host, hw.host_bytes)], problems=positions)
     if not rc.colocate and rollout_gpus + n > hw.gpus:  # colocated: one GPU (the config allows no more)
         workers = f"rollout.num_workers x rollout.tensor_parallel_size = {rollout_gpus} GPUs"
         problem = f"{workers} and learner.num_ranks = {n} need {rollout_gpus + n} GPUs, of {hw.gpus}"
-        return Estimate(0, [], problems=[f"{problem}; lower them or add GPUs (--gpus)"])
+        return Estimate(0, [], problems=[f"{problem}; lower them or add GPUs (--gpus)", *positions])
     resident = {**learner_resident(shape, cfg, n), "runtime": RUNTIME}
-    update = {**resident, **learner_activations(shape, cfg)}
+    update = {**resident, **zero_transients(shape, cfg, n), **learner_activations(shape, cfg)}
     budgets: list[Budget] = []
     kv_tokens = None
     if vllm:
@@ -282,13 +406,25 @@ def estimate(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> Estimate:
     else:
         budgets.append(Budget("learner GPU, update", update, hw.gpu_bytes))
     budgets.append(Budget("host", host_parts(shape, cfg, n, rc.num_workers if vllm else 0), hw.host_bytes))
-    return Estimate(n, budgets, kv_tokens)
+    return Estimate(n, budgets, kv_tokens, problems=positions)
 
 
-def _candidate_changes(cfg: RunConfig, hw: Hardware) -> list[dict[str, Any]]:
-    """Single changes to try when a recipe does not fit, the ones that cost least speed first."""
+def _candidate_changes(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[dict[str, Any]]:
+    """Single changes to try when a recipe does not fit, the ones that cost least speed first; a shorter
+    rollout.max_new_tokens, which changes what is trained, last."""
     lc, rc = cfg.learner, cfg.rollout
-    changes: list[dict[str, Any]] = []
+    mb = micro_batch(cfg)
+    chunks = (lc.logprob_chunk_tokens // 2, lc.logprob_chunk_tokens // 4)  # smaller only below the answers' length
+    changes: list[dict[str, Any]] = [{"learner.logprob_chunk_tokens": c} for c in chunks if 64 <= c < mb.answer_tokens]
+    if lc.attn_implementation == "eager":
+        changes.append({"learner.attn_implementation": "sdpa"})
+    masked = mb.packed_tokens or lc.attn_implementation == "eager"
+    if hw.gpus and lc.attn_implementation != "flash_attention_2" and masked:  # flash-attn: GPUs only
+        changes.append({"learner.attn_implementation": "flash_attention_2"})
+    longest = rc.max_prompt_tokens + rc.max_new_tokens
+    if lc.micro_batch_size > 1:  # a token budget shrinks micro-batches of several sequences, never a lone one
+        budgets = sorted({longest, longest // 2, longest // 4}, reverse=True)
+        changes += [{"learner.max_tokens_per_micro_batch": t} for t in budgets if t < mb.packed_tokens]
     if not lc.gradient_checkpointing:
         changes.append({"learner.gradient_checkpointing": True})
     if rc.engine == "vllm" and rc.colocate:
@@ -303,13 +439,44 @@ def _candidate_changes(cfg: RunConfig, hw: Hardware) -> list[dict[str, Any]]:
     spare = hw.gpus - lc.num_ranks - gpus_of_rollout(cfg)
     if spare > 0 and not rc.colocate:  # more ranks: smaller ZeRO shards each
         changes.append({"learner.num_ranks": lc.num_ranks + spare})
+    if lc.num_ranks > 1:  # fewer ranks: fewer float32 checkpoint loads in host memory, larger shards each
+        changes.append({"learner.num_ranks": lc.num_ranks // 2})
     if not lc.offload_optimizer:
         changes.append({"learner.offload_optimizer": True})
     if not lc.offload_params:
         changes.append({"learner.zero_stage": 3, "learner.offload_params": True, "learner.offload_optimizer": True})
     if rc.engine == "vllm" and rc.tensor_parallel_size < hw.gpus:
         changes.append({"rollout.tensor_parallel_size": rc.tensor_parallel_size * 2})
+    if (shorter := longest_answer_that_fits(cfg, shape, hw)) is not None:
+        changes.append(shorter)
     return changes
+
+
+def shorter_answers(cfg: RunConfig, tokens: int) -> dict[str, Any]:
+    """rollout.max_new_tokens = tokens, and a token budget that held whole longest sequences shortened with them
+    (else the micro-batches, packed up to it, would stay as large)."""
+    rc, budget = cfg.rollout, cfg.learner.max_tokens_per_micro_batch
+    change: dict[str, Any] = {"rollout.max_new_tokens": tokens}
+    if budget is not None and budget >= rc.max_prompt_tokens + rc.max_new_tokens:
+        change["learner.max_tokens_per_micro_batch"] = budget - (rc.max_new_tokens - tokens)
+    return change
+
+
+def longest_answer_that_fits(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> dict[str, Any] | None:
+    """The largest rollout.max_new_tokens below the recipe's with which it fits (rounded down to a multiple of
+    1024 from there up), as a change; None when the recipe fits as it is or not even with one token. Memory
+    grows with it, so a bisection finds it."""
+
+    def fits(tokens: int) -> bool:
+        return estimate(with_overrides(cfg, shorter_answers(cfg, tokens)), shape, hw).fits
+
+    low, high = 1, cfg.rollout.max_new_tokens  # invariant: fits(low), not fits(high)
+    if fits(high) or not fits(low):
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return shorter_answers(cfg, low - low % 1024 if low >= 1024 else low)
 
 
 def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -322,7 +489,7 @@ def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
 
 def _overage(est: Estimate) -> float:
     """Bytes over budget, summed over the places that overflow (infinite when the layout itself is impossible)."""
-    return float("inf") if est.problems else sum(max(0, b.used - b.limit) for b in est.budgets)
+    return float("inf") if est.problems else sum(b.overage for b in est.budgets)
 
 
 def _as_overrides(change: dict[str, Any]) -> str:
@@ -332,7 +499,7 @@ def _as_overrides(change: dict[str, Any]) -> str:
 def suggestions(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[str]:
     """Every single change that makes the recipe fit; when none does alone, a combination found greedily
     (each round adds the change that removes the most overflow). Empty when nothing tried fits."""
-    fixes = [c for c in _candidate_changes(cfg, hw) if estimate(with_overrides(cfg, c), shape, hw).fits]
+    fixes = [c for c in _candidate_changes(cfg, shape, hw) if estimate(with_overrides(cfg, c), shape, hw).fits]
     if fixes:
         return [_as_overrides(c) for c in fixes]
     combined: dict[str, Any] = {}
@@ -340,7 +507,7 @@ def suggestions(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[str]:
     for _ in range(4):
         trials = [
             (_overage(estimate(with_overrides(current, c), shape, hw)), i, c)
-            for i, c in enumerate(_candidate_changes(current, hw))
+            for i, c in enumerate(_candidate_changes(current, shape, hw))
         ]
         if not trials:
             return []
@@ -359,25 +526,76 @@ def host_memory_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
+def host_description(hw: Hardware) -> str:
+    if hw.host_mem_gib is None:
+        return "host memory not given (--host-mem-gib): its need is reported, not checked"
+    if hw.host_is_this_machine:
+        return f"host {hw.host_mem_gib:.0f} GiB (this machine's; --host-mem-gib for another)"
+    return f"host {hw.host_mem_gib:.0f} GiB"
+
+
+def micro_batch_description(cfg: RunConfig) -> str:
+    """The learner's largest micro-batch, and why it is that large."""
+    lc, rc = cfg.learner, cfg.rollout
+    mb = micro_batch(cfg)
+    longest = rc.max_prompt_tokens + rc.max_new_tokens
+    if mb.lone:
+        why = (
+            f"one sequence of rollout.max_prompt_tokens + rollout.max_new_tokens, longer than "
+            f"learner.max_tokens_per_micro_batch = {lc.max_tokens_per_micro_batch:,}, runs alone"
+        )
+    elif mb.tokens == longest:
+        why = "one sequence of rollout.max_prompt_tokens + rollout.max_new_tokens"
+    else:
+        why = "packed sequences" + (" up to the token budget" if lc.max_tokens_per_micro_batch else "")
+    packed = (
+        f"{mb.packed_tokens:,} tokens when it packs several sequences ({lc.attn_implementation})"
+        if mb.packed_tokens
+        else "one sequence each (learner.micro_batch_size = 1)"
+    )
+    return (
+        f"learner micro-batch: up to {mb.tokens:,} tokens ({why}), {mb.answer_tokens:,} of them answers, scored "
+        f"through lm_head {min(lc.logprob_chunk_tokens, mb.answer_tokens):,} at a time; {packed}"
+    )
+
+
+def no_fix_advice(est: Estimate) -> str:
+    """What is left when no setting tried makes the recipe fit: hardware, for each place that overflows."""
+    advice = []
+    if any(b.where != "host" and not b.fits for b in est.budgets):
+        advice.append("GPUs with more memory (--gpu-mem-gib), or more of them for more ZeRO-3 shards")
+    if any(b.where == "host" and not b.fits for b in est.budgets):
+        host = next(b for b in est.budgets if b.where == "host")
+        advice.append(f"nodes with at least {host.used / GIB:.0f} GiB of host memory")
+    return "; ".join(advice)
+
+
+def budget_line(budget: Budget) -> str:
+    if budget.limit is None:
+        return f"{budget.where}: {budget.used / GIB:.1f} GiB needed, not checked (--host-mem-gib)"
+    verdict = "ok" if budget.fits else "DOES NOT FIT"
+    return f"{budget.where}: {budget.used / GIB:.1f} of {budget.limit / GIB:.1f} GiB  {verdict}"
+
+
 def report(cfg: RunConfig, hw: Hardware) -> tuple[list[str], bool]:
     """The estimate as lines of text, with what to change when the recipe does not fit; and whether it fits."""
     shape = ModelShape.from_checkpoint(cfg.model.path)
     est = estimate(cfg, shape, hw)
     rc, lc = cfg.rollout, cfg.learner
-    trainable = shape.params - shape.vision_params if lc.freeze_vision_tower else shape.params
     placement = (
         "colocated with the learner" if rc.colocate else f"on {rc.num_workers} x {rc.tensor_parallel_size} GPU(s)"
     )
     lines = [
         f"model {cfg.model.path}: {shape.params / 1e9:.2f} B parameters ({shape.text_params / 1e9:.2f} B language, "
-        f"{shape.vision_params / 1e9:.2f} B vision), {trainable / 1e9:.2f} B trained, {cfg.model.dtype}",
-        f"hardware: {hw.gpus} GPU(s) x {hw.gpu_mem_gib:g} GiB, host {hw.host_mem_gib:.0f} GiB; learner on "
+        f"{shape.vision_params / 1e9:.2f} B vision), {trainable_params(shape, cfg) / 1e9:.2f} B trained, "
+        f"{cfg.model.dtype}",
+        f"hardware: {hw.gpus} GPU(s) x {hw.gpu_mem_gib:g} GiB, {host_description(hw)}; learner on "
         f"{est.learner_gpus} GPU(s) (ZeRO-{lc.zero_stage}), rollout {rc.engine}"
         + (f", {placement}" if rc.engine == "vllm" else ""),
+        micro_batch_description(cfg),
     ]
     for budget in est.budgets:
-        verdict = "ok" if budget.fits else "DOES NOT FIT"
-        lines.append(f"{budget.where}: {budget.used / GIB:.1f} of {budget.limit / GIB:.1f} GiB  {verdict}")
+        lines.append(budget_line(budget))
         lines.extend(f"    {part:<45} {size / GIB:8.2f} GiB" for part, size in budget.parts.items() if size)
     if est.kv_cache_tokens is not None:
         length = rc.max_prompt_tokens + rc.max_new_tokens
@@ -391,7 +609,7 @@ def report(cfg: RunConfig, hw: Hardware) -> tuple[list[str], bool]:
         lines.append(
             "the recipe does not fit; it does with (each checked by estimating again):"
             if fixes
-            else "the recipe does not fit, and no change tried fixes it: more GPUs, or GPUs with more memory"
+            else f"the recipe does not fit, and no change tried fixes it: {no_fix_advice(est)}"
         )
         lines.extend(f"    {fix}" for fix in fixes)
     return lines, est.fits

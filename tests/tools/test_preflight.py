@@ -44,8 +44,10 @@ QWEN25VL_7B = {
     "num_attention_heads": 28,
     "num_key_value_heads": 4,
     "tie_word_embeddings": False,
+    "max_position_embeddings": 128000,
     "vision_config": {**VISION, "out_hidden_size": 3584},
 }
+MIMO_VL_7B = {**QWEN25VL_7B, "vocab_size": 151936}  # XiaomiMiMo/MiMo-VL-7B-SFT: Qwen2.5-VL-7B's shape, its vocabulary
 QWEN25VL_3B = {
     **QWEN25VL_7B,
     "vocab_size": 151936,
@@ -110,6 +112,7 @@ def one_gpu_7b(tmp_path, **learner):
             f"model.path={checkpoint(tmp_path, QWEN25VL_7B)}",
             "rollout.gpu_memory_utilization=0.5",
             "learner.micro_batch_size=2",
+            "learner.max_tokens_per_micro_batch=null",  # two whole sequences packed
             *(f"learner.{k}={json.dumps(v)}" for k, v in learner.items()),
         ],
     )
@@ -125,8 +128,10 @@ def test_7b_on_one_80gb_gpu_fits_with_zero3_and_offload(tmp_path):
     assert update["learner gradients"] == 2 * 500_000_000  # one bf16 reduce bucket stays on the GPU
     assert update["learner weights"] == 2 * (152064 * 3584 + 2 * 233_057_792)  # embedding + two live layers
     tokens = 2 * (2048 + 4096)
-    assert update["logits"] == tokens * 152064 * (2 + 12)
+    assert update["logits (one lm_head chunk)"] == 1024 * 152064 * (2 * 2 + 16)
+    assert update["answer hidden states"] == 2 * (2 * 4096) * 3584 * 2
     assert update["activations"] == tokens * (28 * 2 * 3584 + 2 * (7 * 3584 + 3 * 512 + 4 * 18944))
+    assert update["attention mask (packed sequences)"] == tokens**2 * (1 + 2) + 2 * tokens * 3584 * 2
     host = budgets["host"].parts
     assert host["offloaded gradients and optimizer states"] == 16 * T7  # fp32 grads, master, m, v
     assert host["offloaded parameters"] == 2 * P7
@@ -209,6 +214,7 @@ def test_cli_refuses_what_does_not_fit(tmp_path):
             recipe,
             f"model.path={path}",
             "learner.micro_batch_size=16",
+            "learner.max_tokens_per_micro_batch=null",
             "--gpus",
             "1",
             "--host-mem-gib",
@@ -216,7 +222,7 @@ def test_cli_refuses_what_does_not_fit(tmp_path):
         ],
     )
     assert over.exit_code == 2
-    assert "DOES NOT FIT" in over.output and "learner.micro_batch_size=" in over.output
+    assert "DOES NOT FIT" in over.output and "learner.max_tokens_per_micro_batch=6144" in over.output
 
 
 @pytest.mark.parametrize(
@@ -245,3 +251,129 @@ def test_colocated_vllm_is_one_worker_on_a_one_rank_learners_gpu():
             load_config(None, [*colocated, override])
     with pytest.raises(ConfigError, match=r"rollout\.weight_transport=broadcast cannot go with rollout\.colocate"):
         load_config(None, [*colocated, "rollout.weight_transport=broadcast"])
+
+
+def mimo_8gpu(tmp_path, *overrides):
+    return load_config(
+        RECIPES / "mimo_vl_7b_morl_8gpu.yaml", [f"model.path={checkpoint(tmp_path, MIMO_VL_7B)}", *overrides]
+    )
+
+
+def learner_update(cfg, hw=Hardware(8, 80, 1024)) -> dict[str, int]:
+    est = estimate(cfg, ModelShape.from_config(MIMO_VL_7B), hw)
+    return {b.where: b for b in est.budgets}["learner GPU, update"].parts
+
+
+def test_logits_are_one_chunk_whatever_the_answer_length_or_micro_batch(tmp_path):
+    chunk = 1024 * 151936 * (2 * 2 + 16)  # bf16 logits, float32 copies and, recomputed, gradient and softmax
+    for answer in (2048, 8192, 32768):
+        for sequences in (1, 4):
+            cfg = mimo_8gpu(
+                tmp_path, f"rollout.max_new_tokens={answer}", f"learner.micro_batch_size={sequences}",
+                "learner.max_tokens_per_micro_batch=null",
+            )
+            update = learner_update(cfg)
+            assert update["logits (one lm_head chunk)"] == chunk
+            assert update["answer hidden states"] == 2 * sequences * answer * 3584 * 2
+    short = mimo_8gpu(tmp_path, "rollout.max_new_tokens=512", "learner.micro_batch_size=1")
+    assert learner_update(short)["logits (one lm_head chunk)"] == 512 * 151936 * 20  # shorter than a chunk
+    smaller = mimo_8gpu(tmp_path, "learner.logprob_chunk_tokens=256")
+    assert learner_update(smaller)["logits (one lm_head chunk)"] == chunk // 4
+
+
+def test_a_budget_below_the_longest_sequence_leaves_that_sequence_alone(tmp_path):
+    overrides = ("rollout.max_prompt_tokens=8192", "rollout.max_new_tokens=32768")
+    budgeted = mimo_8gpu(tmp_path, *overrides, "learner.max_tokens_per_micro_batch=4096", "learner.micro_batch_size=8")
+    alone = mimo_8gpu(tmp_path, *overrides, "learner.max_tokens_per_micro_batch=null", "learner.micro_batch_size=1")
+    longest = 8192 + 32768
+    per_token = 28 * 2 * 3584 + 2 * (7 * 3584 + 3 * 512 + 4 * 18944)  # checkpointed: layer inputs + one layer
+    assert learner_update(budgeted)["activations"] == learner_update(alone)["activations"] == longest * per_token
+    assert learner_update(budgeted)["attention mask (packed sequences)"] == 4096**2 * 3 + 2 * 4096 * 3584 * 2
+    assert not learner_update(alone).get("attention mask (packed sequences)")  # one sequence: plainly causal
+    lines, _ = report(budgeted, Hardware(8, 80, 1024))
+    assert any(f"up to {longest:,} tokens" in line and "runs alone" in line for line in lines)
+
+
+def test_the_attention_implementation_decides_the_mask(tmp_path):
+    packed = ("rollout.max_new_tokens=32768", "learner.max_tokens_per_micro_batch=16384", "learner.micro_batch_size=8")
+    k = 16384
+    sdpa = learner_update(mimo_8gpu(tmp_path, *packed))
+    assert sdpa["attention mask (packed sequences)"] == k * k + (2 * k * k + 2 * k * 3584 * 2)
+    whole = learner_update(mimo_8gpu(tmp_path, *packed, "learner.gradient_checkpointing=false"))
+    assert whole["attention mask (packed sequences)"] == k * k + 28 * (2 * k * k + 2 * k * 3584 * 2)
+    flash = learner_update(mimo_8gpu(tmp_path, *packed, "learner.attn_implementation=flash_attention_2"))
+    assert not flash.get("attention mask (packed sequences)")
+    eager = learner_update(mimo_8gpu(tmp_path, *packed, "learner.attn_implementation=eager"))
+    longest = 8192 + 32768
+    assert eager["attention scores (eager)"] == 28 * longest**2 * (4 + 2 * 2)
+
+
+def test_a_refusal_at_32k_names_changes_that_then_fit(tmp_path):
+    shape, hw = ModelShape.from_config(MIMO_VL_7B), Hardware(8, 80, 1024)
+    for overrides in (
+        ("learner.gradient_checkpointing=false", "learner.micro_batch_size=1"),
+        ("learner.gradient_checkpointing=false", "learner.micro_batch_size=4",
+         "learner.max_tokens_per_micro_batch=null"),
+        ("learner.logprob_chunk_tokens=65536", "learner.max_tokens_per_micro_batch=null", "learner.micro_batch_size=8"),
+    ):
+        cfg = mimo_8gpu(tmp_path, "rollout.max_new_tokens=32768", *overrides)
+        assert not estimate(cfg, shape, hw).fits
+        fixes = suggestions(cfg, shape, hw)
+        assert fixes and all(estimate(with_overrides(cfg, _parse(f)), shape, hw).fits for f in fixes), fixes
+    unchecked = mimo_8gpu(tmp_path, "rollout.max_new_tokens=32768", "learner.gradient_checkpointing=false")
+    alone = suggestions(unchecked, shape, hw)
+    assert "learner.gradient_checkpointing=true" in alone
+
+
+def test_the_longest_answer_that_fits_is_suggested(tmp_path):
+    shape = ModelShape.from_config(MIMO_VL_7B)
+    for overrides, hw in (
+        (("learner.gradient_checkpointing=false", "learner.micro_batch_size=1"), Hardware(8, 80, 1024)),
+        ((), Hardware(8, 48, 1024)),  # the recipe's token budget of one longest sequence, on smaller GPUs
+    ):
+        cfg = mimo_8gpu(tmp_path, "rollout.max_new_tokens=32768", *overrides)
+        (shorter,) = [_parse(f) for f in suggestions(cfg, shape, hw) if "max_new_tokens" in f]
+        answer = shorter["rollout.max_new_tokens"]
+        assert answer < 32768 and estimate(with_overrides(cfg, shorter), shape, hw).fits
+        longer = {**shorter, "rollout.max_new_tokens": answer + (1024 if answer >= 1024 else 1)}
+        if "learner.max_tokens_per_micro_batch" in shorter:  # the budget shortened with the answers
+            assert shorter["learner.max_tokens_per_micro_batch"] == cfg.rollout.max_prompt_tokens + answer
+            longer["learner.max_tokens_per_micro_batch"] = cfg.rollout.max_prompt_tokens + answer + 1024
+        assert not estimate(with_overrides(cfg, longer), shape, hw).fits
+
+
+def test_host_memory_is_not_judged_by_this_machine_without_the_flag(tmp_path, monkeypatch):
+    import morl.tools.preflight as preflight
+
+    monkeypatch.setattr(preflight, "host_memory_gib", lambda: 8.0)  # a laptop
+    args = ["preflight", str(RECIPES / "mimo_vl_7b_morl_8gpu.yaml"), f"model.path={checkpoint(tmp_path, MIMO_VL_7B)}"]
+    unsaid = CliRunner().invoke(app, [*args, "--gpus", "8"])
+    assert unsaid.exit_code == 0, unsaid.output
+    assert "not checked" in unsaid.output and "DOES NOT FIT" not in unsaid.output
+    short = CliRunner().invoke(app, [*args, "--gpus", "8", "--host-mem-gib", "64"])
+    assert short.exit_code == 2 and "host: " in short.output and "DOES NOT FIT" in short.output
+    recipe = tmp_path / "cpu.yaml"
+    recipe.write_text(f"model: {{path: {tmp_path}}}\nlearner: {{micro_batch_size: 1}}\n")
+    cpu = CliRunner().invoke(app, ["preflight", str(recipe), "--gpus", "0"])
+    assert "8 GiB (this machine's" in cpu.output and cpu.exit_code == 2  # a 7B CPU run: judged by this machine
+
+
+def test_sequences_longer_than_the_model_takes_are_refused(tmp_path):
+    shape, hw = ModelShape.from_config(MIMO_VL_7B), Hardware(8, 80, 1024)
+    est = estimate(mimo_8gpu(tmp_path, "rollout.max_new_tokens=120000"), shape, hw)
+    assert not est.fits
+    assert "max_position_embeddings = 128000" in est.problems[0] and "at most 119808" in est.problems[0]
+
+
+def test_the_8gpu_recipe_fits_long_answers(tmp_path):
+    cfg = mimo_8gpu(tmp_path)
+    rc, lc = cfg.rollout, cfg.learner
+    longest = rc.max_prompt_tokens + rc.max_new_tokens
+    assert rc.max_new_tokens >= 32768 and longest <= MIMO_VL_7B["max_position_embeddings"]
+    assert lc.max_tokens_per_micro_batch >= longest  # no sequence runs alone past the budget
+    est = estimate(cfg, ModelShape.from_config(MIMO_VL_7B), Hardware(8, 80, 1024))
+    assert est.fits and est.kv_cache_tokens >= longest
+    path = checkpoint(tmp_path, MIMO_VL_7B)
+    recipe = str(RECIPES / "mimo_vl_7b_morl_8gpu.yaml")
+    run = CliRunner().invoke(app, ["preflight", recipe, f"model.path={path}", "--gpus", "8"])
+    assert run.exit_code == 0, run.output
