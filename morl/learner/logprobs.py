@@ -67,7 +67,7 @@ def final_hidden_states(model, module, packed: PackedSequences, attn_implementat
     hook = module.model.register_forward_hook(lambda _, __, out: captured.append(out.last_hidden_state))
     try:
         no_position = torch.empty(0, dtype=torch.long, device=packed.input_ids.device)
-        model(**packed.model_inputs(attn_implementation), logits_to_keep=no_position)
+        model(**packed.model_inputs(attn_implementation, module.dtype), logits_to_keep=no_position)
     finally:
         hook.remove()
     return captured[0]

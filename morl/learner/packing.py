@@ -2,7 +2,7 @@
 
 Each sequence keeps its own Qwen2.5-VL 3-D mRoPE positions (computed for it alone, as if it ran by itself) and its
 images and videos, and attention never crosses from one sequence into another: under sdpa and eager a block-diagonal
-causal mask (none for a lone sequence, which is plainly causal), under flash_attention_2 the per-sequence text
+causal mask (boolean for sdpa, additive for eager; none for a lone sequence, which is plainly causal), under flash_attention_2 the per-sequence text
 positions, from which transformers derives the varlen kernels' sequence boundaries. Everything is built on the CPU
 from the token lists and moved to the learner's device in one place (`PackedSequences.to`).
 """
@@ -48,8 +48,9 @@ class PackedSequences:
         }
         return PackedSequences(**moved)
 
-    def model_inputs(self, attn_implementation: str) -> dict:
-        """The keyword arguments of `Qwen2_5_VLForConditionalGeneration.forward` for these sequences."""
+    def model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict:
+        """The keyword arguments of `Qwen2_5_VLForConditionalGeneration.forward` for these sequences (`dtype`: the
+        model's, for eager attention's additive mask)."""
         kwargs: dict = {"input_ids": self.input_ids, "use_cache": False}
         if len(self.answer_lengths) == 1:
             kwargs.update(position_ids=self.positions, attention_mask=None)  # one sequence: plainly causal
@@ -57,7 +58,10 @@ class PackedSequences:
             # text positions first: transformers reads sequence starts (position 0) from them for the varlen kernels
             kwargs.update(position_ids=torch.cat([self.text_positions[None], self.positions]), attention_mask=None)
         else:
-            kwargs.update(position_ids=self.positions, attention_mask=block_causal_mask(self.sequence_ids))
+            mask = block_causal_mask(self.sequence_ids)
+            if attn_implementation == "eager":  # eager adds the mask to the scores: 0 where allowed, the lowest else
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            kwargs.update(position_ids=self.positions, attention_mask=mask)
         if self.pixel_values is not None:
             kwargs.update(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw)
         if self.pixel_values_videos is not None:

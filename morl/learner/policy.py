@@ -61,11 +61,13 @@ def deepspeed_memory_config(cfg: LearnerConfig) -> dict:
     return section
 
 
-def frozen_reference(model_cfg: ModelConfig, device) -> torch.nn.Module:
+def frozen_reference(model_cfg: ModelConfig, attn_implementation: str, device) -> torch.nn.Module:
     """The SFT checkpoint, frozen: what GRPO's KL term measures the policy against (never updated or synced)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model_cfg.path, dtype=getattr(torch, model_cfg.dtype), attn_implementation=attn_implementation
+    )
     return use_reference_video_positions(model).requires_grad_(False).eval().to(device)
 
 
@@ -136,7 +138,9 @@ class PolicyLearner:
         self.temperature = temperature
         self.banned_ids = banned_ids
         self.processor = AutoProcessor.from_pretrained(model_cfg.processor_dir)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_cfg.path, dtype=torch.float32)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            model_cfg.path, dtype=torch.float32, attn_implementation=cfg.attn_implementation
+        )
         use_reference_video_positions(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -162,7 +166,11 @@ class PolicyLearner:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.shared_buckets = SharedBuckets()
-        self.reference = frozen_reference(model_cfg, self.engine.device) if self.update.needs_reference else None
+        self.reference = (
+            frozen_reference(model_cfg, cfg.attn_implementation, self.engine.device)
+            if self.update.needs_reference
+            else None
+        )
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """The update of one rollout batch: MORL's single on-policy step, or the GRPO ablation's several."""

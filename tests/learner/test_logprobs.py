@@ -67,6 +67,16 @@ def test_packed_chunked_scores_equal_one_full_forward_per_sequence(world, chunk_
             assert not scores.logprobs[row, n:].any()
 
 
+def test_eager_attention_packs_with_an_additive_mask_as_sdpa_does(toy_world, world):
+    model, banned, prompts, responses = world
+    eager = Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft", attn_implementation="eager")
+    eager = use_reference_video_positions(eager).eval()
+    with torch.no_grad():
+        sdpa_scores = response_logprobs(model, prompts, responses, banned_ids=banned)
+        eager_scores = response_logprobs(eager, prompts, responses, banned_ids=banned, attn_implementation="eager")
+    assert (eager_scores.logprobs - sdpa_scores.logprobs).abs().max().item() < 1e-5
+
+
 def test_the_packed_gradient_is_the_sum_of_the_sequences_gradients(world):
     model, banned, prompts, responses = world
     weights = torch.tensor([1.0, -2.0, 0.5, 1.5])
