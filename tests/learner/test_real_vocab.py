@@ -26,8 +26,8 @@ from morl.config import LearnerConfig, ModelConfig
 from morl.learner.policy import PolicyLearner
 from morl.types import EncodedPrompt, TrainBatch
 
-model_dir, answer_tokens = sys.argv[1], int(sys.argv[2])
-cfg = LearnerConfig(lr=1e-4, gradient_checkpointing=True, logprob_chunk_tokens=%d)
+model_dir, answer_tokens, chunk, host_room = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+cfg = LearnerConfig(lr=1e-4, gradient_checkpointing=True, logprob_chunk_tokens=chunk)
 learner = PolicyLearner(ModelConfig(path=model_dir), cfg, 1.0, [], seed=0, threads=2)
 gen = torch.Generator().manual_seed(0)
 prompt = EncodedPrompt("long", torch.randint(10, 400, (512,), generator=gen).tolist(), None, None)
@@ -38,13 +38,17 @@ def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
     return int(line.split()[1]) * 1024
 
+if host_room:  # the address space this process may still take: an allocation past it fails as on a full host
+    import resource
+    limit = status("VmSize") + host_room
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 learner.train_step(batch)  # the first step allocates Adam's moments: measure the second
 Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident memory (VmHWM) to the current one
 before = status("VmRSS")
 metrics = learner.train_step(batch)
 print(json.dumps({"before": before, "peak": status("VmHWM"), "entropy": metrics["entropy/math"],
                   "loss": metrics["loss"]}))
-""" % CHUNK
+"""
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +69,14 @@ def real_vocab_model(toy_world, tmp_path_factory):
     return out
 
 
+def learner_step(model_dir, answer_tokens: int, chunk: int = CHUNK, host_room: int = 0):
+    """One measured learner step in a fresh process (`host_room`: bytes of address space left to it, 0: no limit)."""
+    args = [str(model_dir), str(answer_tokens), str(chunk), str(host_room)]
+    return subprocess.run([sys.executable, "-c", STEP, *args], capture_output=True, text=True, timeout=600)
+
+
 def step_memory(model_dir, answer_tokens: int) -> dict:
-    result = subprocess.run([sys.executable, "-c", STEP, str(model_dir), str(answer_tokens)], capture_output=True,
-                            text=True, timeout=600)
+    result = learner_step(model_dir, answer_tokens)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -86,3 +95,18 @@ def test_a_long_answer_at_the_real_vocabulary_costs_one_chunk_of_logits(real_voc
     # four times the answer tokens (two sequences of 1,024 -> of 4,096): memory grows by activations, not logits
     grown = long["peak"] - long["before"] - (short["peak"] - short["before"])
     assert grown < chunk, f"{grown / GIB:.2f} GiB more for 6,144 more answer tokens"
+
+
+@pytest.mark.slow
+def test_a_micro_batch_that_does_not_fit_names_the_rank_its_size_and_the_keys_that_lower_it(real_vocab_model):
+    # a chunk of 16,384 rows would hold 9.3 GiB of float32 logits; the process may take 2 GiB more than it holds
+    # after start-up, room for the step's gradients and Adam's moments (0.5 GiB) but not for that chunk
+    result = learner_step(real_vocab_model, 4096, chunk=16_384, host_room=2 * GIB)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "LearnerOutOfMemoryError:" in line]
+    assert lines, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    line = lines[-1]
+    assert "learner rank 0 ran out of host memory in a micro-batch of 9216 tokens (2 sequences, 8192 answer tokens)" in line
+    for key in ("learner.max_tokens_per_micro_batch", "learner.logprob_chunk_tokens (now 16384)",
+                "learner.offload_optimizer=true"):
+        assert key in line
