@@ -125,3 +125,16 @@ def test_every_input_goes_to_the_models_device(toy_world, world):
         scores = response_logprobs(model, text, responses[:2], banned_ids=banned)
     assert scores.logprobs.device.type == scores.entropy.device.type == scores.mask.device.type == "meta"
     assert tuple(scores.logprobs.shape) == (2, max(len(r) for r in responses[:2]))
+
+
+def test_a_bfloat16_model_gets_float32_log_probs_and_entropies(toy_world, world):
+    model, banned, prompts, responses = world
+    bf16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft", dtype=torch.bfloat16)
+    bf16 = use_reference_video_positions(bf16).eval()
+    with torch.no_grad():
+        exact = response_logprobs(model, prompts, responses, banned_ids=banned)
+        low = response_logprobs(bf16, prompts, responses, banned_ids=banned, chunk_tokens=4)
+    assert low.logprobs.dtype == low.entropy.dtype == torch.float32
+    # bf16 weights move the logits by ~1e-2; a bf16 log-softmax would lose far more (its sums round at 3 digits)
+    assert ((low.logprobs - exact.logprobs).abs() * exact.mask).max().item() < 0.1
+    assert ((low.entropy - exact.entropy).abs() * exact.mask).max().item() < 0.1

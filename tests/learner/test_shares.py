@@ -94,3 +94,33 @@ def test_every_sequence_counts_once_and_ranks_stay_in_step(seed):
             assert all(images[f.row] & f.kind == f.kind and images[f.row] & ~sum(calls[0]) == 0 for f in m.fillers)
     loads = [sum(tokens[i] for m in plan for i in m.rows) for plan in per_rank]
     assert max(loads) - min(loads) <= max(tokens[i] for i in indices)  # balanced up to one sequence
+
+
+def test_each_rank_is_sent_the_sequences_its_plan_reads_and_plans_from_shapes_alone():
+    from morl.config import LearnerConfig
+    from morl.learner.shares import rank_plan, rank_rows
+    from morl.types import EncodedPrompt, SequenceShape, TrainBatch
+
+    rng = random.Random(0)
+    n, ranks = 12, 3
+    shapes = [SequenceShape(rng.randint(5, 40), rng.randint(1, 30), rng.random() < 0.3) for _ in range(n)]
+    batch = TrainBatch(
+        [EncodedPrompt(f"p{i}", [1] * s.prompt_tokens, None, None) for i, s in enumerate(shapes)],
+        [[2] * s.response_tokens for s in shapes],
+        [[0.0] * s.response_tokens for s in shapes],
+        [0.0] * n,
+        ["t"] * n,
+        shapes,
+    )
+    cfg = LearnerConfig(micro_batch_size=4, max_tokens_per_micro_batch=60)
+    slices = [range(0, 6), range(6, 12)]  # two GRPO mini-batches
+    sent = [rank_rows(batch, slices, cfg, ranks=ranks, rank=r) for r in range(ranks)]
+    assert all(len(rows) < n for rows in sent)  # nobody deserialises the whole batch
+    for r, rows in enumerate(sent):
+        share = batch.only(rows)
+        assert len(share) == n and share.shapes == shapes
+        assert [i for i, p in enumerate(share.prompts) if p is not None] == sorted(rows)
+        for part in slices:  # the rank's own plan, from the shapes it got, reads only what it was sent
+            plan = rank_plan(share, part, cfg, ranks=ranks, rank=r)
+            assert plan == rank_plan(batch, part, cfg, ranks=ranks, rank=r)
+            assert {i for m in plan for i in m.payload_rows} <= rows
