@@ -20,11 +20,11 @@ import ray
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from morl.checkpoint_layout import ENGINE_DIR
 from morl.cluster import cluster_has_gpus, learner_part, ready_placement
 from morl.config import RunConfig
 from morl.learner.policy import PolicyLearner, free_port
 from morl.ray_setup import threads_for
-from morl.run.checkpoint import ENGINE_DIR
 from morl.staging import Copied, pull, push, start_stage
 from morl.types import TrainBatch
 

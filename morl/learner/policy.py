@@ -20,13 +20,14 @@ import torch
 from safetensors import SafetensorError
 
 from morl.algo.updates import update_rule
+from morl.checkpoint_layout import ENGINE_DIR, POLICY_DIR, CheckpointError
 from morl.compat import full_numel, use_reference_video_positions, zero_kept_gradients
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
 from morl.learner.buckets import SharedBuckets, pack_bucket
 from morl.learner.logprobs import response_logprobs
 from morl.learner.lr_schedule import lr_multiplier
 from morl.learner.shares import MicroBatch, rank_micro_batches, vision_kind
-from morl.run.checkpoint import ENGINE_DIR, POLICY_DIR, CheckpointError, capture_rng, restore_rng
+from morl.rng_state import capture_rng, restore_rng
 from morl.types import PackedBucket, TrainBatch
 from morl.weight_group import WeightGroup, bound_store
 
