@@ -14,6 +14,7 @@ from ray.exceptions import RayActorError
 from rich.console import Console
 from rich.markup import escape
 
+from morl.checkpoint_layout import CheckpointError
 from morl.cluster import ClusterError, start_failure
 from morl.config import ConfigError, dump_config, load_config
 from morl.data.encoding import PromptTooLongError
@@ -21,7 +22,7 @@ from morl.data.rows import DataError
 from morl.learner.policy import LearnerOutOfMemoryError, NonFiniteLossError
 from morl.rewards import cli as rewards_cli
 from morl.rewards.router import RewardErrorRateExceeded
-from morl.run.checkpoint import LATEST, CheckpointError
+from morl.run.checkpoint import LATEST
 from morl.run.interrupts import RunInterrupted
 from morl.run.lock import RunDirBusyError
 from morl.run.model_check import ModelDirError
@@ -176,7 +177,7 @@ def compare(
     ),
 ) -> None:
     """Held-out reward and response length per task of several runs, side by side (e.g. morl vs grpo)."""
-    from morl.run.metrics import console as stdout
+    from morl.console import console as stdout
     from morl.tools.compare import CompareError, load_run_eval, print_comparison
 
     with exit_on(CompareError):
@@ -311,7 +312,7 @@ def filter_prompts(
 ) -> None:
     """Offline pass-rate filter: K samples per train prompt; keep the prompts neither too easy nor too hard."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from morl.run.metrics import console as stdout
+    from morl.console import console as stdout
     from morl.tools.filter import FilterError, FilterSettings, run_filter
 
     with exit_on(*USER_ERRORS, FilterError):

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from morl.data.config import DataConfig, DatasetSpec
 from morl.rewards.config import RewardsConfig
+from morl.toy import world_dir
+from morl.toy.config import ToyWorldConfig
 
 
 class ConfigError(ValueError):
@@ -34,19 +36,6 @@ class ModelConfig(Section):
     def processor_dir(self) -> str | None:
         """Where the tokenizer, image processor and chat template live: their own directory or the model's."""
         return self.processor_path or self.path
-
-
-class ToyWorldConfig(Section):
-    """The locally built quickstart world: tiny Qwen2.5-VL, synthetic image tasks, SFT warm-up."""
-
-    root: str = "~/.cache/morl/toy-world"
-    seed: int = 0
-    tasks: tuple[str, ...] = ("counting", "grounding", "math", "choice")
-    train_per_task: int = Field(512, gt=0)
-    eval_per_task: int = Field(256, gt=0)
-    sft_steps: int = Field(400, ge=0)
-    sft_batch_size: int = Field(32, gt=0)
-    sft_lr: float = Field(1e-3, gt=0)
 
 
 class RolloutConfig(Section):
@@ -380,9 +369,7 @@ class RunConfig(Section):
                     "or add a toy_world section"
                 )
             return self
-        from morl.toy import world_dir  # the folder of this settings' world, beside worlds of other settings
-
-        world = world_dir(self.toy_world)
+        world = world_dir(self.toy_world)  # the folder of this settings' world, beside worlds of other settings
         if self.model.path is None:
             self.model.path = str(world / "sft")
         if not self.data.train:

@@ -1,4 +1,5 @@
-"""The house plan, checked: the rollout and rewards rooms import nothing of the loop, and every module says its job."""
+"""The house plan, checked: the rooms the loop uses import nothing of it, no modules import each other in a circle,
+and every module says its job."""
 
 import ast
 from pathlib import Path
@@ -7,25 +8,78 @@ import pytest
 
 from helpers import REPO
 
-ROOMS = {"morl": REPO / "morl", "morl.rewards": REPO / "rewards", "morl.rollout": REPO / "rollout"}
+ROOMS = {"morl": REPO / "morl", "morl.rewards": REPO / "rewards", "morl.rollout": REPO / "rollout"}  # package-dir
 
 
 def modules(room: str) -> list[Path]:
-    return sorted(ROOMS[room].rglob("*.py"))
+    """The files of a room: a package of ROOMS, or a folder of morl (`morl.toy`: morl/toy)."""
+    return sorted(ROOMS.get(room, REPO.joinpath(*room.split("."))).rglob("*.py"))
+
+
+def module_name(room: str, path: Path) -> str:
+    parts = path.relative_to(ROOMS[room]).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join((room, *parts))
 
 
 def imported(path: Path) -> set[str]:
+    """Every name an import of the file may load as a module, at module level or in a function (`from a import b`
+    loads a.b when b is a module)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
     return names
 
 
-@pytest.mark.parametrize("room", ["morl.rewards", "morl.rollout"])
-def test_a_room_outside_the_loop_never_imports_it(room):
+def packages_of(name: str) -> list[str]:
+    """`a.b.c` -> [a, a.b]: what importing a.b.c runs first."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each project module -> the project modules its imports run (its own packages left out: they run first)."""
+    paths = {module_name(room, path): path for room in ROOMS for path in modules(room)}
+    return {
+        module: {
+            target
+            for name in imported(path)
+            for target in (*packages_of(name), name)
+            if target in paths and target != module and target not in packages_of(module)
+        }
+        for module, path in paths.items()
+    }
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The circles a depth-first walk closes, each as the modules along it; none exactly when there is no circle."""
+    circles: list[list[str]] = []
+    on_path: list[str] = []
+    done: set[str] = set()
+
+    def walk(module: str) -> None:
+        on_path.append(module)
+        for target in sorted(graph[module]):
+            if target in on_path:
+                circles.append(on_path[on_path.index(target):] + [target])
+            elif target not in done:
+                walk(target)
+        on_path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        if module not in done:
+            walk(module)
+    return circles
+
+
+@pytest.mark.parametrize("room", ["morl.algo", "morl.data", "morl.learner", "morl.toy", "morl.rewards", "morl.rollout"])
+def test_a_room_the_loop_uses_never_imports_the_loop(room):
     reaching_in = {
         f"{path.relative_to(REPO)} imports {name}"
         for path in modules(room)
@@ -33,6 +87,10 @@ def test_a_room_outside_the_loop_never_imports_it(room):
         if name == "morl.run" or name.startswith("morl.run.")
     }
     assert not reaching_in
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    assert [" -> ".join(circle) for circle in import_circles(import_graph())] == []
 
 
 def test_every_module_states_its_job_in_its_first_docstring_line():

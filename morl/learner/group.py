@@ -21,12 +21,12 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from morl.algo.updates import update_rule
+from morl.checkpoint_layout import ENGINE_DIR
 from morl.cluster import cluster_has_gpus, learner_part, ready_placement
 from morl.config import RunConfig
 from morl.learner.policy import LearnerOutOfMemoryError, NonFiniteLossError, PolicyLearner, free_port
 from morl.learner.shares import rank_rows
 from morl.ray_setup import threads_for
-from morl.run.checkpoint import ENGINE_DIR
 from morl.staging import Copied, pull, push, start_stage
 from morl.types import TrainBatch
 

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from morl.algo.updates import entropy_keys, entropy_sums, update_rule
+from morl.checkpoint_layout import ENGINE_DIR, POLICY_DIR, CheckpointError
 from morl.compat import full_numel, use_reference_video_positions, zero_kept_gradients
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
 from morl.learner.buckets import SharedBuckets, pack_bucket
@@ -28,7 +29,7 @@ from morl.learner.logprobs import AnswerScores, response_logprobs
 from morl.learner.lr_schedule import lr_multiplier
 from morl.learner.packing import filler_sequence
 from morl.learner.shares import MicroBatch, rank_plan
-from morl.run.checkpoint import ENGINE_DIR, POLICY_DIR, CheckpointError, capture_rng, restore_rng
+from morl.rng_state import capture_rng, restore_rng
 from morl.types import PackedBucket, TrainBatch
 from morl.weight_group import WeightGroup, bound_store
 

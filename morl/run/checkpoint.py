@@ -7,6 +7,8 @@ A checkpoint is one directory in the run directory, `checkpoints/step_000010/`:
     config.yaml         the run config that wrote it; a resume compares it with the new one
     trainer_state.json  step, prompt sampler, reward counters, the driver's RNGs, and the size of every file above
 
+The learner writes the first two itself; their names live in morl/checkpoint_layout.py, beside CheckpointError.
+
 It is written under a temporary name (`step_000010.tmp`) and renamed only once every file is on disk, so a kill at
 any moment leaves either the whole checkpoint or a temporary directory that resume ignores and the next save removes.
 A checkpoint whose files do not match its manifest (a disk fault, a copy cut short) is skipped with a warning, or
@@ -18,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from collections.abc import Callable
@@ -26,18 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import yaml
 from pydantic import BaseModel
 
+from morl.checkpoint_layout import POLICY_DIR, CheckpointError
 from morl.config import RunConfig, dump_config
 
 log = logging.getLogger("morl.run.checkpoint")
 
 CHECKPOINTS = "checkpoints"
-POLICY_DIR = "policy"
-ENGINE_DIR = "deepspeed"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 LATEST = "latest"  # `--resume` with no path: the newest complete checkpoint of the output directory
@@ -85,10 +83,6 @@ SAFE_TO_CHANGE = (
     "rewards.max_error_rate",
     "rewards.error_window",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, or a resume that would mix runs; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -342,30 +336,3 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
-
-
-# ------------------------------------------------------------------ random number generators
-
-
-def capture_rng() -> dict[str, Any]:
-    """Every global RNG of this process (Python, NumPy, torch CPU and CUDA), as JSON-able values."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])

@@ -23,23 +23,20 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import ray
-import torch
 
-from morl.algo.core import zero_variance_groups
 from morl.config import RunConfig
 from morl.data.encoding import PromptEncoder
-from morl.data.source import DrawnPrompt, PromptSource
+from morl.data.source import PromptSource
 from morl.rewards.router import RewardRouter
 from morl.rollout.fleet import engine_prompts, rollout_sampling
-from morl.rollout.types import Completion, SamplingParams
+from morl.rollout.types import SamplingParams
 from morl.rollout.worker import GenerateResult
+from morl.run.prompt_group import Group
 from morl.run.step import reward_input
-from morl.types import EncodedPrompt
 
 if TYPE_CHECKING:
     from morl.run.build import RunParts
@@ -49,34 +46,6 @@ log = logging.getLogger("morl.rollout")
 POLL_SECONDS = 0.005
 STOP_POLL_SECONDS = 0.5  # how soon an abandoned rollout notices the stop request
 _CALL_IDS = itertools.count()  # unique per driver process: an abort never hits another scheduler's call
-
-
-@dataclass
-class Group:
-    """One prompt and its G responses, as it moves through the scheduler."""
-
-    prompt: DrawnPrompt
-    encoded: EncodedPrompt
-    completions: list[Completion] | None = None
-    reward_futures: list[Future] | None = None
-    rewards: list[float | None] | None = None
-    aborted: bool = False
-
-    @property
-    def task(self) -> str:
-        return self.prompt.row.task
-
-    @property
-    def errored(self) -> bool:
-        return any(r is None for r in self.rewards)
-
-    @property
-    def zero_variance(self) -> bool:
-        return bool(zero_variance_groups(torch.tensor([[0.0 if r is None else r for r in self.rewards]]))[0])
-
-    @property
-    def all_correct(self) -> bool:
-        return all(r is not None and r >= 1.0 for r in self.rewards)
 
 
 @dataclass

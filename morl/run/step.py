@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -14,10 +14,8 @@ from morl.data.rows import Row
 from morl.rewards.parsing import split_think
 from morl.rewards.types import RewardInput
 from morl.rollout.types import Completion
+from morl.run.prompt_group import Group
 from morl.types import TrainBatch
-
-if TYPE_CHECKING:
-    from morl.run.collection import Group
 
 
 def reward_input(row: Row, completion: Completion) -> RewardInput:

@@ -17,26 +17,19 @@ from pathlib import Path
 
 import ray
 
+from morl.checkpoint_layout import POLICY_DIR, CheckpointError
 from morl.cluster import PART_LOSSES, PartLostError, alive_nodes, lost_nodes, start_failure
 from morl.compat import ray_job_working_dir
 from morl.config import ConfigError, RunConfig, dump_config
+from morl.console import console
 from morl.learner.group import LearnerGroup
+from morl.rng_state import capture_rng, restore_rng
 from morl.run.build import build_run, prepare_model
-from morl.run.checkpoint import (
-    POLICY_DIR,
-    Checkpoint,
-    CheckpointError,
-    capture_rng,
-    checkpoints_dir,
-    resolve_resume,
-    restore_rng,
-    save_checkpoint,
-    step_name,
-)
+from morl.run.checkpoint import Checkpoint, checkpoints_dir, resolve_resume, save_checkpoint, step_name
 from morl.run.collection import RolloutAbandoned, RolloutScheduler
 from morl.run.interrupts import RunInterrupted, StopRequest
 from morl.run.lock import RunDirLock
-from morl.run.metrics import MetricsWriter, ProgressDisplay, console, eval_table
+from morl.run.metrics import MetricsWriter, ProgressDisplay, eval_table
 from morl.run.evaluation import eval_report, eval_subset, evaluate
 from morl.run.model_card import write_model_card
 from morl.run.step import PhaseTimer, build_batch, prompt_set, reward_metrics, sample_rows

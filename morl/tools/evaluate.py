@@ -13,9 +13,9 @@ import json
 import os
 from pathlib import Path
 
+from morl.checkpoint_layout import POLICY_DIR
 from morl.config import RunConfig
 from morl.run.build import build_run
-from morl.run.checkpoint import POLICY_DIR
 from morl.run.evaluation import eval_report, eval_subset, evaluate
 from morl.run.model_check import check_model_dir
 from morl.run.step import prompt_set

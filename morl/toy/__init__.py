@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from morl.config import ToyWorldConfig
+from morl.toy.config import ToyWorldConfig
 
 BUILD_VERSION = 6  # bump when the world's construction changes, so caches rebuild
 STAMP = "world.json"  # the settings a finished world was built from, written last

@@ -7,12 +7,12 @@ import random
 import torch
 
 from morl.algo.core import token_mean_loss
+from morl.console import StepProgress, stderr_console
 from morl.data.encoding import PromptEncoder
 from morl.data.rows import Row
 from morl.learner.logprobs import response_logprobs
 from morl.learner.lr_schedule import lr_multiplier
 from morl.learner.policy import trainable_parameters
-from morl.run.metrics import StepProgress, stderr_console
 
 WARMUP_STEPS = 20
 MIN_LR_RATIO = 0.1

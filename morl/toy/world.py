@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from morl.config import ConfigError, ToyWorldConfig
+from morl.config import ConfigError
+from morl.console import stderr_console
 from morl.data.loading import load_dataset
-from morl.run.metrics import stderr_console
 from morl.toy import STAMP, fingerprint, fingerprint_hash, read_stamp, world_dir
+from morl.toy.config import ToyWorldConfig
 from morl.toy.model import build_model, build_processor, build_tokenizer, save_checkpoint
 from morl.toy.sft import warm_up
 from morl.toy.tasks import write_split

@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from morl.checkpoint_layout import CheckpointError
 from morl.config import ModelConfig, load_config
+from morl.rng_state import capture_rng, restore_rng
 from morl.run.checkpoint import (
     LATEST,
-    CheckpointError,
-    capture_rng,
     latest_checkpoint,
     list_checkpoints,
     read_checkpoint,
     resolve_resume,
-    restore_rng,
     save_checkpoint,
     unsafe_changes,
 )

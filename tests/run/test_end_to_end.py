@@ -179,7 +179,7 @@ def test_two_steps_with_vllm_rollout_workers(tmp_path, toy_world):
 
 @pytest.fixture(scope="module")
 def video_world(tmp_path_factory):
-    from morl.config import ToyWorldConfig
+    from morl.toy.config import ToyWorldConfig
     from morl.toy.world import ensure_toy_world
 
     root = tmp_path_factory.mktemp("video") / "world"

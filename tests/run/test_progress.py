@@ -6,8 +6,9 @@ import re
 import pytest
 from rich.console import Console
 
-from morl.config import ToyWorldConfig
-from morl.run.metrics import ProgressDisplay, StepProgress
+from morl.console import StepProgress
+from morl.run.metrics import ProgressDisplay
+from morl.toy.config import ToyWorldConfig
 from morl.toy.world import ensure_toy_world
 
 STEP_LINE = r"step {} reward 0\.500 \| choice=0\.25 counting=0\.75 \| 2\.5s/step \d+:\d\d:\d\d"

@@ -7,7 +7,7 @@ import pytest
 from morl.data.rows import Row
 from morl.data.source import DrawnPrompt
 from morl.rollout.types import Completion
-from morl.run.collection import Group
+from morl.run.prompt_group import Group
 from morl.run.trainer import reward_metrics
 from morl.types import EncodedPrompt
 

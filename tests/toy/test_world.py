@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from morl.config import ConfigError, RunConfig, ToyWorldConfig
+from morl.config import ConfigError, RunConfig
 from morl.toy import STAMP, fingerprint, world_dir
+from morl.toy.config import ToyWorldConfig
 from morl.toy.model import SPECIAL_TOKENS
 from morl.toy.world import LOCK, MARKER, ensure_toy_world
 
@@ -24,7 +25,7 @@ CHEAP = dict(train_per_task=2, eval_per_task=1, sft_steps=0)
 BUILDER = """
 import json, logging, sys
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
-from morl.config import ToyWorldConfig
+from morl.toy.config import ToyWorldConfig
 from morl.toy.world import ensure_toy_world
 print(ensure_toy_world(ToyWorldConfig(root=sys.argv[1], **json.loads(sys.argv[2]))))
 """
