@@ -216,3 +216,38 @@ def _reference_rope_index(
         positions[:, b, kept] = row
         deltas.append(int(row.max()) + 1 - len(types))
     return positions, torch.tensor(deltas, device=device).unsqueeze(1)
+
+
+# --- packed sequences under sdpa: transformers' attention registry ----------------------------------------------
+
+PACKED_SDPA = "morl_packed_sdpa"
+"""The learner's sdpa for packed rows: registered with transformers' `AttentionInterface` (public since 4.48)."""
+
+
+def packed_attention(name: str) -> str:
+    """The attention a model is loaded with for `learner.attn_implementation`: sdpa becomes `PACKED_SDPA`, which
+    runs each packed sequence by itself, causally; a dense [N, N] block mask would make sdpa (on CPU, and its
+    memory-efficient kernel on GPUs) compute every pair of the row, ~k times the work for k short sequences."""
+    if name != "sdpa":
+        return name
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    def packed_sdpa(module, query, key, value, attention_mask, packed_sequence_lengths=None, **kwargs):
+        """sdpa one sequence at a time over `packed_sequence_lengths` ([batch, heads, N, dim] tensors); the vision
+        tower's calls (not causal, already split per image) and unpacked rows are plain sdpa."""
+        if packed_sequence_lengths is None or kwargs.get("is_causal") is False or not getattr(module, "is_causal", False):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        parts = zip(*(t.split(list(packed_sequence_lengths), dim=2) for t in (query, key, value)))
+        outputs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0] for q, k, v in parts]
+        return torch.cat(outputs, dim=1), None
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)  # a lone unpadded sequence: no mask at all
+    return PACKED_SDPA
+
+
+def attention_implementation(model: Any) -> str:
+    """The attention `model` runs (transformers keeps it in the config's `_attn_implementation`)."""
+    return model.config._attn_implementation

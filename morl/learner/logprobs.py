@@ -16,6 +16,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from morl.algo.core import entropy, sampling_log_softmax
+from morl.compat import attention_implementation
 from morl.learner.packing import PackedSequences, pack
 from morl.types import EncodedPrompt
 
@@ -37,7 +38,6 @@ def response_logprobs(
     temperature: float = 1.0,
     banned_ids: Sequence[int] = (),
     chunk_tokens: int = 1024,
-    attn_implementation: str = "sdpa",
 ) -> AnswerScores:
     """Log-probs and entropies of each response's tokens given its prompt (and images), from one packed forward.
 
@@ -52,12 +52,12 @@ def response_logprobs(
         image_token_id=config.image_token_id,
         video_token_id=config.video_token_id,
     ).to(model.device)
-    hidden = final_hidden_states(model, module, packed, attn_implementation)[0, packed.answer_index]
+    hidden = final_hidden_states(model, module, packed)[0, packed.answer_index]
     logprobs, entropies = answer_logprobs(module.lm_head, hidden, packed.targets, temperature, banned_ids, chunk_tokens)
     return AnswerScores(*padded_rows([logprobs, entropies], packed.answer_lengths))
 
 
-def final_hidden_states(model, module, packed: PackedSequences, attn_implementation: str) -> torch.Tensor:
+def final_hidden_states(model, module, packed: PackedSequences) -> torch.Tensor:
     """[1, N, hidden]: the language model's normed output, read by a hook on the inner model.
 
     The forward goes through `model` itself (a DeepSpeed engine's hooks gather and release ZeRO-3 shards per
@@ -67,7 +67,8 @@ def final_hidden_states(model, module, packed: PackedSequences, attn_implementat
     hook = module.model.register_forward_hook(lambda _, __, out: captured.append(out.last_hidden_state))
     try:
         no_position = torch.empty(0, dtype=torch.long, device=packed.input_ids.device)
-        model(**packed.model_inputs(attn_implementation, module.dtype), logits_to_keep=no_position)
+        inputs = packed.model_inputs(attention_implementation(module), module.dtype)
+        model(**inputs, logits_to_keep=no_position)
     finally:
         hook.remove()
     return captured[0]

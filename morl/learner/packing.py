@@ -1,9 +1,10 @@
 """Sequences laid end to end in one row without padding: what one learner micro-batch's forward runs.
 
 Each sequence keeps its own Qwen2.5-VL 3-D mRoPE positions (computed for it alone, as if it ran by itself) and its
-images and videos, and attention never crosses from one sequence into another: under sdpa and eager a block-diagonal
-causal mask (boolean for sdpa, additive for eager; none for a lone sequence, which is plainly causal), under flash_attention_2 the per-sequence text
-positions, from which transformers derives the varlen kernels' sequence boundaries. Everything is built on the CPU
+images and videos, and attention never crosses from one sequence into another: the learner's sdpa
+(`morl.compat.PACKED_SDPA`) runs each sequence by itself, flash_attention_2 gets the per-sequence text positions, from
+which transformers derives the varlen kernels' sequence boundaries, and a model loaded with plain sdpa or eager gets
+a block-diagonal causal mask (exact, but it computes every pair of the row). A lone sequence runs plainly causal. Everything is built on the CPU
 from the token lists and moved to the learner's device in one place (`PackedSequences.to`).
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from morl.compat import PACKED_SDPA
 from morl.learner.shares import IMAGES
 from morl.types import EncodedPrompt
 
@@ -30,6 +32,7 @@ class PackedSequences:
     answer_index: torch.Tensor  # [A]: the positions whose next-token logits score an answer token
     targets: torch.Tensor  # [A]: those answer tokens
     answer_lengths: tuple[int, ...]  # answer tokens per sequence, in order
+    sequence_lengths: tuple[int, ...]  # tokens per sequence, in order
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
@@ -49,15 +52,17 @@ class PackedSequences:
         return PackedSequences(**moved)
 
     def model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict:
-        """The keyword arguments of `Qwen2_5_VLForConditionalGeneration.forward` for these sequences (`dtype`: the
-        model's, for eager attention's additive mask)."""
-        kwargs: dict = {"input_ids": self.input_ids, "use_cache": False}
+        """The keyword arguments of `Qwen2_5_VLForConditionalGeneration.forward` for these sequences, for a model
+        running `attn_implementation` (`dtype`: the model's, for eager attention's additive mask)."""
+        kwargs: dict = {"input_ids": self.input_ids, "use_cache": False, "attention_mask": None}
         if len(self.answer_lengths) == 1:
-            kwargs.update(position_ids=self.positions, attention_mask=None)  # one sequence: plainly causal
+            kwargs.update(position_ids=self.positions)  # one sequence: plainly causal
+        elif attn_implementation == PACKED_SDPA:
+            kwargs.update(position_ids=self.positions, packed_sequence_lengths=self.sequence_lengths)
         elif attn_implementation == "flash_attention_2":
             # text positions first: transformers reads sequence starts (position 0) from them for the varlen kernels
-            kwargs.update(position_ids=torch.cat([self.text_positions[None], self.positions]), attention_mask=None)
-        else:
+            kwargs.update(position_ids=torch.cat([self.text_positions[None], self.positions]))
+        else:  # any other attention (a model loaded with plain sdpa or eager): exact, but every pair of the row
             mask = block_causal_mask(self.sequence_ids)
             if attn_implementation == "eager":  # eager adds the mask to the scores: 0 where allowed, the lowest else
                 mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -111,6 +116,7 @@ def pack(
         torch.cat(answer_index),
         torch.cat(targets),
         tuple(len(r) for r in responses),
+        tuple(len(p.input_ids) + len(r) for p, r in zip(prompts, responses)),
         *_stacked(prompts, "pixel_values", "image_grid_thw"),
         *_stacked(prompts, "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),
     )

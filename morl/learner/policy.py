@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 
 from morl.algo.updates import entropy_keys, entropy_sums, update_rule
 from morl.checkpoint_layout import ENGINE_DIR, POLICY_DIR, CheckpointError
-from morl.compat import full_numel, use_reference_video_positions, zero_kept_gradients
+from morl.compat import full_numel, packed_attention, use_reference_video_positions, zero_kept_gradients
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
 from morl.learner.buckets import SharedBuckets, pack_bucket
 from morl.learner.logprobs import AnswerScores, response_logprobs
@@ -67,7 +67,7 @@ def frozen_reference(model_cfg: ModelConfig, attn_implementation: str, device) -
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        model_cfg.path, dtype=getattr(torch, model_cfg.dtype), attn_implementation=attn_implementation
+        model_cfg.path, dtype=getattr(torch, model_cfg.dtype), attn_implementation=packed_attention(attn_implementation)
     )
     return use_reference_video_positions(model).requires_grad_(False).eval().to(device)
 
@@ -140,7 +140,7 @@ class PolicyLearner:
         self.banned_ids = banned_ids
         self.processor = AutoProcessor.from_pretrained(model_cfg.processor_dir)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            model_cfg.path, dtype=torch.float32, attn_implementation=cfg.attn_implementation
+            model_cfg.path, dtype=torch.float32, attn_implementation=packed_attention(cfg.attn_implementation)
         )
         use_reference_video_positions(model)
         if cfg.gradient_checkpointing:
@@ -268,7 +268,6 @@ class PolicyLearner:
             temperature=self.temperature,
             banned_ids=self.banned_ids,
             chunk_tokens=self.cfg.logprob_chunk_tokens,
-            attn_implementation=self.cfg.attn_implementation,
         )
 
     @staticmethod

@@ -7,6 +7,7 @@ import random
 import torch
 
 from morl.algo.core import token_mean_loss
+from morl.compat import packed_attention
 from morl.console import StepProgress, stderr_console
 from morl.data.encoding import PromptEncoder
 from morl.data.rows import Row
@@ -34,6 +35,7 @@ def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, l
     # The vision tower stays at its random init: trained from scratch this briefly it collapses into one
     # constant feature (the language model uses image tokens as an attention sink), which erases the image.
     trainable = trainable_parameters(model, freeze_vision_tower=True)
+    model.set_attn_implementation(packed_attention("sdpa"))  # the learner's attention over packed prompts
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -58,5 +60,6 @@ def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, l
             losses.append(loss.item())
             progress.advance(f"loss {losses[-1]:.3f}")
     trainable_parameters(model, freeze_vision_tower=False)
+    model.set_attn_implementation("sdpa")  # as saved and as every other loader reads it
     model.eval()
     return losses

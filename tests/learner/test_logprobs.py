@@ -5,7 +5,7 @@ import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from morl.algo.core import entropy, sampling_log_softmax, token_logprobs
-from morl.compat import use_reference_video_positions
+from morl.compat import PACKED_SDPA, attention_implementation, packed_attention, use_reference_video_positions
 from morl.data.encoding import PromptEncoder, collate, vision_token_ids
 from morl.data.loading import load_dataset
 from morl.data.rows import Row
@@ -67,13 +67,25 @@ def test_packed_chunked_scores_equal_one_full_forward_per_sequence(world, chunk_
             assert not scores.logprobs[row, n:].any()
 
 
+def test_the_learners_sdpa_runs_each_packed_sequence_alone_as_the_block_mask_does(toy_world, world):
+    model, banned, prompts, responses = world  # `model` runs plain sdpa: a dense block-diagonal mask
+    packed = Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft", attn_implementation=packed_attention("sdpa"))
+    packed = use_reference_video_positions(packed).eval()
+    assert attention_implementation(packed) == PACKED_SDPA
+    with torch.no_grad():
+        masked = response_logprobs(model, prompts, responses, banned_ids=banned)
+        split = response_logprobs(packed, prompts, responses, banned_ids=banned)
+    assert (split.logprobs - masked.logprobs).abs().max().item() < 1e-5
+    assert (split.entropy - masked.entropy).abs().max().item() < 1e-5
+
+
 def test_eager_attention_packs_with_an_additive_mask_as_sdpa_does(toy_world, world):
     model, banned, prompts, responses = world
     eager = Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "sft", attn_implementation="eager")
     eager = use_reference_video_positions(eager).eval()
     with torch.no_grad():
         sdpa_scores = response_logprobs(model, prompts, responses, banned_ids=banned)
-        eager_scores = response_logprobs(eager, prompts, responses, banned_ids=banned, attn_implementation="eager")
+        eager_scores = response_logprobs(eager, prompts, responses, banned_ids=banned)
     assert (eager_scores.logprobs - sdpa_scores.logprobs).abs().max().item() < 1e-5
 
 
