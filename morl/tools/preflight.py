@@ -24,12 +24,10 @@ in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each recomput
             logits       one chunk, C V (2 b + 16): its logits in b, their float32 copy, the log-softmax, and in
                          the backward's recompute also the float32 gradient, the softmax and the gradient in b
             answer rows  2 A h b: the answer positions' hidden states, gathered, and their gradient
-            attention    sdpa: a micro-batch of several sequences needs a boolean block-diagonal mask, K^2
-                         bytes, which SDPA converts to an additive mask in b, K^2 b, and key/value heads
-                         repeated for every query head, 2 K h b, for each layer whose tensors are held (one
-                         with checkpointing, L without); a lone sequence needs none. flash_attention_2: none.
-                         eager: the mask, and per layer held the scores of M^2 per head, in b, their float32
-                         softmax and its copy in b: heads M^2 (4 + 2 b)
+            attention    sdpa runs each packed sequence by itself, flash_attention_2 by sequence boundaries:
+                         no mask, no scores. eager: an additive block mask of the K packed tokens, K^2 b, and
+                         per layer held (one with checkpointing, L without) the scores of M^2 per head, in b,
+                         their float32 softmax and its copy in b: heads M^2 (4 + 2 b)
     vLLM    its pool     gpu_memory_utilization x GPU: weights b P / TP, a profiled peak, then KV cache,
                          which must hold one sequence of S tokens (2 L kv b / TP bytes per token); S may not
                          exceed the model's max_position_embeddings
@@ -275,16 +273,14 @@ def layers_held(shape: ModelShape, cfg: RunConfig) -> int:
 
 
 def attention_parts(shape: ModelShape, cfg: RunConfig, mb: MicroBatch) -> dict[str, int]:
-    """What the attention implementation adds beyond the per-token tensors: masks of packed sequences, eager's
-    scores. A lone sequence is plainly causal and needs no mask."""
-    impl, b = cfg.learner.attn_implementation, DTYPE_BYTES[cfg.model.dtype]
-    held, k = layers_held(shape, cfg), mb.packed_tokens
-    if impl == "flash_attention_2":  # varlen kernels: sequence boundaries, no mask
+    """What eager attention adds beyond the per-token tensors: the block mask of packed sequences and the scores.
+    sdpa runs each packed sequence by itself (`morl.compat.PACKED_SDPA`) and flash-attn by sequence boundaries:
+    neither holds a mask or scores."""
+    if cfg.learner.attn_implementation != "eager":
         return {}
-    if impl == "sdpa":  # the boolean mask; per layer SDPA's additive copy and the key/value heads repeated (no GQA)
-        return {"attention mask (packed sequences)": k * k + held * (b * k * k + 2 * k * shape.hidden * b)}
-    scores = held * shape.heads * mb.tokens**2 * (4 + 2 * b)  # eager: scores in b, float32 softmax, its copy in b
-    return {"attention mask (packed sequences)": k * k, "attention scores (eager)": scores}
+    b, k = DTYPE_BYTES[cfg.model.dtype], mb.packed_tokens
+    scores = layers_held(shape, cfg) * shape.heads * mb.tokens**2 * (4 + 2 * b)  # in b, float32 softmax, copy in b
+    return {"attention mask (packed sequences)": k * k * b, "attention scores (eager)": scores}
 
 
 def learner_activations(shape: ModelShape, cfg: RunConfig) -> dict[str, int]:
@@ -418,9 +414,6 @@ def _candidate_changes(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[
     changes: list[dict[str, Any]] = [{"learner.logprob_chunk_tokens": c} for c in chunks if 64 <= c < mb.answer_tokens]
     if lc.attn_implementation == "eager":
         changes.append({"learner.attn_implementation": "sdpa"})
-    masked = mb.packed_tokens or lc.attn_implementation == "eager"
-    if hw.gpus and lc.attn_implementation != "flash_attention_2" and masked:  # flash-attn: GPUs only
-        changes.append({"learner.attn_implementation": "flash_attention_2"})
     longest = rc.max_prompt_tokens + rc.max_new_tokens
     if lc.micro_batch_size > 1:  # a token budget shrinks micro-batches of several sequences, never a lone one
         budgets = sorted({longest, longest // 2, longest // 4}, reverse=True)
