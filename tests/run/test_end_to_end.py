@@ -122,8 +122,8 @@ def test_morl_plot_of_two_runs(runs, tmp_path):
     done = morl("plot", str(root / "run1"), str(root / "run2"), "-o", str(tmp_path / "plots"))
     assert done.returncode == 0, done.stderr[-3000:]
     written = {p.name for p in (tmp_path / "plots").iterdir()}
-    assert written == {"reward.png", "pass_rate.png", "response_length.png", "advantages.png", "sample_waste.png",
-                       "step_time.png", "eval.png"}
+    assert written == {"reward.png", "pass_rate.png", "response_length.png", "entropy.png", "advantages.png",
+                       "sample_waste.png", "step_time.png", "eval.png"}
 
 
 def test_grpo_ablation_runs_and_compares(runs):
