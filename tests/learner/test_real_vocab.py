@@ -7,12 +7,15 @@ the measured step. Logits over every position, as the learner computed them befo
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from helpers import LEFT_BY_IN_PROCESS_TESTS
 
 VOCAB = 151_936
 HIDDEN = 128  # one head of MiMo-VL-7B's head size
@@ -72,7 +75,9 @@ def real_vocab_model(toy_world, tmp_path_factory):
 def learner_step(model_dir, answer_tokens: int, chunk: int = CHUNK, host_room: int = 0):
     """One measured learner step in a fresh process (`host_room`: bytes of address space left to it, 0: no limit)."""
     args = [str(model_dir), str(answer_tokens), str(chunk), str(host_room)]
-    return subprocess.run([sys.executable, "-c", STEP, *args], capture_output=True, text=True, timeout=600)
+    # without the torch.distributed variables in-process learner tests leave: their port is taken
+    env = {k: v for k, v in os.environ.items() if k not in LEFT_BY_IN_PROCESS_TESTS}
+    return subprocess.run([sys.executable, "-c", STEP, *args], capture_output=True, text=True, timeout=600, env=env)
 
 
 def step_memory(model_dir, answer_tokens: int) -> dict:
