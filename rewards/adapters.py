@@ -97,8 +97,8 @@ def from_trl(fn: Callable[..., Any]) -> RewardFn:
     `label`, `images`, `videos` (paths; a video as frames: a list of paths) and `meta`. Not lists, as in TRL:
     `trainer_state` (the sample's TrainingProgress, whose `global_step` and `max_steps` are those of transformers'
     TrainerState, which is not imported: it would load torch in every worker; None outside training), `log_extra`
-    and `log_metric` (each writes one line to the run's logs/rewards.log). A None score is an error here, since routes already send each task only to the
-    rewards that apply to it.
+    and `log_metric` (each writes one line to the run's logs/rewards.log). A None score is an error here, since
+    routes already send each task only to the rewards that apply to it.
     """
 
     def call(response: str, sample: RewardInput) -> Any:
