@@ -180,6 +180,11 @@ def _sample(row: dict[str, Any], path: Path, line: int) -> RewardInput:
     """A row as the router's input; image and video paths (frames too) are taken relative to the JSONL file."""
     if not isinstance(row["label"], dict):
         raise typer.BadParameter(f"{path}:{line}: label must be an object")
+    token_ids = row.get("token_ids")
+    if token_ids is not None and not (
+        isinstance(token_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids)
+    ):
+        raise typer.BadParameter(f"{path}:{line}: token_ids must be a list of integers")
 
     def resolve(ref: str) -> str:
         return str((path.parent / ref).resolve())
@@ -190,7 +195,8 @@ def _sample(row: dict[str, Any], path: Path, line: int) -> RewardInput:
         for video in row.get("videos", [])
     )
     return RewardInput.from_text(
-        str(row["response"]), str(row["task"]), row["label"], images=images, videos=videos, meta=row.get("meta") or {}
+        str(row["response"]), str(row["task"]), row["label"], images=images, videos=videos, meta=row.get("meta") or {},
+        token_ids=None if token_ids is None else tuple(token_ids),
     )
 
 

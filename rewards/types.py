@@ -9,6 +9,15 @@ from morl.rewards.parsing import split_think
 
 
 @dataclass(frozen=True)
+class TrainingProgress:
+    """Where training stood when a response was sampled, for rewards shaped by progress (the TRL adapter passes it
+    as `trainer_state`: these are the attributes of transformers' TrainerState that such rewards read)."""
+
+    global_step: int  # training steps (a rollout and its update) done before the step this response belongs to
+    max_steps: int  # the run's trainer.max_steps, in the same unit
+
+
+@dataclass(frozen=True)
 class RewardInput:
     """One finished response to score, with everything a reward function may look at."""
 
@@ -19,6 +28,8 @@ class RewardInput:
     images: tuple[str, ...] = ()  # absolute image paths
     videos: tuple[str | tuple[str, ...], ...] = ()  # absolute video file paths, or a video's frame image paths
     meta: dict[str, Any] = field(default_factory=dict)
+    token_ids: tuple[int, ...] | None = None  # the response's tokens, stop token included; None: scored from text
+    progress: TrainingProgress | None = None  # None outside a training rollout (evaluation, offline scoring)
 
     @classmethod
     def from_text(cls, text: str, task: str, label: dict[str, Any], **kwargs: Any) -> RewardInput:

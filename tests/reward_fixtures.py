@@ -2,6 +2,7 @@
 the `fixture_*` names registered when the module is listed in `rewards.modules`); spawned workers inherit the
 driver's sys.path, which holds this folder under pytest."""
 
+import asyncio
 import os
 import signal
 import time
@@ -45,8 +46,8 @@ def raw_score(response, sample):
 
 
 def trl_exact(completions, solution, task, **columns):
-    """A TRL-style reward: 1.0 per completion equal to its `solution` column."""
-    return [float(c.strip() == s) for c, s in zip(completions, solution)]
+    """A TRL-style reward: 1.0 per completion whose answer (after any thinking) equals its `solution` column."""
+    return [float(c[0]["content"].rpartition("</think>")[2].strip() == s) for c, s in zip(completions, solution)]
 
 
 def trl_media(completions, images, videos, media, **columns):
@@ -57,6 +58,12 @@ def trl_media(completions, images, videos, media, **columns):
 def verl_exact(data_source, solution_str, ground_truth, extra_info=None):
     """A verl-style compute_score returning a dict."""
     return {"score": float(solution_str.strip() == ground_truth), "data_source": data_source}
+
+
+async def async_half(response, sample):
+    """An `async def` morl reward: 0.5 once awaited."""
+    await asyncio.sleep(0)
+    return 0.5
 
 
 @reward

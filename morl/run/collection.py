@@ -32,6 +32,7 @@ from morl.config import RunConfig
 from morl.data.encoding import PromptEncoder
 from morl.data.source import PromptSource
 from morl.rewards.router import RewardRouter
+from morl.rewards.types import TrainingProgress
 from morl.rollout.fleet import engine_prompts, rollout_sampling
 from morl.rollout.types import SamplingParams
 from morl.rollout.worker import GenerateResult
@@ -174,13 +175,16 @@ class RolloutScheduler:
 
     # ------------------------------------------------------------------ one batch
 
-    def collect(self, num_groups: int, should_stop: Callable[[], bool] | None = None) -> RolloutBatch:
-        """Roll out until `num_groups` valid groups exist (or the refill budget is spent).
+    def collect(
+        self, num_groups: int, should_stop: Callable[[], bool] | None = None, progress: TrainingProgress | None = None
+    ) -> RolloutBatch:
+        """Roll out until `num_groups` valid groups exist (or the refill budget is spent); `progress` is handed to
+        the reward functions with each response.
 
         `should_stop()` true abandons the batch (RolloutAbandoned) within STOP_POLL_SECONDS: the calls in flight are
         aborted, and the prompt source and easy pool are left as they are, for the caller to discard.
         """
-        run = _Collection(self, num_groups, stop_poll=STOP_POLL_SECONDS if should_stop else None)
+        run = _Collection(self, num_groups, stop_poll=STOP_POLL_SECONDS if should_stop else None, progress=progress)
         while not run.done():
             if should_stop and should_stop():
                 run.abort_calls()
@@ -203,15 +207,23 @@ class RolloutScheduler:
         ref = self.workers[worker].generate.remote(prompts, self.sampling, seeds, call.call_id)
         return ref, call
 
-    def submit_scoring(self, group: Group) -> None:
-        group.reward_futures = self.router.submit_many([reward_input(group.prompt.row, c) for c in group.completions])
+    def submit_scoring(self, group: Group, progress: TrainingProgress | None) -> None:
+        inputs = [reward_input(group.prompt.row, c, progress) for c in group.completions]
+        group.reward_futures = self.router.submit_many(inputs)
 
 
 class _Collection:
     """The state of one `collect` call; what it changes is its own (and the prompt source it draws from)."""
 
-    def __init__(self, scheduler: RolloutScheduler, num_groups: int, stop_poll: float | None = None):
+    def __init__(
+        self,
+        scheduler: RolloutScheduler,
+        num_groups: int,
+        stop_poll: float | None = None,
+        progress: TrainingProgress | None = None,
+    ):
         self.scheduler = scheduler
+        self.progress = progress
         self.stop_poll = stop_poll  # the longest wait for a call, so a stop request is seen (None: no limit)
         self.target = num_groups
         self.budget = num_groups * (1 + (scheduler.max_refill_rounds if scheduler.dynamic_sampling else 0))
@@ -266,7 +278,7 @@ class _Collection:
         if not self.calls:  # every call returned: score what was not scored on arrival
             for group in self.groups[self.prefix :]:
                 if group.reward_futures is None:
-                    self.scheduler.submit_scoring(group)
+                    self.scheduler.submit_scoring(group, self.progress)
                     self.scoring.append(group)
         self._collect_rewards()
         self._advance_prefix()
@@ -276,7 +288,7 @@ class _Collection:
         for group, completions in zip(call.groups, result.groups):
             group.completions = completions
             if score:
-                self.scheduler.submit_scoring(group)
+                self.scheduler.submit_scoring(group, self.progress)
                 self.scoring.append(group)
 
     def _collect_rewards(self) -> None:

@@ -12,21 +12,25 @@ import torch
 from morl.algo.core import group_advantages
 from morl.data.rows import Row
 from morl.rewards.parsing import split_think
-from morl.rewards.types import RewardInput
+from morl.rewards.types import RewardInput, TrainingProgress
 from morl.rollout.types import Completion
 from morl.run.prompt_group import Group
 from morl.types import TrainBatch
 
 
-def reward_input(row: Row, completion: Completion) -> RewardInput:
+def reward_input(row: Row, completion: Completion, progress: TrainingProgress | None = None) -> RewardInput:
     """What a reward function sees of one response: its text, the row's label, images, videos and metadata.
 
-    `meta["messages"]` carries the prompt, for reward models that judge the response in context.
+    `meta["messages"]` carries the prompt, for reward models that judge the response in context; the token ids are
+    for rewards that measure length in tokens (TRL's take `completion_ids`).
     """
     images = tuple(ref for ref in row.images if isinstance(ref, str))
     videos = tuple(ref if isinstance(ref, str) else tuple(ref) for ref in row.videos)
     meta = {**row.meta, "messages": [m.model_dump(exclude_none=True) for m in row.messages]}
-    return RewardInput.from_text(completion.text, row.task, row.label, images=images, videos=videos, meta=meta)
+    return RewardInput.from_text(
+        completion.text, row.task, row.label, images=images, videos=videos, meta=meta,
+        token_ids=tuple(completion.token_ids), progress=progress,
+    )
 
 
 def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[str, float]]:

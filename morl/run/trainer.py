@@ -23,6 +23,7 @@ from morl.compat import ray_job_working_dir
 from morl.config import ConfigError, RunConfig, dump_config
 from morl.console import console
 from morl.learner.group import LearnerGroup
+from morl.rewards.types import TrainingProgress
 from morl.rng_state import capture_rng, restore_rng
 from morl.run.build import build_run, prepare_model
 from morl.run.checkpoint import Checkpoint, checkpoints_dir, resolve_resume, save_checkpoint, step_name
@@ -203,7 +204,9 @@ class Trainer:
         """One step: its metrics, and its sample rows when `trainer.log_samples_every` says so (else none)."""
         timer = PhaseTimer()
         rollout = self.scheduler.collect(
-            self.cfg.trainer.prompts_per_step, lambda: self.abandon_on_signal and self.stop.requested
+            self.cfg.trainer.prompts_per_step,
+            lambda: self.abandon_on_signal and self.stop.requested,
+            TrainingProgress(global_step=step - 1, max_steps=self.cfg.trainer.max_steps),
         )
         timer.lap("rollout")  # generation and scoring overlap: one phase
         batch, batch_metrics = build_batch(rollout.groups, self.cfg.algo.adv_eps)

@@ -87,3 +87,21 @@ def test_score_takes_image_and_video_paths_relative_to_the_file(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["reward"] for line in out.read_text().splitlines()] == [1.0, 0.0]  # no frames/9.png
+
+
+def test_score_passes_a_rows_token_ids_to_a_trl_length_reward(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("rewards:\n  routes:\n    qa: [{fn: 'framework_rewards:soft_overlong', adapter: trl}]\n")
+    row = {"task": "qa", "response": "x", "label": {}}
+    rows = [{**row, "token_ids": list(range(6))}, {**row, "token_ids": list(range(8))}, row]
+    out = tmp_path / "out.jsonl"
+    args = ["score", str(write_rows(tmp_path / "r.jsonl", rows)), "--recipe", str(recipe), "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["reward"] for r in scored] == [0.0, 0.0, None]  # 8 of 10 tokens: -0.5, clamped; no ids: an error
+    assert scored[0]["error"] is None and "TypeError" in scored[2]["error"]
+    bad = write_rows(tmp_path / "bad.jsonl", [{**row, "token_ids": ["a"]}])
+    result = runner.invoke(app, ["score", str(bad), "--recipe", str(recipe)])
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "bad.jsonl:1: token_ids must be a list of integers" in said, said

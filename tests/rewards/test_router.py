@@ -14,6 +14,7 @@ from morl.rewards.router import RewardErrorRateExceeded, RewardRouter, UnknownTa
 from morl.rewards.types import RewardInput
 
 FX = "reward_fixtures"
+FW = "framework_rewards"
 AS_RETURNED = "reward_output_fixtures:as_returned"
 TIMEOUT_S = 1.0
 
@@ -34,6 +35,14 @@ def router():
             "verl": [{"fn": f"{FX}:verl_exact", "adapter": "verl"}],
             "trl_media": [{"fn": f"{FX}:trl_media", "adapter": "trl"}],
             "returned": [{"fn": AS_RETURNED}],
+            "trl_math": [
+                {"fn": f"{FW}:trl_accuracy", "adapter": "trl"}, {"fn": f"{FW}:trl_think_format", "adapter": "trl"}
+            ],
+            "trl_async": [{"fn": f"{FW}:trl_async_accuracy", "adapter": "trl"}],
+            "trl_overlong": [{"fn": f"{FW}:soft_overlong", "adapter": "trl"}],
+            "dapo": [{"fn": f"{FW}:verl_math_dapo", "adapter": "verl"}],
+            "verl_async": [{"fn": f"{FW}:verl_async_gsm8k", "adapter": "verl"}],
+            "morl_async": [{"fn": f"{FX}:async_half"}],
         },
     )
     with RewardRouter(cfg) as r:
@@ -180,6 +189,28 @@ def test_adapters_end_to_end(router):
         sample("verl", "B", {"answer": "B"}), sample("verl", "C", {"answer": "B"}),
     ])
     assert [r.reward for r in results] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_trl_and_verl_rewards_score_in_the_sandbox_what_they_score_in_their_frameworks(router):
+    dapo = f"{FW}:verl_math_dapo"
+    before = router.out_of_range_counts()
+    results = router.score([
+        # TRL: the whole completion, as a message: the boxed answer in the thinking counts, the format scores 1
+        sample("trl_math", r"<think>it is \boxed{42}</think> done", {"solution": "42"}),
+        sample("trl_async", r"<think>\boxed{42}</think>", {"solution": "42"}),  # async def: awaited in the worker
+        sample("trl_overlong", "x", token_ids=tuple(range(8))),  # 8 of 10 tokens: -0.5, clamped and counted
+        # verl's math_dapo: -1 for the answer corrected after </think> on the thinking's line, clamped and counted
+        sample("dapo", "<think>Answer: 41</think>Answer: 42", {"ground_truth": "42"}),
+        sample("dapo", "<think>Answer: 41</think>\nAnswer: 42", {"ground_truth": "42"}),
+        sample("verl_async", "<think>so #### 42</think>The answer is 42.", {"ground_truth": "42"}),
+        sample("morl_async", "x"),
+    ])
+    assert [(r.reward, r.error) for r in results] == [
+        (1.0, None), (1.0, None), (0.0, None), (0.0, None), (1.0, None), (1.0, None), (0.5, None)
+    ]
+    assert results[0].components == {f"{FW}:trl_accuracy": 1.0, f"{FW}:trl_think_format": 1.0}
+    after = router.out_of_range_counts()
+    assert after[f"{FW}:soft_overlong"] == before[f"{FW}:soft_overlong"] + 1 and after[dapo] == before[dapo] + 1
 
 
 def test_the_trl_adapter_passes_images_and_videos_as_columns(router):

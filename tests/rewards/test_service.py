@@ -277,6 +277,7 @@ def test_reward_input_carries_the_rows_videos_as_absolute_paths(tmp_path):
     seen = reward_input(row, Completion([1, 2], "<think>hm</think>[00:00, 00:01]", [0.0, 0.0], "stop"))
     assert seen.videos == (clip, frames) and seen.images == (frames[0],)
     assert seen.response == "[00:00, 00:01]" and seen.task == "temporal"
+    assert seen.token_ids == (1, 2)  # for rewards that count tokens (TRL's completion_ids)
 
 
 def test_video_paths_are_opened_only_under_the_image_root(tmp_path):

@@ -21,6 +21,7 @@ from morl.data.source import PromptSource
 from morl.ray_setup import start_ray
 from morl.rewards.config import RewardsConfig
 from morl.rewards.router import RewardRouter
+from morl.rewards.types import TrainingProgress
 from morl.rollout.types import Completion, SamplingParams
 from morl.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
 from morl.run.collection import DISPATCH, RolloutAbandoned, RolloutScheduler
@@ -208,3 +209,15 @@ def test_seamless_and_synchronous_train_on_the_same_batches(toy_world):
                               for b in batches[m]] for m in ("seamless", "synchronous"))
     assert seamless == synchronous
     assert len(seamless[0]) == 3
+
+
+def test_reward_functions_see_the_steps_progress_and_each_responses_token_ids(pool):
+    routes = {"counting": [{"fn": "framework_rewards:trl_progress_length", "adapter": "trl"}]}
+    progress_router = RewardRouter(RewardsConfig(routes=routes, num_workers=1))
+    try:
+        scheduler, _ = make_scheduler(pool, progress_router, ["mixed"] * 2, dynamic=False)
+        batch = scheduler.collect(1, progress=TrainingProgress(global_step=3, max_steps=4))
+    finally:
+        progress_router.close()
+    # the scripted responses are 3, 4, 5 and 6 tokens long; 3 of 4 steps done
+    assert batch.groups[0].rewards == pytest.approx([0.75 * n / 10 for n in (3, 4, 5, 6)])
