@@ -63,6 +63,7 @@ def built_from() -> Path | None:
 
 
 def check_machine() -> None:
+    """Stop, saying what to do instead, on a machine the locks have no wheels for."""
     if sys.platform != "linux" or platform.machine() != "x86_64":
         sys.exit(
             f"dev.py: the locks are compiled for Linux x86_64 ({PLATFORM}); this is {sys.platform} "
