@@ -8,12 +8,14 @@ tokenizer and processor configs. MiMo-VL-7B-SFT, Qwen2.5-VL-*-Instruct and the t
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 MODEL_TYPE = "qwen2_5_vl"
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 class ModelDirError(ValueError):
@@ -40,6 +42,46 @@ def max_positions(model_dir: Path) -> int | None:
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     value = text.get("max_position_embeddings", config.get("max_position_embeddings"))
     return value if isinstance(value, int) else None
+
+
+def stored_dtypes(model_dir: Path) -> list[str]:
+    """The floating-point dtypes the weights are stored in, read from the safetensors headers (a few KiB each);
+    for `.bin` weights, config.json's `torch_dtype` (or `dtype`). Empty when neither says."""
+    index = _json_or_empty(model_dir / WEIGHT_INDEXES[0]).get("weight_map")
+    files = sorted(set(index.values())) if isinstance(index, dict) else [WEIGHT_FILES[0]]
+    found: set[str] = set()
+    for name in files:
+        try:
+            with (model_dir / name).open("rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+        except (OSError, ValueError, struct.error):
+            continue
+        found.update(
+            SAFETENSORS_DTYPES[t["dtype"]]
+            for key, t in header.items()
+            if key != "__metadata__" and isinstance(t, dict) and t.get("dtype") in SAFETENSORS_DTYPES
+        )
+    if found:
+        return sorted(found)
+    config = _json_or_empty(model_dir / "config.json")
+    declared = config.get("torch_dtype") or config.get("dtype")
+    return [declared] if isinstance(declared, str) else []
+
+
+def dtype_notice(model_path: str, dtype: str) -> str:
+    """One line for the start of a run: the dtype it trains and samples in, and whether the checkpoint's weights
+    are stored otherwise (a bfloat16 checkpoint under `model.dtype: float32` is upcast, at twice the memory)."""
+    stored = stored_dtypes(Path(model_path).expanduser())
+    line = f"training in {dtype} (model.dtype)"
+    if not stored:
+        return f"{line}; the dtype of the weights in {model_path} is not recorded"
+    if stored == [dtype]:
+        return f"{line}, the dtype of the weights in {model_path}"
+    return (
+        f"{line}: the weights in {model_path} are stored in {', '.join(stored)} and are cast to {dtype} on load; "
+        f"set model.dtype to train in the checkpoint's own dtype"
+    )
 
 
 def model_problems(model_dir: Path) -> list[str]:

@@ -32,6 +32,7 @@ from morl.run.lock import RunDirLock
 from morl.run.metrics import MetricsWriter, ProgressDisplay, eval_table
 from morl.run.evaluation import eval_report, eval_subset, evaluate
 from morl.run.model_card import write_model_card
+from morl.run.model_check import dtype_notice
 from morl.run.step import PhaseTimer, build_batch, prompt_set, reward_metrics, sample_rows
 from morl.run.trackers import Trackers
 from morl.run.weight_sync import (
@@ -72,6 +73,7 @@ class Trainer:
         self.out_dir = Path(cfg.trainer.output_dir)
         check_outlives_job(self.out_dir)
         prepare_model(cfg)  # a bad model or toy-world root is refused before the run directory exists
+        console.print(dtype_notice(cfg.model.path, cfg.model.dtype))
         self._started = ExitStack()  # what close() stops, newest first; a failed start stops what it started
         self.run_lock = RunDirLock(self.out_dir).acquire()  # before anything reads or prunes the directory
         self._started.callback(self.run_lock.release)
