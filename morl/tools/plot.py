@@ -261,8 +261,11 @@ class Plots:
 
     @staticmethod
     def _label(ax: Axes, title: str, ylabel: str) -> None:
+        from matplotlib.ticker import MaxNLocator
+
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at 1.5
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
 

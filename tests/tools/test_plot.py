@@ -87,6 +87,17 @@ def test_figures_label_their_axes_and_name_every_run(tmp_path):
     assert bars.containers[1].datavalues.tolist() == pytest.approx([0.4, 0.5, 0.45])
 
 
+def test_step_axes_tick_whole_steps_only(tmp_path):
+    plots = Plots([load_run(write_run(tmp_path / "short", 3), "short")], smoothing=0.6)
+    figures = [plots.per_task("reward/", "reward", "Reward per task", with_mean=True), plots.advantages(),
+               plots.sample_waste(), plots.step_time()]
+    for figure in figures:
+        figure.canvas.draw()
+        for ax in (ax for ax in figure.axes if ax.get_visible()):
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+
+
 def test_morl_plot_writes_the_pngs_and_skips_what_no_run_has(tmp_path):
     write_run(tmp_path / "a", 4)
     write_run(tmp_path / "b", 2, with_eval=False)
