@@ -32,7 +32,7 @@ from morl.run.lock import RunDirLock
 from morl.run.metrics import MetricsWriter, ProgressDisplay, eval_table
 from morl.run.evaluation import eval_report, eval_subset, evaluate
 from morl.run.model_card import write_model_card
-from morl.run.model_check import dtype_notice
+from morl.run.model_check import checkpoint_identity, dtype_notice
 from morl.run.step import PhaseTimer, build_batch, prompt_set, reward_metrics, sample_rows
 from morl.run.trackers import Trackers
 from morl.run.weight_sync import (
@@ -117,7 +117,7 @@ class Trainer:
             form_weight_group(self.learner, self.workers)
         self.start_step = self.done_step = 0  # done_step: the last step whose metrics are written
         self.saved_step = 0  # the newest step with a checkpoint (0: none)
-        self.sft_eval: dict | None = None  # evaluate()'s reward, response_length and prompts
+        self.sft_eval: dict | None = None  # evaluate()'s reward, response_length and prompts; the SFT's checkpoint
         self._warned_eval_prompts = False
         if self.resume_from is not None:
             self.restore(self.resume_from)
@@ -139,7 +139,7 @@ class Trainer:
     def _fit(self) -> dict:
         cfg = self.cfg
         if cfg.eval.enabled and self.resume_from is None:
-            self.sft_eval = self.evaluate()
+            self.sft_eval = {**self.evaluate(), "checkpoint": checkpoint_identity(cfg.model.path)}
         if self._comparable_sft() is not None:
             eval_table({"sft": self.sft_eval["reward"]})
         metrics_file = MetricsWriter(self.out_dir / "metrics.jsonl")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from morl.tools.compare import one_sft, sft_source
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -202,12 +204,13 @@ class Plots:
         return figure
 
     def eval_bars(self) -> Figure | None:
-        """Held-out reward per task: one SFT bar when every run evaluated the same SFT, then one bar per policy."""
+        """Held-out reward per task: one SFT bar when every run evaluated the same SFT checkpoint (`one_sft`), then
+        one bar per policy."""
         runs = [run for run in self.runs if run.eval and "policy" in run.eval]
         if not runs:
             return None
         sfts = [run.eval.get("sft") for run in runs]
-        shared = all(s == sfts[0] for s in sfts) and sfts[0] is not None
+        shared = sfts[0] is not None and one_sft([sft_source(run.eval) for run in runs], sfts)
         bars: list[tuple[str, dict[str, float], str]] = [("SFT", sfts[0], "0.6")] if shared else [
             (f"SFT ({run.label})", run.eval["sft"], "0.6") for run in runs if run.eval.get("sft")
         ]

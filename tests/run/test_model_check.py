@@ -13,6 +13,7 @@ from morl.run.build import prepare_model
 from morl.run.model_check import (
     ModelDirError,
     check_model_dir,
+    checkpoint_identity,
     dtype_notice,
     max_positions,
     stored_dtypes,
@@ -118,3 +119,17 @@ def test_the_start_line_names_the_training_dtype_and_a_checkpoint_stored_in_anot
         config.pop(key, None)
     (bf16 / "config.json").write_text(json.dumps(config))
     assert dtype_notice(str(bf16), "bfloat16").endswith(f"the dtype of the weights in {bf16} is not recorded")
+
+
+def test_a_checkpoints_identity_follows_its_content_not_its_path(split_sft, tmp_path):
+    model_dir, _ = split_sft
+    original = checkpoint_identity(str(model_dir))
+    assert original["path"] == str(model_dir.resolve()) and len(original["fingerprint"]) == 16
+    copy = checkpoint_identity(str(shutil.copytree(model_dir, tmp_path / "copy")))
+    assert copy["fingerprint"] == original["fingerprint"] and copy["path"] != original["path"]
+    tuned = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
+    with torch.no_grad():
+        for parameter in tuned.parameters():
+            parameter.add_(1e-3 * torch.randn_like(parameter))  # what any fine-tune does to its weights
+    tuned.save_pretrained(tmp_path / "tuned")
+    assert checkpoint_identity(str(tmp_path / "tuned"))["fingerprint"] != original["fingerprint"]

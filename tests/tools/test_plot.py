@@ -12,7 +12,12 @@ from morl.tools.plot import Plots, PlotError, load_run, plot_runs, run_labels, s
 TASKS = ("counting", "grounding")
 
 
-def write_run(run_dir, steps: int, *, offset: float = 0.0, with_eval: bool = True, tail: str = ""):
+SFT_OF = {"prompts": {"count": 8, "digest": "0123456789abcdef"},
+          "sft_checkpoint": {"path": "/models/sft", "fingerprint": "aaaaaaaaaaaaaaaa"}}
+
+
+def write_run(run_dir, steps: int, *, offset: float = 0.0, with_eval: bool = True, tail: str = "",
+              sft_of: dict | None = SFT_OF):
     """A run directory as `morl train` leaves it: metrics.jsonl (one record per step) and eval.json."""
     run_dir.mkdir(parents=True)
     lines = []
@@ -32,7 +37,7 @@ def write_run(run_dir, steps: int, *, offset: float = 0.0, with_eval: bool = Tru
     if with_eval:
         sft = {"counting": 0.3, "grounding": 0.4, "mean": 0.35}
         policy = {task: value + 0.1 + offset for task, value in sft.items()}
-        (run_dir / "eval.json").write_text(json.dumps({"sft": sft, "policy": policy}))
+        (run_dir / "eval.json").write_text(json.dumps({"sft": sft, "policy": policy, **(sft_of or {})}))
     return run_dir
 
 
@@ -85,6 +90,16 @@ def test_figures_label_their_axes_and_name_every_run(tmp_path):
     assert names == ["SFT", "morl (policy)", "grpo (policy)"]  # one SFT bar: both runs evaluated the same SFT
     assert [t.get_text() for t in bars.get_xticklabels()] == ["counting", "grounding", "mean"]
     assert bars.containers[1].datavalues.tolist() == pytest.approx([0.4, 0.5, 0.45])
+
+
+def test_sft_checkpoints_with_equal_scores_get_a_bar_each(tmp_path):
+    other = {**SFT_OF, "sft_checkpoint": {"path": "/models/sft_v2", "fingerprint": "bbbbbbbbbbbbbbbb"}}
+    runs = [load_run(write_run(tmp_path / "a", 2), "a"), load_run(write_run(tmp_path / "b", 2, sft_of=other), "b"),
+            load_run(write_run(tmp_path / "old", 2, sft_of=None), "old")]
+    for pair, names in [((0, 1), ["SFT (a)", "SFT (b)", "a (policy)", "b (policy)"]),
+                        ((0, 2), ["SFT (a)", "SFT (old)", "a (policy)", "old (policy)"])]:
+        bars = Plots([runs[k] for k in pair], smoothing=0.6).eval_bars().axes[0]
+        assert [t.get_text() for t in bars.get_legend().texts] == names
 
 
 def test_step_axes_tick_whole_steps_only(tmp_path):
