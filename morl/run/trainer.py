@@ -33,7 +33,7 @@ from morl.run.metrics import MetricsWriter, ProgressDisplay, eval_table
 from morl.run.evaluation import eval_report, eval_subset, evaluate
 from morl.run.model_card import write_model_card
 from morl.run.model_check import checkpoint_identity, dtype_notice
-from morl.run.step import PhaseTimer, build_batch, prompt_set, reward_metrics, sample_rows
+from morl.run.step import PhaseTimer, build_batch, dataset_names, prompt_set, reward_metrics, sample_rows
 from morl.run.trackers import Trackers
 from morl.run.weight_sync import (
     SyncStats,
@@ -99,6 +99,7 @@ class Trainer:
         self._started.callback(self.parts.close)
         self.nodes = alive_nodes()  # to name the one a run loses
         self.source, self.router, self.workers = self.parts.source, self.parts.router, self.parts.workers
+        self.dataset_names = dataset_names(cfg.data.train)  # data/<name>/... metrics, with two files or more
         self.eval_rows = eval_subset(self.parts.held_out, cfg.eval.max_prompts_per_task)
         self.eval_prompts = prompt_set(self.eval_rows)  # which prompts an SFT score must share to be compared
         self.abandon_on_signal = cfg.trainer.on_signal == "abandon"
@@ -209,7 +210,8 @@ class Trainer:
         )
         timer.lap("rollout")  # generation and scoring overlap: one phase
         batch, batch_metrics = build_batch(rollout.groups, self.cfg.algo.adv_eps)
-        metrics = {"step": step, **reward_metrics(rollout.decided), **rollout.metrics, **batch_metrics}
+        metrics = {"step": step, **reward_metrics(rollout.decided, self.dataset_names), **rollout.metrics,
+                   **batch_metrics}
         if len(batch):
             colocated = self.cfg.rollout.colocate  # vLLM shares the learner's GPU: it sleeps during the update
             if colocated:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from morl.path_labels import distinct_endings
 from morl.tools.compare import one_sft, sft_source
 
 if TYPE_CHECKING:
@@ -81,16 +82,6 @@ def load_run(run_dir: Path, label: str) -> RunLog:
     return RunLog(label, steps, evaluated)
 
 
-def run_labels(run_dirs: list[Path]) -> list[str]:
-    """The shortest path endings that tell the runs apart (`a/run` and `b/run`, not `run` twice)."""
-    parts = [p.resolve().parts for p in run_dirs]
-    for depth in range(1, max(len(p) for p in parts) + 1):
-        labels = ["/".join(p[-depth:]) for p in parts]
-        if len(set(labels)) == len(labels):
-            return labels
-    return [str(p) for p in run_dirs]  # the same directory given twice
-
-
 def smooth(values: list[float], weight: float) -> list[float]:
     """Exponential moving average, debiased so the first points are not pulled toward 0 (as TensorBoard does)."""
     out, average = [], 0.0
@@ -104,7 +95,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, smoothing: float = 0.6) -> li
     """Write every figure that the runs have data for into `out_dir`; return their paths."""
     if importlib.util.find_spec("matplotlib") is None:
         raise PlotError("morl plot needs matplotlib: pip install 'morl[track]'")
-    runs = [load_run(path, label) for path, label in zip(run_dirs, run_labels(run_dirs))]
+    runs = [load_run(path, label) for path, label in zip(run_dirs, distinct_endings(run_dirs))]
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = Plots(runs, smoothing)
     figures = {

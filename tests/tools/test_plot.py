@@ -7,7 +7,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from morl.cli import app
-from morl.tools.plot import Plots, PlotError, load_run, plot_runs, run_labels, smooth
+from morl.path_labels import distinct_endings
+from morl.tools.plot import Plots, PlotError, load_run, plot_runs, smooth
 
 TASKS = ("counting", "grounding")
 
@@ -55,8 +56,8 @@ def test_a_line_torn_at_the_end_is_skipped_and_a_bad_line_inside_is_named(tmp_pa
 
 
 def test_labels_are_the_shortest_endings_that_tell_runs_apart(tmp_path):
-    assert run_labels([tmp_path / "a" / "run", tmp_path / "b" / "run"]) == ["a/run", "b/run"]
-    assert run_labels([tmp_path / "morl", tmp_path / "grpo"]) == ["morl", "grpo"]
+    assert distinct_endings([tmp_path / "a" / "run", tmp_path / "b" / "run"]) == ["a/run", "b/run"]
+    assert distinct_endings([tmp_path / "morl", tmp_path / "grpo"]) == ["morl", "grpo"]
 
 
 def test_smoothing_is_a_debiased_moving_average():
