@@ -5,6 +5,7 @@ Read from each run directory's metrics.jsonl (and eval.json, when the run finish
     reward.png          reward per task, and the mean over tasks
     pass_rate.png       share of responses with full reward, per task
     response_length.png mean response tokens per task: the tasks' interference (reasoning grows, grounding shrinks)
+    data_files.png      reward per training data file (runs of two files or more): two files of one task apart
     advantages.png      advantage statistics, and the groups dropped per step (no reward variance, reward errors)
     sample_waste.png    share of generated groups (and tokens) that no update used
     step_time.png       seconds per step in rollout, update, weight sync and the rest; rollout workers' idle time
@@ -107,6 +108,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, smoothing: float = 0.6) -> li
         "entropy.png": plots.per_task(
             "entropy/", "nats", "Policy entropy per task (answer tokens, sampling distribution)", with_mean=True
         ),
+        "data_files.png": plots.per_data_file(),
         "advantages.png": plots.advantages(),
         "sample_waste.png": plots.sample_waste(),
         "step_time.png": plots.step_time(),
@@ -141,6 +143,19 @@ class Plots:
             for run in self.runs:
                 self._curve(ax, run, prefix + task)
             self._label(ax, "mean over tasks" if task == "mean" else task, ylabel)
+        return self._legend(figure)
+
+    def per_data_file(self) -> Figure | None:
+        """One panel per training data file (`data/<name>/reward`, logged by runs of two files or more)."""
+        names = sorted({key.removesuffix("/reward") for run in self.runs for key in run.keys("data/")
+                        if key.endswith("/reward")})
+        if not names:
+            return None
+        figure, axes = self._grid(len(names), "Reward per training data file")
+        for ax, name in zip(axes, names):
+            for run in self.runs:
+                self._curve(ax, run, f"data/{name}/reward")
+            self._label(ax, name, "reward")
         return self._legend(figure)
 
     def advantages(self) -> Figure | None:

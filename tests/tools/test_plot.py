@@ -33,6 +33,8 @@ def write_run(run_dir, steps: int, *, offset: float = 0.0, with_eval: bool = Tru
             record |= {f"reward/{task}": 0.05 * step, f"pass_rate/{task}": 0.02 * step,
                        f"response_length/{task}": 10.0 + step, f"entropy/{task}": 1.0 - 0.1 * step}
         record["entropy/mean"] = 1.0 - 0.1 * step
+        record |= {"data/web/counting/reward": 0.3, "data/web/counting/prompts": 2.0,
+                   "data/synthetic/counting/reward": 0.1 * step, "data/synthetic/counting/prompts": 2.0}
         lines.append(json.dumps(record))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail)
     if with_eval:
@@ -79,6 +81,9 @@ def test_figures_label_their_axes_and_name_every_run(tmp_path):
     entropy = plots.per_task("entropy/", "nats", "Policy entropy per task", with_mean=True)
     assert [ax.get_title() for ax in entropy.axes if ax.get_visible()] == ["mean over tasks", "counting", "grounding"]
     assert list(entropy.axes[1].lines[0].get_ydata()) == pytest.approx([1.0 - 0.1 * s for s in range(1, 7)])
+    files = plots.per_data_file()
+    assert [ax.get_title() for ax in files.axes if ax.get_visible()] == ["synthetic/counting", "web/counting"]
+    assert list(files.axes[0].lines[0].get_ydata()) == pytest.approx([0.1 * s for s in range(1, 7)])  # raw
 
     timing = plots.step_time()
     stacked = timing.axes[0]
@@ -106,7 +111,7 @@ def test_sft_checkpoints_with_equal_scores_get_a_bar_each(tmp_path):
 def test_step_axes_tick_whole_steps_only(tmp_path):
     plots = Plots([load_run(write_run(tmp_path / "short", 3), "short")], smoothing=0.6)
     figures = [plots.per_task("reward/", "reward", "Reward per task", with_mean=True), plots.advantages(),
-               plots.sample_waste(), plots.step_time()]
+               plots.sample_waste(), plots.step_time(), plots.per_data_file()]
     for figure in figures:
         figure.canvas.draw()
         for ax in (ax for ax in figure.axes if ax.get_visible()):
@@ -120,7 +125,7 @@ def test_morl_plot_writes_the_pngs_and_skips_what_no_run_has(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "png")])
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in (tmp_path / "png").iterdir())
-    assert written == ["advantages.png", "entropy.png", "eval.png", "pass_rate.png", "response_length.png",
+    assert written == ["advantages.png", "data_files.png", "entropy.png", "eval.png", "pass_rate.png", "response_length.png",
                        "reward.png", "sample_waste.png", "step_time.png"]
     for name in written:
         with Image.open(tmp_path / "png" / name) as image:
