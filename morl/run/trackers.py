@@ -79,8 +79,9 @@ def eval_rows(results: Mapping[str, Mapping[str, float]]) -> tuple[list[str], li
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, list):  # a prompt's images or videos
-            return ", ".join(map(str, value))
-        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+            text = ", ".join(map(str, value))
+        else:
+            text = f"{value:.3f}" if isinstance(value, float) else str(value)
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -159,10 +160,11 @@ class WandbTracker:
         self.last_step = step
 
     def _cell(self, column: str, value: Any) -> Any:
-        """A prompt's images as one picture (side by side, captioned with their paths); its videos as text."""
+        """A prompt's images as one picture (side by side, captioned with their paths; None without an image file:
+        a W&B column holds one type); its videos as text."""
         if column == "images":
             files = [path for path in value if Path(path).is_file()]
-            return self.wandb.Image(side_by_side(files), caption=", ".join(value)) if files else ", ".join(value)
+            return self.wandb.Image(side_by_side(files), caption=", ".join(value)) if files else None
         if column == "videos":
             return json.dumps(value)
         return value

@@ -158,12 +158,15 @@ def test_a_prompts_images_reach_the_trackers_all_of_them(tmp_path, monkeypatch):
     sample = {"step": 1, "task": "counting", "prompt_id": "p0", "prompt": "How many?", "images": images,
               "videos": [["f0.png", "f1.png"]], "response": "3", "reward": 1.0, "advantage": 0.5,
               "finish_reason": "stop"}
+    text_only = {**sample, "prompt_id": "p1", "images": [], "videos": []}
     trackers = Trackers(cfg, run, resume_step=0)
-    trackers.log(1, {"reward/mean": 1.0}, [sample])
-    assert set(trackers.active) == {"tensorboard", "wandb"}  # neither failed on the lists
+    trackers.log(1, {"reward/mean": 1.0}, [sample, text_only])
+    assert set(trackers.active) == {"tensorboard", "wandb"}  # neither failed on the lists nor on a text-only prompt
     trackers.close()
     (table,) = (run / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json")
-    assert json.loads(table.read_text())["data"][0][4:6] == ["Image", '[["f0.png", "f1.png"]]']  # one picture
+    assert [row[4:6] for row in json.loads(table.read_text())["data"]] == [
+        ["Image", '[["f0.png", "f1.png"]]'], [None, "[]"]  # the two images as one picture
+    ]
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     text = events.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
