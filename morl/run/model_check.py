@@ -49,7 +49,7 @@ def max_positions(model_dir: Path) -> int | None:
 
 
 def stored_dtypes(model_dir: Path) -> list[str]:
-    """The floating-point dtypes the weights are stored in, read from the safetensors headers (a few KiB each);
+    """The floating-point dtypes the weights are stored in, read from the safetensors headers (the files' first bytes);
     for `.bin` weights, config.json's `torch_dtype` (or `dtype`). Empty when neither says."""
     found: set[str] = set()
     for name in _weight_files(model_dir):

@@ -63,9 +63,7 @@ def _earlier_sft(path: Path, prompts: dict, checkpoint: dict) -> dict:
         earlier = json.loads(path.read_text())
         sft = {"reward": earlier["sft"], "response_length": earlier["response_length"]["sft"]}
         recorded = earlier.get("sft_checkpoint")
-        if recorded is not None:
-            sft["checkpoint"] = recorded
-            fingerprint = recorded["fingerprint"]
+        recorded_fingerprint = None if recorded is None else recorded["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EvalError(f"--sft-from {path}: not an eval.json with an sft result ({type(exc).__name__}: {exc})")
     if earlier.get("prompts") != prompts:
@@ -73,12 +71,14 @@ def _earlier_sft(path: Path, prompts: dict, checkpoint: dict) -> dict:
             f"--sft-from {path}: evaluated on other held-out prompts ({earlier.get('prompts')}) than this recipe's "
             f"({prompts}); drop --sft-from to evaluate the SFT model again"
         )
-    if recorded is not None and fingerprint != checkpoint["fingerprint"]:
+    if recorded is None:  # an eval.json from before checkpoints were recorded
+        return {**sft, "prompts": prompts}
+    if recorded_fingerprint != checkpoint["fingerprint"]:
         raise EvalError(
             f"--sft-from {path}: its SFT scores are of another checkpoint ({recorded.get('path')}) than the "
             f"recipe's model.path ({checkpoint['path']}); drop --sft-from to evaluate the SFT model again"
         )
-    return {**sft, "prompts": prompts}
+    return {**sft, "prompts": prompts, "checkpoint": recorded}
 
 
 def _same_dir(a: Path, b: str | None) -> bool:
