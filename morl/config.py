@@ -64,9 +64,12 @@ class RolloutConfig(Section):
     sleep_level: Literal[1, 2] = Field(
         2, description="colocate: 1 keeps weights in host memory, 2 discards them (reloaded from the learner)"
     )
-    max_images_per_prompt: int = Field(1, ge=0, description="vllm: images one prompt may carry (memory is profiled for it)")
+    max_images_per_prompt: int = Field(
+        1, ge=0, description="images one prompt may carry; a row with more is a bad row (vllm profiles memory for it)"
+    )
     max_videos_per_prompt: int = Field(
-        0, ge=0, description="vllm: videos one prompt may carry (memory is profiled for it; set 1 for video data)"
+        0, ge=0, description="videos one prompt may carry; a row with more is a bad row (vllm profiles memory for it; "
+        "set 1 for video data)"
     )
     enforce_eager: bool | None = Field(
         None, description="vllm: no graph compilation (null: eager on CPU, a 15 s start; CUDA graphs on GPUs)"

@@ -61,8 +61,8 @@ def load_dataset(
     logged once per file. An image or video frame over ``max_image_pixels`` (width x height, read from its header)
     is a bad row, as are a video whose container cannot be read and a bad ``meta.video`` override.
     ``check_images=False`` skips opening image and video files (paths are still made absolute; sizes are not
-    checked). ``max_media`` ({"image": n, "video": m}, the vllm engine's `rollout.max_<kind>s_per_prompt`) makes a
-    row with more images or videos than that a bad row, at load time rather than when the engine refuses it.
+    checked). ``max_media`` ({"image": n, "video": m}, `rollout.max_<kind>s_per_prompt`) makes a row with more
+    images or videos than that a bad row, at load time rather than in a rollout worker.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -193,7 +193,7 @@ def _check_media_count(row: Row, max_media: Mapping[str, int]) -> None:
         if kind in max_media and len(refs) > max_media[kind]:
             raise _BadRow(
                 f"{len(refs)} {kind}s in one prompt, more than rollout.max_{kind}s_per_prompt={max_media[kind]} "
-                "(the vllm engine reserves memory for that many; raise it)"
+                "(raise it to take such rows; the vllm engine reserves memory for that many)"
             )
 
 

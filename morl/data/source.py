@@ -26,14 +26,11 @@ Key = tuple[int, int]  # (dataset index, row index)
 
 
 def load_run_datasets(cfg: RunConfig, specs: Sequence[DatasetSpec]) -> list[LoadedDataset]:
-    """`specs`' files with every check the run's config asks for: routed tasks, `data.*` limits, and the vllm
-    engine's images and videos per prompt."""
+    """`specs`' files with every check the run's config asks for: routed tasks, `data.*` limits, and the images
+    and videos one prompt may carry (`rollout.max_<kind>s_per_prompt`, whichever the engine: the one check of it
+    every run, evaluation and filter passes through)."""
     rollout = cfg.rollout
-    max_media = (
-        {"image": rollout.max_images_per_prompt, "video": rollout.max_videos_per_prompt}
-        if rollout.engine == "vllm"
-        else None
-    )
+    max_media = {"image": rollout.max_images_per_prompt, "video": rollout.max_videos_per_prompt}
     return load_datasets(
         specs,
         known_tasks=set(cfg.rewards.routes),

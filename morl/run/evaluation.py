@@ -61,10 +61,13 @@ def evaluate(parts: RunParts, rows: list[Row]) -> dict:
 
 def eval_report(sft: dict | None, policy: dict) -> dict:
     """eval.json's content (tools/compare.py reads it): reward per task of each model at the top level, their
-    response lengths under "response_length", and the prompt set both were evaluated on."""
+    response lengths under "response_length", the prompt set both were evaluated on, and which checkpoint the SFT
+    scores are of ("sft_checkpoint", `model_check.checkpoint_identity`, when the SFT result records it)."""
     models = {"sft": sft, "policy": policy} if sft is not None else {"policy": policy}
+    checkpoint = {"sft_checkpoint": sft["checkpoint"]} if sft is not None and "checkpoint" in sft else {}
     return {
         **{name: result["reward"] for name, result in models.items()},
         "response_length": {name: result["response_length"] for name, result in models.items()},
         "prompts": policy["prompts"],
+        **checkpoint,
     }

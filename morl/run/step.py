@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from morl.algo.core import group_advantages
+from morl.data.config import DatasetSpec
 from morl.data.rows import Row
+from morl.path_labels import distinct_endings
 from morl.rewards.parsing import split_think
 from morl.rewards.types import RewardInput, TrainingProgress
 from morl.rollout.types import Completion
@@ -69,19 +74,23 @@ class _Scored(NamedTuple):
     empty_answer: bool  # nothing but blanks after the last </think>
 
 
-def reward_metrics(groups: list[Group]) -> dict[str, float]:
+def reward_metrics(groups: list[Group], dataset_names: Sequence[str] = ()) -> dict[str, float]:
     """Reward, pass rate (full reward), response length and empty-answer rate over every group of the step,
-    overall and per task.
+    overall and per task; with two or more training files (`dataset_names`, in `data.train` order), each file's
+    prompts, reward and pass rate as ``data/<name>/...``, so two files of one task can be told apart.
 
     An empty answer (nothing after the last ``</think>``) scores 0 like a wrong one, so rewards alone do not show
     it; with no format reward, negative advantages on a wrong answer can move its probability onto ending the
     response right after ``</think>``; ``empty_answer/<task>`` rising is that collapse.
     """
     per_task: dict[str, list[_Scored]] = defaultdict(list)
+    per_dataset: dict[int, list[_Scored]] = defaultdict(list)
     for group in groups:
         for r, c in zip(group.rewards, group.completions):
             if r is not None:
-                per_task[group.task].append(_Scored(r, len(c.token_ids), not split_think(c.text).strip()))
+                scored = _Scored(r, len(c.token_ids), not split_think(c.text).strip())
+                per_task[group.task].append(scored)
+                per_dataset[group.prompt.key[0]].append(scored)
     everything = [x for xs in per_task.values() for x in xs]
     metrics = {
         "reward/mean": mean(x.reward for x in everything),
@@ -92,13 +101,26 @@ def reward_metrics(groups: list[Group]) -> dict[str, float]:
         metrics[f"pass_rate/{task}"] = mean(float(x.reward >= 1.0) for x in xs)
         metrics[f"response_length/{task}"] = mean(x.length for x in xs)
         metrics[f"empty_answer/{task}"] = mean(float(x.empty_answer) for x in xs)
+    if len(dataset_names) > 1:
+        for index, name in enumerate(dataset_names):
+            xs = per_dataset[index]
+            metrics[f"data/{name}/prompts"] = float(sum(group.prompt.key[0] == index for group in groups))
+            metrics[f"data/{name}/reward"] = mean(x.reward for x in xs)
+            metrics[f"data/{name}/pass_rate"] = mean(float(x.reward >= 1.0) for x in xs)
     return metrics
+
+
+def dataset_names(specs: Sequence[DatasetSpec]) -> list[str]:
+    """What a data file's metrics are called: the shortest ending of its path, less the suffix, that no other file
+    shares (`a/counting`, `b/counting`), with what a metric name may not hold (MLflow's rule) made `_`."""
+    endings = distinct_endings([Path(spec.path).with_suffix("") for spec in specs])
+    return [re.sub(r"[^\w\-. /]", "_", name) for name in endings]
 
 
 def sample_rows(step: int, groups: list[Group], per_task: int, adv_eps: float) -> list[dict]:
     """The first `per_task` groups of each task, one row per response (trackers.SAMPLE_COLUMNS): what the model
     wrote, its reward and advantage (0 for a group without reward variance, which does not train; None where a
-    reward failed), and why it stopped."""
+    reward failed), and why it stopped; every image and video of the prompt (`sample_media`)."""
     taken: dict[str, int] = defaultdict(int)
     rows = []
     for group in groups:
@@ -110,7 +132,7 @@ def sample_rows(step: int, groups: list[Group], per_task: int, adv_eps: float) -
         advantages = [None] * len(rewards)
         if not group.errored:
             advantages = group_advantages(torch.tensor([rewards]), adv_eps)[0].tolist()
-        media = [ref for ref in (*row.images, *row.videos) if isinstance(ref, str)]
+        images, videos = sample_media(row)
         for completion, reward, advantage in zip(group.completions, rewards, advantages):
             rows.append(
                 {
@@ -118,7 +140,8 @@ def sample_rows(step: int, groups: list[Group], per_task: int, adv_eps: float) -
                     "task": row.task,
                     "prompt_id": row.id,
                     "prompt": prompt_text(row),
-                    "image": media[0] if media else "",
+                    "images": images,
+                    "videos": videos,
                     "response": completion.text,
                     "reward": reward,
                     "advantage": advantage,
@@ -126,6 +149,13 @@ def sample_rows(step: int, groups: list[Group], per_task: int, adv_eps: float) -
                 }
             )
     return rows
+
+
+def sample_media(row: Row) -> tuple[list[str], list[str | list[str]]]:
+    """The prompt's images and videos as JSON can hold them, all of them in order: paths as they are, an image
+    held as bytes (Parquet) as a note of its size; a video is its file, or the list of its frames' files."""
+    images = [ref if isinstance(ref, str) else f"<image bytes: {len(ref):,}>" for ref in row.images]
+    return images, list(row.videos)
 
 
 def prompt_text(row: Row) -> str:

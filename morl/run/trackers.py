@@ -19,11 +19,16 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any, Protocol
 
+from PIL import Image
+
 from morl.config import RunConfig, TrackingConfig, dump_config
+from morl.data.rows import open_image
 
 log = logging.getLogger("morl.run.trackers")
 
-SAMPLE_COLUMNS = ("step", "task", "prompt_id", "prompt", "image", "response", "reward", "advantage", "finish_reason")
+SAMPLE_COLUMNS = (
+    "step", "task", "prompt_id", "prompt", "images", "videos", "response", "reward", "advantage", "finish_reason"
+)
 STATE_FILE = "trackers.json"
 INSTALL_HINT = "pip install 'morl[track]'"
 
@@ -73,7 +78,10 @@ def eval_rows(results: Mapping[str, Mapping[str, float]]) -> tuple[list[str], li
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
-        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        if isinstance(value, list):  # a prompt's images or videos
+            text = ", ".join(map(str, value))
+        else:
+            text = f"{value:.3f}" if isinstance(value, float) else str(value)
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -152,8 +160,13 @@ class WandbTracker:
         self.last_step = step
 
     def _cell(self, column: str, value: Any) -> Any:
-        if column == "image" and value and Path(value).is_file():
-            return self.wandb.Image(value)
+        """A prompt's images as one picture (side by side, captioned with their paths; None without an image file:
+        a W&B column holds one type); its videos as text."""
+        if column == "images":
+            files = [path for path in value if Path(path).is_file()]
+            return self.wandb.Image(side_by_side(files), caption=", ".join(value)) if files else None
+        if column == "videos":
+            return json.dumps(value)
         return value
 
     def log_eval(self, step: int, results: Mapping[str, Mapping[str, float]]) -> None:
@@ -237,6 +250,20 @@ class MlflowTracker:
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+def side_by_side(paths: Sequence[str], height: int = 256) -> Image.Image:
+    """The images at `paths` in one row, each scaled to `height`: a table cell holds one picture."""
+    images = []
+    for path in paths:
+        image = open_image(path)
+        images.append(image.resize((max(1, round(image.width * height / image.height)), height)))
+    strip = Image.new("RGB", (sum(image.width for image in images), height), "white")
+    left = 0
+    for image in images:
+        strip.paste(image, (left, 0))
+        left += image.width
+    return strip
 
 
 TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}

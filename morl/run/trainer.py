@@ -33,7 +33,8 @@ from morl.run.lock import RunDirLock
 from morl.run.metrics import MetricsWriter, ProgressDisplay, eval_table
 from morl.run.evaluation import eval_report, eval_subset, evaluate
 from morl.run.model_card import write_model_card
-from morl.run.step import PhaseTimer, build_batch, prompt_set, reward_metrics, sample_rows
+from morl.run.model_check import checkpoint_identity, dtype_notice
+from morl.run.step import PhaseTimer, build_batch, dataset_names, prompt_set, reward_metrics, sample_rows
 from morl.run.trackers import Trackers
 from morl.run.weight_sync import (
     SyncStats,
@@ -73,6 +74,7 @@ class Trainer:
         self.out_dir = Path(cfg.trainer.output_dir)
         check_outlives_job(self.out_dir)
         prepare_model(cfg)  # a bad model or toy-world root is refused before the run directory exists
+        console.print(dtype_notice(cfg.model.path, cfg.model.dtype))
         self._started = ExitStack()  # what close() stops, newest first; a failed start stops what it started
         self.run_lock = RunDirLock(self.out_dir).acquire()  # before anything reads or prunes the directory
         self._started.callback(self.run_lock.release)
@@ -98,6 +100,7 @@ class Trainer:
         self._started.callback(self.parts.close)
         self.nodes = alive_nodes()  # to name the one a run loses
         self.source, self.router, self.workers = self.parts.source, self.parts.router, self.parts.workers
+        self.dataset_names = dataset_names(cfg.data.train)  # data/<name>/... metrics, with two files or more
         self.eval_rows = eval_subset(self.parts.held_out, cfg.eval.max_prompts_per_task)
         self.eval_prompts = prompt_set(self.eval_rows)  # which prompts an SFT score must share to be compared
         self.abandon_on_signal = cfg.trainer.on_signal == "abandon"
@@ -116,7 +119,7 @@ class Trainer:
             form_weight_group(self.learner, self.workers)
         self.start_step = self.done_step = 0  # done_step: the last step whose metrics are written
         self.saved_step = 0  # the newest step with a checkpoint (0: none)
-        self.sft_eval: dict | None = None  # evaluate()'s reward, response_length and prompts
+        self.sft_eval: dict | None = None  # evaluate()'s reward, response_length and prompts; the SFT's checkpoint
         self._warned_eval_prompts = False
         if self.resume_from is not None:
             self.restore(self.resume_from)
@@ -138,7 +141,7 @@ class Trainer:
     def _fit(self) -> dict:
         cfg = self.cfg
         if cfg.eval.enabled and self.resume_from is None:
-            self.sft_eval = self.evaluate()
+            self.sft_eval = {**self.evaluate(), "checkpoint": checkpoint_identity(cfg.model.path)}
         if self._comparable_sft() is not None:
             eval_table({"sft": self.sft_eval["reward"]})
         metrics_file = MetricsWriter(self.out_dir / "metrics.jsonl")
@@ -210,7 +213,8 @@ class Trainer:
         )
         timer.lap("rollout")  # generation and scoring overlap: one phase
         batch, batch_metrics = build_batch(rollout.groups, self.cfg.algo.adv_eps)
-        metrics = {"step": step, **reward_metrics(rollout.decided), **rollout.metrics, **batch_metrics}
+        metrics = {"step": step, **reward_metrics(rollout.decided, self.dataset_names), **rollout.metrics,
+                   **batch_metrics}
         if len(batch):
             colocated = self.cfg.rollout.colocate  # vLLM shares the learner's GPU: it sleeps during the update
             if colocated:

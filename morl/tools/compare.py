@@ -2,11 +2,12 @@
 
 Each run directory's eval.json (written when `morl train` finishes; `morl eval -o` writes the same) holds the
 greedy held-out reward per task of the SFT checkpoint and of the final policy, the mean greedy response length per
-task, and which held-out prompts were evaluated:
+task, which held-out prompts were evaluated, and which checkpoint the SFT scores are of:
 
     {"sft": {"<task>": r, ..., "mean": r}, "policy": {...},
      "response_length": {"sft": {"<task>": tokens, ..., "mean": tokens}, "policy": {...}},
-     "prompts": {"count": n, "digest": "<sha256 of task/id lines, 16 hex digits>"}}
+     "prompts": {"count": n, "digest": "<sha256 of task/id lines, 16 hex digits>"},
+     "sft_checkpoint": {"path": "<absolute path>", "fingerprint": "<16 hex digits>"}}
 
 The typical use is an ablation: the same world trained with `algo.name: morl` and with `algo.name: grpo`.
 """
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -34,6 +37,23 @@ class RunEval:
 
     name: str
     results: dict[str, dict[str, dict[str, float]]]
+    sft_source: tuple[str, str] | None = None  # see sft_source()
+
+
+def sft_source(report: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Which SFT checkpoint an eval.json's "sft" scores are of, and on which prompts: (fingerprint, prompt digest).
+    None when it does not record both (an eval.json from before checkpoints were recorded)."""
+    checkpoint, prompts = report.get("sft_checkpoint"), report.get("prompts")
+    if not (isinstance(checkpoint, dict) and isinstance(prompts, dict)):
+        return None
+    fingerprint, digest = checkpoint.get("fingerprint"), prompts.get("digest")
+    return (fingerprint, digest) if isinstance(fingerprint, str) and isinstance(digest, str) else None
+
+
+def one_sft(sources: Sequence[tuple[str, str] | None], scores: Sequence[Mapping[str, float]]) -> bool:
+    """Whether one SFT column (or bar) serves these runs: each recorded the same SFT checkpoint, evaluated on the
+    same held-out prompts to the same scores. Equal scores alone never merge two runs: two checkpoints can tie."""
+    return sources[0] is not None and all(s == sources[0] for s in sources) and all(s == scores[0] for s in scores)
 
 
 def load_run_eval(run: str | Path) -> RunEval:
@@ -55,7 +75,7 @@ def load_run_eval(run: str | Path) -> RunEval:
     results = {"reward": _models(raw, path, "")}
     if "response_length" in raw:
         results["response_length"] = _models(raw["response_length"], path, "response_length.")
-    return RunEval(str(run), results)
+    return RunEval(str(run), results, sft_source(raw))
 
 
 def _models(node: object, path: Path, prefix: str) -> dict[str, dict[str, float]]:
@@ -76,12 +96,12 @@ def _models(node: object, path: Path, prefix: str) -> dict[str, dict[str, float]
 def comparison(runs: list[RunEval], metric: str, digits: int) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one metric's table: per task, the SFT value, then each run's policy (and its delta).
 
-    When every run evaluated the same SFT checkpoint on the same held-out set (identical SFT numbers), one SFT
-    column serves them all; otherwise each run gets its own. Deltas are against the run's own SFT value.
+    When every run evaluated the same SFT checkpoint on the same held-out set (`one_sft`), one SFT column serves
+    them all; otherwise each run gets its own. Deltas are against the run's own SFT value.
     """
     present = [run for run in runs if metric in run.results]
     sft = [run.results[metric]["sft"] for run in present]
-    shared_sft = all(s == sft[0] for s in sft)
+    shared_sft = one_sft([run.sft_source for run in present], sft)
     header = ["task", *(["sft"] if shared_sft else [f"sft {run.name}" for run in present]), *(r.name for r in present)]
     tasks = sorted({task for run in present for model in MODELS for task in run.results[metric][model]} - {"mean"})
     rows = []

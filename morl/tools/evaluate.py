@@ -17,7 +17,7 @@ from morl.checkpoint_layout import POLICY_DIR
 from morl.config import RunConfig
 from morl.run.build import build_run
 from morl.run.evaluation import eval_report, eval_subset, evaluate
-from morl.run.model_check import check_model_dir
+from morl.run.model_check import check_model_dir, checkpoint_identity
 from morl.run.step import prompt_set
 
 
@@ -42,23 +42,28 @@ def evaluate_checkpoint(cfg: RunConfig, model_dir: Path, sft_from: Path | None =
     parts = build_run(cfg, prompts=False, held_out=True, weights=str(model_dir))
     try:
         rows = eval_subset(parts.held_out, cfg.eval.max_prompts_per_task)
-        sft = _earlier_sft(sft_from, prompt_set(rows)) if sft_from else None
+        sft_checkpoint = checkpoint_identity(cfg.model.path)
+        sft = _earlier_sft(sft_from, prompt_set(rows), sft_checkpoint) if sft_from else None
         policy = evaluate(parts, rows)
         if sft is None and _same_dir(model_dir, cfg.model.path):
-            sft = policy
+            sft = {**policy, "checkpoint": sft_checkpoint}
         elif sft is None:
             parts.restart_workers(cfg.model.path)
-            sft = evaluate(parts, rows)
+            sft = {**evaluate(parts, rows), "checkpoint": sft_checkpoint}
     finally:
         parts.close()
     return eval_report(sft, policy)
 
 
-def _earlier_sft(path: Path, prompts: dict) -> dict:
-    """The "sft" result of an earlier eval.json, refused unless it was taken on the same held-out prompts."""
+def _earlier_sft(path: Path, prompts: dict, checkpoint: dict) -> dict:
+    """The "sft" result of an earlier eval.json, refused unless it was taken on the same held-out prompts, and of
+    the recipe's SFT `checkpoint` when it records which (one that does not is kept without a checkpoint: `morl
+    compare` then gives it an SFT column of its own)."""
     try:
         earlier = json.loads(path.read_text())
         sft = {"reward": earlier["sft"], "response_length": earlier["response_length"]["sft"]}
+        recorded = earlier.get("sft_checkpoint")
+        recorded_fingerprint = None if recorded is None else recorded["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EvalError(f"--sft-from {path}: not an eval.json with an sft result ({type(exc).__name__}: {exc})")
     if earlier.get("prompts") != prompts:
@@ -66,7 +71,14 @@ def _earlier_sft(path: Path, prompts: dict) -> dict:
             f"--sft-from {path}: evaluated on other held-out prompts ({earlier.get('prompts')}) than this recipe's "
             f"({prompts}); drop --sft-from to evaluate the SFT model again"
         )
-    return {**sft, "prompts": prompts}
+    if recorded is None:  # an eval.json from before checkpoints were recorded
+        return {**sft, "prompts": prompts}
+    if recorded_fingerprint != checkpoint["fingerprint"]:
+        raise EvalError(
+            f"--sft-from {path}: its SFT scores are of another checkpoint ({recorded.get('path')}) than the "
+            f"recipe's model.path ({checkpoint['path']}); drop --sft-from to evaluate the SFT model again"
+        )
+    return {**sft, "prompts": prompts, "checkpoint": recorded}
 
 
 def _same_dir(a: Path, b: str | None) -> bool:

@@ -5,6 +5,7 @@ Read from each run directory's metrics.jsonl (and eval.json, when the run finish
     reward.png          reward per task, and the mean over tasks
     pass_rate.png       share of responses with full reward, per task
     response_length.png mean response tokens per task: the tasks' interference (reasoning grows, grounding shrinks)
+    data_files.png      reward per training data file (runs of two files or more): two files of one task apart
     advantages.png      advantage statistics, and the groups dropped per step (no reward variance, reward errors)
     sample_waste.png    share of generated groups (and tokens) that no update used
     step_time.png       seconds per step in rollout, update, weight sync and the rest; rollout workers' idle time
@@ -21,6 +22,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from morl.path_labels import distinct_endings
+from morl.tools.compare import one_sft, sft_source
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -79,16 +83,6 @@ def load_run(run_dir: Path, label: str) -> RunLog:
     return RunLog(label, steps, evaluated)
 
 
-def run_labels(run_dirs: list[Path]) -> list[str]:
-    """The shortest path endings that tell the runs apart (`a/run` and `b/run`, not `run` twice)."""
-    parts = [p.resolve().parts for p in run_dirs]
-    for depth in range(1, max(len(p) for p in parts) + 1):
-        labels = ["/".join(p[-depth:]) for p in parts]
-        if len(set(labels)) == len(labels):
-            return labels
-    return [str(p) for p in run_dirs]  # the same directory given twice
-
-
 def smooth(values: list[float], weight: float) -> list[float]:
     """Exponential moving average, debiased so the first points are not pulled toward 0 (as TensorBoard does)."""
     out, average = [], 0.0
@@ -102,7 +96,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, smoothing: float = 0.6) -> li
     """Write every figure that the runs have data for into `out_dir`; return their paths."""
     if importlib.util.find_spec("matplotlib") is None:
         raise PlotError("morl plot needs matplotlib: pip install 'morl[track]'")
-    runs = [load_run(path, label) for path, label in zip(run_dirs, run_labels(run_dirs))]
+    runs = [load_run(path, label) for path, label in zip(run_dirs, distinct_endings(run_dirs))]
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = Plots(runs, smoothing)
     figures = {
@@ -114,6 +108,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, smoothing: float = 0.6) -> li
         "entropy.png": plots.per_task(
             "entropy/", "nats", "Policy entropy per task (answer tokens, sampling distribution)", with_mean=True
         ),
+        "data_files.png": plots.per_data_file(),
         "advantages.png": plots.advantages(),
         "sample_waste.png": plots.sample_waste(),
         "step_time.png": plots.step_time(),
@@ -148,6 +143,19 @@ class Plots:
             for run in self.runs:
                 self._curve(ax, run, prefix + task)
             self._label(ax, "mean over tasks" if task == "mean" else task, ylabel)
+        return self._legend(figure)
+
+    def per_data_file(self) -> Figure | None:
+        """One panel per training data file (`data/<name>/reward`, logged by runs of two files or more)."""
+        names = sorted({key.removesuffix("/reward") for run in self.runs for key in run.keys("data/")
+                        if key.endswith("/reward")})
+        if not names:
+            return None
+        figure, axes = self._grid(len(names), "Reward per training data file")
+        for ax, name in zip(axes, names):
+            for run in self.runs:
+                self._curve(ax, run, f"data/{name}/reward")
+            self._label(ax, name, "reward")
         return self._legend(figure)
 
     def advantages(self) -> Figure | None:
@@ -202,12 +210,13 @@ class Plots:
         return figure
 
     def eval_bars(self) -> Figure | None:
-        """Held-out reward per task: one SFT bar when every run evaluated the same SFT, then one bar per policy."""
+        """Held-out reward per task: one SFT bar when every run evaluated the same SFT checkpoint (`one_sft`), then
+        one bar per policy."""
         runs = [run for run in self.runs if run.eval and "policy" in run.eval]
         if not runs:
             return None
         sfts = [run.eval.get("sft") for run in runs]
-        shared = all(s == sfts[0] for s in sfts) and sfts[0] is not None
+        shared = sfts[0] is not None and one_sft([sft_source(run.eval) for run in runs], sfts)
         bars: list[tuple[str, dict[str, float], str]] = [("SFT", sfts[0], "0.6")] if shared else [
             (f"SFT ({run.label})", run.eval["sft"], "0.6") for run in runs if run.eval.get("sft")
         ]
@@ -261,8 +270,11 @@ class Plots:
 
     @staticmethod
     def _label(ax: Axes, title: str, ylabel: str) -> None:
+        from matplotlib.ticker import MaxNLocator
+
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at 1.5
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
 

@@ -213,6 +213,49 @@ def test_parquet_nested_columns(data_dir: Path) -> None:
     assert ds.rows[1].model_dump(exclude_none=True)["messages"] == rows[1]["messages"]
 
 
+def readme_example_row() -> dict[str, Any]:
+    """The image row the README's "Data format" section shows, as it is written there."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```json\n")[1:]]
+    (example,) = [b for b in blocks if '"counting-train-00017"' in b]
+    return json.loads(example)
+
+
+@pytest.mark.parametrize("writer", ["pandas", "pyarrow"])
+def test_the_readmes_example_row_writes_to_parquet_and_loads_as_its_jsonl(tmp_path: Path, writer: str) -> None:
+    import pandas as pd
+
+    row = readme_example_row()
+    (tmp_path / "images").mkdir()
+    (tmp_path / row["images"][0]).write_bytes(png_bytes())
+    # a second row as the README's Parquet forms allow: meta given (null in the first row), a plain-text turn as
+    # a list of one text part, a label of other keys (Arrow unions them, nulls the missing ones)
+    other = {**row, "id": "counting-train-00018", "label": {"count": 5, "note": "dense"}, "meta": {"source": "web"},
+             "messages": [{"role": "system", "content": [{"type": "text", "text": "Think first."}]}, *row["messages"]]}
+    path = tmp_path / "train.parquet"
+    if writer == "pandas":
+        pd.DataFrame([row, other]).to_parquet(path)
+    else:  # from_pylist takes its columns from the first row: a null meta keeps the column
+        pq.write_table(pa.Table.from_pylist([{**row, "meta": None}, other]), path)
+    rows = [row, other]
+    jsonl = load_dataset(write_jsonl(tmp_path / "train.jsonl", rows), known_tasks={"counting"})
+    parquet = load_dataset(path, known_tasks={"counting"})
+    assert [r.model_dump() for r in parquet.rows] == [r.model_dump() for r in jsonl.rows]
+    assert parquet.rows[0].meta == {} and parquet.rows[1].meta == {"source": "web"}
+    assert parquet.rows[0].label == {"count": 3} and parquet.rows[0].images == [str(tmp_path / row["images"][0])]
+
+
+def test_an_empty_meta_goes_as_a_json_string_column(data_dir: Path) -> None:
+    """Parquet cannot hold `"meta": {}` as a struct; a JSON-string column holds it (and any other shape)."""
+    rows = [{**make_row(0), "meta": {}}, {**make_row(1), "label": {"count": 2}, "meta": {"video": {"fps": 1}}}]
+    with pytest.raises(pa.ArrowNotImplementedError, match="struct type 'meta' with no child field"):
+        pq.write_table(pa.Table.from_pylist([{"id": "r0", "meta": {}}]), data_dir / "nested.parquet")
+    table = [{**r, **{k: json.dumps(r[k]) for k in ("messages", "label", "meta")}} for r in rows]
+    pq.write_table(pa.Table.from_pylist(table), data_dir / "train.parquet")
+    ds = load_dataset(data_dir / "train.parquet", known_tasks=TASKS)
+    assert [r.meta for r in ds.rows] == [{}, {"video": {"fps": 1}}] and ds.rows[1].label == {"count": 2}
+
+
 def test_parquet_json_string_columns_and_row_index(data_dir: Path) -> None:
     rows = [make_row(0), make_row(1), make_row(2, ["img/9.png"])]
     table = [{**r, **{k: json.dumps(r[k]) for k in ("messages", "label", "meta")}} for r in rows]

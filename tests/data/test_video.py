@@ -188,7 +188,8 @@ def test_missing_corrupt_and_misdeclared_videos_are_named_by_file_and_line(tmp_p
     assert [r.id for r in skipped.rows] == ["r0"] and skipped.skipped == 1
 
 
-def test_the_vllm_engine_refuses_more_videos_than_it_reserves_at_load_time(tmp_path):
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_both_engines_refuse_more_videos_or_images_than_the_recipe_allows_at_load_time(tmp_path, engine):
     good = write_video(tmp_path / "good.mp4", seconds=2, fps=4)
     data = write_rows(tmp_path / "train.jsonl", [row_dict(0, [good]), row_dict(1, [good, good])])
     recipe = {
@@ -196,12 +197,23 @@ def test_the_vllm_engine_refuses_more_videos_than_it_reserves_at_load_time(tmp_p
         "data": {"train": [{"path": str(data)}]},
         "rewards": {"routes": {"temporal": [{"fn": "temporal"}]}},
     }
-    vllm = {"engine": "vllm", "max_videos_per_prompt": 1}
-    refused = r"train.jsonl:2: 2 videos in one prompt, more than rollout.max_videos_per_prompt=1"
+    one_video = {"engine": engine, "max_videos_per_prompt": 1}
+    refused = rf"^{data}:2: 2 videos in one prompt, more than rollout.max_videos_per_prompt=1 \(raise it"
     with pytest.raises(DataError, match=refused):
-        load_run_datasets(RunConfig.model_validate({**recipe, "rollout": vllm}), [DatasetSpec(path=str(data))])
-    hf = load_run_datasets(RunConfig.model_validate(recipe), [DatasetSpec(path=str(data))])
-    assert [len(r.videos) for r in hf[0].rows] == [1, 2]  # the hf engine takes any number
+        load_run_datasets(RunConfig.model_validate({**recipe, "rollout": one_video}), [DatasetSpec(path=str(data))])
+    two = load_run_datasets(RunConfig.model_validate({**recipe, "rollout": {**one_video, "max_videos_per_prompt": 2}}),
+                            [DatasetSpec(path=str(data))])
+    assert [len(r.videos) for r in two[0].rows] == [1, 2]
+    frames = [f"f{i}.png" for i in range(2)]
+    for frame in frames:
+        Image.new("RGB", (8, 8)).save(tmp_path / frame)
+    two_images = {**row_dict(2, []), "id": "r2", "images": frames, "videos": [],
+                  "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}]}
+    images = write_rows(tmp_path / "images.jsonl", [two_images])
+    with pytest.raises(DataError, match=rf"^{images}:1: 2 images in one prompt, more than "
+                                        r"rollout.max_images_per_prompt=1"):
+        load_run_datasets(RunConfig.model_validate({**recipe, "rollout": {"engine": engine}}),
+                          [DatasetSpec(path=str(images))])
 
 
 def test_a_video_that_breaks_while_decoding_names_its_row(tmp_path, processor):

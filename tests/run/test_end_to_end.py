@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from morl.run.model_check import checkpoint_identity
+
 from helpers import OVERRIDES, REPO, TINY_WORLD, VIDEO_WORLD_TASKS, morl, morl_train
 
 pytestmark = pytest.mark.slow
@@ -61,7 +63,8 @@ def test_final_policy_loads_and_differs_from_sft(runs):
 def test_eval_json(runs):
     root, first = runs
     results = json.loads((root / "run1" / "eval.json").read_text())
-    assert set(results) == {"sft", "policy", "response_length", "prompts"}
+    assert set(results) == {"sft", "policy", "response_length", "prompts", "sft_checkpoint"}
+    assert results["sft_checkpoint"] == checkpoint_identity(str(root / "world" / "sft"))  # what `morl compare` matches
     assert results["prompts"]["count"] == 16  # 4 held-out prompts per task
     for scores in (results["sft"], results["policy"]):
         assert {"counting", "grounding", "math", "choice", "mean"} <= set(scores)

@@ -5,11 +5,19 @@ import json
 import shutil
 
 import pytest
+import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from morl.config import ConfigError, load_config
 from morl.run.build import prepare_model
-from morl.run.model_check import ModelDirError, check_model_dir, max_positions
+from morl.run.model_check import (
+    ModelDirError,
+    check_model_dir,
+    checkpoint_identity,
+    dtype_notice,
+    max_positions,
+    stored_dtypes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +94,42 @@ def test_prompts_and_responses_longer_than_the_models_positions_are_refused_befo
     assert max_positions(unsaid) is None
     base[0] = f"model.path={unsaid}"
     prepare_model(load_config(None, [*base, "rollout.max_prompt_tokens=4001"]))  # nothing to check against
+
+
+def test_the_start_line_names_the_training_dtype_and_a_checkpoint_stored_in_another(split_sft, tmp_path):
+    model_dir, _ = split_sft  # saved by plain transformers in float32
+    assert stored_dtypes(model_dir) == ["float32"]
+    assert dtype_notice(str(model_dir), "float32") == (
+        f"training in float32 (model.dtype), the dtype of the weights in {model_dir}"
+    )
+    bf16 = tmp_path / "bf16"
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(
+        bf16, max_shard_size="2MB"  # sharded, as real checkpoints are: every shard's header is read
+    )
+    assert (bf16 / "model.safetensors.index.json").is_file()
+    assert stored_dtypes(bf16) == ["bfloat16"]
+    notice = dtype_notice(str(bf16), "float32")
+    assert notice == (f"training in float32 (model.dtype): the weights in {bf16} are stored in bfloat16 and are cast "
+                      "to float32 on load; set model.dtype to train in the checkpoint's own dtype")
+    for shard in bf16.glob("*.safetensors"):
+        shard.write_bytes(b"")  # unreadable headers: config.json's dtype is the fallback
+    assert stored_dtypes(bf16) == ["bfloat16"]
+    config = json.loads((bf16 / "config.json").read_text())
+    for key in ("torch_dtype", "dtype"):
+        config.pop(key, None)
+    (bf16 / "config.json").write_text(json.dumps(config))
+    assert dtype_notice(str(bf16), "bfloat16").endswith(f"the dtype of the weights in {bf16} is not recorded")
+
+
+def test_a_checkpoints_identity_follows_its_content_not_its_path(split_sft, tmp_path):
+    model_dir, _ = split_sft
+    original = checkpoint_identity(str(model_dir))
+    assert original["path"] == str(model_dir.resolve()) and len(original["fingerprint"]) == 16
+    copy = checkpoint_identity(str(shutil.copytree(model_dir, tmp_path / "copy")))
+    assert copy["fingerprint"] == original["fingerprint"] and copy["path"] != original["path"]
+    tuned = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
+    with torch.no_grad():
+        for parameter in tuned.parameters():
+            parameter.add_(1e-3 * torch.randn_like(parameter))  # what any fine-tune does to its weights
+    tuned.save_pretrained(tmp_path / "tuned")
+    assert checkpoint_identity(str(tmp_path / "tuned"))["fingerprint"] != original["fingerprint"]

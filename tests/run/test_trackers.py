@@ -9,10 +9,11 @@ import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from morl.config import RunConfig
-from morl.run.trackers import TrackerError, Trackers
+from morl.run.trackers import TrackerError, Trackers, side_by_side
 
 from helpers import OVERRIDES, REPO, morl_train, small_tmpfs, wandb_history
 
@@ -138,3 +139,35 @@ def test_a_tracker_that_cannot_reach_its_store_is_named_before_anything_starts(t
     )  # fmt: skip
     with pytest.raises(TrackerError, match=r"trainer.loggers: mlflow could not start"):
         Trackers(cfg, tmp_path, resume_step=0)
+
+
+def test_a_prompts_images_reach_the_trackers_all_of_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # W&B stages a table's images here
+    Image.new("RGB", (32, 16), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "b.png")
+    strip = side_by_side([str(tmp_path / "a.png"), str(tmp_path / "b.png")], height=16)
+    assert strip.size == (32 + 16, 16)
+    assert strip.getpixel((31, 8)) == (255, 0, 0) and strip.getpixel((32, 8)) == (0, 0, 255)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = RunConfig.model_validate({"model": {"path": str(tmp_path)}, "tracking": {"wandb_mode": "offline"},
+                                    "trainer": {"loggers": ["tensorboard", "wandb"]}})
+    images = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    sample = {"step": 1, "task": "counting", "prompt_id": "p0", "prompt": "How many?", "images": images,
+              "videos": [["f0.png", "f1.png"]], "response": "3", "reward": 1.0, "advantage": 0.5,
+              "finish_reason": "stop"}
+    text_only = {**sample, "prompt_id": "p1", "images": [], "videos": []}
+    trackers = Trackers(cfg, run, resume_step=0)
+    trackers.log(1, {"reward/mean": 1.0}, [sample, text_only])
+    assert set(trackers.active) == {"tensorboard", "wandb"}  # neither failed on the lists nor on a text-only prompt
+    trackers.close()
+    (table,) = (run / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json")
+    assert [row[4:6] for row in json.loads(table.read_text())["data"]] == [
+        ["Image", '[["f0.png", "f1.png"]]'], [None, "[]"]  # the two images as one picture
+    ]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    text = events.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert f"| {images[0]}, {images[1]} |" in text

@@ -10,6 +10,8 @@ from morl.tools.compare import CompareError, comparison, load_run_eval
 
 SFT = {"choice": 0.996, "counting": 0.312, "mean": 0.650}
 SFT_LENGTH = {"choice": 20.0, "counting": 30.0, "mean": 25.0}
+PROMPTS = {"count": 8, "digest": "0123456789abcdef"}
+SFT_CHECKPOINT = {"path": "/models/sft", "fingerprint": "aaaaaaaaaaaaaaaa"}
 
 
 def write_run(root, name, eval_json):
@@ -26,11 +28,13 @@ def runs(tmp_path, monkeypatch):
         "sft": SFT,
         "policy": {"choice": 0.996, "counting": 0.422, "mean": 0.709},
         "response_length": {"sft": SFT_LENGTH, "policy": {"choice": 18.0, "counting": 33.5, "mean": 25.75}},
+        "prompts": PROMPTS, "sft_checkpoint": SFT_CHECKPOINT,
     })
     write_run(tmp_path, "grpo", {
         "sft": SFT,
         "policy": {"choice": 0.98, "counting": 0.4, "mean": 0.69},
         "response_length": {"sft": SFT_LENGTH, "policy": {"choice": 21.0, "counting": 28.0, "mean": 24.5}},
+        "prompts": PROMPTS, "sft_checkpoint": {**SFT_CHECKPOINT, "path": "/elsewhere/copy_of_sft"},
     })
     return tmp_path
 
@@ -61,6 +65,23 @@ def test_runs_with_different_sft_get_their_own_columns_and_missing_tasks_a_dash(
         ["math", "-", "0.10", "-", "0.25 (+0.15)"],
         ["mean", "0.65", "0.10", "0.71 (+0.06)", "0.25 (+0.15)"],
     ]
+
+
+@pytest.mark.parametrize("differs", ["fingerprint", "prompts", "unrecorded"])
+def test_sft_checkpoints_with_equal_scores_keep_their_own_columns(runs, differs):
+    """Equal SFT scores do not make one checkpoint: the column is shared by checkpoint and prompts, not by value."""
+    other = json.loads((runs / "grpo" / "eval.json").read_text())
+    if differs == "fingerprint":
+        other["sft_checkpoint"] = {"path": "/models/sft_v2", "fingerprint": "bbbbbbbbbbbbbbbb"}
+    elif differs == "prompts":
+        other["prompts"] = {"count": 8, "digest": "fedcba9876543210"}
+    else:
+        del other["sft_checkpoint"]  # an eval.json from before checkpoints were recorded
+    write_run(runs, "v2", other)
+    assert other["sft"] == SFT
+    header, rows = comparison([load_run_eval("morl"), load_run_eval("v2")], "reward", digits=3)
+    assert header == ["task", "sft morl", "sft v2", "morl", "v2"]
+    assert rows[1] == ["counting", "0.312", "0.312", "0.422 (+0.110)", "0.400 (+0.088)"]
 
 
 def test_cli_prints_both_tables(runs):

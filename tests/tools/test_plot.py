@@ -7,12 +7,18 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from morl.cli import app
-from morl.tools.plot import Plots, PlotError, load_run, plot_runs, run_labels, smooth
+from morl.path_labels import distinct_endings
+from morl.tools.plot import Plots, PlotError, load_run, plot_runs, smooth
 
 TASKS = ("counting", "grounding")
 
 
-def write_run(run_dir, steps: int, *, offset: float = 0.0, with_eval: bool = True, tail: str = ""):
+SFT_OF = {"prompts": {"count": 8, "digest": "0123456789abcdef"},
+          "sft_checkpoint": {"path": "/models/sft", "fingerprint": "aaaaaaaaaaaaaaaa"}}
+
+
+def write_run(run_dir, steps: int, *, offset: float = 0.0, with_eval: bool = True, tail: str = "",
+              sft_of: dict | None = SFT_OF):
     """A run directory as `morl train` leaves it: metrics.jsonl (one record per step) and eval.json."""
     run_dir.mkdir(parents=True)
     lines = []
@@ -27,12 +33,14 @@ def write_run(run_dir, steps: int, *, offset: float = 0.0, with_eval: bool = Tru
             record |= {f"reward/{task}": 0.05 * step, f"pass_rate/{task}": 0.02 * step,
                        f"response_length/{task}": 10.0 + step, f"entropy/{task}": 1.0 - 0.1 * step}
         record["entropy/mean"] = 1.0 - 0.1 * step
+        record |= {"data/web/counting/reward": 0.3, "data/web/counting/prompts": 2.0,
+                   "data/synthetic/counting/reward": 0.1 * step, "data/synthetic/counting/prompts": 2.0}
         lines.append(json.dumps(record))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail)
     if with_eval:
         sft = {"counting": 0.3, "grounding": 0.4, "mean": 0.35}
         policy = {task: value + 0.1 + offset for task, value in sft.items()}
-        (run_dir / "eval.json").write_text(json.dumps({"sft": sft, "policy": policy}))
+        (run_dir / "eval.json").write_text(json.dumps({"sft": sft, "policy": policy, **(sft_of or {})}))
     return run_dir
 
 
@@ -50,8 +58,8 @@ def test_a_line_torn_at_the_end_is_skipped_and_a_bad_line_inside_is_named(tmp_pa
 
 
 def test_labels_are_the_shortest_endings_that_tell_runs_apart(tmp_path):
-    assert run_labels([tmp_path / "a" / "run", tmp_path / "b" / "run"]) == ["a/run", "b/run"]
-    assert run_labels([tmp_path / "morl", tmp_path / "grpo"]) == ["morl", "grpo"]
+    assert distinct_endings([tmp_path / "a" / "run", tmp_path / "b" / "run"]) == ["a/run", "b/run"]
+    assert distinct_endings([tmp_path / "morl", tmp_path / "grpo"]) == ["morl", "grpo"]
 
 
 def test_smoothing_is_a_debiased_moving_average():
@@ -73,6 +81,9 @@ def test_figures_label_their_axes_and_name_every_run(tmp_path):
     entropy = plots.per_task("entropy/", "nats", "Policy entropy per task", with_mean=True)
     assert [ax.get_title() for ax in entropy.axes if ax.get_visible()] == ["mean over tasks", "counting", "grounding"]
     assert list(entropy.axes[1].lines[0].get_ydata()) == pytest.approx([1.0 - 0.1 * s for s in range(1, 7)])
+    files = plots.per_data_file()
+    assert [ax.get_title() for ax in files.axes if ax.get_visible()] == ["synthetic/counting", "web/counting"]
+    assert list(files.axes[0].lines[0].get_ydata()) == pytest.approx([0.1 * s for s in range(1, 7)])  # raw
 
     timing = plots.step_time()
     stacked = timing.axes[0]
@@ -87,13 +98,34 @@ def test_figures_label_their_axes_and_name_every_run(tmp_path):
     assert bars.containers[1].datavalues.tolist() == pytest.approx([0.4, 0.5, 0.45])
 
 
+def test_sft_checkpoints_with_equal_scores_get_a_bar_each(tmp_path):
+    other = {**SFT_OF, "sft_checkpoint": {"path": "/models/sft_v2", "fingerprint": "bbbbbbbbbbbbbbbb"}}
+    runs = [load_run(write_run(tmp_path / "a", 2), "a"), load_run(write_run(tmp_path / "b", 2, sft_of=other), "b"),
+            load_run(write_run(tmp_path / "old", 2, sft_of=None), "old")]
+    for pair, names in [((0, 1), ["SFT (a)", "SFT (b)", "a (policy)", "b (policy)"]),
+                        ((0, 2), ["SFT (a)", "SFT (old)", "a (policy)", "old (policy)"])]:
+        bars = Plots([runs[k] for k in pair], smoothing=0.6).eval_bars().axes[0]
+        assert [t.get_text() for t in bars.get_legend().texts] == names
+
+
+def test_step_axes_tick_whole_steps_only(tmp_path):
+    plots = Plots([load_run(write_run(tmp_path / "short", 3), "short")], smoothing=0.6)
+    figures = [plots.per_task("reward/", "reward", "Reward per task", with_mean=True), plots.advantages(),
+               plots.sample_waste(), plots.step_time(), plots.per_data_file()]
+    for figure in figures:
+        figure.canvas.draw()
+        for ax in (ax for ax in figure.axes if ax.get_visible()):
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+
+
 def test_morl_plot_writes_the_pngs_and_skips_what_no_run_has(tmp_path):
     write_run(tmp_path / "a", 4)
     write_run(tmp_path / "b", 2, with_eval=False)
     result = CliRunner().invoke(app, ["plot", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "png")])
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in (tmp_path / "png").iterdir())
-    assert written == ["advantages.png", "entropy.png", "eval.png", "pass_rate.png", "response_length.png",
+    assert written == ["advantages.png", "data_files.png", "entropy.png", "eval.png", "pass_rate.png", "response_length.png",
                        "reward.png", "sample_waste.png", "step_time.png"]
     for name in written:
         with Image.open(tmp_path / "png" / name) as image:
