@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,7 @@ from rich.markup import escape
 
 from morl.checkpoint_layout import CheckpointError
 from morl.cluster import ClusterError, start_failure
-from morl.config import ConfigError, dump_config, load_config
+from morl.config import ConfigError, RunConfig, dump_config, load_config
 from morl.data.encoding import PromptTooLongError
 from morl.data.rows import DataError
 from morl.learner.policy import LearnerOutOfMemoryError, NonFiniteLossError
@@ -158,16 +159,34 @@ def preflight(
     host_mem_gib: Optional[float] = typer.Option(
         None, min=1, help="host memory of a node, GiB (default: unchecked for a GPU run; this machine's for a CPU run)"
     ),
+    data: bool = typer.Option(
+        False, "--data", help="also load the training and held-out data with every check `morl train` makes (rows, "
+        "images, label keys, routes without data)"
+    ),
 ) -> None:
-    """Estimate GPU and host memory for a recipe from its model's config.json; refuse one that cannot fit."""
+    """Estimate GPU and host memory for a recipe from its model's config.json; refuse one that cannot fit (with
+    --data, or whose data `morl train` would refuse)."""
     from morl.tools.preflight import PreflightError, hardware, report
 
-    with exit_on(ConfigError, PreflightError):
+    with exit_on(ConfigError, PreflightError, DataError):
         cfg = load_config(recipe, overrides or [])
         lines, fits = report(cfg, hardware(gpus, gpu_mem_gib, host_mem_gib))
+        if data:
+            lines.append(_data_line(cfg))
     typer.echo("\n".join(lines))
     if not fits:
         raise typer.Exit(2)
+
+
+def _data_line(cfg: RunConfig) -> str:
+    """The recipe's data, loaded and checked as `morl train` does, in one line: rows per split and per task."""
+    from morl.data.source import load_training_data
+
+    source, held_out = load_training_data(cfg)
+    train = source.task_counts()
+    tasks = train + Counter(row.task for row in held_out)
+    return (f"data: {train.total()} training rows, {len(held_out)} held-out rows; tasks: "
+            f"{', '.join(f'{task} {n}' for task, n in sorted(tasks.items()))}; every row checked")
 
 
 @app.command()

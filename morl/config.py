@@ -7,6 +7,8 @@ unknown key or a bad value fails exactly like a bad recipe: with the key's dotte
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -17,6 +19,8 @@ from morl.data.config import DataConfig, DatasetSpec
 from morl.rewards.config import RewardsConfig
 from morl.toy import world_dir
 from morl.toy.config import ToyWorldConfig
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -363,7 +367,11 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _fill_from_toy_world(self) -> RunConfig:
-        """A toy world supplies the model and datasets the recipe leaves empty."""
+        """A toy world supplies the model and the data the recipe leaves empty; data the recipe gives wins whole.
+
+        Data given in `data.train` or `data.eval` means the toy world fills neither list: its held-out files hold
+        tasks the user's data may not have. A toy world left with nothing to supply is dropped (not built), with
+        a warning, so a recipe copied from the quickstart runs on what it names."""
         if self.toy_world is None:
             if self.model.path is None:
                 raise ValueError(
@@ -373,12 +381,22 @@ class RunConfig(Section):
                 )
             return self
         world = world_dir(self.toy_world)  # the folder of this settings' world, beside worlds of other settings
+        model = str(world / "sft")
+        train = [DatasetSpec(path=str(world / "data" / t / "train.jsonl")) for t in self.toy_world.tasks]
+        held_out = [DatasetSpec(path=str(world / "data" / t / "heldout.jsonl")) for t in self.toy_world.tasks]
+        own_data = bool(self.data.train or self.data.eval) and (self.data.train, self.data.eval) != (train, held_out)
+        if self.model.path not in (None, model) and own_data:
+            log.warning("toy_world: ignored and not built: the recipe gives model.path and its data (delete the "
+                        "toy_world section to silence this)")
+            self.toy_world = None
+            return self
         if self.model.path is None:
-            self.model.path = str(world / "sft")
-        if not self.data.train:
-            self.data.train = [DatasetSpec(path=str(world / "data" / t / "train.jsonl")) for t in self.toy_world.tasks]
-        if not self.data.eval:
-            self.data.eval = [DatasetSpec(path=str(world / "data" / t / "heldout.jsonl")) for t in self.toy_world.tasks]
+            self.model.path = model
+        if own_data:
+            log.warning("toy_world: supplies the model only; the data is the recipe's (data.train, data.eval), "
+                        "none of the toy world's")
+        elif not (self.data.train or self.data.eval):
+            self.data.train, self.data.eval = train, held_out
         return self
 
 
@@ -411,21 +429,69 @@ def _list_index(node: list, key: str, path: list[str]) -> int:
     return int(key)
 
 
+# Input paths a recipe names: relative ones resolve against the recipe's folder, those of command-line overrides
+# against the working directory; the resolved config holds them absolute (`*`: every list item or mapping value).
+# trainer.output_dir is an output: it stays relative to the working directory, as the run's command gives it.
+INPUT_PATHS = (
+    "model.path",
+    "model.processor_path",
+    "data.train.*.path",
+    "data.eval.*.path",
+    "rewards.import_dirs.*",
+    "rewards.services.*.model_path",
+    "ray.py_modules.*",
+)
+
+
+def read_recipe(recipe: str | Path) -> dict[str, Any]:
+    """A recipe's mapping with its input paths (INPUT_PATHS) made absolute against the recipe's folder, and
+    `rewards.import_dirs` defaulting to that folder and the working directory (where reward modules are found)."""
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections")
+    folder = path.expanduser().absolute().parent
+    rewards = raw.get("rewards")
+    if rewards is None or isinstance(rewards, dict) and "import_dirs" not in rewards:
+        raw["rewards"] = {**(rewards or {}), "import_dirs": list(dict.fromkeys([str(folder), str(Path.cwd())]))}
+    resolve_input_paths(raw, folder)
+    return raw
+
+
+def resolve_input_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make each relative path at INPUT_PATHS in `raw` absolute against `base` (`~` expanded); others untouched."""
+    for dotted in INPUT_PATHS:
+        _resolve_at(raw, dotted.split("."), base)
+
+
+def _resolve_at(node: Any, keys: list[str], base: Path) -> None:
+    key, rest = keys[0], keys[1:]
+    if key != "*":
+        children = [(key, node[key])] if isinstance(node, dict) and key in node else []
+    elif isinstance(node, list):
+        children = list(enumerate(node))
+    else:
+        children = list(node.items()) if isinstance(node, dict) else []
+    for index, child in children:
+        if rest:
+            _resolve_at(child, rest, base)
+        elif isinstance(child, str) and child:
+            node[index] = os.path.normpath(base / Path(child).expanduser())
+
+
 def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a recipe, apply overrides, validate; every error names its dotted key."""
-    raw: dict[str, Any] = {}
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"recipe {path} must be a mapping of sections")
+    """Read a recipe, apply overrides, validate; every error names its dotted key.
+
+    Input paths resolve against the recipe's folder, or the working directory for those an override gives."""
+    raw: dict[str, Any] = read_recipe(recipe) if recipe is not None else {}
     for override in overrides:
         apply_override(raw, override)
+    resolve_input_paths(raw, Path.cwd())
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

@@ -38,7 +38,10 @@ def init_ray(cfg: RunConfig) -> None:
     cpus = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus
     cpus += cfg.rewards.hosts * cfg.rewards.num_workers
     address = cluster_address(cfg.ray.address)
-    start_ray(address, num_cpus=max(os.cpu_count() or 1, cpus), py_modules=user_code(cfg) if address else ())
+    # reward hosts are Ray actors: the reward modules reach them this way even on the private instance, whose
+    # workers do not share the driver's import path (rewards.import_dirs)
+    shipped = user_code(cfg) if address or cfg.rewards.hosts else ()
+    start_ray(address, num_cpus=max(os.cpu_count() or 1, cpus), py_modules=shipped)
 
 
 def user_code(cfg: RunConfig) -> list[str]:

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from morl.config import ConfigError, read_recipe
 from morl.rewards.config import RewardsConfig, check_token
 from morl.rewards.http_server import DEFAULT_MAX_REQUEST_MB, make_server
 from morl.rewards.registry import list_rewards
@@ -144,9 +144,13 @@ def serve_preference(
 
 
 def _config(recipe: Path | None) -> RewardsConfig:
+    """The recipe's rewards section, its reward modules found as `morl train` finds them (rewards.import_dirs)."""
     if recipe is None:
         return RewardsConfig()
-    section = (yaml.safe_load(recipe.read_text()) or {}).get("rewards") or {}
+    try:
+        section = read_recipe(recipe).get("rewards") or {}
+    except ConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="--recipe") from None
     try:
         return RewardsConfig(**section)
     except ValidationError as e:

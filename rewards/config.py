@@ -8,13 +8,23 @@ a reward model the run starts on Ray Serve, or any URL speaking the HTTP contrac
 from __future__ import annotations
 
 import importlib
+import sys
+from collections.abc import Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidatorFunctionWrapHandler, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
-from morl.rewards.registry import get_reward
+from morl.rewards.registry import declared_label_keys, get_reward
 
 DEFAULT_ROUTES: dict[str, list[dict[str, str]]] = {
     **{task: [{"fn": task}] for task in ("math", "grounding", "point", "counting", "temporal", "choice")},
@@ -48,6 +58,17 @@ class ServiceClientConfig(BaseModel, extra="forbid"):
         if token is not None:
             check_token(token.get_secret_value())
         return token
+
+
+def not_found_hint(error: BaseException | None, dirs: Sequence[str] | None = None) -> str:
+    """What to do when a reward module is not found: where it was looked for, and the ways to put it there."""
+    if not isinstance(error, ModuleNotFoundError) or error.name is None:
+        return ""
+    where = (f"rewards.import_dirs {list(dirs)}" if dirs
+             else "rewards.import_dirs (default: the recipe's folder, then the working directory)")
+    top = error.name.split(".")[0]
+    return (f" (looked in {where}, then installed packages): put {top}.py, or the package {top}/, beside the recipe, "
+            "add its folder to rewards.import_dirs (relative to the recipe), or pip install it")
 
 
 def check_token(token: str) -> str:
@@ -112,7 +133,8 @@ class RewardSpec(BaseModel, extra="forbid"):
             get_reward(fn)
         except LookupError as e:
             services = sorted(_SERVICE_NAMES.get())
-            raise ValueError(f"{e}{f'; services: {services}' if services else ''}") from None
+            hint = not_found_hint(e.__cause__)
+            raise ValueError(f"{e}{hint}{f'; services: {services}' if services else ''}") from None
         return fn
 
     @model_validator(mode="after")
@@ -129,8 +151,15 @@ class RewardsConfig(BaseModel, extra="forbid"):
     `routes` given in a recipe override the built-in routing task by task; tasks not named keep their default.
     """
 
-    # Declared before `routes`: pydantic validates fields in order, so the modules are imported (and their
-    # @reward decorators have run) and the service names are known by the time the route names are checked.
+    # Declared before `routes`: pydantic validates fields in order, so the import path is set, the modules are
+    # imported (and their @reward decorators have run) and the service names are known by the time the route names
+    # are checked.
+    import_dirs: list[str] = Field(
+        [],
+        description="folders searched first for rewards.modules and module:function routes (before installed "
+        "packages), in the driver and in every reward worker; relative ones against the recipe's folder. Default "
+        "when a recipe is read: the recipe's folder, then the working directory",
+    )
     modules: list[str] = []  # extra modules to import, in the driver and in every worker, to register rewards
     services: dict[str, ServiceConfig] = {}  # reward services by name; routes name them like reward functions
     routes: dict[str, Annotated[list[RewardSpec], Field(min_length=1)]] = Field(
@@ -138,6 +167,11 @@ class RewardsConfig(BaseModel, extra="forbid"):
         default_factory=lambda: {
             task: [RewardSpec.model_construct(**spec) for spec in specs] for task, specs in DEFAULT_ROUTES.items()
         }
+    )
+    allow_unused_routes: list[str] = Field(
+        [],
+        description="tasks whose route in this recipe may have no training or held-out row (a rewards section shared "
+        "by several recipes, say); any other route of the recipe for a task the data does not have stops the run",
     )
     num_workers: int = Field(2, ge=1)  # sandbox processes (per host, with hosts)
     hosts: int = Field(0, ge=0)  # 0: the sandbox processes run on the driver; N: N Ray actors hold them (hosts.py)
@@ -147,14 +181,28 @@ class RewardsConfig(BaseModel, extra="forbid"):
     error_window: int = Field(1000, ge=1)  # samples in that window
     serve_port: int = Field(8000, ge=1, le=65535)  # HTTP port of Ray Serve, for the services the run starts
 
+    @field_validator("import_dirs")
+    @classmethod
+    def _on_import_path(cls, dirs: list[str]) -> list[str]:
+        """Put the folders at the front of this process's import path; the sandbox workers it spawns inherit it."""
+        for folder in dirs:
+            if not Path(folder).is_dir():
+                raise ValueError(f"{folder!r} is not a directory")
+        for folder in reversed(dirs):
+            if folder in sys.path:
+                sys.path.remove(folder)
+            sys.path.insert(0, folder)
+        return dirs
+
     @field_validator("modules")
     @classmethod
-    def _import_modules(cls, modules: list[str]) -> list[str]:
+    def _import_modules(cls, modules: list[str], info: ValidationInfo) -> list[str]:
         for name in modules:
             try:
                 importlib.import_module(name)
             except ImportError as e:
-                raise ValueError(f"cannot import reward module {name!r}: {e}") from None
+                hint = not_found_hint(e, info.data.get("import_dirs"))
+                raise ValueError(f"cannot import reward module {name!r}: {e}{hint}") from None
         return modules
 
     @field_validator("services")
@@ -186,6 +234,27 @@ class RewardsConfig(BaseModel, extra="forbid"):
             return handler(data)
         finally:
             _SERVICE_NAMES.reset(token)
+
+    def own_routes(self) -> list[str]:
+        """The tasks whose route is not the built-in one: the routes a recipe wrote."""
+        builtin = {task: [RewardSpec.model_construct(**s) for s in specs] for task, specs in DEFAULT_ROUTES.items()}
+        return [task for task, specs in self.routes.items() if specs != builtin.get(task)]
+
+    def label_keys(self) -> dict[str, dict[str, str]]:
+        """{task: {label key: the reward that reads it}} for every routed reward function that declares its keys."""
+        keys: dict[str, dict[str, str]] = {}
+        for task, specs in self.routes.items():
+            for spec in specs:
+                if spec.fn not in self.services:
+                    keys.setdefault(task, {}).update(dict.fromkeys(declared_label_keys(spec.fn), spec.fn))
+        return keys
+
+    @model_validator(mode="after")
+    def _allowed_unused_are_routes(self) -> RewardsConfig:
+        unknown = sorted(set(self.allow_unused_routes) - set(self.routes))
+        if unknown:
+            raise ValueError(f"allow_unused_routes names {unknown}, which have no route in rewards.routes")
+        return self
 
     @model_validator(mode="after")
     def _services_are_routed(self) -> RewardsConfig:

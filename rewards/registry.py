@@ -7,7 +7,7 @@ driver and in every worker process.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, overload
 
 from morl.rewards.types import RewardInput
@@ -15,14 +15,20 @@ from morl.rewards.types import RewardInput
 RewardFn = Callable[[str, RewardInput], Any]  # returns a number, or a dict with a "score" number
 
 _REGISTRY: dict[str, RewardFn] = {}
+_LABEL_KEYS: dict[RewardFn, tuple[str, ...]] = {}  # the label keys each function declares it reads
 
 
 @overload
 def reward(name: RewardFn) -> RewardFn: ...
 @overload
-def reward(name: str | None = None) -> Callable[[RewardFn], RewardFn]: ...
-def reward(name: str | RewardFn | None = None) -> RewardFn | Callable[[RewardFn], RewardFn]:
-    """Register `fn(response, sample)` under `name` (default: the function's name); usable bare or called."""
+def reward(name: str | None = None, *, label_keys: Sequence[str] = ()) -> Callable[[RewardFn], RewardFn]: ...
+def reward(
+    name: str | RewardFn | None = None, *, label_keys: Sequence[str] = ()
+) -> RewardFn | Callable[[RewardFn], RewardFn]:
+    """Register `fn(response, sample)` under `name` (default: the function's name); usable bare or called.
+
+    `label_keys`: the keys of `sample.label` the function cannot score without; every row of a task routed to it
+    is checked for them when the data loads, so a missing key stops the run naming the file and line."""
     if callable(name):
         return reward(None)(name)
 
@@ -34,6 +40,7 @@ def reward(name: str | RewardFn | None = None) -> RewardFn | Callable[[RewardFn]
         if old is not None and _origin(old) != _origin(fn):
             raise ValueError(f"reward {key!r} is already registered by {old.__module__}.{old.__qualname__}")
         _REGISTRY[key] = fn
+        _LABEL_KEYS[fn] = tuple(label_keys)
         return fn
 
     return register
@@ -59,6 +66,11 @@ def get_reward(name_or_path: str) -> RewardFn:
             f"unknown reward {name_or_path!r} (registered: {', '.join(sorted(_REGISTRY))}; "
             "or name one as package.module:function, or list its module in rewards.modules)"
         ) from None
+
+
+def declared_label_keys(name_or_path: str) -> tuple[str, ...]:
+    """The label keys the reward declares it reads (`@reward(label_keys=...)`); none when it declares none."""
+    return _LABEL_KEYS.get(get_reward(name_or_path), ())
 
 
 def list_rewards() -> dict[str, str]:

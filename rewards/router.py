@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from morl.rewards.hosts import HostedPool
 
 log = logging.getLogger(__name__)
+MAX_ERROR_LINES = 5  # distinct reward errors logged per call of log_errors; the rest are counted in one line
 
 
 class UnknownTaskError(KeyError):
@@ -71,6 +72,7 @@ class RewardRouter:
         self._warned_out_of_range: set[str] = set()
         self._window: deque[bool] = deque(maxlen=cfg.error_window)  # per scored sample: did a reward fail?
         self._last_error: str | None = None
+        self._unlogged: Counter[str] = Counter()  # reward errors not yet logged, by message
 
     @property
     def tasks(self) -> frozenset[str]:
@@ -184,8 +186,21 @@ class RewardRouter:
                     f"{self.cfg.error_window}; errors per reward: {dict(self._errors)}; last: {self._last_error}"
                 )
 
+    def log_errors(self, when: str) -> None:
+        """Log the reward errors since the last call: one line per distinct error with its count, the most frequent
+        first (a broken reward fails every sample the same way: one line, not one per sample)."""
+        with self._lock:
+            errors, self._unlogged = self._unlogged, Counter()
+        for error, count in errors.most_common(MAX_ERROR_LINES):
+            log.warning("%s: reward failed on %d sample%s: %s", when, count, "" if count == 1 else "s", error)
+        if len(errors) > MAX_ERROR_LINES:
+            rest = errors.most_common()[MAX_ERROR_LINES:]
+            log.warning("%s: %d more distinct reward errors on %d samples", when, len(rest), sum(n for _, n in rest))
+
     def close(self) -> None:
-        """Stop the services the router started and the sandbox pool; samples still waiting get an error."""
+        """Log the reward errors not logged yet, then stop the services the router started and the sandbox pool;
+        samples still waiting get an error."""
+        self.log_errors("scoring")
         with self._start_lock:
             self._stop_services()
             self._closed = True
@@ -231,6 +246,8 @@ class RewardRouter:
             self._errors.update(fn for fn, _ in failed)
             self._out_of_range.update(fn for fn, _ in outside)
             self._last_error = error or self._last_error
+            if error is not None:
+                self._unlogged[error] += 1
             first = {fn: raw for fn, raw in outside if fn not in self._warned_out_of_range}
             self._warned_out_of_range.update(first)
         for fn, raw in first.items():
@@ -239,7 +256,6 @@ class RewardRouter:
                 "(reward/%s/out_of_range)", fn, raw, to_score(raw), fn,
             )
         if error is not None:
-            log.warning("reward failed: %s", error)
             return RewardResult(reward=None, error=error, components=components)
         reward = sum(spec.weight * score for spec, score in zip(specs, scores)) / sum(s.weight for s in specs)
         return RewardResult(reward=reward, error=None, components=components)

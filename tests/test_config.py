@@ -1,5 +1,6 @@
 """Recipes and overrides: every mistake names its key."""
 
+import sys
 from pathlib import Path
 from typing import get_args
 
@@ -181,3 +182,115 @@ def test_cli_errors_print_the_whole_message_on_one_line(capsys):
         raise ConfigError(message)
     assert exit_info.value.exit_code == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+# --- paths: a recipe's against its folder, an override's against the working directory, absolute once resolved ---
+
+
+def test_data_and_model_paths_resolve_against_the_recipe_folder_from_any_working_directory(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    recipe = project / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"path": "../ckpt/sft"},
+        "data": {"train": [{"path": "data/train.jsonl"}], "eval": [{"path": "/abs/heldout.jsonl"}]},
+    }))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(recipe)
+    assert cfg.model.path == str(tmp_path / "ckpt" / "sft")
+    assert [s.path for s in cfg.data.train] == [str(project / "data" / "train.jsonl")]
+    assert [s.path for s in cfg.data.eval] == ["/abs/heldout.jsonl"]
+    # a path given on the command line is the working directory's, as the shell gives it
+    cfg = load_config(recipe, ["data.train.0.path=mine.jsonl", "model.path=~/m"])
+    assert cfg.data.train[0].path == str(elsewhere / "mine.jsonl")
+    assert cfg.model.path == str(Path.home() / "m")
+
+
+def test_the_resolved_config_reloads_the_same_from_another_folder(tmp_path, monkeypatch):
+    """The run's morl_config.yaml lives in RUN/final: loading it there must name the same files."""
+    (tmp_path / "project").mkdir()
+    recipe = tmp_path / "project" / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": "sft"}, "data": {"train": [{"path": "d/train.jsonl"}]}}))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(recipe)
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "morl_config.yaml").write_text(dump_config(cfg))
+    monkeypatch.chdir(final)
+    again = load_config("morl_config.yaml")
+    assert again == cfg and again.data.train[0].path == str(tmp_path / "project" / "d" / "train.jsonl")
+
+
+# --- a toy_world section beside the recipe's own model or data ---------------------------------------------------
+
+
+def test_own_data_wins_over_the_toy_world_and_its_held_out_files_stay_out(recipe, caplog):
+    cfg = load_config(recipe, ["data.train=[{path: /data/mine.jsonl}]"])
+    assert [s.path for s in cfg.data.train] == ["/data/mine.jsonl"]
+    assert cfg.data.eval == []  # not the toy world's held-out files, whose tasks the user's data may not have
+    assert cfg.toy_world is not None and cfg.model.path.endswith("/sft")  # the world still supplies the model
+    assert "supplies the model only" in caplog.text
+
+
+def test_a_toy_world_with_nothing_to_supply_is_dropped_with_a_warning(recipe, caplog):
+    cfg = load_config(recipe, ["model.path=/ckpt/sft", "data.train=[{path: /data/mine.jsonl}]"])
+    assert cfg.toy_world is None and cfg.model.path == "/ckpt/sft" and cfg.data.eval == []
+    assert "toy_world: ignored and not built" in caplog.text
+
+
+def test_the_toy_worlds_own_resolved_config_keeps_its_world_without_a_warning(recipe, caplog):
+    path = recipe.parent / "resolved.yaml"
+    path.write_text(dump_config(load_config(recipe)))
+    caplog.clear()
+    again = load_config(path)
+    assert again.toy_world is not None and "toy_world" not in caplog.text
+
+
+# --- where reward modules are found ------------------------------------------------------------------------------
+
+REWARD_MODULE = '''from morl.rewards.registry import reward
+
+
+@reward
+def {name}(response, sample):
+    """A reward found on the import path."""
+    return 1.0
+'''
+
+
+def test_reward_modules_are_found_beside_the_recipe_and_in_the_working_directory(tmp_path, monkeypatch):
+    project, cwd = tmp_path / "project", tmp_path / "cwd"
+    project.mkdir()
+    cwd.mkdir()
+    (project / "beside_recipe_rewards.py").write_text(REWARD_MODULE.format(name="beside_recipe"))
+    (cwd / "in_cwd_rewards.py").write_text(REWARD_MODULE.format(name="in_cwd"))
+    recipe = project / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": "/ckpt"}, "rewards": {
+        "modules": ["beside_recipe_rewards", "in_cwd_rewards"],
+        "routes": {"counting": [{"fn": "beside_recipe"}], "math": [{"fn": "in_cwd"}]},
+    }}))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the folders go on this test's copy only
+    cfg = load_config(recipe)
+    assert cfg.rewards.import_dirs == [str(project), str(cwd)]
+    assert cfg.rewards.routes["counting"][0].fn == "beside_recipe"
+
+
+def test_a_reward_module_not_found_says_where_it_was_looked_for_and_what_to_do(tmp_path, monkeypatch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": "/ckpt"}, "rewards": {"modules": ["no_such_rewards"]}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(ConfigError) as caught:
+        load_config(recipe)
+    message = str(caught.value)
+    assert "rewards.modules: " in message and "No module named 'no_such_rewards'" in message
+    assert f"rewards.import_dirs ['{tmp_path}']" in message
+    assert "put no_such_rewards.py, or the package no_such_rewards/, beside the recipe" in message
+
+
+def test_allow_unused_routes_names_routed_tasks_only(recipe):
+    with pytest.raises(ConfigError, match=r"allow_unused_routes names \['countng'\], which have no route"):
+        load_config(recipe, ["rewards.allow_unused_routes=[countng]"])

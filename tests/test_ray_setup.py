@@ -14,10 +14,13 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
+import yaml
 
 from morl.cluster import ClusterError
 from morl.config import ConfigError, RunConfig, load_config
 from morl.ray_setup import _check_answers, init_ray, user_code
+from morl.rewards.router import RewardRouter
+from morl.rewards.types import RewardInput
 
 from helpers import REPO, TESTS, is_loopback, listeners
 
@@ -232,3 +235,25 @@ def stop(head: subprocess.Popen) -> None:
     _, alive = psutil.wait_procs(processes, timeout=30)
     for process in alive:
         process.kill()
+
+
+def test_reward_hosts_on_the_private_instance_import_a_module_beside_the_recipe(tmp_path, monkeypatch):
+    """Ray's workers do not share the driver's import path: the module the recipe's folder holds is shipped to them."""
+    (tmp_path / "beside_host_rewards.py").write_text(
+        "from morl.rewards.registry import reward\n\n@reward\ndef beside_host(response, sample):\n"
+        '    """Beside the recipe."""\n    return 0.25\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": str(tmp_path)}, "rewards": {
+        "modules": ["beside_host_rewards"], "hosts": 1, "num_workers": 1,
+        "routes": {"counting": [{"fn": "beside_host"}]},
+    }}))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the recipe's folder goes on this test's copy only
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(recipe)
+    try:
+        init_ray(cfg)
+        with RewardRouter(cfg.rewards) as router:
+            (result,) = router.score([RewardInput.from_text("3", "counting", {})])
+    finally:
+        ray.shutdown()
+    assert result.error is None and result.reward == 0.25

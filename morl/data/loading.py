@@ -53,6 +53,7 @@ def load_dataset(
     check_images: bool = True,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_media: Mapping[str, int] | None = None,
+    label_keys: Mapping[str, Mapping[str, str]] | None = None,
 ) -> LoadedDataset:
     """Load and check a ``.jsonl`` or ``.parquet`` file of rows.
 
@@ -63,6 +64,7 @@ def load_dataset(
     ``check_images=False`` skips opening image and video files (paths are still made absolute; sizes are not
     checked). ``max_media`` ({"image": n, "video": m}, `rollout.max_<kind>s_per_prompt`) makes a row with more
     images or videos than that a bad row, at load time rather than in a rollout worker.
+    ``label_keys`` ({task: {label key: the reward that reads it}}) makes a row whose label lacks one a bad row.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -86,6 +88,7 @@ def load_dataset(
         try:
             row = _check_row(decode(raw), file.parent, known_tasks, check_images, max_image_pixels, verified)
             _check_media_count(row, max_media or {})
+            _check_label_keys(row, (label_keys or {}).get(row.task, {}))
             if row.id in first_seen:
                 raise _BadRow(f"duplicate id {row.id!r} (first at {first_seen[row.id]})")
         except _BadRow as bad:
@@ -197,6 +200,14 @@ def _check_media_count(row: Row, max_media: Mapping[str, int]) -> None:
             )
 
 
+def _check_label_keys(row: Row, readers: Mapping[str, str]) -> None:
+    missing = [key for key in readers if key not in row.label]
+    if missing:
+        read = ", ".join(f"{key!r} (read by reward {readers[key]!r})" for key in missing)
+        have = ", ".join(map(repr, row.label)) or "none"
+        raise _BadRow(f"task {row.task!r}: label has no {read}; its keys: {have}")
+
+
 def _resolve_video(ref: VideoRef, base: Path, check: bool, max_pixels: int, verified: set[str]) -> VideoRef:
     """Make a video file's path (or each of its frames' paths) absolute and, if asked, read its header."""
     if isinstance(ref, list):
@@ -282,6 +293,7 @@ def load_datasets(
     on_bad_row: OnBadRow,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_media: Mapping[str, int] | None = None,
+    label_keys: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[LoadedDataset]:
     """Load each spec's file, in order (weights stay with the specs, for ``MixtureSampler``).
 
@@ -295,6 +307,7 @@ def load_datasets(
             on_bad_row=on_bad_row,
             max_image_pixels=max_image_pixels,
             max_media=max_media,
+            label_keys=label_keys,
         )
         if not dataset.rows:
             why = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +47,10 @@ class MixtureSampler:
     @property
     def num_rows(self) -> int:
         return sum(len(d.rows) for d in self._datasets)
+
+    def task_counts(self) -> Counter[str]:
+        """Rows per task over every dataset of the mixture."""
+        return Counter(row.task for d in self._datasets for row in d.rows)
 
     def state_dict(self) -> dict[str, Any]:
         return {

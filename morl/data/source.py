@@ -8,6 +8,7 @@ dispatched but did not use, so a run is reproducible however the rollouts were t
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,43 @@ def load_run_datasets(cfg: RunConfig, specs: Sequence[DatasetSpec]) -> list[Load
         on_bad_row=cfg.data.on_bad_row,
         max_image_pixels=cfg.data.max_image_pixels,
         max_media=max_media,
+        label_keys=cfg.rewards.label_keys(),
     )
+
+
+def check_routes_have_rows(cfg: RunConfig, tasks: Counter[str]) -> None:
+    """Refuse a route the recipe wrote for a task no training or held-out row has (`tasks`: rows per task): a
+    misspelt task would leave the data on the built-in route and the recipe's reward never run.
+
+    Built-in routes the recipe did not change may go unused; so may the tasks in `rewards.allow_unused_routes`."""
+    allowed = set(cfg.rewards.allow_unused_routes)
+    unused = [task for task in cfg.rewards.own_routes() if not tasks[task] and task not in allowed]
+    if unused:
+        have = ", ".join(f"{task} ({n} row{'' if n == 1 else 's'})" for task, n in sorted(tasks.items()))
+        raise DataError(
+            f"rewards.routes: no training or held-out row has task {', '.join(map(repr, unused))} (the data's tasks: "
+            f"{have}); correct the task name to the data's, or list it in rewards.allow_unused_routes to keep the "
+            "route unused"
+        )
+
+
+def load_held_out_rows(cfg: RunConfig) -> list[Row]:
+    """The rows of `data.eval`, checked as training rows are; an empty `data.eval` is a DataError."""
+    if not cfg.data.eval:
+        raise DataError(
+            "data.eval lists no held-out file while eval.enabled=true: add held-out data under data.eval, or set "
+            "eval.enabled=false to train without a held-out evaluation"
+        )
+    return [row for ds in load_run_datasets(cfg, cfg.data.eval) for row in ds.rows]
+
+
+def load_training_data(cfg: RunConfig) -> tuple[PromptSource, list[Row]]:
+    """A training run's mixture and held-out rows (none when `eval.enabled` is false), with every check `morl train`
+    makes before it starts: rows, media, label keys, and a route of the recipe for each task only if a row has it."""
+    source = PromptSource.from_config(cfg)
+    held_out = load_held_out_rows(cfg) if cfg.eval.enabled else []
+    check_routes_have_rows(cfg, source.task_counts() + Counter(row.task for row in held_out))
+    return source, held_out
 
 
 @dataclass(frozen=True)
@@ -70,6 +107,10 @@ class PromptSource:
             raise DataError("data.train lists no data file: there is nothing to train on")
         datasets = load_run_datasets(cfg, cfg.data.train)
         return cls(datasets, [s.weight for s in cfg.data.train], cfg.trainer.seed, cfg.algo.easy_pool_alpha)
+
+    def task_counts(self) -> Counter[str]:
+        """Training rows per task."""
+        return self.mixture.task_counts()
 
     def draw(self) -> DrawnPrompt:
         rng = np.random.default_rng([self.seed, 2, self.draws])

@@ -31,7 +31,7 @@ from morl.cluster import (
 from morl.config import ConfigError, RunConfig
 from morl.data.encoding import PromptEncoder, vision_token_ids
 from morl.data.rows import Row
-from morl.data.source import PromptSource, load_run_datasets
+from morl.data.source import PromptSource, load_held_out_rows, load_training_data
 from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
 from morl.rewards.router import RewardRouter
 from morl.rollout.fleet import rollout_placement, start_rollout_workers
@@ -127,6 +127,11 @@ def build_run(
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(cfg.model.processor_dir)
+    if prompts and held_out:  # a training run: its routes are checked against all of its data
+        source, held_out_rows = load_training_data(cfg)
+    else:
+        source = PromptSource.from_config(cfg) if prompts else None
+        held_out_rows = load_held_out_rows(cfg) if held_out and cfg.eval.enabled else []
     parts = RunParts(
         cfg=cfg,
         processor=processor,
@@ -134,8 +139,8 @@ def build_run(
             processor, cfg.rollout.max_prompt_tokens, cfg.data.video, keep_frames=cfg.rollout.engine == "vllm"
         ),
         banned_ids=vision_token_ids(processor.tokenizer),
-        source=PromptSource.from_config(cfg) if prompts else None,
-        held_out=_held_out_rows(cfg) if held_out and cfg.eval.enabled else [],
+        source=source,
+        held_out=held_out_rows,
         router=RewardRouter(cfg.rewards, log_dir=reward_log_dir) if rewards else None,
         workers=[],
         owns_ray=not ray.is_initialized(),
@@ -166,8 +171,3 @@ def build_run(
         parts.close()
         raise
     return parts
-
-
-def _held_out_rows(cfg: RunConfig) -> list[Row]:
-    datasets = load_run_datasets(cfg, cfg.data.eval)
-    return [row for ds in datasets for row in ds.rows]

@@ -58,6 +58,8 @@ SAFE_TO_CHANGE = (
     "trainer.samples_per_task",
     "tracking",
     "ray",  # where the actors run, not what they train
+    "rewards.import_dirs",  # where the reward modules are found (the recipe's folder, the working directory)
+    "rewards.allow_unused_routes",  # a check before training, not what trains
     "eval",
     "rollout.num_workers",
     "rollout.cpus_per_worker",

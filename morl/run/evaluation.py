@@ -49,6 +49,7 @@ def evaluate(parts: RunParts, rows: list[Row]) -> dict:
     completions = generate_in_order(parts.workers, prompts, greedy, seeds=[0] * len(prompts),
                                     engine=parts.cfg.rollout.engine)
     rewards = score_groups(parts.router, rows, completions)
+    parts.router.log_errors("held-out evaluation")
     by_task: dict[str, list[tuple[float, int]]] = defaultdict(list)
     for row, (r,), (c,) in zip(rows, rewards, completions):
         by_task[row.task].append((0.0 if r is None else r, len(c.token_ids)))

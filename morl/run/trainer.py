@@ -236,6 +236,7 @@ class Trainer:
             metrics[f"reward/{name}/errors"] = count
         for name, count in self.router.out_of_range_counts().items():
             metrics[f"reward/{name}/out_of_range"] = count
+        self.router.log_errors(f"step {step}")
         self.router.check_error_rate()
         metrics.update(timer.as_metrics())
         every = self.cfg.trainer.log_samples_every

@@ -132,6 +132,7 @@ def run_filter(cfg: RunConfig, settings: FilterSettings, out_dir: str | Path, co
 
 def _resolve(scoring: list[list], router: RewardRouter) -> list[list[float | None]]:
     rewards = [[future.result().reward for future in group] for group in scoring]
+    router.log_errors("filter")
     router.check_error_rate()
     return rewards
 

@@ -17,7 +17,7 @@ from morl.rewards.types import RewardInput
 MAX_PRED_BOXES = 100  # more predicted boxes than this and than twice the gold count: refused, as a flood
 
 
-@reward("grounding")
+@reward("grounding", label_keys=("boxes",))
 def grounding(response: str, sample: RewardInput) -> float:
     """(GIoU + 1) / 2 of predicted bbox_2d boxes vs label["boxes"], matched one-to-one, / max(#pred, #gold)."""
     pred, gold = parse_boxes(response), gold_boxes(sample)
@@ -26,7 +26,7 @@ def grounding(response: str, sample: RewardInput) -> float:
     return matched_giou_reward(pred, gold)
 
 
-@reward("point")
+@reward("point", label_keys=("boxes",))
 def point(response: str, sample: RewardInput) -> float:
     """1 if the predicted point [x, y] (or point_2d) lies inside one of label["boxes"], else 0."""
     gold = gold_boxes(sample)

@@ -17,7 +17,7 @@ _OPTION_START = re.compile(r"^\(?([A-Z])[.):]\s")
 _ANSWER_IS = re.compile(rf"(?i:answer|option|choice){_IS}\(?\**([A-Z])\b")
 
 
-@reward("choice")
+@reward("choice", label_keys=("answer",))
 def choice(response: str, sample: RewardInput) -> float:
     """Option letter (B, B., (B), \\boxed{B}, "The answer is B") or short answer equal to label["answer"]; 1 or 0."""
     gold = _clean(str(sample.label["answer"]))

@@ -11,7 +11,7 @@ from morl.rewards.types import RewardInput
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-@reward("counting")
+@reward("counting", label_keys=("count",))
 def counting(response: str, sample: RewardInput) -> float:
     """Exact match of the count in the last \\boxed{} (else the last number) with label["count"]; 1 or 0."""
     gold = int(sample.label["count"])

@@ -44,7 +44,7 @@ for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
 
 
-@reward("math")
+@reward("math", label_keys=("answer",))
 def math_answer(response: str, sample: RewardInput) -> float:
     """Math-Verify equivalence of the last \\boxed{} (else the last line) with label["answer"]; 1 or 0."""
     gold = _parse_gold(str(sample.label["answer"]))

@@ -8,7 +8,7 @@ from morl.rewards.registry import reward
 from morl.rewards.types import RewardInput
 
 
-@reward("temporal")
+@reward("temporal", label_keys=("segment",))
 def temporal(response: str, sample: RewardInput) -> float:
     """IoU of the answer's segment (the last boxed `[mm:ss, mm:ss]`, else unboxed, else seconds) with label["segment"].
 

@@ -61,3 +61,11 @@ def test_an_empty_eval_file_when_eval_is_enabled(tmp_path, toy_world, files):
     data = {"train": [{"path": files["counting"]}], "eval": [{"path": files["empty"]}]}
     result = train(tmp_path, toy_world, data)
     assert one_line_error(result) == f"error: {files['empty']}: no rows to use: the file has no rows"
+
+
+def test_no_eval_file_when_eval_is_enabled(tmp_path, toy_world, files):
+    result = train(tmp_path, toy_world, {"train": [{"path": files["counting"]}]})
+    assert one_line_error(result) == (
+        "error: data.eval lists no held-out file while eval.enabled=true: add held-out data under data.eval, or set "
+        "eval.enabled=false to train without a held-out evaluation"
+    )

@@ -10,7 +10,7 @@ from PIL import Image
 from morl.config import RunConfig
 from morl.data.loading import LoadedDataset
 from morl.data.rows import DataError, Row
-from morl.data.source import PromptSource
+from morl.data.source import PromptSource, check_routes_have_rows
 
 
 def dataset(name: str, n: int) -> LoadedDataset:
@@ -117,3 +117,45 @@ def test_from_config_applies_the_image_size_cap(tmp_path):
     assert PromptSource.from_config(run_config(tmp_path, train, max_image_pixels=48)).mixture.num_rows == 1
     with pytest.raises(DataError, match="over data.max_image_pixels=47: 8 x 6 = 48 pixels"):
         PromptSource.from_config(run_config(tmp_path, train, max_image_pixels=47))
+
+
+def counting_rows(tmp_path: Path, labels: list[dict]) -> list[dict]:
+    """A train file of counting rows (no images) with these labels."""
+    rows = [{"id": f"r{i}", "task": "counting", "images": [], "label": label,
+             "messages": [{"role": "user", "content": "how many?"}]} for i, label in enumerate(labels)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return [{"path": str(tmp_path / "train.jsonl")}]
+
+
+def test_a_label_without_the_key_its_reward_reads_is_a_bad_row_naming_file_and_line(tmp_path):
+    train = counting_rows(tmp_path, [{"count": 2}, {"count": 1}, {"n": 3}])
+    with pytest.raises(DataError) as caught:
+        PromptSource.from_config(run_config(tmp_path, train))
+    assert str(caught.value) == (
+        f"{tmp_path / 'train.jsonl'}:3: task 'counting': label has no 'count' (read by reward 'counting'); "
+        "its keys: 'n'"
+    )
+    # like any bad row, skipped and counted when the recipe says so
+    assert PromptSource.from_config(run_config(tmp_path, train, on_bad_row="skip")).mixture.num_rows == 2
+    # a route to a reward that declares no keys takes any label
+    cfg = RunConfig(model={"path": str(tmp_path)}, data={"train": train},
+                    rewards={"modules": ["reward_fixtures"], "routes": {"counting": [{"fn": "fixture_half"}]}})
+    assert PromptSource.from_config(cfg).mixture.num_rows == 3
+
+
+def test_a_route_the_recipe_wrote_for_a_task_no_row_has_stops_the_run(tmp_path):
+    train = counting_rows(tmp_path, [{"count": 2}])
+    typo = {"modules": ["reward_fixtures"], "routes": {"countng": [{"fn": "fixture_half"}]}}
+    cfg = RunConfig(model={"path": str(tmp_path)}, data={"train": train}, rewards=typo)
+    tasks = PromptSource.from_config(cfg).task_counts()
+    with pytest.raises(DataError) as caught:
+        check_routes_have_rows(cfg, tasks)
+    assert str(caught.value) == (
+        "rewards.routes: no training or held-out row has task 'countng' (the data's tasks: counting (1 row)); "
+        "correct the task name to the data's, or list it in rewards.allow_unused_routes to keep the route unused"
+    )
+    # the built-in routes the recipe left alone may go unused; a route the recipe means to keep says so
+    check_routes_have_rows(RunConfig(model={"path": str(tmp_path)}, data={"train": train}), tasks)
+    allowed = RunConfig(model={"path": str(tmp_path)}, data={"train": train},
+                        rewards={**typo, "allow_unused_routes": ["countng"]})
+    check_routes_have_rows(allowed, tasks)

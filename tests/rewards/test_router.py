@@ -261,3 +261,30 @@ def test_closed_router_refuses_work():
         pass
     with pytest.raises(RuntimeError, match="closed"):
         router.score(counting_batch(1))
+
+
+def test_reward_errors_are_logged_once_per_distinct_error_with_their_count(router, caplog):
+    router.log_errors("earlier tests")  # what the module's earlier tests left unlogged
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="morl.rewards.router"):
+        router.score([sample("boom", r"\boxed{1}", {}) for _ in range(8)]  # counting reads label["count"]
+                     + [sample("boom", r"\boxed{1}", {"count": 1}) for _ in range(4)])
+        assert caplog.records == []  # nothing per sample
+        router.log_errors("step 3")
+        router.log_errors("step 4")  # nothing new: nothing logged
+    assert [r.getMessage() for r in caplog.records] == [
+        "step 3: reward failed on 8 samples: counting: KeyError: 'count'; fixture_boom: RuntimeError: reward exploded",
+        "step 3: reward failed on 4 samples: fixture_boom: RuntimeError: reward exploded",
+    ]
+
+
+def test_many_distinct_reward_errors_are_summed_past_the_first_few(router, caplog):
+    router.log_errors("earlier tests")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="morl.rewards.router"):
+        router.score([sample("counting", "1", {"count": f"x{i}"}) for i in range(8)])  # 8 different ValueErrors
+        router.log_errors("step 5")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 6
+    assert all(line.startswith("step 5: reward failed on 1 sample: counting: ValueError") for line in lines[:5])
+    assert lines[5] == "step 5: 3 more distinct reward errors on 3 samples"

@@ -153,7 +153,8 @@ def test_resume_choices(tmp_path):
 def test_safe_config_changes_resume_and_unsafe_ones_name_their_keys(tmp_path):
     save(tmp_path, 2)
     safe = config("trainer.max_steps=500", "trainer.save_every=3", "trainer.keep_last=5", "eval.enabled=false",
-                  "rollout.num_workers=2", "learner.micro_batch_size=4", "trainer.output_dir=elsewhere")
+                  "rollout.num_workers=2", "learner.micro_batch_size=4", "trainer.output_dir=elsewhere",
+                  f"rewards.import_dirs=[{tmp_path}]")  # resumed from another working directory
     assert resolve_resume(tmp_path, LATEST, safe, force=False).step == 2
     unsafe = config("model.path=/models/other", "data.train=[{path: b.jsonl}]", "rollout.group_size=4")
     with pytest.raises(CheckpointError) as err:
