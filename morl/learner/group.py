@@ -179,6 +179,11 @@ class LearnerGroup:
         """`fn(learner, *args)` inside rank 0's actor (a module-level function, so Ray can ship it)."""
         return ray.get(self.ranks[0].apply.remote(fn, *args))
 
+    def apply_on_each_rank(self, fn: Callable[..., Any], *args) -> list[Any]:
+        """`fn(learner, *args)` inside every rank's actor at once (for what each rank measures of itself, e.g. its
+        memory); each rank's result, in rank order. `fn` may call collectives: all ranks run it."""
+        return ray.get([rank.apply.remote(fn, *args) for rank in self.ranks])
+
     def close(self) -> None:
         if self.stages:  # each removes its staging directory
             ray.wait([stage.close.remote() for stage in self.stages.values()], num_returns=len(self.stages), timeout=30)
