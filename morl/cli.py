@@ -289,16 +289,47 @@ def bench_learner(
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
     sequences: int = typer.Option(8, min=1, help="sequences per update"),
     prompt_tokens: int = typer.Option(256, min=1, help="prompt tokens per sequence"),
-    response_tokens: int = typer.Option(256, min=1, help="response tokens per sequence"),
-    steps: int = typer.Option(3, min=1, help="timed updates after one warm-up; the best counts"),
+    response_tokens: str = typer.Option(
+        "256", help="answer tokens per sequence; several, comma-separated (2048,8192), are a sweep: one column each"
+    ),
+    steps: int = typer.Option(3, min=1, help="timed updates after one warm-up, per answer length; the best counts"),
+    shape: str = typer.Option(
+        "recipe", help="the model: the recipe's, or a shape built locally around its processor: real-vocab, "
+        "real-vocab-narrow (MiMo-VL-7B's vocabulary and heads, 2 narrow layers; random weights)"
+    ),
+    shape_cache: Path = typer.Option(Path("~/.cache/morl/shapes"), help="where built shapes are kept"),
+    padding_batches: int = typer.Option(
+        1, min=0, help="rollout batches of the recipe (its model) whose padded share is reported (0: skip)"
+    ),
+    bare: bool = typer.Option(True, help="also time the bare torch loop on the same tokens (skipped where it cannot fit)"),
 ) -> None:
-    """Tokens/s and MFU of one learner update, vs a matmul measured on the same device (and H100's 989 TFLOP/s)."""
+    """Tokens/s, MFU and peak memory per rank of one learner update, against a bare torch loop on the same tokens;
+    the padded share of the recipe's micro-batches before and after packing."""
     from morl.bench.learner import bench_learner as run_bench
+    from morl.toy.model import BENCH_SHAPES
 
+    if shape not in ("recipe", *BENCH_SHAPES):
+        raise typer.BadParameter(f"{shape!r}: choose recipe, {', '.join(BENCH_SHAPES)}", param_hint="--shape")
+    lengths = _positive_ints(response_tokens, "--response-tokens")
     logging.basicConfig(level=logging.ERROR)
     with exit_on(*USER_ERRORS):
-        report = run_bench(load_config(recipe, overrides or []), sequences, prompt_tokens, response_tokens, steps)
-    typer.echo("\n".join(f"{key:<20} {value}" for key, value in report.items()))
+        report = run_bench(load_config(recipe, overrides or []), sequences, prompt_tokens, lengths, steps,
+                           shape=shape, shape_cache=shape_cache, padding_batches=padding_batches, bare=bare)
+    for key, value in report.items():
+        values = value if isinstance(value, list) else [value]
+        typer.echo(f"{key:<28} " + " ".join(f"{'-' if v is None else v:>10}" for v in values))
+    if bare and None in report["bare_tokens_per_s"]:
+        typer.echo("note: '-' in bare rows: its full float32 logits would not fit the free memory (bare_need_mib)")
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{text!r}: positive integers, comma-separated", param_hint=option)
+    return values
 
 
 @bench_app.command("sync")

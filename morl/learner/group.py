@@ -24,11 +24,17 @@ from morl.algo.updates import update_rule
 from morl.checkpoint_layout import ENGINE_DIR
 from morl.cluster import cluster_has_gpus, learner_part, ready_placement
 from morl.config import RunConfig
-from morl.learner.policy import LearnerOutOfMemoryError, NonFiniteLossError, PolicyLearner, free_port
-from morl.learner.shares import rank_rows
+from morl.learner.policy import (
+    LearnerOutOfMemoryError,
+    NonFiniteLossError,
+    PolicyLearner,
+    free_port,
+    out_of_memory_message,
+)
+from morl.learner.shares import rank_plan, rank_rows
 from morl.ray_setup import threads_for
 from morl.staging import Copied, pull, push, start_stage
-from morl.types import TrainBatch
+from morl.types import SequenceShape, TrainBatch
 
 RESUME_STAGE = "resume"
 RAISED_AS_THEMSELVES = (OSError, LearnerOutOfMemoryError, NonFiniteLossError)  # a rank's errors a user acts on  # the staged name of the engine state a resume sends to the blind nodes
@@ -90,24 +96,41 @@ class LearnerGroup:
         """`method` on every rank at once (a collective); rank 0's result."""
         return self._on_each(method, [args] * len(self.ranks))
 
-    def _on_each(self, method: str, args: Sequence[Sequence[Any]]) -> Any:
+    def _on_each(
+        self, method: str, args: Sequence[Sequence[Any]], killed_in: Callable[[int], Sequence[SequenceShape]] | None = None
+    ) -> Any:
         """`method` on every rank at once, rank k with `args[k]`; rank 0's result.
 
         The first rank to fail is reported at once (the others may be waiting for it in a collective), and its
         OSError (a full disk under a save), out-of-memory or non-finite-loss error is raised as itself, so the
-        command prints one line and the caller can tell a full disk from a bug.
+        command prints one line and the caller can tell a full disk from a bug. A rank that Ray's memory monitor
+        killed (the host's memory ran short before any allocator refused) is a `LearnerOutOfMemoryError` too,
+        naming the rank and, where `killed_in(rank)` says, the largest micro-batch it was to run.
         """
         futures = [getattr(rank, method).remote(*a) for rank, a in zip(self.ranks, args)]
+        rank_of = {future: k for k, future in enumerate(futures)}
         pending = list(futures)
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                ray.get(done)
+                try:
+                    ray.get(done)
+                except ray.exceptions.OutOfMemoryError as exc:
+                    raise self._killed_for_memory(rank_of[done[0]], method, killed_in, exc) from None
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, RAISED_AS_THEMSELVES):
                 raise exc.cause from None
             raise
         return ray.get(futures[0])
+
+    def _killed_for_memory(
+        self, rank: int, method: str, killed_in: Callable[[int], Sequence[SequenceShape]] | None, exc: Exception
+    ) -> LearnerOutOfMemoryError:
+        cause = "Ray's memory monitor killed it: " + " ".join(str(exc).split())[:200]
+        if killed_in is None:
+            return LearnerOutOfMemoryError(f"learner rank {rank} ran out of host memory in {method}; {cause}")
+        shapes = killed_in(rank)
+        return LearnerOutOfMemoryError(out_of_memory_message(self.cfg, rank, shapes, "host memory", cause))
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One update of the rollout batch: each rank is sent the sequences its plan runs (`rank_rows`), not the
@@ -115,7 +138,13 @@ class LearnerGroup:
         slices = self.update.slices(len(batch))
         ranks = len(self.ranks)
         shares = [batch.only(rank_rows(batch, slices, self.cfg, ranks=ranks, rank=r)) for r in range(ranks)]
-        return self._on_each("train_step", [(ray.put(share),) for share in shares])
+
+        def largest_micro_batch(rank: int) -> list[SequenceShape]:
+            plan = [m for part in slices for m in rank_plan(batch, part, self.cfg, ranks=ranks, rank=rank)]
+            rows = max((m.rows for m in plan), key=lambda rows: sum(batch.shapes[i].tokens for i in rows), default=[])
+            return [batch.shapes[i] for i in rows]
+
+        return self._on_each("train_step", [(ray.put(share),) for share in shares], killed_in=largest_micro_batch)
 
     def weight_sizes(self, dtype: str, trainable_only: bool = False) -> list[tuple[str, int]]:
         return ray.get(self.ranks[0].weight_sizes.remote(dtype, trainable_only))
@@ -178,6 +207,11 @@ class LearnerGroup:
     def apply_on_rank0(self, fn: Callable[..., Any], *args) -> Any:
         """`fn(learner, *args)` inside rank 0's actor (a module-level function, so Ray can ship it)."""
         return ray.get(self.ranks[0].apply.remote(fn, *args))
+
+    def apply_on_each_rank(self, fn: Callable[..., Any], *args) -> list[Any]:
+        """`fn(learner, *args)` inside every rank's actor at once (for what each rank measures of itself, e.g. its
+        memory); each rank's result, in rank order. `fn` may call collectives: all ranks run it."""
+        return ray.get([rank.apply.remote(fn, *args) for rank in self.ranks])
 
     def close(self) -> None:
         if self.stages:  # each removes its staging directory

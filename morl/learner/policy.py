@@ -30,7 +30,7 @@ from morl.learner.lr_schedule import lr_multiplier
 from morl.learner.packing import filler_sequence
 from morl.learner.shares import MicroBatch, rank_plan
 from morl.rng_state import capture_rng, restore_rng
-from morl.types import PackedBucket, TrainBatch
+from morl.types import PackedBucket, SequenceShape, TrainBatch
 from morl.weight_group import WeightGroup, bound_store
 
 ENGINE_TAG = "state"  # DeepSpeed's name for the one engine state a checkpoint directory holds
@@ -41,6 +41,32 @@ class NonFiniteLossError(RuntimeError):
 
 class LearnerOutOfMemoryError(RuntimeError):
     """A micro-batch did not fit a rank's memory; the message names the rank, its size and the keys that lower it."""
+
+
+def out_of_memory_message(
+    cfg: LearnerConfig, rank: int, shapes: Sequence[SequenceShape], where: str, cause: str
+) -> str:
+    """One line: learner rank `rank` ran out of `where` in a micro-batch of sequences `shapes`, the keys that make
+    such a micro-batch smaller, and the `cause` as the allocator (or Ray's memory monitor) gave it."""
+    tokens = sum(s.tokens for s in shapes)
+    answer = sum(s.response_tokens for s in shapes)
+    lower = [
+        f"learner.max_tokens_per_micro_batch (now {cfg.max_tokens_per_micro_batch}"
+        + (", so a micro-batch is up to learner.micro_batch_size whole sequences)" if cfg.max_tokens_per_micro_batch is None else ")"),
+        f"learner.logprob_chunk_tokens (now {cfg.logprob_chunk_tokens})",
+    ]
+    if not cfg.gradient_checkpointing:
+        lower.append("learner.gradient_checkpointing=true")
+    if not cfg.offload_optimizer and cfg.zero_stage > 0:
+        lower.append("learner.offload_optimizer=true")
+    if not cfg.offload_params and cfg.zero_stage == 3:
+        lower.append("learner.offload_params=true")
+    if len(shapes) == 1:
+        lower.append("rollout.max_new_tokens (this micro-batch is one sequence: no budget splits it)")
+    return (
+        f"learner rank {rank} ran out of {where} in a micro-batch of {tokens} tokens "
+        f"({len(shapes)} sequences, {answer} answer tokens): lower {', '.join(lower)}; {cause}"
+    )
 
 
 def trainable_parameters(model, *, freeze_vision_tower: bool) -> list[torch.nn.Parameter]:
@@ -288,28 +314,9 @@ class PolicyLearner:
             raise LearnerOutOfMemoryError(self._out_of_memory_message(batch, micro, exc)) from None
 
     def _out_of_memory_message(self, batch: TrainBatch, micro: MicroBatch, exc: BaseException) -> str:
-        tokens = sum(batch.shapes[i].tokens for i in micro.rows)
-        answer = sum(batch.shapes[i].response_tokens for i in micro.rows)
-        cfg = self.cfg
-        lower = [
-            f"learner.max_tokens_per_micro_batch (now {cfg.max_tokens_per_micro_batch}"
-            + (", so a micro-batch is up to learner.micro_batch_size whole sequences)" if cfg.max_tokens_per_micro_batch is None else ")"),
-            f"learner.logprob_chunk_tokens (now {cfg.logprob_chunk_tokens})",
-        ]
-        if not cfg.gradient_checkpointing:
-            lower.append("learner.gradient_checkpointing=true")
-        if not cfg.offload_optimizer and cfg.zero_stage > 0:
-            lower.append("learner.offload_optimizer=true")
-        if not cfg.offload_params and cfg.zero_stage == 3:
-            lower.append("learner.offload_params=true")
-        if len(micro.rows) == 1:
-            lower.append("rollout.max_new_tokens (this micro-batch is one sequence: no budget splits it)")
         where = f"{self.engine.device}" if self.engine.device.type == "cuda" else "host memory"
-        return (
-            f"learner rank {self.rank} ran out of {where} in a micro-batch of {tokens} tokens "
-            f"({len(micro.rows)} sequences, {answer} answer tokens): lower {', '.join(lower)}; "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        )
+        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return out_of_memory_message(self.cfg, self.rank, [batch.shapes[i] for i in micro.rows], where, cause)
 
     def weight_sizes(self, dtype: str, trainable_only: bool = False) -> list[tuple[str, int]]:
         """(name, bytes as `dtype`) of each parameter in order: what `morl.run.weight_sync.plan_buckets` packs.

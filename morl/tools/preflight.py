@@ -242,7 +242,7 @@ class MicroBatch:
 
     tokens: int  # M: all its tokens (prompt, vision and answer)
     answer_tokens: int  # A: the answer positions among them, scored through lm_head
-    prompt_tokens: int  # the prompt positions among them: the bound on vision tokens
+    vision_tokens: int  # the bound on its vision tokens: its prompt positions (0: text only)
     packed_tokens: int  # K: the largest micro-batch of two or more sequences (0: one sequence each), masked
     lone: bool  # M is one sequence longer than the token budget, which runs alone
 
@@ -261,7 +261,7 @@ def micro_batch(cfg: RunConfig) -> MicroBatch:
     return MicroBatch(
         tokens=max(packed(longest), longest),
         answer_tokens=max(packed(rc.max_new_tokens), rc.max_new_tokens),
-        prompt_tokens=max(packed(rc.max_prompt_tokens), rc.max_prompt_tokens),
+        vision_tokens=max(packed(rc.max_prompt_tokens), rc.max_prompt_tokens),
         packed_tokens=packed(longest) if lc.micro_batch_size > 1 else 0,
         lone=budget is not None and budget < longest,
     )
@@ -283,10 +283,11 @@ def attention_parts(shape: ModelShape, cfg: RunConfig, mb: MicroBatch) -> dict[s
     return {"attention mask (packed sequences)": k * k * b, "attention scores (eager)": scores}
 
 
-def learner_activations(shape: ModelShape, cfg: RunConfig) -> dict[str, int]:
-    """The update's transient memory for the largest micro-batch of packed sequences."""
+def learner_activations(shape: ModelShape, cfg: RunConfig, mb: MicroBatch | None = None) -> dict[str, int]:
+    """The update's transient memory for micro-batch `mb` (default: the recipe's largest; `morl bench learner`
+    passes the one it ran, to hold its measured memory against this model)."""
     lc, b = cfg.learner, DTYPE_BYTES[cfg.model.dtype]
-    mb = micro_batch(cfg)
+    mb = mb or micro_batch(cfg)
     per_layer = b * (7 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate)
     if lc.gradient_checkpointing:
         text = mb.tokens * (shape.layers * b * shape.hidden + per_layer)
@@ -300,7 +301,7 @@ def learner_activations(shape: ModelShape, cfg: RunConfig) -> dict[str, int]:
         **attention_parts(shape, cfg, mb),
     }
     if not lc.freeze_vision_tower:  # a frozen ViT saves nothing for the backward pass
-        patches = mb.prompt_tokens * shape.merge**2  # bound: the whole prompt is image
+        patches = mb.vision_tokens * shape.merge**2
         per_block = b * (8 * shape.vision_hidden + 4 * shape.vision_intermediate)
         depth = 1 if lc.gradient_checkpointing else shape.vision_depth
         parts["vision activations"] = patches * (depth * per_block + shape.vision_depth * b * shape.vision_hidden)

@@ -3,15 +3,23 @@
 Everything here behaves like the real Qwen2.5-VL stack (same special tokens, same chat
 template shape, the real `Qwen2VLImageProcessor`, the real
 `Qwen2_5_VLForConditionalGeneration`), only small enough to train on a laptop CPU.
+The same builder makes the larger language models `morl bench learner` measures (`BENCH_SHAPES`: MiMo-VL-7B's
+vocabulary and attention heads at a width a CPU can step), around any processor, cached by shape.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -21,6 +29,7 @@ from transformers import (
 )
 
 from morl.compat import use_reference_video_positions
+from morl.toy import BUILD_VERSION
 from morl.toy.tasks import IMAGE_SIZE, MERGE, PATCH, VIDEO_SIZE
 
 SPECIAL_TOKENS = [
@@ -99,21 +108,54 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2_5_VLForConditionalGeneration:
-    """A ~1.1M-parameter Qwen2.5-VL: 4 text layers of width 128, a 2-block ViT of width 64."""
-    vocab = (len(tokenizer) + 63) // 64 * 64
+@dataclass(frozen=True)
+class TextShape:
+    """The language model's sizes (head dim = hidden / heads); `vocab` None: the tokenizer's, rounded up to 64."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied: bool
+    vocab: int | None = None
+    max_positions: int = 4096
+
+    @property
+    def mrope_section(self) -> list[int]:
+        """Qwen2.5-VL's split of half a head's rotary dims into time, height, width ([16, 24, 24] at head dim 128)."""
+        half = self.hidden // self.heads // 2
+        time = half // 4
+        return [time, (half - time) // 2, (half - time) // 2]
+
+
+TOY_TEXT = TextShape(hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2, tied=True)
+# MiMo-VL-7B's vocabulary, head dim 128 and untied lm_head, with 7 query heads per kv head (real-vocab) or 2
+# (narrow): lm_head and its log-softmax at their real cost per answer token, two narrow layers around them.
+BENCH_SHAPES = {
+    "real-vocab": TextShape(896, 1536, 2, 7, 1, tied=False, vocab=151_936, max_positions=128_000),
+    "real-vocab-narrow": TextShape(256, 512, 2, 2, 1, tied=False, vocab=151_936, max_positions=128_000),
+}
+
+
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, seed: int, shape: TextShape = TOY_TEXT
+) -> Qwen2_5_VLForConditionalGeneration:
+    """A Qwen2.5-VL of `shape` (the toy's: ~1.1M parameters, 4 text layers of width 128) with a 2-block ViT of
+    width 64."""
+    vocab = shape.vocab or (len(tokenizer) + 63) // 64 * 64
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab,
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-            tie_word_embeddings=True,
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads,
+            num_key_value_heads=shape.kv_heads,
+            max_position_embeddings=shape.max_positions,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": shape.mrope_section},
+            tie_word_embeddings=shape.tied,
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
@@ -123,7 +165,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2_5_VLForC
             hidden_size=64,
             intermediate_size=128,
             num_heads=4,
-            out_hidden_size=128,
+            out_hidden_size=shape.hidden,
             patch_size=PATCH,
             spatial_merge_size=MERGE,
             temporal_patch_size=2,
@@ -134,13 +176,33 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2_5_VLForC
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=shape.tied,
     )
     torch.manual_seed(seed)
     model = use_reference_video_positions(Qwen2_5_VLForConditionalGeneration(config))
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model
+
+
+def shape_checkpoint(name: str, processor_dir: str, cache: Path) -> Path:
+    """The checkpoint of `BENCH_SHAPES[name]` around the processor of `processor_dir`, random weights (a bench
+    measures time and memory, not answers): built once into `cache/<name>-<key>`, the key covering the shape, the
+    tokenizer's special ids and the build version, and reused after."""
+    shape = BENCH_SHAPES[name]
+    processor = AutoProcessor.from_pretrained(processor_dir)
+    ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    key = json.dumps([BUILD_VERSION, asdict(shape), ids], sort_keys=True)
+    target = cache.expanduser() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    building = target.with_name(f".{target.name}.building-{os.getpid()}")
+    try:
+        save_checkpoint(build_model(processor.tokenizer, seed=0, shape=shape), processor, building)
+        os.rename(building, target)  # whole or absent: a killed build leaves only its temporary folder
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return target
 
 
 def save_checkpoint(model, processor: Qwen2_5_VLProcessor, out_dir: Path) -> None:

@@ -35,14 +35,60 @@ def test_rollout_bench_compares_the_framework_with_the_bare_engine_and_the_modes
     assert "same batches in both modes: yes" in out
 
 
-def test_learner_bench_reports_throughput_and_mfu_against_a_measured_matmul(toy_world):
-    numbers = report(bench("learner", toy_world, "--sequences", "2", "--prompt-tokens", "16",
-                           "--response-tokens", "16", "--steps", "1"))
-    assert numbers["device"] == "cpu" and numbers["ranks"] == "1"
-    assert int(numbers["tokens_per_step"]) == 2 * (16 + 16)
-    assert float(numbers["tokens_per_s"]) == pytest.approx(
-        int(numbers["tokens_per_step"]) / float(numbers["seconds_per_step"]), rel=1e-2)
-    assert float(numbers["matmul_tflops"]) > 0 and 0 <= float(numbers["mfu_vs_matmul"]) <= 1
+def table(stdout: str) -> dict[str, list[str]]:
+    """`morl bench learner`'s rows: a key, then one value, or one per answer length."""
+    return {line.split()[0]: line.split()[1:] for line in stdout.splitlines() if line.strip()}
+
+
+def numbers(row: list[str]) -> list[float | None]:
+    return [None if value == "-" else float(value) for value in row]
+
+
+def test_learner_bench_sweeps_answer_lengths_against_the_bare_loop_with_memory_and_padding(toy_world):
+    rows = table(bench("learner", toy_world, *SMALL, "--sequences", "2", "--prompt-tokens", "16",
+                       "--response-tokens", "32,16", "--steps", "2"))
+    assert rows["device"] == ["cpu"] and rows["ranks"] == ["1"] and rows["shape"] == ["recipe"]
+    assert rows["response_tokens"] == ["16", "32"]  # ascending, one column each
+    assert numbers(rows["tokens_per_step"]) == [2 * (16 + 16), 2 * (16 + 32)]
+    for tokens, seconds, rate in zip(*(numbers(rows[key]) for key in ("tokens_per_step", "seconds_per_step",
+                                                                       "tokens_per_s"))):
+        assert rate == pytest.approx(tokens / seconds, rel=1e-2)
+    assert float(rows["matmul_tflops"][0]) > 0 and all(0 <= m <= 1 for m in numbers(rows["mfu_vs_matmul"]))
+    # memory of the one rank: the peak of the timed updates over what it held before them, against the model
+    for before, peak, beyond in zip(*(numbers(rows[f"rank0_{key}_mib"]) for key in ("before", "peak", "beyond_weights"))):
+        assert peak >= before > 0 and beyond == pytest.approx(peak - before, abs=0.2)
+    assert all(m > 0 for m in numbers(rows["modelled_beyond_weights_mib"]))
+    assert all(r > 0 for r in numbers(rows["beyond_over_modelled"]))
+    # the bare loop fits at these lengths: it ran on the same batches, and the ratio is its time over the framework's
+    bare, framework = numbers(rows["bare_seconds_per_step"]), numbers(rows["seconds_per_step"])
+    assert all(b > 0 for b in bare) and rows["bare_skipped_need_mib"] == ["-", "-"]
+    assert numbers(rows["framework_over_bare"]) == pytest.approx([b / f for b, f in zip(bare, framework)], rel=2e-2)
+    assert all(peak >= before > 0 for before, peak in zip(numbers(rows["bare_before_mib"]), numbers(rows["bare_peak_mib"])))
+    # one rollout batch of the recipe: 4 groups x 4; before packing padded to the longest, now none and one rank
+    # needs no fillers
+    assert rows["padding_sequences"] == ["16"] and int(rows["padding_tokens"][0]) > 16
+    assert 0 < float(rows["padded_share_before"][0]) < 1
+    assert float(rows["padded_share_after"][0]) == 0 and rows["filler_tokens_after"] == ["0"]
+
+
+def test_a_real_vocabulary_shape_is_built_locally_and_its_memory_beyond_the_weights_stays_near_the_model(toy_world, tmp_path):
+    """MiMo-VL-7B's vocabulary (151,936) and heads on two narrow layers, random weights, cached by shape: the update's
+    memory beyond the weights is about one lm_head chunk and the activations, not [answer, vocabulary] logits."""
+    args = ("--shape", "real-vocab-narrow", "--shape-cache", str(tmp_path), "--sequences", "1", "--prompt-tokens", "64",
+            "--response-tokens", "512", "--steps", "1", "--no-bare", "--padding-batches", "0",
+            "learner.gradient_checkpointing=true")
+    rows = table(bench("learner", toy_world, *args))
+    assert rows["vocab"] == ["151936"] and rows["heads"] == ["2/1"] and rows["hidden"] == ["256"]
+    assert "bare_seconds_per_step" not in rows and "padded_share_before" not in rows
+    assert 0.5 < float(rows["beyond_over_modelled"][0]) < 1.5
+    (built,) = tmp_path.iterdir()
+    assert built.name.startswith("real-vocab-narrow-") and (built / "model.safetensors").is_file()
+
+
+def test_the_learner_bench_refuses_an_unknown_shape_and_answer_lengths_that_are_not_positive_integers():
+    for option, value in (("--shape", "huge"), ("--response-tokens", "512,x"), ("--response-tokens", "0")):
+        done = morl("bench", "learner", str(REPO / "recipes" / "quickstart.yaml"), option, value)
+        assert done.returncode == 2 and option in done.stderr
 
 
 def test_a_skipped_sync_into_vllm_is_stopped_by_the_mismatch_guard(toy_world):
