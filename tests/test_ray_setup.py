@@ -241,7 +241,7 @@ def test_reward_hosts_on_the_private_instance_import_a_module_beside_the_recipe(
     """Ray's workers do not share the driver's import path: the module the recipe's folder holds is shipped to them."""
     (tmp_path / "beside_host_rewards.py").write_text(
         "from morl.rewards.registry import reward\n\n@reward\ndef beside_host(response, sample):\n"
-        '    """Beside the recipe."""\n    return 0.25\n")
+        '    """Beside the recipe."""\n    return 0.25\n')
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"path": str(tmp_path)}, "rewards": {
         "modules": ["beside_host_rewards"], "hosts": 1, "num_workers": 1,
