@@ -64,10 +64,13 @@ def write_rows(world: Path, out: Path, n: int) -> Path:
 
 
 def command(world: Path, root: Path, out_dir: Path, data: Path, *extra: str) -> list[str]:
+    """The run's own model and data: the toy world gives no part of it (its held-out files are named as data.eval)."""
+    held_out = ", ".join(f"{{path: {world / 'data' / t / 'heldout.jsonl'}}}" for t in ("counting", "grounding", "math", "choice"))
     return [
         "train", str(RECIPE), f"toy_world.root={world}", *OVERRIDES,
         f"model.path={root / 'sft_model'}", f"model.processor_path={root / 'sft_processor'}",
-        f"data.train=[{{path: {data}}}]", "trainer.prompts_per_step=2", "eval.max_prompts_per_task=1",
+        f"data.train=[{{path: {data}}}]", f"data.eval=[{held_out}]", "trainer.prompts_per_step=2",
+        "eval.max_prompts_per_task=1",
         *extra, "--output-dir", str(out_dir),
     ]  # fmt: skip
 
