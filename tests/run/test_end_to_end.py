@@ -125,8 +125,9 @@ def test_morl_plot_of_two_runs(runs, tmp_path):
     done = morl("plot", str(root / "run1"), str(root / "run2"), "-o", str(tmp_path / "plots"))
     assert done.returncode == 0, done.stderr[-3000:]
     written = {p.name for p in (tmp_path / "plots").iterdir()}
+    # the quickstart trains on one data file per task: four files, so the per-file panel is drawn too
     assert written == {"reward.png", "pass_rate.png", "response_length.png", "entropy.png", "advantages.png",
-                       "sample_waste.png", "step_time.png", "eval.png"}
+                       "sample_waste.png", "step_time.png", "eval.png", "data_files.png"}
 
 
 def test_grpo_ablation_runs_and_compares(runs):
