@@ -196,7 +196,8 @@ def runs(tmp_path_factory, toy_world):
     # a different data set (3 rows, so the saved data order cannot continue) is refused, then forced
     refused = run("resumed", three, "trainer.max_steps=5", "--resume", expect_rc=2)
     snapshots["refused"] = refused.stderr
-    run("resumed", three, "trainer.max_steps=5", "eval.enabled=false", "--resume", "--force")
+    run("resumed", three, "trainer.max_steps=5", "eval.enabled=false", "rewards.allow_unused_routes=[choice]", "--resume",
+        "--force")
     return root, snapshots
 
 
