@@ -217,7 +217,7 @@ class LearnerConfig(Section):
         1024,
         gt=0,
         description="answer positions per lm_head chunk: log-probs and entropy never hold [tokens, vocabulary] "
-        "logits, only [chunk, vocabulary], recomputed in the backward",
+        "logits, only [chunk, vocabulary], each chunk's gradient made in its forward",
     )
     freeze_vision_tower: bool = Field(False, description="train the language model (and nothing of the ViT)")
     cpus: float = Field(1.0, gt=0, description="CPU cores per learner rank (also its torch threads)")

@@ -78,19 +78,14 @@ def entropy(log_probs: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs.masked_fill(torch.isneginf(log_probs), 0.0)).sum(-1)
 
 
-def policy_gradient_loss_sum(logprobs: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum over response tokens of -w * A * log pi; divide by the batch's total tokens (token-mean).
+def policy_gradient_terms(logprobs: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """-w * A * log pi per response token (arguments of one shape, or broadcastable); their sum over the batch,
+    divided by its total tokens, is the MORL loss (token-mean).
 
-    `weights` is the 0/1 response mask, or `rollout_correction_weights`'s (0 on padding too).
-    Returned as a sum so that micro-batches can be accumulated and normalised by the
-    token count of the whole rollout batch, independent of micro-batch size or ranks.
+    `weights` is the 0/1 response mask, or `rollout_correction_weights`'s (0 on padding too). Per token, so that the
+    learner sums micro-batches and chunks of them alike, normalised by the token count of the whole rollout batch.
     """
-    return -(advantages.unsqueeze(-1) * logprobs * weights).sum()
-
-
-def token_mean_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The MORL loss of one whole batch: [B, T] log-probs, [B] advantages, [B, T] 0/1 mask."""
-    return policy_gradient_loss_sum(logprobs, advantages, mask) / mask.sum().clamp(min=1)
+    return -(advantages * logprobs * weights)
 
 
 # --- vanilla GRPO: the ablation MORL is compared against (docs/algorithm.md section 1) -------------------------
@@ -114,7 +109,7 @@ def mini_batch_slices(n: int, parts: int) -> list[range]:
     return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
 
 
-def clipped_policy_loss_sum(
+def clipped_policy_terms(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
@@ -122,28 +117,27 @@ def clipped_policy_loss_sum(
     clip_low: float,
     clip_high: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over response tokens of -w min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), and the clipped-token count.
+    """-w min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) per response token, and where the clip acted (boolean).
 
     A token whose ratio has already moved past the clip in the direction its advantage pushes gets no
-    gradient: that is what bounds how far several steps on one rollout batch move the policy. The count
-    is of tokens where the clipped term is the active one (the numerator of the clip fraction), among those
-    with a weight (`weights`: the 0/1 mask or `rollout_correction_weights`'s). Returned as a sum, like
-    `policy_gradient_loss_sum`, to be divided by the mini-batch's token count.
+    gradient: that is what bounds how far several steps on one rollout batch move the policy. The clipped tokens
+    are those where the clipped term is the active one (the numerator of the clip fraction), among those with a
+    weight (`weights`: the 0/1 mask or `rollout_correction_weights`'s). Arguments of one shape (or broadcastable);
+    the terms' sum is divided by the mini-batch's token count.
     """
     ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    adv = advantages.unsqueeze(-1)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    return (torch.maximum(unclipped, clipped) * weights).sum(), ((clipped > unclipped) & (weights > 0)).sum()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped) * weights, (clipped > unclipped) & (weights > 0)
 
 
-def k3_kl_sum(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over response tokens of k3 = exp(ref - logp) - (ref - logp) - 1, the KL(pi || ref) estimate GRPO uses.
+def k3_kl_terms(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(ref - logp) - (ref - logp) - 1 per token, the KL(pi || ref) estimate GRPO uses.
 
     Unbiased for sampled tokens, never negative, and exactly 0 (with zero gradient) where pi equals ref.
     """
     delta = (ref_logprobs - logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    return ((torch.exp(delta) - delta - 1) * mask).sum()
+    return torch.exp(delta) - delta - 1
 
 
 # --- rollout correction: the rollout engine's numerics are not the learner's (module docstring) -------------

@@ -11,15 +11,16 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from morl.algo.core import (
-    clipped_policy_loss_sum,
-    k3_kl_sum,
+    clipped_policy_terms,
+    k3_kl_terms,
     mini_batch_slices,
-    policy_gradient_loss_sum,
+    policy_gradient_terms,
     rollout_correction_weights,
 )
 from morl.config import AlgoConfig
@@ -28,7 +29,21 @@ from morl.types import TrainBatch
 # what each `algo.rollout_correction` logs: the share of response tokens truncated at the cap, or dropped
 CORRECTION_METRICS = {"tis": "rollout_correction/weighted_share", "seq_mask": "rollout_correction/masked_share"}
 
-LossOf = Callable[[Sequence[int], torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+class MicroBatchLoss(Protocol):
+    """A micro-batch's share of a step's loss, per answer token in packed order (`morl.learner.logprobs.TokenLoss`),
+    and the statistics the rule sums over micro-batches once the log-probs are known."""
+
+    tokens: int
+
+    def terms(self, logprobs: torch.Tensor, rows: slice) -> torch.Tensor: ...
+
+    def dropped(self, logprobs: torch.Tensor) -> torch.Tensor | None: ...
+
+    def stats(self, logprobs: torch.Tensor) -> dict[str, float]: ...
+
+
+LossOf = Callable[[Sequence[int]], MicroBatchLoss]
 
 
 class UpdateContext(Protocol):
@@ -92,12 +107,9 @@ class MorlUpdate(_Update):
         """
         total_tokens = token_count(batch, range(len(batch)))
 
-        def loss_of(idx, logprobs, mask):
-            rollout = padded(batch.rollout_logprobs, idx, logprobs)
-            weights, corrected = self.correction(logprobs, rollout, mask)
-            loss = policy_gradient_loss_sum(logprobs, advantages(batch, idx, logprobs), weights) / total_tokens
-            mismatch = (logprobs.detach() - rollout).abs() * mask
-            return loss, {"mismatch": mismatch.sum().item(), "corrected": corrected.item()}
+        def loss_of(idx: Sequence[int]) -> MorlLoss:
+            return MorlLoss(self, response_lengths(batch, idx), per_token(batch.advantages, batch, idx),
+                            flat(batch.rollout_logprobs, idx), total_tokens)
 
         loss, grad_norm, sums = learner.optimizer_step(batch, range(len(batch)), loss_of)
         return {
@@ -181,22 +193,95 @@ class GrpoUpdate(_Update):
             corrected += count.item()
         return weights, learner.sum_over_ranks({"mismatch": mismatch, "corrected": corrected})
 
-    def _loss(self, batch, old, ref, weights, tokens, idx, logprobs, mask):
-        """A micro-batch's share of one GRPO step: (clipped surrogate + kl_coef * k3) / the mini-batch's tokens.
-
-        `weights` (per sequence) are the rollout correction's; they weight the surrogate, not the KL.
-        """
-        algo = self.algo
-        old_logprobs, adv = padded(old, idx, logprobs), advantages(batch, idx, logprobs)
-        loss, clipped = clipped_policy_loss_sum(
-            logprobs, old_logprobs, adv, padded(weights, idx, logprobs), algo.clip_low, algo.clip_high
+    def _loss(self, batch, old, ref, weights, tokens, idx) -> GrpoLoss:
+        """A micro-batch's share of one GRPO step: (clipped surrogate + kl_coef * k3) / the mini-batch's tokens."""
+        return GrpoLoss(
+            self.algo, per_token(batch.advantages, batch, idx), flat(old, idx), flat(weights, idx),
+            flat(ref, idx) if ref is not None else None, tokens,
         )
-        stats = {"clipped": clipped.item(), "tokens": mask.sum().item()}
-        if ref is not None:
-            kl = k3_kl_sum(logprobs, padded(ref, idx, logprobs), mask)
-            loss = loss + algo.kl_coef * kl
-            stats["kl"] = kl.item()
-        return loss / tokens, stats
+
+
+@dataclass
+class MorlLoss:
+    """MORL's loss of a micro-batch's answer tokens: -w * A * log pi / the batch's tokens, w the rollout correction's.
+
+    Flat per-token side data in packed answer order. Under tis a token's weight comes from its own log-prob; under
+    seq_mask from its whole response's, so the loss first counts every response and `dropped` names the tokens of
+    those the correction drops once all log-probs are known.
+    """
+
+    rule: _Update
+    lengths: list[int]  # answer tokens per sequence
+    advantages: torch.Tensor  # [tokens]: each token its sequence's advantage
+    rollout: torch.Tensor  # [tokens]: the rollout engine's log-probs
+    total_tokens: int  # the whole batch's: what the token-mean divides by
+
+    @property
+    def tokens(self) -> int:
+        return len(self.advantages)
+
+    def terms(self, logprobs: torch.Tensor, rows: slice) -> torch.Tensor:
+        weights = torch.ones_like(logprobs)
+        if self.rule.algo.rollout_correction == "tis":  # per token: the chunk's own log-probs are enough
+            weights = self.rule.correction(logprobs[None], self.rollout[rows].to(logprobs)[None], weights[None])[0][0]
+        return policy_gradient_terms(logprobs, self.advantages[rows].to(logprobs), weights) / self.total_tokens
+
+    def dropped(self, logprobs: torch.Tensor) -> torch.Tensor | None:
+        if self.rule.algo.rollout_correction != "seq_mask":
+            return None
+        lp, rollout, mask = as_rows([logprobs, self.rollout.to(logprobs)], self.lengths)
+        weights, _ = self.rule.correction(lp, rollout, mask)
+        return weights[mask.bool()] == 0
+
+    def stats(self, logprobs: torch.Tensor) -> dict[str, float]:
+        """The rollout-vs-learner log-prob mismatch and the tokens the correction acted on, summed."""
+        lp, rollout, mask = as_rows([logprobs.cpu(), self.rollout], self.lengths)
+        _, corrected = self.rule.correction(lp, rollout, mask)
+        return {"mismatch": (logprobs.cpu() - self.rollout).abs().sum().item(), "corrected": corrected.item()}
+
+
+@dataclass
+class GrpoLoss:
+    """GRPO's loss of a micro-batch's answer tokens: (w * clipped surrogate + kl_coef * k3) / the mini-batch's tokens.
+
+    Everything but the log-probs comes before the forward: the old and reference log-probs, and the rollout
+    correction's weights of pi_old against pi_rollout (they weight the surrogate, not the KL).
+    """
+
+    algo: AlgoConfig
+    advantages: torch.Tensor  # [tokens]
+    old: torch.Tensor  # [tokens]: pi_old's log-probs
+    weights: torch.Tensor  # [tokens]
+    ref: torch.Tensor | None  # [tokens]: the reference's log-probs, with a KL term
+    mini_batch_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.advantages)
+
+    def terms(self, logprobs: torch.Tensor, rows: slice) -> torch.Tensor:
+        loss, _ = self._surrogate(logprobs, rows)
+        if self.ref is not None:
+            loss = loss + self.algo.kl_coef * k3_kl_terms(logprobs, self.ref[rows].to(logprobs))
+        return loss / self.mini_batch_tokens
+
+    def dropped(self, logprobs: torch.Tensor) -> None:
+        return None
+
+    def stats(self, logprobs: torch.Tensor) -> dict[str, float]:
+        """Clipped tokens, tokens and (with a KL term) the summed k3."""
+        logprobs = logprobs.cpu()
+        _, clipped = self._surrogate(logprobs, slice(None))
+        stats = {"clipped": clipped.sum().item(), "tokens": float(self.tokens)}
+        if self.ref is not None:
+            stats["kl"] = k3_kl_terms(logprobs, self.ref).sum().item()
+        return stats
+
+    def _surrogate(self, logprobs: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return clipped_policy_terms(
+            logprobs, self.old[rows].to(logprobs), self.advantages[rows].to(logprobs), self.weights[rows].to(logprobs),
+            self.algo.clip_low, self.algo.clip_high,
+        )
 
 
 UPDATES: dict[str, type[_Update]] = {"morl": MorlUpdate, "grpo": GrpoUpdate}
@@ -242,7 +327,7 @@ def entropy_metrics(sums: Mapping[str, float]) -> dict[str, float]:
     return metrics
 
 
-# --- per-sequence values as padded tensors ------------------------------------------------------------------------
+# --- per-sequence values as per-token tensors ---------------------------------------------------------------------
 
 
 def token_count(batch: TrainBatch, indices: Iterable[int]) -> int:
@@ -250,15 +335,30 @@ def token_count(batch: TrainBatch, indices: Iterable[int]) -> int:
     return sum(batch.shapes[i].response_tokens for i in indices)
 
 
-def advantages(batch: TrainBatch, idx: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """The sequences' advantages as a [B] tensor beside `like`."""
-    return torch.tensor([batch.advantages[i] for i in idx], dtype=like.dtype, device=like.device)
+def response_lengths(batch: TrainBatch, idx: Sequence[int]) -> list[int]:
+    """Answer tokens of each of the sequences `idx`, in order."""
+    return [batch.shapes[i].response_tokens for i in idx]
 
 
-def padded(per_sequence: Sequence, idx: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """Per-token values of the sequences `idx` (lists or tensors), right-padded with 0 to `like`'s [B, T]."""
-    out = torch.zeros_like(like, requires_grad=False)
-    for row, i in enumerate(idx):
-        values = torch.as_tensor(per_sequence[i], dtype=like.dtype)
-        out[row, : len(values)] = values
-    return out
+def per_token(per_sequence: Sequence[float], batch: TrainBatch, idx: Sequence[int]) -> torch.Tensor:
+    """A per-sequence value (the advantage) repeated over each of the sequences' answer tokens, flat float32."""
+    values = torch.tensor([per_sequence[i] for i in idx], dtype=torch.float32)
+    return values.repeat_interleave(torch.tensor(response_lengths(batch, idx), dtype=torch.long))
+
+
+def flat(per_sequence: Sequence, idx: Sequence[int]) -> torch.Tensor:
+    """Per-token values of the sequences `idx` (lists or tensors), one after another: float32, on the host."""
+    parts = [torch.as_tensor(per_sequence[i], dtype=torch.float32).cpu() for i in idx]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def as_rows(values: Sequence[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
+    """Flat per-token tensors as [sequences, longest] rows right-padded with 0, and the 0/1 mask last."""
+    width = max(lengths, default=0)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths, dtype=torch.long)[:, None]).float()
+    out = []
+    for v in values:
+        rows = torch.zeros(len(lengths), width, dtype=v.dtype, device=v.device)
+        rows[mask.bool().to(v.device)] = v
+        out.append(rows)
+    return [*out, mask.to(values[0].device) if values else mask]

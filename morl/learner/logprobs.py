@@ -2,18 +2,22 @@
 
 The model runs once over the packed sequences (`morl.learner.packing`) for its final hidden states; only the answer
 positions' rows go through lm_head, `chunk_tokens` rows at a time, each chunk's log-softmax in float32 with the
-temperature and the banned placeholder ids applied (`morl.algo.core.sampling_log_softmax`). Under autograd a chunk
-is checkpointed: the backward recomputes its logits instead of keeping them, so a 32K-token answer at a vocabulary
-of 151,936 costs one chunk's logits, not 32K rows of them (docs/learner.md).
+temperature and the banned placeholder ids applied (`morl.algo.core.sampling_log_softmax`). Without gradient that
+is all (`response_logprobs`). To train (`response_loss`), the loss is a sum over tokens of a function of each
+token's own log-prob (`TokenLoss`), so each chunk's gradient with respect to its logits is known as soon as its
+log-softmax is: the chunk's share of the gradients of the hidden rows and of lm_head's weight is computed there and
+then, and the logits are dropped. A 32K-token answer at a vocabulary of 151,936 costs one chunk's logits, and the
+backward recomputes nothing (docs/learner.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.nn.functional as F
 
 from morl.algo.core import entropy, sampling_log_softmax
 from morl.compat import attention_implementation
@@ -23,11 +27,28 @@ from morl.types import EncodedPrompt
 
 @dataclass
 class AnswerScores:
-    """Per-token values of a micro-batch's answers, right-padded to [B, T] with 0 beyond each answer."""
+    """Per-token values of a micro-batch's answers, right-padded to [B, T] with 0 beyond each answer, no gradient."""
 
-    logprobs: torch.Tensor  # log pi(token), with gradient when the forward had one
-    entropy: torch.Tensor  # H of the sampling distribution at that position, no gradient
+    logprobs: torch.Tensor  # log pi(token)
+    entropy: torch.Tensor  # H of the sampling distribution at that position
     mask: torch.Tensor  # 1 on answer tokens, 0 on padding
+
+
+class TokenLoss(Protocol):
+    """A loss over the first `tokens` answer tokens of a micro-batch, in packed order: a sum of per-token terms.
+
+    The answer tokens after them (fillers) get no loss. `terms` must depend on each token's own log-prob only (and on
+    data known before the forward); `dropped` may look at every log-prob at once, for rules that drop whole
+    sequences by them.
+    """
+
+    tokens: int
+
+    def terms(self, logprobs: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The loss terms of tokens `rows` from their float32 log-probs `logprobs`, differentiable in them."""
+
+    def dropped(self, logprobs: torch.Tensor) -> torch.Tensor | None:
+        """Boolean [tokens]: the tokens whose term leaves the loss once all `logprobs` are known; None for none."""
 
 
 def response_logprobs(
@@ -41,8 +62,40 @@ def response_logprobs(
 ) -> AnswerScores:
     """Log-probs and entropies of each response's tokens given its prompt (and images), from one packed forward.
 
-    `model` is a Qwen2.5-VL model or a DeepSpeed engine holding one; the inputs go to its device.
+    No gradient (to train, `response_loss`). `model` is a Qwen2.5-VL model or a DeepSpeed engine holding one; the
+    inputs go to its device.
     """
+    with torch.no_grad():
+        module, hidden, packed = _answer_hidden_states(model, prompts, responses)
+        logprobs, entropies = answer_logprobs(
+            module.lm_head, hidden, packed.targets, temperature, banned_ids, chunk_tokens
+        )
+    return AnswerScores(*padded_rows([logprobs, entropies], packed.answer_lengths))
+
+
+def response_loss(
+    model,
+    prompts: Sequence[EncodedPrompt],
+    responses: Sequence[Sequence[int]],
+    loss: TokenLoss,
+    *,
+    temperature: float = 1.0,
+    banned_ids: Sequence[int] = (),
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, AnswerScores]:
+    """`loss` over the responses' tokens (a scalar to call backward on once) and their scores, from one forward.
+
+    `loss.tokens` counts the first responses' tokens; the rest (fillers) run the same modules with no loss.
+    """
+    module, hidden, packed = _answer_hidden_states(model, prompts, responses)
+    value, logprobs, entropies = fused_answer_loss(
+        module.lm_head, hidden, packed.targets, temperature, banned_ids, chunk_tokens, loss
+    )
+    return value, AnswerScores(*padded_rows([logprobs, entropies], packed.answer_lengths))
+
+
+def _answer_hidden_states(model, prompts, responses) -> tuple[torch.nn.Module, torch.Tensor, PackedSequences]:
+    """The HF module, the final hidden states of the answer positions [A, hidden], and the packed inputs."""
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
     config = module.config
     packed = pack(
@@ -52,16 +105,14 @@ def response_logprobs(
         image_token_id=config.image_token_id,
         video_token_id=config.video_token_id,
     ).to(model.device)
-    hidden = final_hidden_states(model, module, packed)[0, packed.answer_index]
-    logprobs, entropies = answer_logprobs(module.lm_head, hidden, packed.targets, temperature, banned_ids, chunk_tokens)
-    return AnswerScores(*padded_rows([logprobs, entropies], packed.answer_lengths))
+    return module, final_hidden_states(model, module, packed)[0, packed.answer_index], packed
 
 
 def final_hidden_states(model, module, packed: PackedSequences) -> torch.Tensor:
     """[1, N, hidden]: the language model's normed output, read by a hook on the inner model.
 
     The forward goes through `model` itself (a DeepSpeed engine's hooks gather and release ZeRO-3 shards per
-    forward) and asks lm_head for no position at all: the logits come from `answer_logprobs`, in chunks.
+    forward) and asks lm_head for no position at all: the logits come from the chunks.
     """
     captured: list[torch.Tensor] = []
     hook = module.model.register_forward_hook(lambda _, __, out: captured.append(out.last_hidden_state))
@@ -74,6 +125,7 @@ def final_hidden_states(model, module, packed: PackedSequences) -> torch.Tensor:
     return captured[0]
 
 
+@torch.no_grad()
 def answer_logprobs(
     lm_head: torch.nn.Module,
     hidden: torch.Tensor,
@@ -84,38 +136,127 @@ def answer_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(target) and the entropy at each of the A rows of `hidden` [A, hidden]: two float32 [A] tensors.
 
-    Every chunk but the last is checkpointed: the last one's log-softmax is the first the backward needs, so keeping
-    it costs one chunk of memory and saves its recompute (an answer of one chunk is never recomputed). lm_head is
-    called as a module, once per chunk (and again per recomputed chunk in the backward), so ZeRO-3 gathers its
-    shard each time as it does for any module.
+    lm_head is called as a module, once per chunk, so ZeRO-3 gathers its shard as it does for any module.
     """
-    logprobs, entropies = [], []
-    for start in range(0, len(targets), chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
-        if torch.is_grad_enabled() and start + chunk_tokens < len(targets):
-            lp, h = checkpoint(
-                _chunk, lm_head, hidden[rows], targets[rows], temperature, banned_ids, use_reentrant=False
-            )
-        else:
-            lp, h = _chunk(lm_head, hidden[rows], targets[rows], temperature, banned_ids)
-        logprobs.append(lp)
-        entropies.append(h)
-    if not logprobs:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat(logprobs), torch.cat(entropies)
+    logprobs = hidden.new_zeros(len(targets), dtype=torch.float32)
+    entropies = torch.zeros_like(logprobs)
+    for rows in _chunks(len(targets), chunk_tokens):
+        log_probs = sampling_log_softmax(lm_head(hidden[rows]), temperature, banned_ids)
+        logprobs[rows] = log_probs.gather(-1, targets[rows, None])[:, 0]
+        entropies[rows] = entropy(log_probs)
+    return logprobs, entropies
 
 
-def _chunk(lm_head, hidden, targets, temperature, banned_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    log_probs = sampling_log_softmax(lm_head(hidden), temperature, banned_ids)
-    with torch.no_grad():
-        h = entropy(log_probs)
-    return log_probs.gather(-1, targets[:, None]).squeeze(-1), h
+def fused_answer_loss(
+    lm_head: torch.nn.Linear,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    banned_ids: Sequence[int],
+    chunk_tokens: int,
+    loss: TokenLoss,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`loss` of the answer tokens (a float32 scalar whose backward reaches `hidden` and lm_head's weight), and
+    their float32 log-probs and entropies without gradient.
+
+    The work runs inside a call of lm_head as a module (on no rows, its own output unused), in a forward hook that
+    runs before any other: a DeepSpeed ZeRO-3 engine has gathered the weight for that call, and its hooks wrap the
+    loss so that the backward gathers the weight again before handing it its gradient and releases it after. A
+    tied lm_head (the embedding's weight) gets this gradient added to the embedding's by autograd.
+    """
+    if lm_head.bias is not None:
+        raise ValueError("fused_answer_loss: lm_head has a bias; Qwen2.5-VL's has none and no gradient is made for one")
+    scores: list[torch.Tensor] = []
+
+    def fused(module, args, _no_logits):
+        value, logprobs, entropies = _FusedAnswerLoss.apply(
+            args[0], hidden, module.weight, targets, temperature, tuple(banned_ids), chunk_tokens, loss
+        )
+        scores.extend([logprobs, entropies])
+        return value
+
+    handle = lm_head.register_forward_hook(fused, prepend=True)
+    try:
+        value = lm_head(hidden[:0])
+    finally:
+        handle.remove()
+    return value, *scores
+
+
+class _FusedAnswerLoss(torch.autograd.Function):
+    """The chunked lm_head, log-softmax and loss, with the gradients made in the forward and handed out in one
+    backward (DeepSpeed counts one gradient per weight per micro-step: a backward per chunk would break ZeRO-2).
+
+    Per chunk, with g = d loss / d log pi(target) from autograd on the chunk's [C] terms and p the sampling
+    distribution (0 at banned ids): d loss / d logits = g (onehot(target) - p) / temperature, whence the hidden
+    rows' gradient (times W) and W's (summed over chunks in float32). Tokens `loss.dropped` names are taken out
+    afterwards by recomputing their chunks' p: only a rule that drops sequences pays that, for those it drops.
+    """
+
+    @staticmethod
+    def forward(ctx, no_rows, hidden, weight, targets, temperature, banned_ids, chunk_tokens, loss):
+        counted = loss.tokens
+        logprobs = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device)
+        entropies, terms, g = torch.zeros_like(logprobs), torch.zeros_like(logprobs), torch.zeros_like(logprobs)
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        for rows in _chunks(len(targets), chunk_tokens):
+            log_probs = sampling_log_softmax(F.linear(hidden[rows], weight), temperature, banned_ids)
+            logprobs[rows] = log_probs.gather(-1, targets[rows, None])[:, 0]
+            entropies[rows] = entropy(log_probs)
+            scored = slice(rows.start, min(rows.stop, counted))
+            if scored.start < scored.stop:
+                with torch.enable_grad():
+                    lp = logprobs[scored].clone().requires_grad_()
+                    chunk_terms = loss.terms(lp, scored)
+                    (g[scored],) = torch.autograd.grad(chunk_terms.sum(), lp, allow_unused=True, materialize_grads=True)
+                terms[scored] = chunk_terms.detach()
+            grad_logits = _logit_gradient(log_probs, targets[rows], g[rows], temperature).to(weight.dtype)
+            del log_probs
+            grad_hidden[rows] = grad_logits @ weight
+            grad_weight += grad_logits.T @ hidden[rows]
+        dropped = loss.dropped(logprobs[:counted]) if counted else None
+        if dropped is not None and dropped.any():
+            where = dropped.nonzero()[:, 0]
+            for part in _chunks(len(where), chunk_tokens):
+                idx = where[part]
+                log_probs = sampling_log_softmax(F.linear(hidden[idx], weight), temperature, banned_ids)
+                grad_logits = _logit_gradient(log_probs, targets[idx], g[idx], temperature).to(weight.dtype)
+                grad_weight -= grad_logits.T @ hidden[idx]
+            grad_hidden[where] = 0
+            terms[where] = 0
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.no_rows = no_rows.shape
+        ctx.mark_non_differentiable(logprobs, entropies)
+        return terms.sum(), logprobs, entropies
+
+    @staticmethod
+    def backward(ctx, grad_loss, _logprobs, _entropies):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            grad_hidden.new_zeros(ctx.no_rows),  # lm_head's own input: ZeRO-3 releases the weight once it has a gradient
+            grad_hidden * grad_loss.to(grad_hidden.dtype),
+            (grad_weight * grad_loss).to(ctx.weight_dtype),
+            None, None, None, None, None,
+        )
+
+
+def _logit_gradient(log_probs: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[C, V] float32: g (onehot(target) - p) / temperature, the gradient of sum_c g_c log p_c(target_c) (in g's
+    direction) with respect to the logits, where log p = log_softmax(logits / temperature) with banned ids removed."""
+    grad = log_probs.exp_().mul_(-g[:, None])  # p = 0 at banned ids: their logits get no gradient
+    grad.scatter_add_(-1, targets[:, None], g[:, None])
+    return grad.div_(temperature)
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def padded_rows(flat: Sequence[torch.Tensor], lengths: Sequence[int]) -> list[torch.Tensor]:
-    """Each flat [sum(lengths)] tensor as [len(lengths), max(lengths)] rows (0 beyond a row's length, gradient
-    kept), and the 0/1 mask last."""
+    """Each flat [sum(lengths)] tensor as [len(lengths), max(lengths)] rows (0 beyond a row's length), and the 0/1
+    mask last."""
     device = flat[0].device
     width = max(lengths, default=0)
     rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))

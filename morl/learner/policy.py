@@ -25,7 +25,7 @@ from morl.checkpoint_layout import ENGINE_DIR, POLICY_DIR, CheckpointError
 from morl.compat import full_numel, packed_attention, use_reference_video_positions, zero_kept_gradients
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
 from morl.learner.buckets import SharedBuckets, pack_bucket
-from morl.learner.logprobs import AnswerScores, response_logprobs
+from morl.learner.logprobs import TokenLoss, response_logprobs, response_loss
 from morl.learner.lr_schedule import lr_multiplier
 from morl.learner.packing import filler_sequence
 from morl.learner.shares import MicroBatch, rank_plan
@@ -203,10 +203,10 @@ class PolicyLearner:
     def optimizer_step(self, batch: TrainBatch, indices: Sequence[int], loss_of, where: str = ""):
         """One optimizer step over `batch[indices]`, gradients accumulated over micro-batches and ranks.
 
-        `loss_of(idx, logprobs, mask)` gives a micro-batch's share of the step's loss (already divided by
-        the token count the step normalises by) and stats to sum over micro-batches; it may get no rows.
-        DeepSpeed averages gradients over ranks, so each rank's loss is scaled by the rank count to make
-        the step the sum of every share's gradient. Returns (loss, grad norm, summed stats) of all ranks.
+        `loss_of(idx)` gives a micro-batch's share of the step's loss, per answer token (already divided by the token
+        count the step normalises by) with the stats to sum over micro-batches; it may get no rows. DeepSpeed
+        averages gradients over ranks, so each rank's loss is scaled by the rank count to make the step the sum of
+        every share's gradient. Returns (loss, grad norm, summed stats) of all ranks.
         """
         self.engine.train()
         if self.cfg.zero_stage > 0:
@@ -215,19 +215,20 @@ class PolicyLearner:
         chunks = self.micro_batches(batch, indices)
         for k, micro in enumerate(chunks):
             with self._out_of_memory_named(batch, micro):
-                scores = self._scores(self.engine, batch, micro)
+                token_loss = loss_of(micro.rows)
+                # the fillers, after the rows, get no loss but run the backward through the modules other ranks use
+                loss, scores = self._scores(self.engine, batch, micro, token_loss)
                 counted = len(micro.rows)
-                logprobs, mask = scores.logprobs[:counted], scores.mask[:counted]
-                loss, stats = loss_of(micro.rows, logprobs, mask)
+                stats = token_loss.stats(scores.logprobs[:counted][scores.mask[:counted].bool()])
                 if self._any_rank(not torch.isfinite(loss)):
                     self.engine.zero_grad()
                     raise NonFiniteLossError(f"loss is not finite in micro-batch {k}{where}; the update was skipped")
                 self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
-                # the fillers' term moves no weight but runs the backward through the modules other ranks use
-                self.engine.backward(loss * self.world + 0.0 * scores.logprobs[counted:].sum())
+                self.engine.backward(loss * self.world)
             loss_total += loss.item()
             sums.update(stats)
-            sums.update(entropy_sums(scores.entropy[:counted], mask, [self._task(batch, i) for i in micro.rows]))
+            sums.update(entropy_sums(scores.entropy[:counted], scores.mask[:counted],
+                                     [self._task(batch, i) for i in micro.rows]))
         self.engine.step()
         grad_norm = float(self.engine.get_global_grad_norm())
         if not math.isfinite(grad_norm):
@@ -278,19 +279,17 @@ class PolicyLearner:
         """This rank's micro-batches of the sequences `indices`: its token-balanced share, in step with the others."""
         return rank_plan(batch, indices, self.cfg, ranks=self.world, rank=self.rank)
 
-    def _scores(self, model, batch: TrainBatch, micro: MicroBatch) -> AnswerScores:
-        """Log-probs and entropies of the micro-batch's rows, then of its fillers (cut to the least they need)."""
+    def _scores(self, model, batch: TrainBatch, micro: MicroBatch, loss: TokenLoss | None = None):
+        """Scores of the micro-batch's rows, then of its fillers (cut to the least they need): without `loss` their
+        log-probs and entropies, with it (`response_loss`) the loss and those."""
         config = self.engine.module.config
         pairs = [(batch.prompts[i], batch.responses[i]) for i in micro.rows]
         pairs += [filler_sequence(batch.prompts[f.row], f.kind, config) for f in micro.fillers]
-        return response_logprobs(
-            model,
-            [p for p, _ in pairs],
-            [r for _, r in pairs],
-            temperature=self.temperature,
-            banned_ids=self.banned_ids,
-            chunk_tokens=self.cfg.logprob_chunk_tokens,
-        )
+        prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+        options = dict(temperature=self.temperature, banned_ids=self.banned_ids, chunk_tokens=self.cfg.logprob_chunk_tokens)
+        if loss is None:
+            return response_logprobs(model, prompts, responses, **options)
+        return response_loss(model, prompts, responses, loss, **options)
 
     @staticmethod
     def _task(batch: TrainBatch, i: int) -> str | None:

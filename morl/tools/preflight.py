@@ -10,7 +10,8 @@ runs alone. So its largest micro-batch holds M = max(min(budget, micro_batch_siz
 most A = max(min(budget, micro_batch_size x max_new_tokens), max_new_tokens) are answer tokens, and a
 micro-batch of two or more sequences holds at most K = min(budget, micro_batch_size x S) (none when
 micro_batch_size is 1). Log-probs come from the answer positions' final hidden states, pushed through lm_head
-in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each recomputed in the backward.
+in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each chunk's gradient made in its forward
+(nothing recomputed in the backward).
 
     learner weights      b P, / n under ZeRO-3; with offload_params only the live layers stay on the GPU
             gradients    b T, / n under ZeRO-2 and 3; one reduce bucket with offload_optimizer
@@ -21,8 +22,10 @@ in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each recomput
                          full-size gradient bucket b x 5e8 filled before each reduce-scatter
             activations  M tokens x every layer's saved tensors, b (7 h + 3 kv + 4 I) each; with
                          checkpointing each layer's input (b h) plus one layer's tensors
-            logits       one chunk, C V (2 b + 16): its logits in b, their float32 copy, the log-softmax, and in
-                         the backward's recompute also the float32 gradient, the softmax and the gradient in b
+            logits       one chunk, C V (2 b + 16): its logits in b, their float32 copy, the banned ids' fill, the
+                         log-softmax (turned in place into the float32 gradient), the gradient in b
+            lm_head grad V h (4 + b): lm_head's weight gradient summed over the chunks in float32, and one
+                         chunk's share in b, held from the forward to the backward, whole on every rank
             answer rows  2 A h b: the answer positions' hidden states, gathered, and their gradient
             attention    sdpa runs each packed sequence by itself, flash_attention_2 by sequence boundaries:
                          no mask, no scores. eager: an additive block mask of the K packed tokens, K^2 b, and
@@ -297,6 +300,7 @@ def learner_activations(shape: ModelShape, cfg: RunConfig, mb: MicroBatch | None
     parts = {
         "activations": text,
         "logits (one lm_head chunk)": chunk * shape.vocab * (2 * b + 16),
+        "lm_head gradient (float32, from the chunks)": shape.vocab * shape.hidden * (4 + b),
         "answer hidden states": 2 * mb.answer_tokens * shape.hidden * b,
         **attention_parts(shape, cfg, mb),
     }

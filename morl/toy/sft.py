@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
-from morl.algo.core import token_mean_loss
 from morl.compat import packed_attention
 from morl.console import StepProgress, stderr_console
 from morl.data.encoding import PromptEncoder
 from morl.data.rows import Row
-from morl.learner.logprobs import response_logprobs
+from morl.learner.logprobs import response_loss
 from morl.learner.lr_schedule import lr_multiplier
 from morl.learner.policy import trainable_parameters
 
 WARMUP_STEPS = 20
 MIN_LR_RATIO = 0.1
 PROGRESS_LINES = 10  # off a terminal: about this many plain lines for the whole warm-up
+
+
+@dataclass
+class MeanNegativeLogLikelihood:
+    """-log pi per answer token over the batch's token count: the MORL loss with every advantage 1."""
+
+    tokens: int
+
+    def terms(self, logprobs: torch.Tensor, rows: slice) -> torch.Tensor:
+        return -logprobs / self.tokens
+
+    def dropped(self, logprobs: torch.Tensor) -> None:
+        return None
 
 
 def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
@@ -50,8 +63,7 @@ def warm_up(model, processor, rows: list[Row], *, steps: int, batch_size: int, l
         for _ in range(steps):
             chosen = rng.sample(examples, min(batch_size, len(examples)))
             prompts, responses = [p for p, _ in chosen], [r for _, r in chosen]
-            scores = response_logprobs(model, prompts, responses)
-            loss = token_mean_loss(scores.logprobs, torch.ones(len(chosen)), scores.mask)
+            loss, _ = response_loss(model, prompts, responses, MeanNegativeLogLikelihood(sum(map(len, responses))))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)

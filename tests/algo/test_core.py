@@ -6,18 +6,31 @@ import pytest
 import torch
 
 from morl.algo.core import (
-    clipped_policy_loss_sum,
+    clipped_policy_terms,
     entropy,
     group_advantages,
-    k3_kl_sum,
+    k3_kl_terms,
     mini_batch_slices,
-    policy_gradient_loss_sum,
+    policy_gradient_terms,
     rollout_correction_weights,
     sampling_log_softmax,
     token_logprobs,
-    token_mean_loss,
     zero_variance_groups,
 )
+
+
+def clipped_policy_loss_sum(logprobs, old, advantages, weights, clip_low, clip_high):
+    """The per-token terms summed over [B, T] rows with a [B] advantage, and the clipped-token count."""
+    terms, clipped = clipped_policy_terms(logprobs, old, advantages[:, None], weights, clip_low, clip_high)
+    return terms.sum(), clipped.sum()
+
+
+def policy_gradient_loss_sum(logprobs, advantages, weights):
+    return policy_gradient_terms(logprobs, advantages[:, None], weights).sum()
+
+
+def token_mean_loss(logprobs, advantages, mask):
+    return policy_gradient_loss_sum(logprobs, advantages, mask) / mask.sum()
 
 
 def test_advantage_closed_form():
@@ -149,7 +162,7 @@ def test_k3_kl_closed_form():
     logprobs = torch.tensor([[math.log(0.5), math.log(0.3)]], requires_grad=True)
     ref = torch.tensor([[math.log(0.25), math.log(0.9)]])
     mask = torch.tensor([[1.0, 0.0]])
-    kl = k3_kl_sum(logprobs, ref, mask)
+    kl = (k3_kl_terms(logprobs, ref) * mask).sum()
     assert kl.item() == pytest.approx(0.5 + math.log(2.0) - 1.0)
     kl.backward()
     assert logprobs.grad[0].tolist() == pytest.approx([0.5, 0.0])
@@ -157,7 +170,7 @@ def test_k3_kl_closed_form():
 
 def test_k3_kl_is_zero_with_zero_gradient_at_the_reference():
     logprobs = torch.tensor([[-0.3, -2.0, -5.0]], requires_grad=True)
-    kl = k3_kl_sum(logprobs, logprobs.detach().clone(), torch.ones(1, 3))
+    kl = k3_kl_terms(logprobs, logprobs.detach().clone()).sum()
     kl.backward()
     assert kl.item() == 0.0
     assert torch.equal(logprobs.grad, torch.zeros(1, 3))

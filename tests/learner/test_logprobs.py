@@ -1,5 +1,7 @@
 """The learner's forward: packed sequences and chunked lm_head give what one full forward per sequence gives."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -9,7 +11,7 @@ from morl.compat import PACKED_SDPA, attention_implementation, packed_attention,
 from morl.data.encoding import PromptEncoder, collate, vision_token_ids
 from morl.data.loading import load_dataset
 from morl.data.rows import Row
-from morl.learner.logprobs import response_logprobs
+from morl.learner.logprobs import response_logprobs, response_loss
 from morl.learner.packing import filler_sequence
 from morl.learner.shares import IMAGES, VIDEOS
 
@@ -89,6 +91,23 @@ def test_eager_attention_packs_with_an_additive_mask_as_sdpa_does(toy_world, wor
     assert (eager_scores.logprobs - sdpa_scores.logprobs).abs().max().item() < 1e-5
 
 
+@dataclass
+class WeightedLogprobs:
+    """The loss sum_t w_t log pi_t, one weight per answer token."""
+
+    weights: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return len(self.weights)
+
+    def terms(self, logprobs, rows):
+        return self.weights[rows] * logprobs
+
+    def dropped(self, logprobs):
+        return None
+
+
 def test_the_packed_gradient_is_the_sum_of_the_sequences_gradients(world):
     model, banned, prompts, responses = world
     weights = torch.tensor([1.0, -2.0, 0.5, 1.5])
@@ -97,8 +116,11 @@ def test_the_packed_gradient_is_the_sum_of_the_sequences_gradients(world):
         (w * reference(model, prompt, response, banned)[0].sum()).backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    scores = response_logprobs(model, prompts, responses, temperature=TEMPERATURE, banned_ids=banned, chunk_tokens=3)
-    (weights[:, None] * scores.logprobs * scores.mask).sum().backward()
+    per_token = weights.repeat_interleave(torch.tensor([len(r) for r in responses]))
+    loss, _ = response_loss(
+        model, prompts, responses, WeightedLogprobs(per_token), temperature=TEMPERATURE, banned_ids=banned, chunk_tokens=3
+    )
+    loss.backward()
     assert ".visual." in " ".join(expected)  # the vision tower's weights get their gradient through the packed row
     for name, grad in expected.items():
         assert torch.allclose(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-5), name
