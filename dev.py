@@ -1,7 +1,7 @@
 """Set-up in one command: builds `.venv` from a hash-pinned lock on first use, then runs the quickstart or the tests.
 
     python3 dev.py quickstart [morl train options]   the CPU quickstart (builds .venv from locks/cpu.txt first)
-    python3 dev.py test [pytest options]             the test suite, in the same environment (`-n 1`: one process)
+    python3 dev.py test [pytest options]             the test suite, in the same environment
     python3 dev.py setup gpu|cpu                     a GPU machine's environment, from locks/gpu.txt (or back)
     python3 dev.py lock [--upgrade]                  recompile the locks (maintainers, after editing pyproject.toml)
 
@@ -95,13 +95,6 @@ def environment(kind: str | None = None) -> Path:
     return VENV / "bin"
 
 
-def test_workers() -> int:
-    """pytest-xdist workers: one per core, at most 4. Most of a test's time is one process starting (imports, Ray,
-    DeepSpeed), which keeps a single core busy, so two workers on two cores nearly halve the suite; each worker may
-    run a whole training run of a few GiB, hence the cap."""
-    return max(1, min(os.cpu_count() or 1, 4))
-
-
 def compile_locks(options: list[str]) -> None:
     """Recompile locks/cpu.txt and locks/gpu.txt from pyproject.toml, keeping their pins where the ranges still allow
     them (`--upgrade` or `--upgrade-package NAME` moves them)."""
@@ -117,9 +110,7 @@ def main(argv: list[str]) -> int:
         return subprocess.call([environment() / "morl", "train", REPO / "recipes" / "quickstart.yaml", *args])
     if command == "test":
         # pytest's own exit status: 5 (no test collected) fails like any other
-        workers = [] if any(a in ("-n", "--numprocesses") or a.startswith("--numprocesses=") for a in args) else \
-            [f"--numprocesses={test_workers()}"]
-        return subprocess.call([environment() / "python", "-m", "pytest", "-q", *workers, *args], cwd=REPO)
+        return subprocess.call([environment() / "python", "-m", "pytest", "-q", *args], cwd=REPO)
     if command == "setup" and len(args) == 1 and args[0] in LOCK_SOURCES:
         environment(args[0])
         return 0
