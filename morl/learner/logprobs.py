@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from morl.algo.core import entropy, sampling_log_softmax
+from morl.algo.core import entropy, probs_entropy, sampling_log_softmax
 from morl.compat import attention_implementation
 from morl.learner.packing import PackedSequences, pack
 from morl.types import EncodedPrompt
@@ -203,7 +203,9 @@ class _FusedAnswerLoss(torch.autograd.Function):
         for rows in _chunks(len(targets), chunk_tokens):
             log_probs = sampling_log_softmax(F.linear(hidden[rows], weight), temperature, banned_ids)
             logprobs[rows] = log_probs.gather(-1, targets[rows, None])[:, 0]
-            entropies[rows] = entropy(log_probs)
+            probs = log_probs.exp_()  # read once: the buffer holds p from here on
+            del log_probs
+            entropies[rows] = probs_entropy(probs)
             scored = slice(rows.start, min(rows.stop, counted))
             if scored.start < scored.stop:
                 with torch.enable_grad():
@@ -211,8 +213,8 @@ class _FusedAnswerLoss(torch.autograd.Function):
                     chunk_terms = loss.terms(lp, scored)
                     (g[scored],) = torch.autograd.grad(chunk_terms.sum(), lp, allow_unused=True, materialize_grads=True)
                 terms[scored] = chunk_terms.detach()
-            grad_logits = _logit_gradient(log_probs, targets[rows], g[rows], temperature).to(weight.dtype)
-            del log_probs
+            grad_logits = _logit_gradient(probs, targets[rows], g[rows], temperature).to(weight.dtype)
+            del probs
             grad_hidden[rows] = grad_logits @ weight
             grad_weight += grad_logits.T @ hidden[rows]
         dropped = loss.dropped(logprobs[:counted]) if counted else None
@@ -220,8 +222,8 @@ class _FusedAnswerLoss(torch.autograd.Function):
             where = dropped.nonzero()[:, 0]
             for part in _chunks(len(where), chunk_tokens):
                 idx = where[part]
-                log_probs = sampling_log_softmax(F.linear(hidden[idx], weight), temperature, banned_ids)
-                grad_logits = _logit_gradient(log_probs, targets[idx], g[idx], temperature).to(weight.dtype)
+                probs = sampling_log_softmax(F.linear(hidden[idx], weight), temperature, banned_ids).exp_()
+                grad_logits = _logit_gradient(probs, targets[idx], g[idx], temperature).to(weight.dtype)
                 grad_weight -= grad_logits.T @ hidden[idx]
             grad_hidden[where] = 0
             terms[where] = 0
@@ -242,10 +244,11 @@ class _FusedAnswerLoss(torch.autograd.Function):
         )
 
 
-def _logit_gradient(log_probs: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[C, V] float32: g (onehot(target) - p) / temperature, the gradient of sum_c g_c log p_c(target_c) (in g's
-    direction) with respect to the logits, where log p = log_softmax(logits / temperature) with banned ids removed."""
-    grad = log_probs.exp_().mul_(-g[:, None])  # p = 0 at banned ids: their logits get no gradient
+def _logit_gradient(probs: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[C, V] float32, made in `probs` (the sampling distribution, overwritten): g (onehot(target) - p) / temperature,
+    the gradient of sum_c g_c log p_c(target_c) (in g's direction) with respect to the logits, where log p =
+    log_softmax(logits / temperature) with banned ids removed."""
+    grad = probs.mul_(-g[:, None])  # in place; p = 0 at banned ids: their logits get no gradient
     grad.scatter_add_(-1, targets[:, None], g[:, None])
     return grad.div_(temperature)
 
