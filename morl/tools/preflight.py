@@ -299,7 +299,9 @@ def learner_activations(shape: ModelShape, cfg: RunConfig, mb: MicroBatch | None
     chunk = min(lc.logprob_chunk_tokens, mb.answer_tokens)
     parts = {
         "activations": text,
-        "logits (one lm_head chunk)": chunk * shape.vocab * (2 * b + 16),
+        # the fused loss's chunk: lm_head's output, and at most two float32 [C, V] copies at once (each op's input
+        # and output; the probabilities, their entropy and the logit gradient reuse the buffers in place)
+        "logits (one lm_head chunk)": chunk * shape.vocab * (b + 8),
         "lm_head gradient (float32, from the chunks)": shape.vocab * shape.hidden * (4 + b),
         "answer hidden states": 2 * mb.answer_tokens * shape.hidden * b,
         **attention_parts(shape, cfg, mb),

@@ -128,7 +128,7 @@ def test_7b_on_one_80gb_gpu_fits_with_zero3_and_offload(tmp_path):
     assert update["learner gradients"] == 2 * 500_000_000  # one bf16 reduce bucket stays on the GPU
     assert update["learner weights"] == 2 * (152064 * 3584 + 2 * 233_057_792)  # embedding + two live layers
     tokens = 2 * (2048 + 4096)
-    assert update["logits (one lm_head chunk)"] == 1024 * 152064 * (2 * 2 + 16)
+    assert update["logits (one lm_head chunk)"] == 1024 * 152064 * (2 + 8)
     assert update["answer hidden states"] == 2 * (2 * 4096) * 3584 * 2
     assert update["activations"] == tokens * (28 * 2 * 3584 + 2 * (7 * 3584 + 3 * 512 + 4 * 18944))
     assert "attention mask (packed sequences)" not in update  # sdpa runs each packed sequence by itself
@@ -265,7 +265,7 @@ def learner_update(cfg, hw=Hardware(8, 80, 1024)) -> dict[str, int]:
 
 
 def test_logits_are_one_chunk_whatever_the_answer_length_or_micro_batch(tmp_path):
-    chunk = 1024 * 151936 * (2 * 2 + 16)  # bf16 logits, float32 copies and, recomputed, gradient and softmax
+    chunk = 1024 * 151936 * (2 + 8)  # bf16 logits and two float32 copies at once (the fused loss works in place)
     for answer in (2048, 8192, 32768):
         for sequences in (1, 4):
             cfg = mimo_8gpu(
@@ -276,7 +276,7 @@ def test_logits_are_one_chunk_whatever_the_answer_length_or_micro_batch(tmp_path
             assert update["logits (one lm_head chunk)"] == chunk
             assert update["answer hidden states"] == 2 * sequences * answer * 3584 * 2
     short = mimo_8gpu(tmp_path, "rollout.max_new_tokens=512", "learner.micro_batch_size=1")
-    assert learner_update(short)["logits (one lm_head chunk)"] == 512 * 151936 * 20  # shorter than a chunk
+    assert learner_update(short)["logits (one lm_head chunk)"] == 512 * 151936 * 10  # shorter than a chunk
     smaller = mimo_8gpu(tmp_path, "learner.logprob_chunk_tokens=256")
     assert learner_update(smaller)["logits (one lm_head chunk)"] == chunk // 4
 
