@@ -108,16 +108,19 @@ def free_port() -> int:
 def _set_rendezvous(rendezvous: dict[str, str] | None) -> None:
     """torch.distributed's MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK and WORLD_SIZE for this rank.
 
-    `None` (a learner built in-process, as tests do) is a one-rank group on a port free now, unless the process was
-    launched as one rank of several (WORLD_SIZE > 1). The port is fresh each time: a one-rank group has no peer to
-    agree with, and the store of an earlier group in this process (one vLLM's shutdown tore down) may still hold the
-    last port.
+    `None` (a learner built in-process, as tests do) is a one-rank group, unless the process was launched as one rank
+    of several (WORLD_SIZE > 1). A group still to be made gets a port free now, fresh each time: a one-rank group has
+    no peer to agree with, and the store of an earlier group in this process (one a vLLM engine's shutdown tore
+    down) may still hold the last one. DeepSpeed reads these variables even when it adopts a group made elsewhere.
     """
     if rendezvous is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return
-        rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
-                      "WORLD_SIZE": "1"}
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+            os.environ.setdefault(key, value)
+        if not torch.distributed.is_initialized() or "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(free_port())
+        return
     os.environ.update(rendezvous)
 
 
@@ -150,9 +153,9 @@ class PolicyLearner:
 
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
+        _set_rendezvous(rendezvous)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if not torch.distributed.is_initialized():
-            _set_rendezvous(rendezvous)
             _init_process_group(backend)
         deepspeed.init_distributed(dist_backend=backend)  # finds the group above and adopts it
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
