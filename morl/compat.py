@@ -77,6 +77,39 @@ def full_numel(param: torch.nn.Parameter) -> int:
     return getattr(param, "ds_numel", param.numel())
 
 
+def forget_dead_deepspeed_groups() -> None:
+    """Drop process groups DeepSpeed cached from a default group since torn down (DeepSpeed 0.16-0.19).
+
+    DeepSpeed caches its world and data-parallel groups at module level and releases them only when the world is
+    destroyed through `deepspeed.comm`. A world destroyed elsewhere (a vLLM engine's shutdown in the same process)
+    leaves dead groups cached, and the next `deepspeed.initialize` fails on them ("Group ... is not registered").
+    Live groups stay: another learner in this process may still use them.
+    """
+    from deepspeed.utils import groups
+
+    cached = (getattr(groups, "_WORLD_GROUP", None), getattr(groups, "_DATA_PARALLEL_GROUP", None))
+    if not any(g is not None and _is_dead(g) for g in cached):
+        return
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is None:
+        import deepspeed
+
+        raise RuntimeError(
+            f"deepspeed {deepspeed.__version__}: deepspeed.utils.groups has no _release_process_group_references "
+            "(written against 0.16-0.19); morl.compat.forget_dead_deepspeed_groups needs updating"
+        )
+    release(None)
+
+
+def _is_dead(group: Any) -> bool:
+    """Whether torch.distributed no longer knows `group` (it was destroyed)."""
+    try:
+        torch.distributed.get_process_group_ranks(group)
+    except (KeyError, ValueError, RuntimeError):
+        return True
+    return False
+
+
 # --- Ray: a local instance whose servers listen on loopback only ------------------------------------------------
 
 

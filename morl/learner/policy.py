@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 
 from morl.algo.updates import entropy_keys, entropy_sums, update_rule
 from morl.checkpoint_layout import ENGINE_DIR, POLICY_DIR, CheckpointError
-from morl.compat import full_numel, packed_attention, use_reference_video_positions, zero_kept_gradients
+from morl.compat import forget_dead_deepspeed_groups, full_numel, packed_attention, use_reference_video_positions, zero_kept_gradients
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
 from morl.learner.buckets import SharedBuckets, pack_bucket
 from morl.learner.logprobs import TokenLoss, response_logprobs, response_loss
@@ -157,6 +157,7 @@ class PolicyLearner:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if not torch.distributed.is_initialized():
             _init_process_group(backend)
+        forget_dead_deepspeed_groups()  # an earlier world in this process may have gone without DeepSpeed knowing
         deepspeed.init_distributed(dist_backend=backend)  # finds the group above and adopts it
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 

@@ -70,6 +70,16 @@ def test_nan_advantage_is_refused_and_weights_are_kept(toy_world, batch):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_learner_builds_after_another_library_tore_the_process_group_down(toy_world, batch):
+    """An in-process vLLM engine's shutdown destroys torch's default group behind DeepSpeed's back; the next learner
+    in that process still builds and steps (DeepSpeed kept a clone of the dead world cached)."""
+    train_batch, banned = batch
+    learner(toy_world, banned, micro_batch_size=6)
+    torch.distributed.destroy_process_group()
+    again = learner(toy_world, banned, micro_batch_size=6)
+    assert math.isfinite(again.train_step(train_batch)["loss"])
+
+
 def test_saved_policy_is_a_loadable_hf_directory(toy_world, batch, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
