@@ -8,6 +8,7 @@ See docs/algorithm.md section 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,6 +42,8 @@ class MicroBatchLoss(Protocol):
     def dropped(self, logprobs: torch.Tensor) -> torch.Tensor | None: ...
 
     def stats(self, logprobs: torch.Tensor) -> dict[str, float]: ...
+
+    def to(self, device: torch.device) -> MicroBatchLoss: ...
 
 
 LossOf = Callable[[Sequence[int]], MicroBatchLoss]
@@ -201,8 +204,17 @@ class GrpoUpdate(_Update):
         )
 
 
+class _PerTokenData:
+    """A loss dataclass whose per-token tensors move to the learner's device together, once per micro-batch."""
+
+    def to(self, device: torch.device):
+        """A copy with every tensor field on `device` (the chunks then slice them there, with no copy each)."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, torch.Tensor)})
+
+
 @dataclass
-class MorlLoss:
+class MorlLoss(_PerTokenData):
     """MORL's loss of a micro-batch's answer tokens: -w * A * log pi / the batch's tokens, w the rollout correction's.
 
     Flat per-token side data in packed answer order. Under tis a token's weight comes from its own log-prob; under
@@ -235,13 +247,13 @@ class MorlLoss:
 
     def stats(self, logprobs: torch.Tensor) -> dict[str, float]:
         """The rollout-vs-learner log-prob mismatch and the tokens the correction acted on, summed."""
-        lp, rollout, mask = as_rows([logprobs.cpu(), self.rollout], self.lengths)
-        _, corrected = self.rule.correction(lp, rollout, mask)
-        return {"mismatch": (logprobs.cpu() - self.rollout).abs().sum().item(), "corrected": corrected.item()}
+        rollout = self.rollout.to(logprobs)
+        _, corrected = self.rule.correction(*as_rows([logprobs, rollout], self.lengths))
+        return {"mismatch": (logprobs - rollout).abs().sum().item(), "corrected": corrected.item()}
 
 
 @dataclass
-class GrpoLoss:
+class GrpoLoss(_PerTokenData):
     """GRPO's loss of a micro-batch's answer tokens: (w * clipped surrogate + kl_coef * k3) / the mini-batch's tokens.
 
     Everything but the log-probs comes before the forward: the old and reference log-probs, and the rollout
@@ -270,11 +282,10 @@ class GrpoLoss:
 
     def stats(self, logprobs: torch.Tensor) -> dict[str, float]:
         """Clipped tokens, tokens and (with a KL term) the summed k3."""
-        logprobs = logprobs.cpu()
         _, clipped = self._surrogate(logprobs, slice(None))
         stats = {"clipped": clipped.sum().item(), "tokens": float(self.tokens)}
         if self.ref is not None:
-            stats["kl"] = k3_kl_terms(logprobs, self.ref).sum().item()
+            stats["kl"] = k3_kl_terms(logprobs, self.ref.to(logprobs)).sum().item()
         return stats
 
     def _surrogate(self, logprobs: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:

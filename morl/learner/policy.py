@@ -16,16 +16,23 @@ from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
 from morl.algo.updates import entropy_keys, entropy_sums, update_rule
 from morl.checkpoint_layout import ENGINE_DIR, POLICY_DIR, CheckpointError
-from morl.compat import forget_dead_deepspeed_groups, full_numel, packed_attention, use_reference_video_positions, zero_kept_gradients
+from morl.compat import (
+    forget_dead_deepspeed_groups,
+    full_numel,
+    packed_attention,
+    use_reference_video_positions,
+    zero_kept_gradients,
+)
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
 from morl.learner.buckets import SharedBuckets, pack_bucket
-from morl.learner.logprobs import TokenLoss, response_logprobs, response_loss
+from morl.learner.logprobs import response_logprobs, response_loss
 from morl.learner.lr_schedule import lr_multiplier
 from morl.learner.packing import filler_sequence
 from morl.learner.shares import MicroBatch, rank_plan
@@ -219,9 +226,9 @@ class PolicyLearner:
         chunks = self.micro_batches(batch, indices)
         for k, micro in enumerate(chunks):
             with self._out_of_memory_named(batch, micro):
-                token_loss = loss_of(micro.rows)
+                token_loss = loss_of(micro.rows).to(self.engine.device)  # its per-token data moved once, not per chunk
                 # the fillers, after the rows, get no loss but run the backward through the modules other ranks use
-                loss, scores = self._scores(self.engine, batch, micro, token_loss)
+                loss, scores = response_loss(self.engine, *self._sequences(batch, micro), token_loss, **self._scoring)
                 counted = len(micro.rows)
                 stats = token_loss.stats(scores.logprobs[:counted][scores.mask[:counted].bool()])
                 if self._any_rank(not torch.isfinite(loss)):
@@ -274,7 +281,7 @@ class PolicyLearner:
         for indices in slices:
             for micro in self.micro_batches(batch, indices):
                 with self._out_of_memory_named(batch, micro):
-                    scores = self._scores(model, batch, micro)
+                    scores = response_logprobs(model, *self._sequences(batch, micro), **self._scoring)
                 for row, i in enumerate(micro.rows):
                     per_sequence[i] = scores.logprobs[row, : batch.shapes[i].response_tokens]
         return per_sequence
@@ -283,17 +290,17 @@ class PolicyLearner:
         """This rank's micro-batches of the sequences `indices`: its token-balanced share, in step with the others."""
         return rank_plan(batch, indices, self.cfg, ranks=self.world, rank=self.rank)
 
-    def _scores(self, model, batch: TrainBatch, micro: MicroBatch, loss: TokenLoss | None = None):
-        """Scores of the micro-batch's rows, then of its fillers (cut to the least they need): without `loss` their
-        log-probs and entropies, with it (`response_loss`) the loss and those."""
+    def _sequences(self, batch: TrainBatch, micro: MicroBatch) -> tuple[list, list]:
+        """The micro-batch's prompts and responses: its rows, then its fillers (cut to the least they need)."""
         config = self.engine.module.config
         pairs = [(batch.prompts[i], batch.responses[i]) for i in micro.rows]
         pairs += [filler_sequence(batch.prompts[f.row], f.kind, config) for f in micro.fillers]
-        prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
-        options = dict(temperature=self.temperature, banned_ids=self.banned_ids, chunk_tokens=self.cfg.logprob_chunk_tokens)
-        if loss is None:
-            return response_logprobs(model, prompts, responses, **options)
-        return response_loss(model, prompts, responses, loss, **options)
+        return [p for p, _ in pairs], [r for _, r in pairs]
+
+    @property
+    def _scoring(self) -> dict[str, Any]:
+        """How answers are scored: the sampling temperature, the ids never sampled, the lm_head chunk."""
+        return dict(temperature=self.temperature, banned_ids=self.banned_ids, chunk_tokens=self.cfg.logprob_chunk_tokens)
 
     @staticmethod
     def _task(batch: TrainBatch, i: int) -> str | None:
