@@ -38,6 +38,7 @@ OVERRIDES = [
     "trainer.prompts_per_step=4",
     "rollout.group_size=4",
     "rollout.max_new_tokens=12",
+    "rollout.num_workers=1",  # one actor less to start per run; the end-to-end runs keep the recipe's two
     "algo.dynamic_sampling=false",
     "rewards.num_workers=1",
     # a registered custom reward (by module, as users do), whose groups always vary: a 2-step run must learn

@@ -67,7 +67,7 @@ def test_morl_train_into_a_pipe_prints_a_line_every_log_every_steps(toy_world, t
 
     (tmp_path / "world").symlink_to(toy_world)
     done = morl_train(tmp_path / "world", tmp_path / "run", "trainer.max_steps=3", "trainer.log_every=2",
-                      "eval.enabled=false", "rollout.num_workers=1")
+                      "eval.enabled=false")
     steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(" reward")[0] for line in steps] == ["step 2/3", "step 3/3"], done.stdout
     line = r"step \d/3 reward \d\.\d{3} \| .*counting=\d\.\d\d.* \| \d+\.\ds/step \d+:\d\d:\d\d"

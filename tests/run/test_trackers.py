@@ -46,53 +46,67 @@ def wandb_steps(run_dir, key: str) -> list[tuple[int, float]]:
     return [(row["_step"], row[key]) for row in wandb_history(run_dir) if key in row]
 
 
-def test_every_tracker_gets_the_metrics_at_their_steps_the_config_the_samples_and_the_eval(tmp_path, toy_world):
-    run = tmp_path / "run"
-    morl_train(toy_world, run, *ALL_TRACKERS, "trainer.log_samples_every=1")
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, toy_world):
+    """One tracked run, read back by each tracker's reader after its 2 steps, then resumed from its step 1 to step 3
+    (step 2 trained again). One run serves both, as the resume must continue the very runs the trackers hold."""
+    run = tmp_path_factory.mktemp("trackers") / "run"
+    extra = [*ALL_TRACKERS, "trainer.log_samples_every=1", "trainer.save_every=1", "trainer.keep_last=null"]
+    morl_train(toy_world, run, *extra)
     logged = steps_of(run)
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    ids = json.loads((run / "trackers.json").read_text())
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    keys = [k for k in logged if k.startswith("reward/") and k.count("/") == 1]
+    first = {
+        "logged": logged,
+        "ids": ids,
+        "series": {k: (tensorboard_scalars(run, k), wandb_steps(run, k), mlflow_history(run, k)) for k in keys},
+        "mlflow_run": client.get_run(ids["mlflow"]["run_id"]),
+        "artifacts": {a.path for a in client.list_artifacts(ids["mlflow"]["run_id"], "samples")},
+        "tensor_tags": {tag.split("/")[0] for tag in events.Tags()["tensors"]},
+        "eval": json.loads((run / "eval.json").read_text()),
+        "samples": [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()],
+    }
+    morl_train(toy_world, run, *extra, "eval.enabled=false", "trainer.max_steps=3", "--resume",
+               str(run / "checkpoints" / "step_000001"), "--force")  # fmt: skip
+    return run, first
+
+
+def test_every_tracker_gets_the_metrics_at_their_steps_the_config_the_samples_and_the_eval(tracked):
+    _, first = tracked
+    logged = first["logged"]
     per_task = next(k for k in logged if k.startswith("reward/") and k.count("/") == 1 and set(logged[k]) == {1, 2}
                     and k != "reward/mean")  # fmt: skip
     for key in ("reward/mean", per_task):
         expected = [(step, pytest.approx(value, rel=1e-6)) for step, value in sorted(logged[key].items())]
-        assert tensorboard_scalars(run, key) == expected
-        assert wandb_steps(run, key) == expected
-        assert mlflow_history(run, key) == expected
+        tensorboard, wandb, mlflow = first["series"][key]
+        assert tensorboard == expected and wandb == expected and mlflow == expected
     # the config as hyper-parameters, the eval table at the end
-    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
-    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]
-    mlflow_run = client.get_run(run_id)
+    mlflow_run = first["mlflow_run"]
     assert mlflow_run.data.params["rollout.group_size"] == "4" and mlflow_run.info.status == "FINISHED"
-    eval_json = json.loads((run / "eval.json").read_text())
-    assert mlflow_run.data.metrics["eval/policy/mean"] == pytest.approx(eval_json["policy"]["mean"])
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    assert {"config", "eval", "samples"} <= {tag.split("/")[0] for tag in events.Tags()["tensors"]}
+    assert mlflow_run.data.metrics["eval/policy/mean"] == pytest.approx(first["eval"]["policy"]["mean"])
+    assert {"config", "eval", "samples"} <= first["tensor_tags"]
     # samples.jsonl: every response of the step's sampled groups, with reward, advantage and finish reason
-    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    samples = first["samples"]
     assert {s["step"] for s in samples} == {1, 2}
     assert all(len([s for s in samples if s["prompt_id"] == p and s["step"] == 1]) == 4
                for p in {s["prompt_id"] for s in samples if s["step"] == 1})  # fmt: skip
     assert all(s["finish_reason"] in ("stop", "length") and 0.0 <= s["reward"] <= 1.0 for s in samples)
-    artifacts = {a.path for a in client.list_artifacts(run_id, "samples")}
-    assert artifacts == {"samples/step_000001.json", "samples/step_000002.json"}
+    assert first["artifacts"] == {"samples/step_000001.json", "samples/step_000002.json"}
 
 
-def test_a_resume_continues_each_tracker_run_without_a_step_twice(tmp_path, toy_world):
-    run = tmp_path / "run"
-    extra = [*ALL_TRACKERS, "eval.enabled=false", "trainer.save_every=1", "trainer.keep_last=null"]
-    morl_train(toy_world, run, *extra)
-    first_run_ids = json.loads((run / "trackers.json").read_text())
-    # back to step 1 (step 2 is trained again) and on to step 3
-    morl_train(toy_world, run, *extra, "trainer.max_steps=3", "--resume", str(run / "checkpoints" / "step_000001"),
-               "--force")  # fmt: skip
+def test_a_resume_continues_each_tracker_run_without_a_step_twice(tracked):
+    run, first = tracked
     logged = steps_of(run)["reward/mean"]
     assert sorted(logged) == [1, 2, 3]
     assert [s for s, _ in tensorboard_scalars(run, "reward/mean")] == [1, 2, 3]
     assert [s for s, _ in mlflow_history(run, "reward/mean")] == [1, 2, 3]
     assert [s for s, _ in wandb_steps(run, "reward/mean")] == [1, 2, 3]  # over both offline runs of one id
     ids = json.loads((run / "trackers.json").read_text())
-    assert ids["wandb"]["id"] == first_run_ids["wandb"]["id"] and ids["mlflow"] == first_run_ids["mlflow"]
-    # the resume retrains step 2 to what the first run logged, so the trackers' step 2 is the run's
+    assert ids["wandb"]["id"] == first["ids"]["wandb"]["id"] and ids["mlflow"] == first["ids"]["mlflow"]
+    # the resume's step 2 replaced the first run's in every tracker
     assert mlflow_history(run, "reward/mean")[1][1] == pytest.approx(logged[2], rel=1e-6)
 
 
