@@ -87,8 +87,11 @@ def environment(kind: str | None = None) -> Path:
         run(tool, "venv", "--quiet", "--python", PYTHON, VENV)
     LOCK_STAMP.write_text(stamp(lock, "building"))  # a build killed half way is redone on the next call
     python = VENV / "bin" / "python"
-    # exactly the lock's packages, hash-checked; sdists (deepspeed) build with the setuptools the lock pins
-    run(tool, "pip", "sync", "--python", python, "--require-hashes", "--build-constraints", lock, lock)
+    # exactly the lock's packages, hash-checked; sdists (deepspeed) build with the setuptools the lock pins. Compiled
+    # to bytecode now, once: where PYTHONDONTWRITEBYTECODE is set (CI's machines set it) every process would
+    # otherwise compile torch, transformers and vLLM from source again on import, ~10 s of CPU each
+    run(tool, "pip", "sync", "--python", python, "--require-hashes", "--build-constraints", lock, "--compile-bytecode",
+        lock)
     # the project itself, editable; its build backend (setuptools) is in the lock, so nothing is resolved here
     run(tool, "pip", "install", "--quiet", "--python", python, "--no-deps", "--no-build-isolation", "-e", ".")
     LOCK_STAMP.write_text(stamp(lock))
