@@ -82,7 +82,9 @@ def test_every_tracker_gets_the_metrics_at_their_steps_the_config_the_samples_an
     for key in ("reward/mean", per_task):
         expected = [(step, pytest.approx(value, rel=1e-6)) for step, value in sorted(logged[key].items())]
         tensorboard, wandb, mlflow = first["series"][key]
-        assert tensorboard == expected and wandb == expected and mlflow == expected
+        assert tensorboard == expected
+        assert wandb == expected
+        assert mlflow == expected
     # the config as hyper-parameters, the eval table at the end
     mlflow_run = first["mlflow_run"]
     assert mlflow_run.data.params["rollout.group_size"] == "4" and mlflow_run.info.status == "FINISHED"
