@@ -56,8 +56,11 @@ class RolloutConfig(Section):
     mode: Literal["seamless", "synchronous"] = Field(
         "seamless", description="seamless: dispatch, score and refill continuously; synchronous: whole batches"
     )
-    prompts_per_call: int = Field(2, gt=0, description="seamless: prompts per generate call to one worker")
-    calls_per_worker: int = Field(2, gt=0, description="seamless: calls queued per worker, so none waits idle")
+    max_num_seqs: int | None = Field(
+        None, gt=0, description="sequences one worker's engine runs at once; the driver keeps each engine this full. "
+        "vllm: vLLM's max_num_seqs (null: vLLM's default, 256; 1,024 on GPUs of 70 GB or more), its KV cache sized "
+        "by gpu_memory_utilization; hf: the static batch (null: 4 x group_size)"
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per rollout worker")
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="vllm: share of each worker GPU's memory vLLM takes (weights + KV cache)"

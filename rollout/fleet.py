@@ -28,9 +28,11 @@ def rollout_sampling(rollout: RolloutConfig, n: int | None = None) -> SamplingPa
     )
 
 
-def start_rollout_workers(cfg: RunConfig, weights_path: str, placement: PlacementGroup) -> list:
+def start_rollout_workers(
+    cfg: RunConfig, weights_path: str, placement: PlacementGroup, record_timeline: bool = False
+) -> list:
     """`rollout.num_workers` Ray actors, each hosting an engine loaded from `weights_path`, one per bundle of
-    `placement` (rollout_placement)."""
+    `placement` (rollout_placement); `record_timeline`: their loops keep sequences in flight per step (bench)."""
     rollout = cfg.rollout
     gpus = rollout_gpus(cfg, cluster_has_gpus())
     if rollout.engine == "vllm":
@@ -40,14 +42,17 @@ def start_rollout_workers(cfg: RunConfig, weights_path: str, placement: Placemen
     else:
         from morl.rollout.hf_engine import HFEngine
 
-        make_engine = functools.partial(HFEngine, weights_path, cfg.model.processor_path, cfg.model.dtype)
+        make_engine = functools.partial(
+            HFEngine, weights_path, cfg.model.processor_path, cfg.model.dtype,
+            max_num_seqs=rollout.max_num_seqs or 4 * rollout.group_size,
+        )
     actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
     return [
         actor.options(
             num_cpus=rollout.cpus_per_worker,
             num_gpus=gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=i),
-        ).remote(make_engine, threads_for(rollout.cpus_per_worker))
+        ).remote(make_engine, threads_for(rollout.cpus_per_worker), record_timeline)
         for i in range(rollout.num_workers)
     ]
 
@@ -72,6 +77,6 @@ def generate_in_order(
         w.generate.remote(sent[i::n], sampling, list(seeds[i::n])) for i, w in enumerate(workers) if sent[i::n]
     ]
     merged: list[list[Completion]] = [None] * len(prompts)  # type: ignore[list-item]
-    for i, result in enumerate(ray.get(refs)):
-        merged[i::n] = result.groups
+    for i, groups in enumerate(ray.get(refs)):
+        merged[i::n] = groups
     return merged

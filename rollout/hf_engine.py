@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import torch
 from transformers import AutoTokenizer, LogitsProcessor, Qwen2_5_VLForConditionalGeneration, StoppingCriteria
@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, LogitsProcessor, Qwen2_5_VLForConditiona
 from morl.algo.core import token_logprobs
 from morl.compat import use_reference_video_positions
 from morl.data.encoding import collate, vision_token_ids
-from morl.rollout.types import Completion, SamplingParams
+from morl.rollout.types import Completion, Finished, SamplingParams, aborted_group, generate
 from morl.types import EncodedPrompt
 
 
@@ -75,7 +75,13 @@ class _StopWhen(StoppingCriteria):
 
 
 class HFEngine:
-    def __init__(self, model_path: str, processor_path: str | None, dtype: str, max_batch_sequences: int = 512):
+    """Static batches: when the last batch ends, the groups queued by then (up to `max_num_seqs` samples) run as the
+    next one, to its slowest sample. (transformers' continuous batching, `generate_batch`, takes token ids only: no
+    images, and no per-request sampler, so it cannot serve these prompts.)"""
+
+    batches_continuously = False
+
+    def __init__(self, model_path: str, processor_path: str | None, dtype: str, max_num_seqs: int = 512):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.model = use_reference_video_positions(model).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(processor_path or model_path)
@@ -83,7 +89,39 @@ class HFEngine:
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tokenizer.pad_token_id
-        self.max_batch_sequences = max_batch_sequences
+        self.max_num_seqs = max_num_seqs
+        self._queue: list[tuple[Hashable, EncodedPrompt, SamplingParams, int]] = []
+
+    def add(self, key: Hashable, prompt: EncodedPrompt, sampling: SamplingParams, seed: int) -> None:
+        self._queue.append((key, prompt, sampling, seed))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._queue)
+
+    def sequences_in_flight(self) -> int:
+        return sum(sampling.n for _, _, sampling, _ in self._queue)
+
+    def abort(self, keys: Iterable[Hashable]) -> list[Finished]:
+        dropped = set(keys)
+        aborted = [(key, aborted_group(sampling.n)) for key, _, sampling, _ in self._queue if key in dropped]
+        self._queue = [item for item in self._queue if item[0] not in dropped]
+        return aborted
+
+    def step(self, is_aborted: Callable[[Hashable], bool]) -> list[Finished]:
+        """One static batch: the queued groups that share the first one's sampling settings, up to max_num_seqs
+        samples (always at least one group), run to their end or until every one of them is aborted."""
+        sampling = self._queue[0][2]
+        batch = [item for item in self._queue if item[2] == sampling][: max(1, self.max_num_seqs // sampling.n)]
+        taken = {id(item) for item in batch}
+        self._queue = [item for item in self._queue if id(item) not in taken]
+        keys = [key for key, *_ in batch]
+        flat = self._generate_batch(
+            [prompt for _, prompt, _, _ in batch for _ in range(sampling.n)],
+            [sequence_seed(seed, j) for *_, seed in batch for j in range(sampling.n)],
+            sampling,
+            lambda: all(is_aborted(key) for key in keys),
+        )
+        return [(key, flat[i * sampling.n : (i + 1) * sampling.n]) for i, key in enumerate(keys)]
 
     def generate(
         self,
@@ -92,19 +130,9 @@ class HFEngine:
         seeds: Sequence[int],
         should_stop: Callable[[], bool] | None = None,
     ) -> list[list[Completion]]:
-        """`sampling.n` completions per prompt; prompt i's samples depend only on `seeds[i]` and the weights.
-
-        `should_stop` is polled every decoding step; when it turns true the call ends early and
-        the partial completions come back with finish reason "abort".
-        """
-        per_chunk = max(1, self.max_batch_sequences // sampling.n)
-        flat: list[Completion] = []
-        for start in range(0, len(prompts), per_chunk):
-            chunk = range(start, min(start + per_chunk, len(prompts)))
-            expanded = [prompts[i] for i in chunk for _ in range(sampling.n)]
-            row_seeds = [sequence_seed(seeds[i], j) for i in chunk for j in range(sampling.n)]
-            flat.extend(self._generate_batch(expanded, row_seeds, sampling, should_stop))
-        return [flat[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
+        """`sampling.n` completions per prompt; prompt i's samples depend only on `seeds[i]` and the weights
+        (rollout/types.py `generate`)."""
+        return generate(self, prompts, sampling, seeds, should_stop)
 
     @torch.no_grad()
     def _generate_batch(

@@ -1,8 +1,8 @@
-"""What every rollout engine takes and returns, whatever its backend."""
+"""What every rollout engine takes and returns, whatever its backend, and the batch `generate` they all share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -25,25 +25,78 @@ class Completion:
     token_ids: list[int]  # sampled tokens, the stop token included when there is one
     text: str  # decoded tokens, special tokens such as </think> kept, the stop token dropped
     logprobs: list[float]  # log-prob of each sampled token under the sampling policy
-    finish_reason: Literal["stop", "length", "abort"]  # abort: the scheduler stopped the call early
+    finish_reason: Literal["stop", "length", "abort"]  # abort: the scheduler stopped the group early
+
+
+def aborted_group(n: int) -> list[Completion]:
+    """What an aborted group returns when the engine does not keep its partial samples."""
+    return [Completion([], "", [], "abort") for _ in range(n)]
+
+
+Finished = tuple[Hashable, list[Completion]]
+"""A group the engine is done with: the key it was added under, and its `sampling.n` completions."""
 
 
 class RolloutEngine(Protocol):
-    def generate(
-        self,
-        prompts: list[EncodedPrompt],
-        sampling: SamplingParams,
-        seeds: Sequence[int],
-        should_stop: Callable[[], bool] | None = None,
-    ) -> list[list[Completion]]:
-        """`sampling.n` completions for each prompt, in prompt order; prompt i's depend only on `seeds[i]`.
+    """An engine driven a step at a time, so requests enter as it frees room and groups leave as they end.
 
-        `should_stop` is polled while generating; once it is true the call returns early, with the
-        unfinished completions marked "abort".
-        """
+    One thread drives it (rollout/engine_loop.py): `add`, `step` and `abort` are never called concurrently.
+    """
+
+    max_num_seqs: int  # sequences it runs at once
+    batches_continuously: bool  # True: a freed slot takes a waiting request at the next step (vLLM)
+
+    def add(self, key: Hashable, prompt: EncodedPrompt, sampling: SamplingParams, seed: int) -> None:
+        """Queue `sampling.n` samples of `prompt`, drawn from `seed` alone whatever else runs beside them.
+
+        Raises (and queues nothing) when the prompt cannot run, e.g. too long for the engine."""
+
+    def step(self, is_aborted: Callable[[Hashable], bool]) -> list[Finished]:
+        """Advance what runs; the groups whose last sample ended. `is_aborted(key)` may be polled inside a long
+        step (a static batch), which then ends early with its unfinished samples marked "abort"."""
+
+    def abort(self, keys: Iterable[Hashable]) -> list[Finished]:
+        """Drop these groups now and free their room; each comes back marked "abort" (keys it no longer holds are
+        ignored)."""
+
+    def has_unfinished(self) -> bool: ...
+
+    def sequences_in_flight(self) -> int:
+        """Samples added and not yet finished (running or waiting for room)."""
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy in the learner's values of these parameters (same names): all of them, or one sync bucket.
 
         GPU engines shared with the learner also have `sleep(level)` and `wake_up(tags)` (rollout/vllm_engine.py).
         """
+
+
+def generate(
+    engine: RolloutEngine,
+    prompts: Sequence[EncodedPrompt],
+    sampling: SamplingParams,
+    seeds: Sequence[int],
+    should_stop: Callable[[], bool] | None = None,
+) -> list[list[Completion]]:
+    """`sampling.n` completions for each prompt, in prompt order, stepping the engine on this thread; prompt i's
+    depend only on `seeds[i]`. Once `should_stop()` is true the rest come back marked "abort".
+
+    A prompt the engine refuses raises, after the prompts already added are dropped, so the engine goes on clean.
+    """
+    keys = [("generate", i) for i in range(len(prompts))]
+    added: list[tuple[str, int]] = []
+    try:
+        for key, prompt, seed in zip(keys, prompts, seeds):
+            engine.add(key, prompt, sampling, seed)
+            added.append(key)
+    except Exception:
+        engine.abort(added)
+        raise
+    stop = should_stop or (lambda: False)
+    groups: dict[Hashable, list[Completion]] = {}
+    while len(groups) < len(keys):
+        if stop():
+            groups.update(engine.abort([k for k in keys if k not in groups]))
+            break
+        groups.update(engine.step(lambda key: stop()))
+    return [groups.get(k) or aborted_group(sampling.n) for k in keys]

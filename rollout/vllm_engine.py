@@ -29,7 +29,7 @@ Sleep mode does not exist on CPU: a colocated engine there is refused, never fak
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import partial
 
 import torch
@@ -39,7 +39,7 @@ from morl.config import ModelConfig, RolloutConfig
 from morl.data.encoding import refuse_if_too_long, vision_token_ids
 from morl.data.rows import open_image
 from morl.rollout import vllm_compat
-from morl.rollout.types import Completion, SamplingParams
+from morl.rollout.types import Completion, Finished, SamplingParams, aborted_group, generate
 from morl.types import EncodedPrompt
 
 PLACEHOLDERS = {"image": "<|image_pad|>", "video": "<|video_pad|>"}  # one per image or video, as the template writes
@@ -136,6 +136,7 @@ def start_llm(
     enable_sleep_mode: bool = False,
     enforce_eager: bool | None = None,
     cpu_kv_cache_gib: int = 1,
+    max_num_seqs: int | None = None,
     seed: int = 0,
 ):
     """The `vllm.LLM` a worker samples with: the engine below wraps it; `morl bench rollout` calls it bare."""
@@ -162,6 +163,7 @@ def start_llm(
         enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
         logprobs_mode="processed_logprobs",
         generation_config="vllm",
+        **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),  # None: vLLM's default for the hardware
         **(vllm_compat.cpu_scheduler_args(max_model_len) if on_cpu else {}),
     )
     if on_cpu:
@@ -170,6 +172,11 @@ def start_llm(
 
 
 class VLLMEngine:
+    """vLLM's engine stepped by the worker's loop: requests join the running batch as slots free (up to
+    `max_num_seqs` sequences, `rollout.max_num_seqs`), each group leaves when its last sample ends."""
+
+    batches_continuously = True
+
     def __init__(self, model_path: str, processor_path: str | None, dtype: str, **llm_settings):
         """`llm_settings`: `start_llm`'s keywords (what `vllm_engine_factory` takes from the recipe)."""
         self.llm = start_llm(model_path, processor_path, dtype, **llm_settings)
@@ -186,7 +193,50 @@ class VLLMEngine:
             "video": llm_settings.get("max_videos_per_prompt", 0),
         }
         self.on_cpu = vllm_compat.on_cpu()
+        self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        self._requests: dict[str, tuple[Hashable, EncodedPrompt, int]] = {}  # vLLM request id -> key, prompt, n
+        self._ids: dict[Hashable, str] = {}  # key -> vLLM request id
         self._prefix_cache_stale = False
+
+    def add(self, key: Hashable, prompt: EncodedPrompt, sampling: SamplingParams, seed: int) -> None:
+        """One request of n = G samples (vLLM gives sample j seed + j); it runs as soon as the engine has room."""
+        request = vllm_prompt(prompt, self.placeholder_ids, max_prompt_tokens=self.max_prompt_tokens, limits=self.limits)
+        if self._prefix_cache_stale:
+            if self._requests:  # their KV came from the old weights, and the reset below would not reach it
+                raise RuntimeError("weights were loaded while rollout requests were running; abort them first")
+            self.llm.reset_prefix_cache()  # KV cached under the old weights must not serve new prompts
+            self._prefix_cache_stale = False
+        (request_id,) = vllm_compat.enqueue(self.llm, [request], [self._sampling_params(sampling, seed)])
+        self._requests[request_id] = (key, prompt, sampling.n)
+        self._ids[key] = request_id
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def sequences_in_flight(self) -> int:
+        """Samples not yet ended: vLLM runs each of a request's n samples as a request of its own."""
+        return self.llm.llm_engine.get_num_unfinished_requests()
+
+    def step(self, is_aborted: Callable[[Hashable], bool]) -> list[Finished]:
+        """One engine step (a few ms on a GPU): aborts are taken between steps, so `is_aborted` is not needed."""
+        finished = []
+        for out in self.llm.llm_engine.step():
+            if not out.finished:
+                continue
+            if out.request_id not in self._requests:
+                raise RuntimeError(f"vLLM finished request {out.request_id!r}, which this engine never added")
+            key, prompt, _ = self._requests.pop(out.request_id)
+            del self._ids[key]
+            check_expanded_prompt(prompt, out.prompt_token_ids)
+            finished.append((key, [self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)]))
+        return finished
+
+    def abort(self, keys: Iterable[Hashable]) -> list[Finished]:
+        """vLLM returns a request's samples only once all of them end, so an aborted group comes back empty."""
+        request_ids = [self._ids.pop(key) for key in keys if key in self._ids]
+        if request_ids:
+            self.llm.llm_engine.abort_request(request_ids)
+        return [(key, aborted_group(n)) for key, _, n in (self._requests.pop(r) for r in request_ids)]
 
     def generate(
         self,
@@ -195,35 +245,8 @@ class VLLMEngine:
         seeds: Sequence[int],
         should_stop: Callable[[], bool] | None = None,
     ) -> list[list[Completion]]:
-        """`sampling.n` completions per prompt, prompt i's drawn with seed `seeds[i]` (vLLM gives sample j seed + j).
-
-        vLLM returns a prompt's group only once all its samples finish, so when `should_stop` ends the
-        call, an unfinished prompt's samples come back empty with finish reason "abort".
-        """
-        requests = [
-            vllm_prompt(p, self.placeholder_ids, max_prompt_tokens=self.max_prompt_tokens, limits=self.limits)
-            for p in prompts
-        ]
-        if self._prefix_cache_stale:
-            self.llm.reset_prefix_cache()
-            self._prefix_cache_stale = False
-        params = [self._sampling_params(sampling, seed) for seed in seeds]
-        ids = vllm_compat.enqueue(self.llm, requests, params)
-        position = {request_id: i for i, request_id in enumerate(ids)}
-        engine = self.llm.llm_engine  # LLM.generate's own loop, with a stop check between steps
-        groups: list[list[Completion] | None] = [None] * len(prompts)
-        while engine.has_unfinished_requests():
-            if should_stop is not None and should_stop():
-                engine.abort_request([i for i, g in zip(ids, groups) if g is None])
-                break
-            for out in engine.step():
-                if out.finished:
-                    if out.request_id not in position:
-                        raise RuntimeError(f"vLLM finished request {out.request_id!r}, not one of this call's {ids}")
-                    i = position[out.request_id]
-                    check_expanded_prompt(prompts[i], out.prompt_token_ids)
-                    groups[i] = [self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)]
-        return [g if g is not None else [Completion([], "", [], "abort") for _ in range(sampling.n)] for g in groups]
+        """`sampling.n` completions per prompt, prompt i's drawn with seed `seeds[i]` (rollout/types.py `generate`)."""
+        return generate(self, prompts, sampling, seeds, should_stop)
 
     def _sampling_params(self, sampling: SamplingParams, seed: int):
         from vllm import SamplingParams as VLLMSamplingParams
@@ -285,5 +308,6 @@ def vllm_engine_factory(
         enable_sleep_mode=rollout.colocate,
         enforce_eager=rollout.enforce_eager,
         cpu_kv_cache_gib=rollout.cpu_kv_cache_gib,
+        max_num_seqs=rollout.max_num_seqs,
         seed=seed,
     )

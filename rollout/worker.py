@@ -1,60 +1,54 @@
-"""The rollout worker: a Ray actor around one rollout engine.
+"""The rollout worker: a Ray actor around one rollout engine and the loop that steps it.
 
-Generation runs in the actor's default concurrency group (one call at a time, in order); `abort`
-runs in a separate "control" group so the driver can stop a running call from outside.
+The driver feeds the loop with `submit` and `abort` (the "control" group: quick, in the order sent) and
+collects ended groups with `take_finished` (the "results" group, one call outstanding at a time). Evaluation's
+blocking `generate`, weight loads, sleep and wake-up run in the default group.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
 
 import ray
 import torch
 
+from morl.rollout.engine_loop import EngineLoop, LoopReport
 from morl.rollout.types import Completion, RolloutEngine, SamplingParams
 from morl.types import EncodedPrompt, PackedBucket
 from morl.weight_group import WeightGroup
 
-CONCURRENCY_GROUPS = {"control": 1}
-
-
-@dataclass
-class GenerateResult:
-    groups: list[list[Completion]]  # empty when the call was aborted before it started
-    busy_seconds: float
-    aborted: bool
+CONCURRENCY_GROUPS = {"control": 1, "results": 1}
 
 
 class RolloutWorker:
     """Hosts an engine in its own process; the driver creates it with `ray.remote(...)`."""
 
-    def __init__(self, make_engine: Callable[[], RolloutEngine], threads: int):
+    def __init__(self, make_engine: Callable[[], RolloutEngine], threads: int, record_timeline: bool = False):
         torch.set_num_threads(threads)
-        self.engine = make_engine()
-        self._aborted: set[int] = set()
-        self._lock = threading.Lock()
+        self.loop = EngineLoop(make_engine(), record_timeline)
 
-    def generate(
-        self, prompts: list[EncodedPrompt], sampling: SamplingParams, seeds: Sequence[int], call_id: int = -1
-    ) -> GenerateResult:
-        if self._is_aborted(call_id):
-            return GenerateResult([], 0.0, True)
-        start = time.perf_counter()
-        groups = self.engine.generate(prompts, sampling, seeds, should_stop=lambda: self._is_aborted(call_id))
-        return GenerateResult(groups, time.perf_counter() - start, self._is_aborted(call_id))
+    def capacity(self) -> tuple[int, bool]:
+        """(sequences the engine runs at once, whether a freed slot is refilled at the next step)."""
+        return self.loop.engine.max_num_seqs, self.loop.engine.batches_continuously
 
     @ray.method(concurrency_group="control")
-    def abort(self, call_ids: Sequence[int]) -> None:
-        """Stop these calls: a running one ends at its next decoding step, a queued one never starts."""
-        with self._lock:
-            self._aborted.update(call_ids)
+    def submit(self, prompts: list[EncodedPrompt], sampling: SamplingParams, seeds: Sequence[int],
+               keys: Sequence[Hashable]) -> None:
+        self.loop.submit(prompts, sampling, seeds, keys)
 
-    def _is_aborted(self, call_id: int) -> bool:
-        with self._lock:
-            return call_id in self._aborted
+    @ray.method(concurrency_group="control")
+    def abort(self, keys: Sequence[Hashable]) -> None:
+        """Drop these groups: running ones free their room at the next step, queued ones never start."""
+        self.loop.abort(keys)
+
+    @ray.method(concurrency_group="results")
+    def take_finished(self, timeout: float) -> LoopReport:
+        return self.loop.take_finished(timeout)
+
+    def generate(self, prompts: list[EncodedPrompt], sampling: SamplingParams,
+                 seeds: Sequence[int]) -> list[list[Completion]]:
+        """Every group to its end, in prompt order (evaluation)."""
+        return self.loop.generate(prompts, sampling, seeds)
 
     def join_weight_group(self, addr: str, port: int, rank: int, world: int) -> None:
         """Join the weight broadcast group as receiver `rank` (morl/weight_group.py)."""
@@ -66,12 +60,15 @@ class RolloutWorker:
         whole {name: tensor} state."""
         if isinstance(weights, PackedBucket) and weights.broadcast is not None:
             weights = PackedBucket(weights.metas, flat=self.weight_group.receive(*weights.broadcast))
-        self.engine.load_weights(weights.tensors() if isinstance(weights, PackedBucket) else weights.items())
+        with self.loop.exclusive() as engine:
+            engine.load_weights(weights.tensors() if isinstance(weights, PackedBucket) else weights.items())
 
     def sleep(self, level: int) -> None:
         """Free the GPU for the learner's update (vLLM colocated): level 2 drops weights and KV cache."""
-        self.engine.sleep(level)
+        with self.loop.exclusive() as engine:
+            engine.sleep(level)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Re-allocate what `sleep` freed: ["weights"] before a weight load, ["kv_cache"] after it, None: both."""
-        self.engine.wake_up(tags)
+        with self.loop.exclusive() as engine:
+            engine.wake_up(tags)

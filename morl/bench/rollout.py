@@ -117,8 +117,8 @@ def bench_engine(cfg: RunConfig, rounds: int) -> dict:
 
     def framework() -> tuple[int, float]:
         start = time.perf_counter()
-        result = ray.get(worker.generate.remote(prompts, sampling, seeds))
-        return sum(len(c.token_ids) for g in result.groups for c in g), time.perf_counter() - start
+        groups = ray.get(worker.generate.remote(prompts, sampling, seeds))
+        return sum(len(c.token_ids) for g in groups for c in g), time.perf_counter() - start
 
     def plain() -> tuple[int, float]:
         start = time.perf_counter()

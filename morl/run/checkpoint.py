@@ -64,8 +64,7 @@ SAFE_TO_CHANGE = (
     "rollout.num_workers",
     "rollout.cpus_per_worker",
     "rollout.mode",  # seamless and synchronous rollout train on the same prompts and samples
-    "rollout.prompts_per_call",
-    "rollout.calls_per_worker",
+    "rollout.max_num_seqs",  # how many run at once: each prompt samples from its own seed either way
     "rollout.sync_bucket_mb",
     "rollout.weight_transport",  # how the same weights reach the workers
     "rollout.resources",  # which nodes the workers run on

@@ -2,10 +2,10 @@
 
 Two modes share one bookkeeping loop:
 
-- **seamless** (MORL's): prompts are dispatched continuously in small calls, each call's responses are
-  scored as soon as it returns while the other workers keep generating, refills are dispatched as
-  soon as they are known to be needed, and when the batch is full every call still running is
-  aborted.
+- **seamless** (MORL's): prompts are dispatched continuously, each worker's engine kept full
+  (`rollout.max_num_seqs` sequences running, one group more waiting), each group scored the moment its
+  last sample ends while the engines keep generating, refills dispatched as soon as they are known to
+  be needed, and when the batch is full every group still running is aborted, freeing its slots.
 - **synchronous** (the baseline, as verl's DAPO does it): generate a whole batch of prompts, score
   it, filter it; if too few groups survive, generate another whole batch; the surplus is cut.
 
@@ -35,7 +35,6 @@ from morl.rewards.router import RewardRouter
 from morl.rewards.types import TrainingProgress
 from morl.rollout.fleet import engine_prompts, rollout_sampling
 from morl.rollout.types import SamplingParams
-from morl.rollout.worker import GenerateResult
 from morl.run.prompt_group import Group
 from morl.run.step import reward_input
 
@@ -46,14 +45,8 @@ log = logging.getLogger("morl.rollout")
 
 POLL_SECONDS = 0.005
 STOP_POLL_SECONDS = 0.5  # how soon an abandoned rollout notices the stop request
-_CALL_IDS = itertools.count()  # unique per driver process: an abort never hits another scheduler's call
-
-
-@dataclass
-class _Call:
-    worker: int
-    call_id: int
-    groups: list[Group]
+MAIL_SECONDS = 1.0  # the longest a worker holds the driver's request for finished groups when none ends
+_GROUP_KEYS = itertools.count()  # unique per driver process: an abort never hits another scheduler's group
 
 
 @dataclass
@@ -61,6 +54,8 @@ class RolloutBatch:
     groups: list[Group]  # the accepted groups, in dispatch order: the update's batch
     decided: list[Group]  # every group that entered the step (accepted or dropped), for reward metrics
     metrics: dict[str, float] = field(default_factory=dict)
+    timelines: list[list[tuple[float, int]]] = field(default_factory=list)  # per worker, when they record them
+    last_accept_time: float = 0.0  # time.time() when the batch's last group was taken
 
 
 def prompt_seed(run_seed: int, seq: int) -> int:
@@ -73,17 +68,18 @@ class RolloutAbandoned(Exception):
 
 
 class SeamlessDispatch:
-    """MORL's: keep every worker fed with small calls while more prompts are expected to be needed, and score each
-    call's responses as soon as it returns."""
+    """MORL's: keep every engine full while more prompts are expected to be needed, and score each group as soon as
+    it ends."""
 
     scores_on_arrival = True
 
     def dispatch(self, run: _Collection) -> None:
+        g = run.scheduler.sampling.n
         while (need := run.prompts_needed()) > 0:
-            worker = run.least_loaded_worker()
-            if run.calls_in_flight(worker) >= run.scheduler.calls_per_worker:
+            worker = max(range(len(run.scheduler.workers)), key=run.room)
+            if run.room(worker) < g:
                 return
-            run.start(worker, min(need, run.scheduler.prompts_per_call))
+            run.start(worker, min(need, run.room(worker) // g))
 
     def refill_rounds(self, run: _Collection, decided: list[Group]) -> int:
         return math.ceil(max(0, len(decided) - run.target) / run.target)
@@ -96,7 +92,7 @@ class SynchronousDispatch:
     scores_on_arrival = False
 
     def dispatch(self, run: _Collection) -> None:
-        if run.calls or run.prefix < len(run.groups) or len(run.groups) >= run.budget:
+        if run.pending or run.prefix < len(run.groups) or len(run.groups) >= run.budget:
             return
         n = min(run.target, run.budget - len(run.groups))
         run.rounds += 1
@@ -128,8 +124,6 @@ class RolloutScheduler:
         dispatch: DispatchPolicy,
         dynamic_sampling: bool,
         max_refill_rounds: int,
-        prompts_per_call: int,
-        calls_per_worker: int,
         run_seed: int,
         engine: str,
     ):
@@ -142,11 +136,10 @@ class RolloutScheduler:
         self.dispatch = dispatch
         self.dynamic_sampling = dynamic_sampling
         self.max_refill_rounds = max_refill_rounds
-        self.prompts_per_call = prompts_per_call
-        self.calls_per_worker = calls_per_worker
         self.run_seed = run_seed
         self.engine = engine
         self.valid_rate = 1.0  # running estimate of the share of groups that survive; sizes seamless refills
+        self.fill_targets = [fill_target(*c, sampling.n) for c in ray.get([w.capacity.remote() for w in workers])]
 
     @classmethod
     def from_config(cls, cfg: RunConfig, parts: RunParts, mode: str | None = None) -> RolloutScheduler:
@@ -161,8 +154,6 @@ class RolloutScheduler:
             dispatch=DISPATCH[mode or cfg.rollout.mode](),
             dynamic_sampling=cfg.algo.dynamic_sampling,
             max_refill_rounds=cfg.algo.max_refill_rounds,
-            prompts_per_call=cfg.rollout.prompts_per_call,
-            calls_per_worker=cfg.rollout.calls_per_worker,
             run_seed=cfg.trainer.seed,
             engine=cfg.rollout.engine,
         )
@@ -187,7 +178,7 @@ class RolloutScheduler:
         run = _Collection(self, num_groups, stop_poll=STOP_POLL_SECONDS if should_stop else None, progress=progress)
         while not run.done():
             if should_stop and should_stop():
-                run.abort_calls()
+                run.abort_and_drain()
                 raise RolloutAbandoned
             self.dispatch.dispatch(run)
             run.wait_and_absorb()
@@ -200,16 +191,24 @@ class RolloutScheduler:
         """A group the update can use: scored without error, and (with dynamic sampling) not all equal."""
         return not group.errored and not (self.dynamic_sampling and group.zero_variance)
 
-    def start_call(self, worker: int, groups: list[Group]) -> tuple[ray.ObjectRef, _Call]:
-        call = _Call(worker, next(_CALL_IDS), groups)
+    def submit(self, worker: int, groups: list[Group]) -> list[int]:
+        """Hand these groups to a worker's engine; the keys their results come back under."""
+        keys = [next(_GROUP_KEYS) for _ in groups]
         seeds = [prompt_seed(self.run_seed, g.prompt.seq) for g in groups]
         prompts = engine_prompts([g.encoded for g in groups], self.engine)
-        ref = self.workers[worker].generate.remote(prompts, self.sampling, seeds, call.call_id)
-        return ref, call
+        self.workers[worker].submit.remote(prompts, self.sampling, seeds, keys)
+        return keys
 
     def submit_scoring(self, group: Group, progress: TrainingProgress | None) -> None:
         inputs = [reward_input(group.prompt.row, c, progress) for c in group.completions]
         group.reward_futures = self.router.submit_many(inputs)
+
+
+def fill_target(max_num_seqs: int, continuous: bool, group_size: int) -> int:
+    """Sequences the driver keeps in flight on an engine so it never waits for the driver: a continuously batching
+    engine gets one group beyond what it runs, so a freed slot fills at the next step; a static batcher gets a
+    whole next batch waiting."""
+    return max_num_seqs + group_size if continuous else 2 * max(max_num_seqs, group_size)
 
 
 class _Collection:
@@ -228,12 +227,15 @@ class _Collection:
         self.target = num_groups
         self.budget = num_groups * (1 + (scheduler.max_refill_rounds if scheduler.dynamic_sampling else 0))
         self.groups: list[Group] = []  # every dispatched group, in dispatch order
-        self.calls: dict[ray.ObjectRef, _Call] = {}
+        self.pending: dict[int, tuple[int, Group]] = {}  # key -> (worker, group) submitted and not yet back
+        self.mail: dict[ray.ObjectRef, int] = {}  # the one take_finished call outstanding per busy worker
+        self.timelines: list[list[tuple[float, int]]] = [[] for _ in scheduler.workers]
         self.scoring: list[Group] = []
         self.prefix = 0  # groups[:prefix] are resolved and decided
         self.accepted: list[Group] = []
         self.rounds = 0  # whole batches dispatched (synchronous)
         self.busy = [0.0] * len(scheduler.workers)
+        self.occupied = [0.0] * len(scheduler.workers)
         self.start_time = time.perf_counter()
         self.last_accept_time = self.start_time
 
@@ -249,11 +251,10 @@ class _Collection:
             return 0
         return min(math.ceil(missing / s.valid_rate), self.budget - len(self.groups))
 
-    def calls_in_flight(self, worker: int) -> int:
-        return sum(call.worker == worker for call in self.calls.values())
-
-    def least_loaded_worker(self) -> int:
-        return min(range(len(self.scheduler.workers)), key=self.calls_in_flight)
+    def room(self, worker: int) -> int:
+        """Sequences `worker` can take before it holds its fill target."""
+        held = sum(self.scheduler.sampling.n for w, _ in self.pending.values() if w == worker)
+        return self.scheduler.fill_targets[worker] - held
 
     def start(self, worker: int, n: int) -> None:
         """Draw `n` prompts and send them to `worker` in one call."""
@@ -262,20 +263,20 @@ class _Collection:
             prompt = self.scheduler.source.draw()
             groups.append(Group(prompt, self.scheduler.encode(prompt.row)))
         self.groups.extend(groups)
-        ref, call = self.scheduler.start_call(worker, groups)
-        self.calls[ref] = call
+        for key, group in zip(self.scheduler.submit(worker, groups), groups):
+            self.pending[key] = (worker, group)
+        if worker not in self.mail.values():
+            self.mail[self.scheduler.workers[worker].take_finished.remote(MAIL_SECONDS)] = worker
 
     # -- results
 
     def wait_and_absorb(self) -> None:
-        if self.calls:
-            timeout = POLL_SECONDS if self.scoring else self.stop_poll
-            ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=timeout)
-            for ref in ready:
-                self._absorb_call(self.calls.pop(ref), ray.get(ref), score=self.scheduler.dispatch.scores_on_arrival)
+        if self.pending:
+            self._take_mail(POLL_SECONDS if self.scoring else self.stop_poll,
+                            score=self.scheduler.dispatch.scores_on_arrival)
         elif self.scoring:
             time.sleep(POLL_SECONDS)
-        if not self.calls:  # every call returned: score what was not scored on arrival
+        if not self.pending:  # every group is back: score what was not scored on arrival
             for group in self.groups[self.prefix :]:
                 if group.reward_futures is None:
                     self.scheduler.submit_scoring(group, self.progress)
@@ -283,13 +284,25 @@ class _Collection:
         self._collect_rewards()
         self._advance_prefix()
 
-    def _absorb_call(self, call: _Call, result: GenerateResult, score: bool) -> None:
-        self.busy[call.worker] += result.busy_seconds
-        for group, completions in zip(call.groups, result.groups):
-            group.completions = completions
-            if score:
-                self.scheduler.submit_scoring(group, self.progress)
-                self.scoring.append(group)
+    def _take_mail(self, timeout: float | None, score: bool) -> None:
+        """Absorb the groups of whichever workers answered within `timeout`; ask again those that still hold some."""
+        ready, _ = ray.wait(list(self.mail), num_returns=1, timeout=timeout)
+        for ref in ready:
+            worker = self.mail.pop(ref)
+            report = ray.get(ref)
+            self.busy[worker] += report.busy_seconds
+            self.occupied[worker] += report.occupied_seconds
+            self.timelines[worker].extend(report.timeline)
+            for key, completions in report.groups:
+                if key not in self.pending:  # left by an abandoned batch
+                    continue
+                _, group = self.pending.pop(key)
+                group.completions = completions
+                if score:
+                    self.scheduler.submit_scoring(group, self.progress)
+                    self.scoring.append(group)
+            if any(w == worker for w, _ in self.pending.values()):
+                self.mail[self.scheduler.workers[worker].take_finished.remote(MAIL_SECONDS)] = worker
 
     def _collect_rewards(self) -> None:
         still = []
@@ -314,17 +327,14 @@ class _Collection:
         if len(self.accepted) >= self.target:
             return True
         exhausted = len(self.groups) >= self.budget and self.prefix == len(self.groups)
-        return exhausted and not self.calls
+        return exhausted and not self.pending
 
     # -- the end of the batch
 
     def finish(self) -> tuple[RolloutBatch, float | None]:
         """Abort what still runs, put unused prompts back, feed the easy pool, and report; also the share of the
         decided groups that were valid (None when none was decided)."""
-        if self.calls:
-            self.abort_calls()
-            for ref, call in self.calls.items():
-                self._absorb_call(call, ray.get(ref), score=False)
+        self.abort_and_drain()
         tail_seconds = time.perf_counter() - self.last_accept_time
         decided, unused = self.groups[: self.prefix], self.groups[self.prefix :]
         self.scheduler.source.put_back([g.prompt for g in unused])
@@ -341,12 +351,18 @@ class _Collection:
                 len(self.groups),
             )
         observed = len(self.accepted) / len(decided) if decided else None
-        return RolloutBatch(self.accepted, decided, self._metrics(decided, tail_seconds)), observed
+        accepted_at = time.time() - tail_seconds
+        batch = RolloutBatch(self.accepted, decided, self._metrics(decided, tail_seconds), self.timelines, accepted_at)
+        return batch, observed
 
-    def abort_calls(self) -> None:
-        """Ask each worker to end its calls in flight now (they return what they sampled, marked "abort")."""
-        for worker in {c.worker for c in self.calls.values()}:
-            self.scheduler.workers[worker].abort.remote([c.call_id for c in self.calls.values() if c.worker == worker])
+    def abort_and_drain(self) -> None:
+        """Abort every group still out (running ones free their slots at the engine's next step) and take them back,
+        marked "abort", so nothing of this batch is left in a worker for the next."""
+        for worker in {w for w, _ in self.pending.values()}:
+            keys = [key for key, (w, _) in self.pending.items() if w == worker]
+            self.scheduler.workers[worker].abort.remote(keys)
+        while self.pending:
+            self._take_mail(None, score=False)
 
     def _metrics(self, decided: list[Group], tail_seconds: float) -> dict[str, float]:
         wall = time.perf_counter() - self.start_time
@@ -371,6 +387,7 @@ class _Collection:
         }
         for i, busy in enumerate(self.busy):
             metrics[f"rollout/worker{i}_idle_s"] = max(0.0, wall - busy)
+        metrics["rollout/occupancy"] = sum(self.occupied) / (wall * len(self.busy))
         for task in sorted({x.task for x in decided}):
             metrics[f"prompts/{task}"] = float(sum(x.task == task for x in decided))
             metrics[f"update_prompts/{task}"] = float(sum(x.task == task for x in self.accepted))

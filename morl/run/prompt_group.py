@@ -22,7 +22,6 @@ class Group:
     completions: list[Completion] | None = None
     reward_futures: list[Future] | None = None
     rewards: list[float | None] | None = None
-    aborted: bool = False
 
     @property
     def task(self) -> str:

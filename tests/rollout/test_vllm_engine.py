@@ -144,6 +144,7 @@ def test_factory_takes_the_recipe_settings():
         max_images_per_prompt=3,
         max_prompt_tokens=1000,
         max_new_tokens=24,
+        max_num_seqs=48,
     )
     make = vllm_engine_factory("/ckpt", ModelConfig(path="/ckpt", dtype="bfloat16"), rollout, seed=5)
     assert make.args == ("/ckpt", None, "bfloat16")
@@ -157,6 +158,7 @@ def test_factory_takes_the_recipe_settings():
         enable_sleep_mode=True,
         enforce_eager=None,
         cpu_kv_cache_gib=1,
+        max_num_seqs=48,
         seed=5,
     )
     apart = RolloutConfig(engine="vllm", tensor_parallel_size=2)
@@ -358,3 +360,26 @@ def test_abort_then_a_second_generate_completes(engine, prompts):
     assert [[c.token_ids for c in g] for g in fresh] == [
         [c.token_ids for c in g] for g in engine.generate(encoded[:4], sampling, list(range(4)))
     ]
+
+
+def test_a_group_leaves_the_moment_it_ends_and_an_abort_frees_its_room_at_once(engine, prompts):
+    """Stepped as the worker's loop steps it: a short group comes back while a long one still runs, and aborting the
+    long one empties the engine before the next step."""
+    encoded, _ = prompts
+    short = SamplingParams(n=4, temperature=TEMPERATURE, max_new_tokens=2)
+    long = SamplingParams(n=4, temperature=TEMPERATURE, max_new_tokens=48)
+    engine.add("long", encoded[0], long, 1)
+    engine.add("short", encoded[1], short, 2)
+    assert engine.sequences_in_flight() == 8
+    finished = []
+    while not finished:
+        finished = engine.step(lambda key: False)
+    assert [key for key, _ in finished] == ["short"]
+    assert all(len(c.token_ids) <= 2 for c in finished[0][1])
+    assert engine.has_unfinished() and engine.sequences_in_flight() == 4  # the long group runs on
+    ((key, group),) = engine.abort(["long", "never-added"])
+    assert key == "long" and [c.finish_reason for c in group] == ["abort"] * 4
+    assert not engine.has_unfinished() and engine.sequences_in_flight() == 0
+    # the short group's samples are the ones it draws alone: a neighbour never changes a prompt's samples
+    (alone,) = engine.generate([encoded[1]], short, seeds=[2])
+    assert [c.token_ids for c in alone] == [c.token_ids for c in finished[0][1]]

@@ -36,23 +36,38 @@ MIXED = [RIGHT, WRONG, WRONG, RIGHT]
 
 
 class ScriptedEngine:
-    """Answers each prompt with its scripted responses after its scripted delay; honours should_stop.
+    """Ends each prompt's group with its scripted responses once its scripted delay has passed; runs any number at
+    once. The script travels in the encoded prompt's id ("kind:delay"), so one pair of workers serves every test."""
 
-    The script travels in the encoded prompt's id ("kind:delay"), so one pair of workers serves every test.
-    """
+    max_num_seqs = 2 * G
+    batches_continuously = True
 
-    def generate(self, prompts, sampling, seeds, should_stop=None):
-        groups = []
-        for prompt in prompts:
-            kind, delay = prompt.row_id.split(":")
-            delay, responses = float(delay), RESPONSES[kind]
-            end = time.perf_counter() + delay
-            while time.perf_counter() < end and not (should_stop and should_stop()):
-                time.sleep(0.005)
-            stopped = should_stop is not None and should_stop()
-            groups.append([Completion([7] * (3 + j), text, [-0.5] * (3 + j), "abort" if stopped else "stop")
-                           for j, text in enumerate(responses)])
-        return groups
+    def __init__(self):
+        self.running = {}  # key -> (deadline, responses)
+
+    def add(self, key, prompt, sampling, seed):
+        kind, delay = prompt.row_id.split(":")
+        self.running[key] = (time.perf_counter() + float(delay), RESPONSES[kind])
+
+    def has_unfinished(self):
+        return bool(self.running)
+
+    def sequences_in_flight(self):
+        return G * len(self.running)
+
+    def step(self, is_aborted):
+        time.sleep(0.005)
+        now = time.perf_counter()
+        done = [key for key, (deadline, _) in self.running.items() if deadline <= now]
+        return [(key, self._group(self.running.pop(key)[1], "stop")) for key in done]
+
+    def abort(self, keys):
+        held = [key for key in keys if key in self.running]
+        return [(key, self._group(self.running.pop(key)[1], "abort")) for key in held]
+
+    @staticmethod
+    def _group(responses, reason):
+        return [Completion([7] * (3 + j), text, [-0.5] * (3 + j), reason) for j, text in enumerate(responses)]
 
     def load_weights(self, named_tensors):
         pass
@@ -81,7 +96,7 @@ def router():
 @pytest.fixture(scope="module")
 def pool(router):
     actor = ray.remote(num_cpus=0, concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
-    workers = [actor.remote(ScriptedEngine, 1) for _ in range(2)]
+    workers = [actor.remote(ScriptedEngine, 1, record_timeline=True) for _ in range(2)]
     ray.get([w.load_weights.remote({}) for w in workers])  # started, so tests time only the scheduling
     yield workers
     for w in workers:
@@ -94,8 +109,7 @@ def make_scheduler(pool, router, kinds, delays=None, *, mode="seamless", refill=
     encode = lambda row: EncodedPrompt(row.meta["script"], [1, 2], None, None)  # noqa: E731
     scheduler = RolloutScheduler(
         pool, router, encode, source, SamplingParams(n=G),
-        dispatch=DISPATCH[mode](), dynamic_sampling=dynamic, max_refill_rounds=refill, prompts_per_call=1,
-        calls_per_worker=2, run_seed=0, engine="hf",
+        dispatch=DISPATCH[mode](), dynamic_sampling=dynamic, max_refill_rounds=refill, run_seed=0, engine="hf",
     )
     return scheduler, source
 
@@ -166,9 +180,25 @@ def test_a_stop_request_abandons_the_batch_and_aborts_the_calls_in_flight(pool, 
         scheduler.collect(4, should_stop=lambda: next(polls) >= 2)  # asked after the calls were dispatched
     # the workers were told to abort: the next batch runs on them at once, not after the abandoned calls
     fresh, _ = make_scheduler(pool, router, ["mixed"] * 4)
-    ready, _ = ray.wait([w.generate.remote([], SamplingParams(n=G), [], -1) for w in pool], num_returns=2, timeout=20)
+    ready, _ = ray.wait([w.generate.remote([], SamplingParams(n=G), []) for w in pool], num_returns=2, timeout=20)
     assert len(ready) == 2
     assert len(fresh.collect(2).groups) == 2
+
+
+def test_each_engine_is_kept_at_its_fill_target_and_never_beyond(pool, router):
+    """Scripted engines that run 2 groups at once: the driver keeps 3 groups on each (the engine's room and one
+    group waiting), refilling as groups end, until the batch needs no more prompts."""
+    kinds = ["mixed"] * 16
+    scheduler, _ = make_scheduler(pool, router, kinds, [0.3] * 16, dynamic=False)
+    assert scheduler.fill_targets == [3 * G, 3 * G]
+    batch = scheduler.collect(12)
+    assert len(batch.groups) == 12
+    for timeline in batch.timelines:
+        in_flight = [n for _, n in timeline]
+        assert max(in_flight) == 3 * G  # filled to the target, never past it
+        refills = sum(a < 3 * G == b for a, b in zip([0, *in_flight], in_flight))
+        assert refills >= 2  # filled again once its first groups ended
+    assert 0.0 < batch.metrics["rollout/occupancy"] <= 1.0
 
 
 def test_without_dynamic_sampling_zero_variance_groups_stay(pool, router):
@@ -191,7 +221,7 @@ def test_seamless_and_synchronous_train_on_the_same_batches(toy_world):
     route = RewardRouter(RewardsConfig(routes={"counting": [{"fn": "counting"}], "choice": [{"fn": "choice"}]},
                                        num_workers=1))
     actor = ray.remote(num_cpus=0, concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
-    make = functools.partial(HFEngine, str(toy_world / "sft"), None, "float32")
+    make = functools.partial(HFEngine, str(toy_world / "sft"), None, "float32", max_num_seqs=G)
     pool = [actor.remote(make, 1) for _ in range(2)]
     batches = {}
     try:
@@ -199,8 +229,7 @@ def test_seamless_and_synchronous_train_on_the_same_batches(toy_world):
             src = PromptSource(data, [1.0, 1.0], seed=3, easy_pool_alpha=0.5)
             scheduler = RolloutScheduler(
                 pool, route, encode, src, SamplingParams(n=G, max_new_tokens=12), dispatch=DISPATCH[mode](),
-                dynamic_sampling=False, max_refill_rounds=0, prompts_per_call=1, calls_per_worker=2, run_seed=5,
-                engine="hf",
+                dynamic_sampling=False, max_refill_rounds=0, run_seed=5, engine="hf",
             )
             batches[mode] = [scheduler.collect(3) for _ in range(2)]
     finally:
