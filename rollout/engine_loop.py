@@ -27,7 +27,8 @@ class LoopReport:
     groups: list[Finished]
     busy_seconds: float = 0.0  # time spent stepping with work in flight
     occupied_seconds: float = 0.0  # the same, weighted by sequences in flight / max_num_seqs (at most 1)
-    timeline: list[tuple[float, int]] = field(default_factory=list)  # per step: (end, sequences it ran), (end, left)
+    timeline: list[tuple[float, float, int, int]] = field(default_factory=list)  # per step: time.time() at its
+    # start and end, sequences in flight at its start and after it
 
 
 @dataclass
@@ -60,10 +61,11 @@ class EngineLoop:
 
     # -- the driver's side: never waits on generation
 
-    def submit(self, prompts: Sequence[EncodedPrompt], sampling: SamplingParams, seeds: Sequence[int],
+    def submit(self, prompts: Sequence[EncodedPrompt], samplings: Sequence[SamplingParams], seeds: Sequence[int],
                keys: Sequence[Hashable]) -> None:
-        """Queue these groups; each ends up in `take_finished`, finished or aborted."""
-        self._enqueue([_Submitted(k, p, sampling, s, self._post) for k, p, s in zip(keys, prompts, seeds)])
+        """Queue these groups (each with its sampling settings); each ends up in `take_finished`, finished or
+        aborted."""
+        self._enqueue([_Submitted(*item, self._post) for item in zip(keys, prompts, samplings, seeds)])
 
     def abort(self, keys: Sequence[Hashable]) -> None:
         """Drop these groups at the next step (queued ones never start); they come back marked "abort"."""
@@ -86,7 +88,7 @@ class EngineLoop:
 
     # -- for the worker's own calls
 
-    def generate(self, prompts: Sequence[EncodedPrompt], sampling: SamplingParams,
+    def generate(self, prompts: Sequence[EncodedPrompt], samplings: Sequence[SamplingParams],
                  seeds: Sequence[int]) -> list[list[Completion]]:
         """Run these groups to the end beside whatever else runs (evaluation); in prompt order."""
         done: dict[int, list[Completion] | Exception] = {}
@@ -97,8 +99,8 @@ class EngineLoop:
             if len(done) == len(prompts):
                 ended.set()
 
-        self._enqueue([_Submitted(("eval", i, id(done)), p, sampling, s, deliver)
-                       for i, (p, s) in enumerate(zip(prompts, seeds))])
+        self._enqueue([_Submitted(("eval", i, id(done)), *item, deliver)
+                       for i, item in enumerate(zip(prompts, samplings, seeds))])
         while prompts and not ended.wait(0.5):
             with self._cv:
                 if self._error is not None:
@@ -166,14 +168,16 @@ class EngineLoop:
         if not self.engine.has_unfinished():
             return []
         in_flight = self.engine.sequences_in_flight()
-        start = time.perf_counter()
+        start, wall_start = time.perf_counter(), time.time()
         finished = self.engine.step(self._is_aborted)
         seconds = time.perf_counter() - start
         with self._cv:
             self._report.busy_seconds += seconds
             self._report.occupied_seconds += seconds * min(1.0, in_flight / self.engine.max_num_seqs)
-            if self.record_timeline:  # (when the step ended, what it ran), then what is left after it
-                self._report.timeline += [(time.time(), in_flight), (time.time(), self.engine.sequences_in_flight())]
+            if self.record_timeline:
+                self._report.timeline.append(
+                    (wall_start, wall_start + seconds, in_flight, self.engine.sequences_in_flight())
+                )
         return finished
 
     def _is_aborted(self, key: Hashable) -> bool:

@@ -74,7 +74,9 @@ def generate_in_order(
     n = len(workers)
     sent = engine_prompts(prompts, engine)
     refs = [
-        w.generate.remote(sent[i::n], sampling, list(seeds[i::n])) for i, w in enumerate(workers) if sent[i::n]
+        w.generate.remote(sent[i::n], [sampling] * len(sent[i::n]), list(seeds[i::n]))
+        for i, w in enumerate(workers)
+        if sent[i::n]
     ]
     merged: list[list[Completion]] = [None] * len(prompts)  # type: ignore[list-item]
     for i, groups in enumerate(ray.get(refs)):

@@ -158,6 +158,7 @@ class HFEngine:
             logits_processor=processors,
             stopping_criteria=[_StopWhen(should_stop)] if should_stop else None,
             max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens or None,
             suppress_tokens=self.banned_ids,
             output_logits=True,
             return_dict_in_generate=True,

@@ -18,6 +18,8 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 64
     greedy: bool = False
+    min_new_tokens: int = 0  # no stop token before this many (`morl bench rollout`'s fixed answer lengths only:
+    # the ban changes the sampling distribution, which the learner's log-probs do not know about)
 
 
 @dataclass

@@ -256,6 +256,7 @@ class VLLMEngine:
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=1.0 if sampling.greedy else sampling.top_p,
             max_tokens=sampling.max_new_tokens,
+            min_tokens=sampling.min_new_tokens,
             seed=seed,
             logprobs=0,  # the sampled token's log-prob only
             bad_words=self.bad_words,

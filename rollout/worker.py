@@ -32,9 +32,9 @@ class RolloutWorker:
         return self.loop.engine.max_num_seqs, self.loop.engine.batches_continuously
 
     @ray.method(concurrency_group="control")
-    def submit(self, prompts: list[EncodedPrompt], sampling: SamplingParams, seeds: Sequence[int],
+    def submit(self, prompts: list[EncodedPrompt], samplings: Sequence[SamplingParams], seeds: Sequence[int],
                keys: Sequence[Hashable]) -> None:
-        self.loop.submit(prompts, sampling, seeds, keys)
+        self.loop.submit(prompts, samplings, seeds, keys)
 
     @ray.method(concurrency_group="control")
     def abort(self, keys: Sequence[Hashable]) -> None:
@@ -45,10 +45,10 @@ class RolloutWorker:
     def take_finished(self, timeout: float) -> LoopReport:
         return self.loop.take_finished(timeout)
 
-    def generate(self, prompts: list[EncodedPrompt], sampling: SamplingParams,
+    def generate(self, prompts: list[EncodedPrompt], samplings: Sequence[SamplingParams],
                  seeds: Sequence[int]) -> list[list[Completion]]:
-        """Every group to its end, in prompt order (evaluation)."""
-        return self.loop.generate(prompts, sampling, seeds)
+        """Every group to its end (each prompt with its sampling settings), in prompt order (evaluation)."""
+        return self.loop.generate(prompts, samplings, seeds)
 
     def join_weight_group(self, addr: str, port: int, rank: int, world: int) -> None:
         """Join the weight broadcast group as receiver `rank` (morl/weight_group.py)."""

@@ -8,13 +8,22 @@ Rounds alternate between the two; tokens/s is the best round of each.
 
 Modes: each step restores the prompt source to the same state and collects one batch in each mode
 (their order alternates, so neither always runs on a warmer machine). With batch-invariant sampling
-both modes take exactly the same groups; the bench checks that, and reports time and waste per mode.
+both modes take exactly the same groups; the bench checks that, and reports time and waste per mode,
+and each engine's occupancy: sequences in flight over its max_num_seqs.
+
+Workloads: `recipe` samples as the recipe does. `long-tail` is a reasoning step's shape: G = 16, 64
+prompts, and each group's answers a fixed length drawn from a heavy tail (`AnswerLengths`: a few groups
+run about 10x the median), the stop token banned until then, so the tail does not depend on what the
+model happens to say.
 """
 
 from __future__ import annotations
 
+import math
+import random
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import ray
 import torch
@@ -25,9 +34,74 @@ from morl.ray_setup import threads_for
 from morl.rollout.fleet import engine_prompts, generate_in_order, rollout_sampling
 from morl.rollout.types import SamplingParams
 from morl.run.build import build_run
+from morl.data.source import DrawnPrompt
 from morl.run.collection import RolloutBatch, RolloutScheduler
 
 MODES = ("synchronous", "seamless")
+WORKLOADS = ("recipe", "long-tail")
+FULL = 0.9  # occupancy at which an engine counts as full
+
+
+@dataclass(frozen=True)
+class AnswerLengths:
+    """Each prompt's answer length, the same for its G samples: log-normal around `median` (sigma 1.4: the top
+    5% of groups at 10x the median or more), at most `cap`; drawn from the prompt's place in the run, so every
+    mode and the bare engine see the same lengths."""
+
+    median: int = 16
+    cap: int = 192
+    seed: int = 0
+
+    def __call__(self, seq: int) -> int:
+        draw = random.Random(f"{self.seed}:{seq}").gauss(0.0, 1.4)
+        return max(1, min(self.cap, round(self.median * math.exp(draw))))
+
+    def sampling(self, sampling: SamplingParams, seq: int) -> SamplingParams:
+        length = self(seq)
+        return replace(sampling, max_new_tokens=length, min_new_tokens=length)
+
+
+class LongTailScheduler(RolloutScheduler):
+    """The recipe's scheduler with each group's answer length fixed by `lengths`."""
+
+    lengths: AnswerLengths
+
+    @classmethod
+    def with_lengths(cls, cfg: RunConfig, parts, mode: str, lengths: AnswerLengths) -> LongTailScheduler:
+        scheduler = cls.from_config(cfg, parts, mode=mode)
+        scheduler.lengths = lengths
+        return scheduler
+
+    def sampling_for(self, prompt: DrawnPrompt) -> SamplingParams:
+        return self.lengths.sampling(self.sampling, prompt.seq)
+
+
+def long_tail_config(cfg: RunConfig, lengths: AnswerLengths) -> RunConfig:
+    """The recipe at the long-tail workload's shape: G = 16, 64 prompts a step, room for the longest answer."""
+    return cfg.model_copy(update={
+        "rollout": cfg.rollout.model_copy(update={"group_size": 16, "max_new_tokens": lengths.cap}),
+        "trainer": cfg.trainer.model_copy(update={"prompts_per_step": 64}),
+    })
+
+
+def occupancy(timeline: list[tuple[float, float, int, int]], start: float, end: float, capacity: int) -> dict:
+    """An engine's mean occupancy over [start, end] (idle time counts as empty) and, as a share of that window, when
+    it last ran full (FULL of `capacity` or more): what lies after is the tail."""
+    covered = full_until = 0.0
+    for step_start, step_end, ran, _ in timeline:
+        overlap = max(0.0, min(step_end, end) - max(step_start, start))
+        covered += overlap * min(1.0, ran / capacity)
+        if overlap > 0 and ran >= FULL * capacity:
+            full_until = max(full_until, min(step_end, end) - start)
+    window = max(end - start, 1e-9)
+    busy_full = sum(
+        max(0.0, min(e, start + full_until) - max(s, start)) * min(1.0, ran / capacity) for s, e, ran, _ in timeline
+    )
+    return {
+        "mean": covered / window,
+        "full_until": full_until / window,
+        "mean_before_tail": busy_full / max(full_until, 1e-9),
+    }
 
 
 @dataclass
@@ -36,14 +110,17 @@ class ModeTotals:
     generated_groups: float = 0.0
     wasted_groups: float = 0.0
     idle_seconds: float = 0.0
+    occupancy: list[dict] = field(default_factory=list)  # per batch and worker
 
-    def add(self, batch: RolloutBatch, seconds: float, group_size: int) -> None:
+    def add(self, batch: RolloutBatch, seconds: float, group_size: int, capacities: list[int]) -> None:
         m = batch.metrics
         wasted = m["rollout/wasted_samples"] / group_size
         self.seconds += seconds
         self.wasted_groups += wasted
         self.generated_groups += wasted + len(batch.groups)
         self.idle_seconds += sum(v for k, v in m.items() if k.endswith("_idle_s"))
+        for timeline, capacity in zip(batch.timelines, capacities):
+            self.occupancy.append(occupancy(timeline, batch.started_at, batch.last_accept_time, capacity))
 
 
 class BareEngine:
@@ -67,8 +144,10 @@ class BareEngine:
                 cfg.model.path, dtype=getattr(torch, cfg.model.dtype)
             ).eval()
 
-    def generate(self, rows: list[Row], sampling: SamplingParams) -> int:
-        """Sample `sampling.n` responses for each row; the number of tokens generated."""
+    def generate(self, rows: list[Row], samplings: list[SamplingParams]) -> int:
+        """Sample `sampling.n` responses for each row (vLLM: each with its own settings; HF: the first's); the number
+        of tokens generated."""
+        sampling = samplings[0]
         texts = [
             self.processor.apply_chat_template(
                 [m.model_dump(exclude_none=True) for m in row.messages], add_generation_prompt=True, tokenize=False
@@ -79,10 +158,11 @@ class BareEngine:
         if self.engine == "vllm":
             from vllm import SamplingParams as VLLMSamplingParams
 
-            params = VLLMSamplingParams(
-                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                max_tokens=sampling.max_new_tokens, logprobs=0,
-            )
+            params = [
+                VLLMSamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                   min_tokens=s.min_new_tokens, logprobs=0)
+                for s in samplings
+            ]
             requests = [{"prompt": t, "multi_modal_data": {"image": im}} if im else {"prompt": t}
                         for t, im in zip(texts, images)]
             outputs = self.llm.generate(requests, params, use_tqdm=False)
@@ -103,26 +183,31 @@ class BareEngine:
         return int(first_stop.sum())  # tokens up to and including each sequence's stop, as the framework counts
 
 
-def bench_engine(cfg: RunConfig, rounds: int) -> dict:
-    """Tokens/s of one framework rollout worker and of the bare engine, on the same prompts and cores."""
+def bench_engine(cfg: RunConfig, rounds: int, lengths: AnswerLengths | None = None) -> dict:
+    """Tokens/s of one framework rollout worker and of the bare engine, on the same prompts (a whole step's, sent at
+    once), settings and cores; `lengths`: the long-tail workload's fixed answer lengths."""
+    if lengths is not None:
+        cfg = long_tail_config(cfg, lengths)
     one = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_workers": 1})})
     parts = build_run(one, rewards=False)
-    rows = [parts.source.draw().row for _ in range(cfg.trainer.prompts_per_step)]
+    drawn = [parts.source.draw() for _ in range(cfg.trainer.prompts_per_step)]
+    rows = [d.row for d in drawn]
     rc = cfg.rollout
     prompts = engine_prompts([parts.encode(row) for row in rows], rc.engine)  # as the scheduler sends them
     sampling = rollout_sampling(rc)
+    samplings = [lengths.sampling(sampling, d.seq) if lengths else sampling for d in drawn]
     seeds = list(range(len(prompts)))
     (worker,) = parts.workers
     bare = ray.remote(num_cpus=rc.cpus_per_worker)(BareEngine).remote(cfg, threads_for(rc.cpus_per_worker))
 
     def framework() -> tuple[int, float]:
         start = time.perf_counter()
-        groups = ray.get(worker.generate.remote(prompts, sampling, seeds))
+        groups = ray.get(worker.generate.remote(prompts, samplings, seeds))
         return sum(len(c.token_ids) for g in groups for c in g), time.perf_counter() - start
 
     def plain() -> tuple[int, float]:
         start = time.perf_counter()
-        tokens = ray.get(bare.generate.remote(rows, sampling))
+        tokens = ray.get(bare.generate.remote(rows, samplings))
         return tokens, time.perf_counter() - start
 
     try:
@@ -146,11 +231,19 @@ def bench_engine(cfg: RunConfig, rounds: int) -> dict:
     }
 
 
-def bench_rollout(cfg: RunConfig, steps: int) -> dict:
-    """Seamless against synchronous collection of the same batches, on one fleet of workers."""
-    parts = build_run(cfg)
+def bench_rollout(cfg: RunConfig, steps: int, lengths: AnswerLengths | None = None) -> dict:
+    """Seamless against synchronous collection of the same batches, on one fleet of workers; `lengths`: the
+    long-tail workload's fixed answer lengths."""
+    if lengths is not None:
+        cfg = long_tail_config(cfg, lengths)
+    parts = build_run(cfg, record_timeline=True)
     try:
-        schedulers = {mode: RolloutScheduler.from_config(cfg, parts, mode=mode) for mode in MODES}
+        schedulers = {
+            mode: LongTailScheduler.with_lengths(cfg, parts, mode, lengths) if lengths
+            else RolloutScheduler.from_config(cfg, parts, mode=mode)
+            for mode in MODES
+        }
+        capacities = [capacity for capacity, _ in ray.get([w.capacity.remote() for w in parts.workers])]
         source = parts.source
         state = source.state_dict()
         warm = [parts.encode(source.draw().row)] * len(parts.workers)  # first-call allocations, off the clock
@@ -166,13 +259,14 @@ def bench_rollout(cfg: RunConfig, steps: int) -> dict:
                 source.load_state_dict(state)
                 start = time.perf_counter()
                 batch = schedulers[mode].collect(cfg.trainer.prompts_per_step)
-                totals[mode].add(batch, time.perf_counter() - start, cfg.rollout.group_size)
+                totals[mode].add(batch, time.perf_counter() - start, cfg.rollout.group_size, capacities)
                 taken[mode] = [(g.prompt.seq, [c.token_ids for c in g.completions]) for g in batch.groups]
             same_batches &= taken["seamless"] == taken["synchronous"]
         workers = len(parts.workers)
     finally:
         parts.close()
-    return report(totals, steps, workers, same_batches)
+    return {**report(totals, steps, workers, same_batches), "prompts_per_step": cfg.trainer.prompts_per_step,
+            "group_size": cfg.rollout.group_size}
 
 
 def report(totals: dict[str, ModeTotals], steps: int, num_workers: int, same_batches: bool) -> dict:
@@ -181,6 +275,9 @@ def report(totals: dict[str, ModeTotals], steps: int, num_workers: int, same_bat
             "seconds_per_step": t.seconds / steps,
             "sample_waste": t.wasted_groups / max(t.generated_groups, 1),
             "worker_idle_fraction": t.idle_seconds / (t.seconds * num_workers),
+            "occupancy": statistics.mean(o["mean"] for o in t.occupancy),
+            "occupancy_before_tail": statistics.mean(o["mean_before_tail"] for o in t.occupancy),
+            "full_until": statistics.mean(o["full_until"] for o in t.occupancy),
         }
         for mode, t in totals.items()
     }

@@ -112,6 +112,7 @@ def build_run(
     model_prepared: bool = False,
     learner: bool = False,
     run_dir: Path | None = None,
+    record_timeline: bool = False,
 ) -> RunParts:
     """The parts `cfg` describes: the prompt source (`prompts`), the held-out rows (`held_out`), the reward router
     (`rewards`, writing what reward functions print to `reward_log_dir`), Ray, and the rollout workers (`workers`,
@@ -120,7 +121,8 @@ def build_run(
     Before any actor starts, the cluster is checked to hold the workers, the reward hosts and, when the caller will
     start one (`learner`), the learner's ranks: a recipe that cannot be placed is refused saying what is missing.
     On a cluster of more than one node, the nodes that cannot see `run_dir` (where checkpoints go) are found, for
-    the learner to copy its ranks' files from them (morl/staging.py)."""
+    the learner to copy its ranks' files from them (morl/staging.py). `record_timeline`: the workers keep their
+    engines' occupancy per step (`morl bench rollout`)."""
     if not model_prepared:
         prepare_model(cfg)
     os.environ.update(QUIET_OFFLINE_ENV)
@@ -166,7 +168,7 @@ def build_run(
             parts.router.start(parts.blind_nodes)
         if workers:
             parts.placement = rollout_placement(cfg)
-            parts.workers = start_rollout_workers(cfg, weights or cfg.model.path, parts.placement)
+            parts.workers = start_rollout_workers(cfg, weights or cfg.model.path, parts.placement, record_timeline)
     except BaseException:
         parts.close()
         raise

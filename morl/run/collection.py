@@ -30,7 +30,7 @@ import ray
 
 from morl.config import RunConfig
 from morl.data.encoding import PromptEncoder
-from morl.data.source import PromptSource
+from morl.data.source import DrawnPrompt, PromptSource
 from morl.rewards.router import RewardRouter
 from morl.rewards.types import TrainingProgress
 from morl.rollout.fleet import engine_prompts, rollout_sampling
@@ -54,7 +54,8 @@ class RolloutBatch:
     groups: list[Group]  # the accepted groups, in dispatch order: the update's batch
     decided: list[Group]  # every group that entered the step (accepted or dropped), for reward metrics
     metrics: dict[str, float] = field(default_factory=dict)
-    timelines: list[list[tuple[float, int]]] = field(default_factory=list)  # per worker, when they record them
+    timelines: list[list[tuple[float, float, int, int]]] = field(default_factory=list)  # per worker, if recorded
+    started_at: float = 0.0  # time.time() when the collection started
     last_accept_time: float = 0.0  # time.time() when the batch's last group was taken
 
 
@@ -196,8 +197,13 @@ class RolloutScheduler:
         keys = [next(_GROUP_KEYS) for _ in groups]
         seeds = [prompt_seed(self.run_seed, g.prompt.seq) for g in groups]
         prompts = engine_prompts([g.encoded for g in groups], self.engine)
-        self.workers[worker].submit.remote(prompts, self.sampling, seeds, keys)
+        samplings = [self.sampling_for(g.prompt) for g in groups]
+        self.workers[worker].submit.remote(prompts, samplings, seeds, keys)
         return keys
+
+    def sampling_for(self, prompt: DrawnPrompt) -> SamplingParams:
+        """The sampling settings of this prompt's group: the run's (`morl bench rollout` gives each its own length)."""
+        return self.sampling
 
     def submit_scoring(self, group: Group, progress: TrainingProgress | None) -> None:
         inputs = [reward_input(group.prompt.row, c, progress) for c in group.completions]
@@ -229,7 +235,7 @@ class _Collection:
         self.groups: list[Group] = []  # every dispatched group, in dispatch order
         self.pending: dict[int, tuple[int, Group]] = {}  # key -> (worker, group) submitted and not yet back
         self.mail: dict[ray.ObjectRef, int] = {}  # the one take_finished call outstanding per busy worker
-        self.timelines: list[list[tuple[float, int]]] = [[] for _ in scheduler.workers]
+        self.timelines: list[list[tuple[float, float, int, int]]] = [[] for _ in scheduler.workers]
         self.scoring: list[Group] = []
         self.prefix = 0  # groups[:prefix] are resolved and decided
         self.accepted: list[Group] = []
@@ -237,6 +243,7 @@ class _Collection:
         self.busy = [0.0] * len(scheduler.workers)
         self.occupied = [0.0] * len(scheduler.workers)
         self.start_time = time.perf_counter()
+        self.started_at = time.time()
         self.last_accept_time = self.start_time
 
     # -- what the dispatch policies use
@@ -352,7 +359,8 @@ class _Collection:
             )
         observed = len(self.accepted) / len(decided) if decided else None
         accepted_at = time.time() - tail_seconds
-        batch = RolloutBatch(self.accepted, decided, self._metrics(decided, tail_seconds), self.timelines, accepted_at)
+        metrics = self._metrics(decided, tail_seconds)
+        batch = RolloutBatch(self.accepted, decided, metrics, self.timelines, self.started_at, accepted_at)
         return batch, observed
 
     def abort_and_drain(self) -> None:

@@ -110,3 +110,29 @@ def test_a_broadcast_sync_reaches_every_worker(toy_world):
     assert float(numbers["mismatch_after_sync_max"]) < 1e-5
     assert float(numbers["mismatch_stale"]) > 1e-4 and numbers["stale_run_stopped"] == "True"
     assert float(numbers["bare_seconds_per_gb"]) > 0 and float(numbers["sync_over_bare"]) > 0
+
+
+def test_the_long_tail_workload_reports_each_engines_occupancy_and_the_tail(toy_world):
+    out = bench("rollout", toy_world, "rollout.engine=vllm", "--workload", "long-tail", "--median-tokens", "2",
+                "--max-tokens", "6", "--steps", "1", "--rounds", "1")
+    assert re.search(r"^long-tail answer lengths: median 2, .* longest 6 tokens", out, re.M)
+    assert "64 prompts x 16 samples" in out and "1 batches of 64 groups x 16" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    for mode in ("seamless", "synchronous"):
+        occupancy, before_tail, full_until = (float(v.rstrip("%")) for v in lines[mode][4:7])
+        assert 0 < occupancy <= 100 and 0 < before_tail <= 100 and 0 < full_until <= 100
+    assert "same batches in both modes: yes" in out
+
+
+def test_occupancy_is_the_time_weighted_share_of_the_engine_in_use_and_the_tail_is_where_it_stops_being_full():
+    from morl.bench.rollout import occupancy
+
+    # a window of 10 s: 4 s full (8 of 8), 2 s idle, 2 s at half (4 of 8), 2 s idle
+    timeline = [(100.0, 104.0, 8, 8), (106.0, 108.0, 4, 0)]
+    o = occupancy(timeline, start=100.0, end=110.0, capacity=8)
+    assert o["mean"] == pytest.approx((4 * 1.0 + 2 * 0.5) / 10)
+    assert o["full_until"] == pytest.approx(0.4)  # last full step ended 4 s into the window
+    assert o["mean_before_tail"] == pytest.approx(1.0)
+    # steps outside the window do not count; more in flight than max_num_seqs counts as full, not more
+    o = occupancy([(90.0, 95.0, 8, 8), (100.0, 105.0, 16, 8)], start=100.0, end=110.0, capacity=8)
+    assert o["mean"] == pytest.approx(0.5) and o["full_until"] == pytest.approx(0.5)

@@ -180,7 +180,7 @@ def test_a_stop_request_abandons_the_batch_and_aborts_the_calls_in_flight(pool, 
         scheduler.collect(4, should_stop=lambda: next(polls) >= 2)  # asked after the calls were dispatched
     # the workers were told to abort: the next batch runs on them at once, not after the abandoned calls
     fresh, _ = make_scheduler(pool, router, ["mixed"] * 4)
-    ready, _ = ray.wait([w.generate.remote([], SamplingParams(n=G), []) for w in pool], num_returns=2, timeout=20)
+    ready, _ = ray.wait([w.generate.remote([], [], []) for w in pool], num_returns=2, timeout=20)
     assert len(ready) == 2
     assert len(fresh.collect(2).groups) == 2
 
@@ -194,7 +194,7 @@ def test_each_engine_is_kept_at_its_fill_target_and_never_beyond(pool, router):
     batch = scheduler.collect(12)
     assert len(batch.groups) == 12
     for timeline in batch.timelines:
-        in_flight = [n for _, n in timeline]
+        in_flight = [n for _, _, ran, left in timeline for n in (ran, left)]
         assert max(in_flight) == 3 * G  # filled to the target, never past it
         refills = sum(a < 3 * G == b for a, b in zip([0, *in_flight], in_flight))
         assert refills >= 2  # filled again once its first groups ended
