@@ -14,6 +14,7 @@ both modes take exactly the same groups; the bench checks that, and reports time
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import ray
@@ -46,26 +47,14 @@ class ModeTotals:
         self.idle_seconds += sum(v for k, v in m.items() if k.endswith("_idle_s"))
 
 
-class BareEngine:
+class BareEngine(ABC):
     """The backend alone, as a user would call it: the baseline of the framework's rollout throughput."""
 
     def __init__(self, cfg: RunConfig, threads: int):
         from transformers import AutoProcessor
 
         torch.set_num_threads(threads)
-        self.engine = cfg.rollout.engine
         self.processor = AutoProcessor.from_pretrained(cfg.model.processor_dir)
-        if self.engine == "vllm":
-            from morl.rollout.vllm_engine import start_llm, vllm_engine_factory
-
-            settings = vllm_engine_factory(cfg.model.path, cfg.model, cfg.rollout, cfg.trainer.seed)
-            self.llm = start_llm(*settings.args, **settings.keywords)
-        else:
-            from transformers import Qwen2_5_VLForConditionalGeneration
-
-            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                cfg.model.path, dtype=getattr(torch, cfg.model.dtype)
-            ).eval()
 
     def generate(self, rows: list[Row], sampling: SamplingParams) -> int:
         """Sample `sampling.n` responses for each row; the number of tokens generated."""
@@ -76,17 +65,48 @@ class BareEngine:
             for row in rows
         ]
         images = [[open_image(ref) for ref in row.images] for row in rows]
-        if self.engine == "vllm":
-            from vllm import SamplingParams as VLLMSamplingParams
+        return self.sample(texts, images, sampling)
 
-            params = VLLMSamplingParams(
-                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                max_tokens=sampling.max_new_tokens, logprobs=0,
-            )
-            requests = [{"prompt": t, "multi_modal_data": {"image": im}} if im else {"prompt": t}
-                        for t, im in zip(texts, images)]
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
-            return sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    @abstractmethod
+    def sample(self, texts: list[str], images: list[list], sampling: SamplingParams) -> int:
+        """Sample `sampling.n` responses for each chat text with its images; the number of tokens generated."""
+
+
+class BareVLLM(BareEngine):
+    """`vllm.LLM.generate` with the settings the workers' engines get."""
+
+    def __init__(self, cfg: RunConfig, threads: int):
+        super().__init__(cfg, threads)
+        from morl.rollout.vllm_engine import start_llm, vllm_engine_factory
+
+        settings = vllm_engine_factory(cfg.model.path, cfg.model, cfg.rollout, cfg.trainer.seed)
+        self.llm = start_llm(*settings.args, **settings.keywords)
+
+    def sample(self, texts: list[str], images: list[list], sampling: SamplingParams) -> int:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        params = VLLMSamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens, logprobs=0,
+        )
+        requests = [{"prompt": t, "multi_modal_data": {"image": im}} if im else {"prompt": t}
+                    for t, im in zip(texts, images)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return sum(len(c.token_ids) for out in outputs for c in out.outputs)
+
+
+class BareHF(BareEngine):
+    """transformers' `generate` on the whole batch, padded."""
+
+    def __init__(self, cfg: RunConfig, threads: int):
+        super().__init__(cfg, threads)
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            cfg.model.path, dtype=getattr(torch, cfg.model.dtype)
+        ).eval()
+
+    def sample(self, texts: list[str], images: list[list], sampling: SamplingParams) -> int:
         self.processor.tokenizer.padding_side = "left"
         inputs = self.processor(text=texts, images=[im for ims in images for im in ims] or None,
                                 return_tensors="pt", padding=True)
@@ -103,6 +123,9 @@ class BareEngine:
         return int(first_stop.sum())  # tokens up to and including each sequence's stop, as the framework counts
 
 
+BARE_ENGINES: dict[str, type[BareEngine]] = {"hf": BareHF, "vllm": BareVLLM}  # each of ENGINES' backends alone
+
+
 def bench_engine(cfg: RunConfig, rounds: int) -> dict:
     """Tokens/s of one framework rollout worker and of the bare engine, on the same prompts and cores."""
     one = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_workers": 1})})
@@ -113,7 +136,8 @@ def bench_engine(cfg: RunConfig, rounds: int) -> dict:
     sampling = rollout_sampling(rc)
     seeds = list(range(len(prompts)))
     (worker,) = parts.workers
-    bare = ray.remote(num_cpus=rc.cpus_per_worker)(BareEngine).remote(cfg, threads_for(rc.cpus_per_worker))
+    bare_engine = ray.remote(num_cpus=rc.cpus_per_worker)(BARE_ENGINES[rc.engine])
+    bare = bare_engine.remote(cfg, threads_for(rc.cpus_per_worker))
 
     def framework() -> tuple[int, float]:
         start = time.perf_counter()
