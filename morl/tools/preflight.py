@@ -33,7 +33,8 @@ in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each chunk's 
                          their float32 softmax and its copy in b: heads M^2 (4 + 2 b)
     vLLM    its pool     gpu_memory_utilization x GPU: weights b P / TP, a profiled peak, then KV cache,
                          which must hold one sequence of S tokens (2 L kv b / TP bytes per token); S may not
-                         exceed the model's max_position_embeddings
+                         exceed the model's max_position_embeddings. Each engine models its own pool
+                         (`gpu_pool` in rollout/engines.py)
     host                 each learner rank loads the checkpoint in float32 (4 P) at start-up; offloaded
                          optimizer (fp32 gradients + states) and parameters; sleep level 1 keeps vLLM's
                          weights; weight-sync buckets in Ray's object store
@@ -346,7 +347,7 @@ def host_parts(shape: ModelShape, cfg: RunConfig, n: int, pool: GpuPool | None) 
         parts["offloaded gradients and optimizer states"] = (4 + 8 + (4 if b != 4 else 0)) * trainable
     if lc.offload_params:
         parts["offloaded parameters"] = b * shape.params
-    if pool is not None and rc.colocate:
+    if pool is not None:
         parts.update(pool.host_asleep)
     if not engine_of(rc).shares_learner_gpu():  # colocated buckets travel as CUDA IPC handles
         parts["weight-sync buckets in Ray's object store"] = 2 * rc.sync_bucket_mb * 2**20
