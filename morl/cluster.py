@@ -84,17 +84,18 @@ def cluster_has_gpus() -> bool:
 def rollout_gpus(cfg: RunConfig, on_gpus: bool) -> float:
     """GPUs per rollout worker, as its engine asks them (rollout/engines.py). Colocation needs GPUs: vLLM's CPU
     build cannot sleep."""
-    if cfg.rollout.colocate and not on_gpus:
+    engine = engine_of(cfg.rollout)
+    if engine.shares_learner_gpu() and not on_gpus:
         raise ClusterError(
             "rollout.colocate=true puts vLLM on the learner's GPU and sleeps it during the update, but this Ray "
             "cluster has no GPU (vLLM's CPU build has no sleep mode): set rollout.colocate=false"
         )
-    return engine_of(cfg.rollout).worker_gpus(on_gpus)
+    return engine.worker_gpus(on_gpus)
 
 
 def learner_gpus(cfg: RunConfig, on_gpus: bool) -> float:
     """A GPU per rank on a GPU cluster, unless vLLM is colocated (it then claims the shares)."""
-    return 0.0 if cfg.rollout.colocate or not on_gpus else 1.0
+    return 0.0 if engine_of(cfg.rollout).shares_learner_gpu() or not on_gpus else 1.0
 
 
 def _bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:

@@ -402,7 +402,7 @@ def estimate(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> Estimate:
 def _candidate_changes(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[dict[str, Any]]:
     """Single changes to try when a recipe does not fit, the ones that cost least speed first; a shorter
     rollout.max_new_tokens, which changes what is trained, last."""
-    lc, rc = cfg.learner, cfg.rollout
+    lc, rc, engine = cfg.learner, cfg.rollout, engine_of(cfg.rollout)
     mb = micro_batch(cfg)
     chunks = (lc.logprob_chunk_tokens // 2, lc.logprob_chunk_tokens // 4)  # smaller only below the answers' length
     changes: list[dict[str, Any]] = [{"learner.logprob_chunk_tokens": c} for c in chunks if 64 <= c < mb.answer_tokens]
@@ -414,7 +414,7 @@ def _candidate_changes(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[
         changes += [{"learner.max_tokens_per_micro_batch": t} for t in budgets if t < mb.packed_tokens]
     if not lc.gradient_checkpointing:
         changes.append({"learner.gradient_checkpointing": True})
-    if engine_of(rc).shares_learner_gpu():
+    if engine.shares_learner_gpu():
         utils = (0.85, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # down: room for the learner; up: room for the KV cache
         changes += [{"rollout.gpu_memory_utilization": u} for u in utils if u != rc.gpu_memory_utilization]
     if lc.micro_batch_size > 1:
@@ -423,8 +423,8 @@ def _candidate_changes(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[
         ]
     if lc.zero_stage < 3 and lc.num_ranks > 1:
         changes.append({"learner.zero_stage": 3})
-    spare = hw.gpus - lc.num_ranks - engine_of(rc).gpus()
-    if spare > 0 and not rc.colocate:  # more ranks: smaller ZeRO shards each
+    spare = hw.gpus - lc.num_ranks - engine.gpus()
+    if spare > 0 and not engine.shares_learner_gpu():  # more ranks: smaller ZeRO shards each
         changes.append({"learner.num_ranks": lc.num_ranks + spare})
     if lc.num_ranks > 1:  # fewer ranks: fewer float32 checkpoint loads in host memory, larger shards each
         changes.append({"learner.num_ranks": lc.num_ranks // 2})
@@ -432,7 +432,7 @@ def _candidate_changes(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[
         changes.append({"learner.offload_optimizer": True})
     if not lc.offload_params:
         changes.append({"learner.zero_stage": 3, "learner.offload_params": True, "learner.offload_optimizer": True})
-    if engine_of(rc).gpus() and rc.tensor_parallel_size < hw.gpus:
+    if engine.gpus() and rc.tensor_parallel_size < hw.gpus:
         changes.append({"rollout.tensor_parallel_size": rc.tensor_parallel_size * 2})
     if (shorter := longest_answer_that_fits(cfg, shape, hw)) is not None:
         changes.append(shorter)
@@ -568,9 +568,11 @@ def report(cfg: RunConfig, hw: Hardware) -> tuple[list[str], bool]:
     """The estimate as lines of text, with what to change when the recipe does not fit; and whether it fits."""
     shape = ModelShape.from_checkpoint(cfg.model.path)
     est = estimate(cfg, shape, hw)
-    rc, lc = cfg.rollout, cfg.learner
+    rc, lc, engine = cfg.rollout, cfg.learner, engine_of(cfg.rollout)
     placement = (
-        "colocated with the learner" if rc.colocate else f"on {rc.num_workers} x {rc.tensor_parallel_size} GPU(s)"
+        "colocated with the learner"
+        if engine.shares_learner_gpu()
+        else f"on {rc.num_workers} x {rc.tensor_parallel_size} GPU(s)"
     )
     lines = [
         f"model {cfg.model.path}: {shape.params / 1e9:.2f} B parameters ({shape.text_params / 1e9:.2f} B language, "
@@ -578,7 +580,7 @@ def report(cfg: RunConfig, hw: Hardware) -> tuple[list[str], bool]:
         f"{cfg.model.dtype}",
         f"hardware: {hw.gpus} GPU(s) x {hw.gpu_mem_gib:g} GiB, {host_description(hw)}; learner on "
         f"{est.learner_gpus} GPU(s) (ZeRO-{lc.zero_stage}), rollout {rc.engine}"
-        + (f", {placement}" if engine_of(rc).gpus() else ""),
+        + (f", {placement}" if engine.gpus() else ""),
         micro_batch_description(cfg),
     ]
     for budget in est.budgets:
