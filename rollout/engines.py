@@ -23,9 +23,6 @@ from morl.config import ModelConfig, RolloutConfig
 from morl.rollout.types import RolloutEngine
 from morl.types import EncodedPrompt
 
-GIB = 1024**3
-
-
 @dataclass(frozen=True)
 class GpuPool:
     """What an engine holds on each rollout GPU, as `morl preflight` models it."""
@@ -117,8 +114,8 @@ class VLLMKind(EngineKind):
 
     name = "vllm"
     preprocesses_media = True
-    PROFILE = 3 * GIB  # its profiled activation peak (sampler logits, ViT encoder budget) and CUDA graphs
-    ASLEEP = 2 * GIB  # what a sleeping vLLM keeps on the GPU (its context and graph pool)
+    PROFILE = 3 * 2**30  # its profiled activation peak (sampler logits, ViT encoder budget) and CUDA graphs
+    ASLEEP = 2 * 2**30  # what a sleeping vLLM keeps on the GPU (its context and graph pool)
 
     def worker_gpus(self, on_gpus: bool) -> float:
         """On a GPU cluster its tensor-parallel GPUs, or half of each when it shares the learner's; on CPUs none."""
