@@ -23,6 +23,7 @@ from morl.config import ModelConfig, RolloutConfig
 from morl.rollout.types import RolloutEngine
 from morl.types import EncodedPrompt
 
+
 @dataclass(frozen=True)
 class GpuPool:
     """What an engine holds on each rollout GPU, as `morl preflight` models it."""
