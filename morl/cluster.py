@@ -29,6 +29,8 @@ from ray.exceptions import (
 )
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from morl.rollout.engines import engine_of
+
 if TYPE_CHECKING:
     from morl.config import RunConfig
 
@@ -80,21 +82,20 @@ def cluster_has_gpus() -> bool:
 
 
 def rollout_gpus(cfg: RunConfig, on_gpus: bool) -> float:
-    """GPUs per rollout worker: none for the HF engine or on a CPU cluster (vLLM's CPU build); colocated with the
-    learner, a share of the GPU the learner holds too. Colocation needs GPUs: vLLM's CPU build cannot sleep."""
-    if cfg.rollout.engine == "vllm" and cfg.rollout.colocate and not on_gpus:
+    """GPUs per rollout worker, as its engine asks them (rollout/engines.py). Colocation needs GPUs: vLLM's CPU
+    build cannot sleep."""
+    engine = engine_of(cfg.rollout)
+    if engine.shares_learner_gpu() and not on_gpus:
         raise ClusterError(
             "rollout.colocate=true puts vLLM on the learner's GPU and sleeps it during the update, but this Ray "
             "cluster has no GPU (vLLM's CPU build has no sleep mode): set rollout.colocate=false"
         )
-    if cfg.rollout.engine != "vllm" or not on_gpus:
-        return 0.0
-    return cfg.rollout.tensor_parallel_size * (0.5 if cfg.rollout.colocate else 1.0)
+    return engine.worker_gpus(on_gpus)
 
 
 def learner_gpus(cfg: RunConfig, on_gpus: bool) -> float:
     """A GPU per rank on a GPU cluster, unless vLLM is colocated (it then claims the shares)."""
-    return 0.0 if cfg.rollout.colocate or not on_gpus else 1.0
+    return 0.0 if engine_of(cfg.rollout).shares_learner_gpu() or not on_gpus else 1.0
 
 
 def _bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:

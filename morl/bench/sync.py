@@ -25,6 +25,7 @@ import torch
 from morl.config import RunConfig
 from morl.learner.group import LearnerGroup
 from morl.learner.policy import free_port
+from morl.rollout.engines import engine_of
 from morl.rollout.fleet import generate_in_order, rollout_sampling
 from morl.run.build import RunParts, build_run
 from morl.run.weight_sync import (
@@ -78,7 +79,7 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
     rc = cfg.rollout
     workers = parts.workers
     learner = LearnerGroup(cfg, parts.banned_ids)
-    cuda_ipc = rc.engine == "vllm" and rc.colocate
+    cuda_ipc = engine_of(rc).shares_learner_gpu()
     broadcast = rc.weight_transport == "broadcast"
     plan = plan_buckets(learner.weight_sizes(cfg.model.dtype), rc.sync_bucket_mb * 2**20)
     nbytes = sum(b.nbytes for b in plan)

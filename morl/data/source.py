@@ -18,6 +18,7 @@ import numpy as np
 from morl.data.loading import LoadedDataset, load_datasets
 from morl.data.mixture import MixtureSampler
 from morl.data.rows import DataError, Row
+from morl.rollout.engines import engine_of
 
 if TYPE_CHECKING:
     from morl.config import RunConfig
@@ -28,16 +29,14 @@ Key = tuple[int, int]  # (dataset index, row index)
 
 def load_run_datasets(cfg: RunConfig, specs: Sequence[DatasetSpec]) -> list[LoadedDataset]:
     """`specs`' files with every check the run's config asks for: routed tasks, `data.*` limits, and the images
-    and videos one prompt may carry (`rollout.max_<kind>s_per_prompt`, whichever the engine: the one check of it
-    every run, evaluation and filter passes through)."""
-    rollout = cfg.rollout
-    max_media = {"image": rollout.max_images_per_prompt, "video": rollout.max_videos_per_prompt}
+    and videos one prompt may carry (the engine's media limits, `rollout.max_<kind>s_per_prompt`: the one check of
+    it every run, evaluation and filter passes through)."""
     return load_datasets(
         specs,
         known_tasks=set(cfg.rewards.routes),
         on_bad_row=cfg.data.on_bad_row,
         max_image_pixels=cfg.data.max_image_pixels,
-        max_media=max_media,
+        max_media=engine_of(cfg.rollout).media_limits(),
         label_keys=cfg.rewards.label_keys(),
     )
 

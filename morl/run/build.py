@@ -34,6 +34,7 @@ from morl.data.rows import Row
 from morl.data.source import PromptSource, load_held_out_rows, load_training_data
 from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
 from morl.rewards.router import RewardRouter
+from morl.rollout.engines import engine_of
 from morl.rollout.fleet import rollout_placement, start_rollout_workers
 from morl.run.interrupts import children_ignore_sigint
 from morl.run.model_check import check_model_dir, max_positions
@@ -138,7 +139,10 @@ def build_run(
         cfg=cfg,
         processor=processor,
         encode=PromptEncoder(
-            processor, cfg.rollout.max_prompt_tokens, cfg.data.video, keep_frames=cfg.rollout.engine == "vllm"
+            processor,
+            cfg.rollout.max_prompt_tokens,
+            cfg.data.video,
+            keep_frames=engine_of(cfg.rollout).preprocesses_media,  # the engine samples the frames' pixels itself
         ),
         banned_ids=vision_token_ids(processor.tokenizer),
         source=source,

@@ -15,8 +15,6 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
-import ray
-
 from morl.checkpoint_layout import POLICY_DIR, CheckpointError
 from morl.cluster import PART_LOSSES, PartLostError, alive_nodes, lost_nodes, start_failure
 from morl.compat import ray_job_working_dir
@@ -25,6 +23,7 @@ from morl.console import console
 from morl.learner.group import LearnerGroup
 from morl.rewards.types import TrainingProgress
 from morl.rng_state import capture_rng, restore_rng
+from morl.rollout.engines import engine_of
 from morl.run.build import build_run, prepare_model
 from morl.run.checkpoint import Checkpoint, checkpoints_dir, resolve_resume, save_checkpoint, step_name
 from morl.run.collection import RolloutAbandoned, RolloutScheduler
@@ -110,9 +109,9 @@ class Trainer:
         self.learner = LearnerGroup(cfg, self.parts.banned_ids, self.parts.blind_nodes)
         self._started.callback(self.learner.close)
         self.scheduler = RolloutScheduler.from_config(cfg, self.parts)
+        self.engine = engine_of(cfg.rollout)
         # engines that keep their weights between syncs get only what trains (vLLM sleep level 2 drops them all)
-        drops_weights = cfg.rollout.colocate and cfg.rollout.sleep_level == 2
-        sizes = self.learner.weight_sizes(cfg.model.dtype, trainable_only=not drops_weights)
+        sizes = self.learner.weight_sizes(cfg.model.dtype, trainable_only=self.engine.keeps_weights())
         self.sync_plan = plan_buckets(sizes, cfg.rollout.sync_bucket_mb * 2**20)
         self.broadcast = cfg.rollout.weight_transport == "broadcast"
         if self.broadcast:
@@ -216,19 +215,13 @@ class Trainer:
         metrics = {"step": step, **reward_metrics(rollout.decided, self.dataset_names), **rollout.metrics,
                    **batch_metrics}
         if len(batch):
-            colocated = self.cfg.rollout.colocate  # vLLM shares the learner's GPU: it sleeps during the update
-            if colocated:
-                ray.get([w.sleep.remote(self.cfg.rollout.sleep_level) for w in self.workers])
-            metrics.update(self.learner.train_step(batch))
-            timer.lap("update")
-            # the rollouts this step trained on were sampled with the weights of the previous sync
-            check_logprob_mismatch(metrics["logprob_mismatch"], self.cfg.learner.max_logprob_mismatch, step)
-            if colocated:
-                ray.get([w.wake_up.remote(["weights"]) for w in self.workers])
-            sync = self.sync_weights()
-            if colocated:
-                ray.get([w.wake_up.remote(["kv_cache"]) for w in self.workers])
-            metrics.update(sync.as_metrics())
+            # the workers make room for the update as their engine needs (colocated vLLM sleeps), then load its weights
+            with self.engine.update_window(self.workers, self.sync_weights) as window:
+                metrics.update(self.learner.train_step(batch))
+                timer.lap("update")
+                # the rollouts this step trained on were sampled with the weights of the previous sync
+                check_logprob_mismatch(metrics["logprob_mismatch"], self.cfg.learner.max_logprob_mismatch, step)
+            metrics.update(window.synced.as_metrics())
             timer.lap("sync")
         else:
             log.warning("step %d: no group had reward variance (or every group had a reward error); no update", step)
@@ -248,7 +241,7 @@ class Trainer:
     def sync_weights(self) -> SyncStats:
         """The learner's weights into every rollout worker."""
         return sync_rollout_weights(self.learner, self.workers, self.sync_plan, dtype=self.cfg.model.dtype,
-                                    cuda_ipc=self.cfg.rollout.colocate, broadcast=self.broadcast)
+                                    cuda_ipc=self.engine.shares_learner_gpu(), broadcast=self.broadcast)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -33,7 +33,8 @@ in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each chunk's 
                          their float32 softmax and its copy in b: heads M^2 (4 + 2 b)
     vLLM    its pool     gpu_memory_utilization x GPU: weights b P / TP, a profiled peak, then KV cache,
                          which must hold one sequence of S tokens (2 L kv b / TP bytes per token); S may not
-                         exceed the model's max_position_embeddings
+                         exceed the model's max_position_embeddings. Each engine models its own pool
+                         (`gpu_pool` in rollout/engines.py)
     host                 each learner rank loads the checkpoint in float32 (4 P) at start-up; offloaded
                          optimizer (fp32 gradients + states) and parameters; sleep level 1 keeps vLLM's
                          weights; weight-sync buckets in Ray's object store
@@ -54,11 +55,10 @@ from pathlib import Path
 from typing import Any
 
 from morl.config import RunConfig
+from morl.rollout.engines import GpuPool, engine_of
 
 GIB = 1024**3
 RUNTIME = 2 * GIB  # per GPU process: CUDA context, NCCL and cuBLAS workspaces, allocator slack
-VLLM_PROFILE = 3 * GIB  # vLLM's profiled activation peak (sampler logits, ViT encoder budget) and CUDA graphs
-VLLM_ASLEEP = 2 * GIB  # what a sleeping vLLM keeps on the GPU (its context and graph pool)
 PROCESS_HOST = 3 * GIB  # host memory of one GPU process (torch, CUDA libraries)
 DRIVER_HOST = 4 * GIB  # the driver, Ray and the reward sandboxes
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, in elements
@@ -329,39 +329,29 @@ def zero_transients(shape: ModelShape, cfg: RunConfig, n: int) -> dict[str, int]
     return parts
 
 
-def vllm_pool(shape: ModelShape, cfg: RunConfig) -> tuple[dict[str, int], int]:
-    """vLLM's share of one rollout GPU (weights, profiled peak, KV of one full-length sequence); KV bytes per token."""
-    rc, b = cfg.rollout, DTYPE_BYTES[cfg.model.dtype]
-    per_token = 2 * shape.layers * shape.kv_dim * b // rc.tensor_parallel_size
-    return {
-        "vLLM weights": b * shape.params // rc.tensor_parallel_size,
-        "vLLM profiled peak": VLLM_PROFILE,
-        "vLLM KV cache, one sequence": per_token * (rc.max_prompt_tokens + rc.max_new_tokens),
-    }, per_token
+def rollout_pool(shape: ModelShape, cfg: RunConfig, hw: Hardware) -> GpuPool | None:
+    """The rollout engine's memory on each of its GPUs (its own model: rollout/engines.py); None when it takes none."""
+    b = DTYPE_BYTES[cfg.model.dtype]
+    return engine_of(cfg.rollout).gpu_pool(hw.gpu_bytes, b * shape.params, 2 * shape.layers * shape.kv_dim * b)
 
 
-def host_parts(shape: ModelShape, cfg: RunConfig, n: int, vllm_workers: int) -> dict[str, int]:
+def host_parts(shape: ModelShape, cfg: RunConfig, n: int, pool: GpuPool | None) -> dict[str, int]:
     lc, rc, b = cfg.learner, cfg.rollout, DTYPE_BYTES[cfg.model.dtype]
     trainable = trainable_params(shape, cfg)
+    gpu_workers = rc.num_workers if pool is not None else 0
     parts = {
         "learner checkpoint load (float32, each rank)": 4 * shape.params * max(n, 1),
-        "processes (driver, Ray, GPU workers)": DRIVER_HOST + PROCESS_HOST * (n + vllm_workers),
+        "processes (driver, Ray, GPU workers)": DRIVER_HOST + PROCESS_HOST * (n + gpu_workers),
     }
     if lc.offload_optimizer:
         parts["offloaded gradients and optimizer states"] = (4 + 8 + (4 if b != 4 else 0)) * trainable
     if lc.offload_params:
         parts["offloaded parameters"] = b * shape.params
-    if rc.engine == "vllm" and rc.colocate and rc.sleep_level == 1:
-        parts["vLLM weights kept while asleep (level 1)"] = vllm_workers * b * shape.params // rc.tensor_parallel_size
-    if not (rc.engine == "vllm" and rc.colocate):  # colocated buckets travel as CUDA IPC handles
+    if pool is not None:
+        parts.update(pool.host_asleep)
+    if not engine_of(rc).shares_learner_gpu():  # colocated buckets travel as CUDA IPC handles
         parts["weight-sync buckets in Ray's object store"] = 2 * rc.sync_bucket_mb * 2**20
     return parts
-
-
-def gpus_of_rollout(cfg: RunConfig) -> int:
-    """GPUs the vLLM workers take (none for the CPU hf engine)."""
-    rc = cfg.rollout
-    return rc.num_workers * rc.tensor_parallel_size if rc.engine == "vllm" else 0
 
 
 def position_problems(shape: ModelShape, cfg: RunConfig) -> list[str]:
@@ -379,43 +369,40 @@ def position_problems(shape: ModelShape, cfg: RunConfig) -> list[str]:
 
 def estimate(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> Estimate:
     rc = cfg.rollout
-    vllm = rc.engine == "vllm"
-    rollout_gpus = gpus_of_rollout(cfg)
+    engine = engine_of(rc)
+    rollout_gpus = engine.gpus()
     n = cfg.learner.num_ranks
     positions = position_problems(shape, cfg)
     if hw.gpus == 0:
-        if vllm:
-            return Estimate(0, [], problems=["rollout.engine=vllm needs GPUs (--gpus)", *positions])
+        if rollout_gpus:
+            return Estimate(0, [], problems=[f"rollout.engine={rc.engine} needs GPUs (--gpus)", *positions])
         learner = {**learner_resident(shape, cfg, n), **learner_activations(shape, cfg)}
         ranks = f"(CPU run, {n} ranks)" if n > 1 else "(CPU run)"
-        host = {**host_parts(shape, cfg, n, 0), **{f"{k} {ranks}": n * v for k, v in learner.items()}}
+        host = {**host_parts(shape, cfg, n, None), **{f"{k} {ranks}": n * v for k, v in learner.items()}}
         return Estimate(0, [Budget("host", host, hw.host_bytes)], problems=positions)
-    if not rc.colocate and rollout_gpus + n > hw.gpus:  # colocated: one GPU (the config allows no more)
+    if not engine.shares_learner_gpu() and rollout_gpus + n > hw.gpus:  # colocated: one GPU (config allows no more)
         workers = f"rollout.num_workers x rollout.tensor_parallel_size = {rollout_gpus} GPUs"
         problem = f"{workers} and learner.num_ranks = {n} need {rollout_gpus + n} GPUs, of {hw.gpus}"
         return Estimate(0, [], problems=[f"{problem}; lower them or add GPUs (--gpus)", *positions])
     resident = {**learner_resident(shape, cfg, n), "runtime": RUNTIME}
     update = {**resident, **zero_transients(shape, cfg, n), **learner_activations(shape, cfg)}
     budgets: list[Budget] = []
-    kv_tokens = None
-    if vllm:
-        pool, per_token = vllm_pool(shape, cfg)
-        share = int(rc.gpu_memory_utilization * hw.gpu_bytes)
-        budgets.append(Budget("vLLM pool (rollout.gpu_memory_utilization x GPU)", pool, share))
-        kv_tokens = max(0, share - pool["vLLM weights"] - VLLM_PROFILE) // per_token
-    if vllm and rc.colocate:
-        budgets.append(Budget("shared GPU, rollout", {**resident, "vLLM pool": share}, hw.gpu_bytes))
-        budgets.append(Budget("shared GPU, update", {**update, "vLLM asleep": VLLM_ASLEEP}, hw.gpu_bytes))
+    pool = rollout_pool(shape, cfg, hw)
+    if pool is not None:
+        budgets.append(Budget(pool.where, pool.parts, pool.limit))
+    if pool is not None and engine.shares_learner_gpu():
+        budgets.append(Budget("shared GPU, rollout", {**resident, f"{pool.engine} pool": pool.limit}, hw.gpu_bytes))
+        budgets.append(Budget("shared GPU, update", {**update, f"{pool.engine} asleep": pool.asleep}, hw.gpu_bytes))
     else:
         budgets.append(Budget("learner GPU, update", update, hw.gpu_bytes))
-    budgets.append(Budget("host", host_parts(shape, cfg, n, rc.num_workers if vllm else 0), hw.host_bytes))
-    return Estimate(n, budgets, kv_tokens, problems=positions)
+    budgets.append(Budget("host", host_parts(shape, cfg, n, pool), hw.host_bytes))
+    return Estimate(n, budgets, pool.kv_cache_tokens if pool is not None else None, problems=positions)
 
 
 def _candidate_changes(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[dict[str, Any]]:
     """Single changes to try when a recipe does not fit, the ones that cost least speed first; a shorter
     rollout.max_new_tokens, which changes what is trained, last."""
-    lc, rc = cfg.learner, cfg.rollout
+    lc, rc, engine = cfg.learner, cfg.rollout, engine_of(cfg.rollout)
     mb = micro_batch(cfg)
     chunks = (lc.logprob_chunk_tokens // 2, lc.logprob_chunk_tokens // 4)  # smaller only below the answers' length
     changes: list[dict[str, Any]] = [{"learner.logprob_chunk_tokens": c} for c in chunks if 64 <= c < mb.answer_tokens]
@@ -427,7 +414,7 @@ def _candidate_changes(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[
         changes += [{"learner.max_tokens_per_micro_batch": t} for t in budgets if t < mb.packed_tokens]
     if not lc.gradient_checkpointing:
         changes.append({"learner.gradient_checkpointing": True})
-    if rc.engine == "vllm" and rc.colocate:
+    if engine.shares_learner_gpu():
         utils = (0.85, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # down: room for the learner; up: room for the KV cache
         changes += [{"rollout.gpu_memory_utilization": u} for u in utils if u != rc.gpu_memory_utilization]
     if lc.micro_batch_size > 1:
@@ -436,8 +423,8 @@ def _candidate_changes(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[
         ]
     if lc.zero_stage < 3 and lc.num_ranks > 1:
         changes.append({"learner.zero_stage": 3})
-    spare = hw.gpus - lc.num_ranks - gpus_of_rollout(cfg)
-    if spare > 0 and not rc.colocate:  # more ranks: smaller ZeRO shards each
+    spare = hw.gpus - lc.num_ranks - engine.gpus()
+    if spare > 0 and not engine.shares_learner_gpu():  # more ranks: smaller ZeRO shards each
         changes.append({"learner.num_ranks": lc.num_ranks + spare})
     if lc.num_ranks > 1:  # fewer ranks: fewer float32 checkpoint loads in host memory, larger shards each
         changes.append({"learner.num_ranks": lc.num_ranks // 2})
@@ -445,7 +432,7 @@ def _candidate_changes(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[
         changes.append({"learner.offload_optimizer": True})
     if not lc.offload_params:
         changes.append({"learner.zero_stage": 3, "learner.offload_params": True, "learner.offload_optimizer": True})
-    if rc.engine == "vllm" and rc.tensor_parallel_size < hw.gpus:
+    if engine.gpus() and rc.tensor_parallel_size < hw.gpus:
         changes.append({"rollout.tensor_parallel_size": rc.tensor_parallel_size * 2})
     if (shorter := longest_answer_that_fits(cfg, shape, hw)) is not None:
         changes.append(shorter)
@@ -581,9 +568,11 @@ def report(cfg: RunConfig, hw: Hardware) -> tuple[list[str], bool]:
     """The estimate as lines of text, with what to change when the recipe does not fit; and whether it fits."""
     shape = ModelShape.from_checkpoint(cfg.model.path)
     est = estimate(cfg, shape, hw)
-    rc, lc = cfg.rollout, cfg.learner
+    rc, lc, engine = cfg.rollout, cfg.learner, engine_of(cfg.rollout)
     placement = (
-        "colocated with the learner" if rc.colocate else f"on {rc.num_workers} x {rc.tensor_parallel_size} GPU(s)"
+        "colocated with the learner"
+        if engine.shares_learner_gpu()
+        else f"on {rc.num_workers} x {rc.tensor_parallel_size} GPU(s)"
     )
     lines = [
         f"model {cfg.model.path}: {shape.params / 1e9:.2f} B parameters ({shape.text_params / 1e9:.2f} B language, "
@@ -591,7 +580,7 @@ def report(cfg: RunConfig, hw: Hardware) -> tuple[list[str], bool]:
         f"{cfg.model.dtype}",
         f"hardware: {hw.gpus} GPU(s) x {hw.gpu_mem_gib:g} GiB, {host_description(hw)}; learner on "
         f"{est.learner_gpus} GPU(s) (ZeRO-{lc.zero_stage}), rollout {rc.engine}"
-        + (f", {placement}" if rc.engine == "vllm" else ""),
+        + (f", {placement}" if engine.gpus() else ""),
         micro_batch_description(cfg),
     ]
     for budget in est.budgets:

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from morl.cli import app
 from morl.config import ConfigError, load_config
+from morl.rollout.engines import VLLMKind
 from morl.tools.preflight import (
     GIB,
-    VLLM_PROFILE,
     Hardware,
     ModelShape,
     PreflightError,
@@ -135,7 +135,7 @@ def test_7b_on_one_80gb_gpu_fits_with_zero3_and_offload(tmp_path):
     host = budgets["host"].parts
     assert host["offloaded gradients and optimizer states"] == 16 * T7  # fp32 grads, master, m, v
     assert host["offloaded parameters"] == 2 * P7
-    assert est.kv_cache_tokens == (40 * GIB - 2 * P7 - VLLM_PROFILE) // (2 * 28 * 512 * 2)
+    assert est.kv_cache_tokens == (40 * GIB - 2 * P7 - VLLMKind.PROFILE) // (2 * 28 * 512 * 2)
 
 
 def test_7b_on_one_80gb_gpu_does_not_fit_without_offload(tmp_path):
