@@ -33,6 +33,7 @@ class GpuPool:
     parts: dict[str, int]  # at start-up: its weights, its profiled peak and the KV cache of one longest sequence
     limit: int  # bytes of the GPU it takes
     kv_cache_tokens: int  # the tokens the rest of `limit` holds
+    max_num_seqs: int  # sequences it runs at once, sharing that KV cache
     asleep: int  # what it keeps on the GPU while the learner updates (colocated)
     host_asleep: dict[str, int] = field(default_factory=dict)  # host memory it fills while asleep (colocated)
 
@@ -142,6 +143,12 @@ class VLLMKind(EngineKind):
         """Sleep level 2 discards all the weights: each sync then reloads them whole."""
         return not (self.rollout.colocate and self.rollout.sleep_level == 2)
 
+    @staticmethod
+    def default_max_num_seqs(gpu_bytes: int) -> int:
+        """vLLM's own default for `vllm.LLM` (0.32, engine/arg_utils.py): 1,024 on GPUs of 70 GB or more (A100s
+        excepted, which preflight cannot tell apart), else 256."""
+        return 1024 if gpu_bytes >= 70 * 2**30 else 256
+
     def gpu_pool(self, gpu_bytes: int, weight_bytes: int, kv_bytes_per_token: int) -> GpuPool:
         """`rollout.gpu_memory_utilization` x the GPU: the weights' shard, the profiled peak, then KV cache, which
         must hold one sequence of max_prompt_tokens + max_new_tokens."""
@@ -159,6 +166,7 @@ class VLLMKind(EngineKind):
             },
             limit=limit,
             kv_cache_tokens=max(0, limit - weights - self.PROFILE) // per_token,
+            max_num_seqs=rc.max_num_seqs or self.default_max_num_seqs(gpu_bytes),
             asleep=self.ASLEEP,
             host_asleep={"vLLM weights kept while asleep (level 1)": rc.num_workers * weights} if kept else {},
         )

@@ -207,12 +207,16 @@ class Budget:
 class Estimate:
     learner_gpus: int
     budgets: list[Budget]
-    kv_cache_tokens: int | None = None  # per rollout worker
+    pool: GpuPool | None = None  # each rollout GPU's engine pool (None: no GPU engine)
     problems: list[str] = field(default_factory=list)  # besides budgets that do not fit
 
     @property
     def fits(self) -> bool:
         return not self.problems and all(b.fits for b in self.budgets)
+
+    @property
+    def kv_cache_tokens(self) -> int | None:  # per rollout worker
+        return self.pool.kv_cache_tokens if self.pool is not None else None
 
 
 def trainable_params(shape: ModelShape, cfg: RunConfig) -> int:
@@ -396,7 +400,7 @@ def estimate(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> Estimate:
     else:
         budgets.append(Budget("learner GPU, update", update, hw.gpu_bytes))
     budgets.append(Budget("host", host_parts(shape, cfg, n, pool), hw.host_bytes))
-    return Estimate(n, budgets, pool.kv_cache_tokens if pool is not None else None, problems=positions)
+    return Estimate(n, budgets, pool, problems=positions)
 
 
 def _candidate_changes(cfg: RunConfig, shape: ModelShape, hw: Hardware) -> list[dict[str, Any]]:
@@ -557,6 +561,25 @@ def no_fix_advice(est: Estimate) -> str:
     return "; ".join(advice)
 
 
+def kv_cache_lines(pool: GpuPool, longest: int) -> list[str]:
+    """What the KV cache holds: full-length sequences, and the room each of `max_num_seqs` running ones has on
+    average (vLLM preempts and later recomputes a sequence when the cache runs out)."""
+    share = pool.kv_cache_tokens // pool.max_num_seqs
+    lines = [
+        f"{pool.engine} KV cache: {pool.kv_cache_tokens:,} tokens per worker, {pool.kv_cache_tokens // longest} "
+        f"sequences of {longest} tokens at once",
+        f"{pool.engine} runs up to {pool.max_num_seqs} sequences at once (rollout.max_num_seqs): {share:,} tokens of "
+        "KV cache each when all run",
+    ]
+    if share < longest:
+        lines.append(
+            f"    sequences longer than {share:,} tokens on average (prompt + answer) fill the cache before "
+            f"{pool.max_num_seqs} run: vLLM then preempts some and recomputes them later; a lower rollout.max_num_seqs "
+            "or more KV cache (rollout.gpu_memory_utilization, rollout.tensor_parallel_size) keeps every slot working"
+        )
+    return lines
+
+
 def budget_line(budget: Budget) -> str:
     if budget.limit is None:
         return f"{budget.where}: {budget.used / GIB:.1f} GiB needed, not checked (--host-mem-gib)"
@@ -586,12 +609,8 @@ def report(cfg: RunConfig, hw: Hardware) -> tuple[list[str], bool]:
     for budget in est.budgets:
         lines.append(budget_line(budget))
         lines.extend(f"    {part:<45} {size / GIB:8.2f} GiB" for part, size in budget.parts.items() if size)
-    if est.kv_cache_tokens is not None:
-        length = rc.max_prompt_tokens + rc.max_new_tokens
-        lines.append(
-            f"vLLM KV cache: {est.kv_cache_tokens:,} tokens per worker, "
-            f"{est.kv_cache_tokens // length} sequences of {length} tokens at once"
-        )
+    if est.pool is not None:
+        lines.extend(kv_cache_lines(est.pool, rc.max_prompt_tokens + rc.max_new_tokens))
     lines.extend(f"error: {problem}" for problem in est.problems)
     if not est.fits and not est.problems:
         fixes = suggestions(cfg, shape, hw)

@@ -15,6 +15,7 @@ from morl.tools.preflight import (
     ModelShape,
     PreflightError,
     estimate,
+    kv_cache_lines,
     report,
     suggestions,
     with_overrides,
@@ -374,3 +375,18 @@ def test_the_8gpu_recipe_fits_long_answers(tmp_path):
     recipe = str(RECIPES / "mimo_vl_7b_morl_8gpu.yaml")
     run = CliRunner().invoke(app, ["preflight", recipe, f"model.path={path}", "--gpus", "8"])
     assert run.exit_code == 0, run.output
+
+
+def test_the_kv_cache_is_shared_by_max_num_seqs_running_sequences_and_a_short_share_is_said(tmp_path):
+    hw = Hardware(8, 80, 1024)
+    default = estimate(mimo_8gpu(tmp_path), ModelShape.from_config(MIMO_VL_7B), hw)
+    assert default.pool.max_num_seqs == 1024  # vLLM's own default on an 80 GB GPU
+    longest = 8192 + 32768
+    lines = kv_cache_lines(default.pool, longest)
+    share = default.pool.kv_cache_tokens // 1024
+    assert f"{share:,} tokens of KV cache each" in lines[1] and share < longest
+    assert "preempts" in lines[2] and "rollout.max_num_seqs" in lines[2]
+    few = estimate(mimo_8gpu(tmp_path, "rollout.max_num_seqs=16"), ModelShape.from_config(MIMO_VL_7B), hw)
+    assert few.pool.max_num_seqs == 16 and few.kv_cache_tokens == default.kv_cache_tokens
+    assert len(kv_cache_lines(few.pool, longest)) == 2  # 16 full-length sequences fit: nothing to say
+    assert VLLMKind.default_max_num_seqs(48 * GIB) == 256  # below 70 GB vLLM defaults to 256
