@@ -9,6 +9,7 @@ from transformers import AutoProcessor
 
 from morl.cluster import ClusterError, rollout_gpus, rollout_part
 from morl.config import ENGINE_OPTIONS, ConfigError, RolloutConfig, load_config
+from morl.ray_setup import start_ray
 from morl.data.encoding import PromptEncoder
 from morl.data.loading import load_dataset
 from morl.rollout.engines import ENGINES, HFKind, VLLMKind, engine_of
@@ -142,9 +143,10 @@ class SleepLog:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False)
+    started = start_ray(num_cpus=1)  # private; or the Ray an earlier module of this process started
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def test_colocated_vllm_sleeps_through_the_update_and_wakes_its_weights_before_the_load(local_ray):
