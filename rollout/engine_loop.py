@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from morl.rollout.types import Completion, Finished, RolloutEngine, SamplingParams, aborted_group
 from morl.types import EncodedPrompt
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,14 +44,15 @@ class _Submitted:
 
 
 class EngineLoop:
-    """Owns an engine and the thread that steps it; every other thread goes through the methods below."""
+    """Owns an engine and the one thread that touches it: the thread builds it, steps it, and runs every other call
+    on it between steps (`call`), so an engine bound to its thread (a CUDA context, streams) never meets another."""
 
-    def __init__(self, engine: RolloutEngine, record_timeline: bool = False):
-        """`record_timeline`: keep (time, sequences in flight) after every step, for `morl bench rollout`."""
-        self.engine = engine
+    def __init__(self, make_engine: Callable[[], RolloutEngine], record_timeline: bool = False):
+        """`record_timeline`: keep every engine step's times and sequences in flight, for `morl bench rollout`.
+        Returns once the engine is built; raises what building it raised."""
         self.record_timeline = record_timeline
         self._cv = threading.Condition()
-        self._engine_lock = threading.Lock()  # held while stepping; `exclusive` takes it for a weight load
+        self._calls: list[tuple[Callable[[RolloutEngine], Any], Future]] = []
         self._inbox: list[_Submitted] = []
         self._aborts: set[Hashable] = set()
         self._delivery: dict[Hashable, Callable] = {}  # keys the engine holds -> where their group goes
@@ -56,8 +60,10 @@ class EngineLoop:
         self._refused: list[Exception] = []  # prompts the engine would not take, for the driver
         self._error: BaseException | None = None
         self._report = LoopReport([])
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        built: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(make_engine, built), name="engine-loop", daemon=True)
         self._thread.start()
+        self.engine: RolloutEngine = built.result()
 
     # -- the driver's side: never waits on generation
 
@@ -107,11 +113,15 @@ class EngineLoop:
                     raise self._error
         return [done[i] for i in range(len(prompts))]
 
-    @contextmanager
-    def exclusive(self) -> Iterator[RolloutEngine]:
-        """The engine, with the loop held between steps: for weight loads, sleep and wake-up."""
-        with self._engine_lock:
-            yield self.engine
+    def call(self, fn: Callable[[RolloutEngine], T]) -> T:
+        """`fn(engine)` on the loop's thread, between two steps (weight loads, sleep, wake-up); its result."""
+        done: Future = Future()
+        with self._cv:
+            if self._error is not None:
+                raise self._error
+            self._calls.append((fn, done))
+            self._cv.notify_all()
+        return done.result()
 
     # -- the loop thread
 
@@ -129,23 +139,39 @@ class EngineLoop:
             self._mailbox.append((key, result))
         self._cv.notify_all()
 
-    def _run(self) -> None:
+    def _run(self, make_engine: Callable[[], RolloutEngine], built: Future) -> None:
+        try:
+            self.engine = make_engine()
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
+        built.set_result(self.engine)
         try:
             while True:
                 with self._cv:
-                    self._cv.wait_for(lambda: self._inbox or self._aborts or self._delivery)
+                    self._cv.wait_for(lambda: self._calls or self._inbox or self._aborts or self._delivery)
+                    calls, self._calls = self._calls, []
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, set()
-                with self._engine_lock:
-                    finished = self._admit(inbox, aborts)
-                    finished += self._step()
+                for fn, done in calls:
+                    self._answer(fn, done)
+                finished = self._admit(inbox, aborts)
+                finished += self._step()
                 with self._cv:
                     for key, result in finished:
                         self._delivery.pop(key)(key, result)
         except BaseException as exc:  # the engine broke: every waiting caller gets the error
             with self._cv:
                 self._error = exc
+                for _, done in self._calls:
+                    done.set_exception(exc)
                 self._cv.notify_all()
+
+    def _answer(self, fn: Callable[[RolloutEngine], Any], done: Future) -> None:
+        try:
+            done.set_result(fn(self.engine))
+        except Exception as exc:  # the caller's failure (a bad weight name), not the loop's
+            done.set_exception(exc)
 
     def _admit(self, inbox: list[_Submitted], aborts: set[Hashable]) -> list[tuple[Hashable, object]]:
         """Add the new groups (those already aborted, or refused, come straight back), then drop the aborted

@@ -7,6 +7,7 @@ blocking `generate`, weight loads, sleep and wake-up run in the default group.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Sequence
 
 import ray
@@ -25,7 +26,7 @@ class RolloutWorker:
 
     def __init__(self, make_engine: Callable[[], RolloutEngine], threads: int, record_timeline: bool = False):
         torch.set_num_threads(threads)
-        self.loop = EngineLoop(make_engine(), record_timeline)
+        self.loop = EngineLoop(functools.partial(_threaded, make_engine, threads), record_timeline)
 
     def capacity(self) -> tuple[int, bool]:
         """(sequences the engine runs at once, whether a freed slot is refilled at the next step)."""
@@ -60,15 +61,20 @@ class RolloutWorker:
         whole {name: tensor} state."""
         if isinstance(weights, PackedBucket) and weights.broadcast is not None:
             weights = PackedBucket(weights.metas, flat=self.weight_group.receive(*weights.broadcast))
-        with self.loop.exclusive() as engine:
-            engine.load_weights(weights.tensors() if isinstance(weights, PackedBucket) else weights.items())
+        named = weights.tensors() if isinstance(weights, PackedBucket) else weights.items()
+        self.loop.call(lambda engine: engine.load_weights(named))
 
     def sleep(self, level: int) -> None:
         """Free the GPU for the learner's update (vLLM colocated): level 2 drops weights and KV cache."""
-        with self.loop.exclusive() as engine:
-            engine.sleep(level)
+        self.loop.call(lambda engine: engine.sleep(level))
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Re-allocate what `sleep` freed: ["weights"] before a weight load, ["kv_cache"] after it, None: both."""
-        with self.loop.exclusive() as engine:
-            engine.wake_up(tags)
+        self.loop.call(lambda engine: engine.wake_up(tags))
+
+
+def _threaded(make_engine: Callable[[], RolloutEngine], threads: int) -> RolloutEngine:
+    """Build the engine on the loop's thread, with the worker's torch threads (some torch builds keep them per
+    thread)."""
+    torch.set_num_threads(threads)
+    return make_engine()

@@ -383,3 +383,27 @@ def test_a_group_leaves_the_moment_it_ends_and_an_abort_frees_its_room_at_once(e
     # the short group's samples are the ones it draws alone: a neighbour never changes a prompt's samples
     (alone,) = engine.generate([encoded[1]], short, seeds=[2])
     assert [c.token_ids for c in alone] == [c.token_ids for c in finished[0][1]]
+
+
+def test_the_loop_hands_a_refused_prompt_back_as_its_error_and_runs_the_rest(engine, prompts):
+    """Through the worker's loop (rollout/engine_loop.py): an over-long prompt reaches the driver as its own error,
+    naming the row; the group beside it still ends; a call on the engine runs between steps, on the loop's thread."""
+    import threading
+
+    from morl.rollout.engine_loop import EngineLoop
+
+    encoded, _ = prompts
+    first = encoded[0]
+    too_long = EncodedPrompt("long-row", first.input_ids + [first.input_ids[-1]] * MAX_PROMPT_TOKENS,
+                             first.pixel_values, first.image_grid_thw, first.image_refs)
+    loop = EngineLoop(lambda: engine)
+    sampling = SamplingParams(n=2, temperature=TEMPERATURE, max_new_tokens=4)
+    loop.submit([first, too_long], [sampling] * 2, [0, 1], ["ok", "long"])
+    with pytest.raises(PromptTooLongError, match="long-row"):
+        loop.take_finished(timeout=60)
+    report = loop.take_finished(timeout=60)
+    assert [key for key, _ in report.groups] == ["ok"] and report.busy_seconds > 0
+    assert loop.call(lambda e: (e.sequences_in_flight(), threading.current_thread().name)) == (0, "engine-loop")
+    with pytest.raises(KeyError):  # a failing call raises in its caller; the loop goes on
+        loop.call(lambda e: {}["missing"])
+    assert loop.generate([first], [sampling], [0])[0][0].token_ids == report.groups[0][1][0].token_ids
