@@ -11,15 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from morl.compat import video_processor_kwargs
 from morl.data.config import VideoSettings
-from morl.data.rows import Row, open_image
+from morl.data.rows import DataError, Row, open_image
 from morl.data.video import FrameGeometry, VideoError, load_video
-from morl.types import EncodedPrompt
+from morl.types import EncodedPrompt, ImageRef
 
 
-class PromptTooLongError(ValueError):
+class BadPromptError(DataError):
+    """A row that passed the load-time checks but cannot be encoded (an image whose body does not decode, a prompt
+    over the token limit): a bad row, which the prompt source drops or reports by `data.on_bad_row`."""
+
+
+class PromptTooLongError(BadPromptError):
     """A multimodal prompt longer than the limit: refused, since truncating would cut vision tokens."""
 
 
@@ -29,6 +35,16 @@ def refuse_if_too_long(row_id: str, num_tokens: int, max_prompt_tokens: int) -> 
             f"row {row_id!r}: prompt is {num_tokens} tokens with its images and videos, over "
             f"rollout.max_prompt_tokens={max_prompt_tokens}; multimodal prompts are never truncated"
         )
+
+
+def decode_image(row_id: str, ref: ImageRef) -> Image.Image:
+    """An image of a row, decoded; BadPromptError naming the row and file if its body does not decode (the loader
+    read only its header)."""
+    try:
+        return open_image(ref)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for a corrupt body
+        what = f"{len(ref)} bytes" if isinstance(ref, bytes) else ref
+        raise BadPromptError(f"row {row_id!r}: image {what} does not decode: {e}") from None
 
 
 VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -55,7 +71,7 @@ class PromptEncoder:
     def __call__(self, row: Row) -> EncodedPrompt:
         messages = [m.model_dump(exclude_none=True) for m in row.messages]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        images = [open_image(ref) for ref in row.images] or None
+        images = [decode_image(row.id, ref) for ref in row.images] or None
         videos = self._videos(row)
         video_kwargs = {}
         if videos:
