@@ -3,12 +3,14 @@
 The driver encodes each prompt a single time (chat template, image preprocessing, video decoding and
 sampling); the rollout worker and the learner receive the same token ids and pixel tensors, so the
 learner scores exactly the sequence the engine sampled, and a video is decoded once per prompt, not
-once per sample of its group.
+once per sample of its group. For an engine that preprocesses images and frames itself (vLLM) the driver
+keeps no pixels (a 4,096-token image is ~77 MB of float32): each learner rank computes its own share's again
+(`with_pixels`), from the image files and the sampled frames, with the same processor, so they are the same.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -60,12 +62,19 @@ class PromptEncoder:
     """Chat template + processor; refuses prompts over `max_prompt_tokens`; samples videos by `video` settings."""
 
     def __init__(
-        self, processor, max_prompt_tokens: int, video: VideoSettings = VideoSettings(), *, keep_frames: bool = True
+        self,
+        processor,
+        max_prompt_tokens: int,
+        video: VideoSettings = VideoSettings(),
+        *,
+        keep_frames: bool = True,
+        keep_pixels: bool = True,
     ):
         self.processor = processor
         self.max_prompt_tokens = max_prompt_tokens
         self.video = video
         self.keep_frames = keep_frames  # the decoded frames, for engines that preprocess videos themselves (vLLM)
+        self.keep_pixels = keep_pixels  # False: the prompt leaves without pixels (see `with_pixels`)
         self.geometry = FrameGeometry.of(processor.video_processor)  # the sizes its processor keeps frames at
 
     def __call__(self, row: Row) -> EncodedPrompt:
@@ -85,7 +94,7 @@ class PromptEncoder:
         ids = enc["input_ids"][0].tolist()
         refuse_if_too_long(row.id, len(ids), self.max_prompt_tokens)
         seconds = enc.get("second_per_grid_ts")
-        return EncodedPrompt(
+        prompt = EncodedPrompt(
             row.id,
             ids,
             enc.get("pixel_values"),
@@ -96,6 +105,7 @@ class PromptEncoder:
             second_per_grid_ts=None if seconds is None else torch.as_tensor(seconds, dtype=torch.float32),
             videos=tuple(videos) if self.keep_frames else (),
         )
+        return prompt if self.keep_pixels else prompt.without_pixels()
 
     def _videos(self, row: Row) -> list:
         if not row.videos:
@@ -105,6 +115,39 @@ class PromptEncoder:
             return [load_video(ref, settings, self.geometry) for ref in row.videos]
         except VideoError as e:
             raise VideoError(f"row {row.id!r}: {e}") from None
+
+
+def with_pixels(prompt: EncodedPrompt, processor) -> EncodedPrompt:
+    """`prompt` with the pixels that `PromptEncoder(keep_pixels=False)` left out, computed again by `processor` (the
+    driver's own) from the image files and the sampled frames, which it then drops; as it is if it has them.
+
+    The grids the driver's encoding gave must come out again: the same tokens then stand for the same patches.
+    """
+    update: dict = {}
+    if prompt.image_grid_thw is not None and prompt.pixel_values is None:
+        images = [decode_image(prompt.row_id, ref) for ref in prompt.image_refs]
+        out = processor.image_processor(images=images, return_tensors="pt")
+        _same_grid(prompt, "image_grid_thw", out["image_grid_thw"])
+        update["pixel_values"] = out["pixel_values"]
+    if prompt.video_grid_thw is not None and prompt.pixel_values_videos is None:
+        out = processor.video_processor(
+            videos=[v.frames for v in prompt.videos],
+            video_metadata=[v.metadata() for v in prompt.videos],
+            do_sample_frames=False,
+            return_tensors="pt",
+            **video_processor_kwargs(processor.video_processor),
+        )
+        _same_grid(prompt, "video_grid_thw", out["video_grid_thw"])
+        update.update(pixel_values_videos=out["pixel_values_videos"], videos=())
+    return replace(prompt, **update) if update else prompt
+
+
+def _same_grid(prompt: EncodedPrompt, name: str, grid: torch.Tensor) -> None:
+    if not torch.equal(grid, getattr(prompt, name)):
+        raise BadPromptError(
+            f"row {prompt.row_id!r}: its media changed since the driver encoded it ({name} {grid.tolist()}, was "
+            f"{getattr(prompt, name).tolist()})"
+        )
 
 
 @dataclass

@@ -70,7 +70,8 @@ def read_headers(paths: Collection[str], cache_dir: Path | None, data_file: Path
     `data_file`'s images' headers were, so unchanged images are not opened again."""
     cache_file = None if cache_dir is None else _cache_file(cache_dir, data_file)
     cached = _load_cache(cache_file) if cache_file else {}
-    chunks = [list(paths)[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    paths = list(paths)
+    chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     results: dict[str, HeaderResult] = {}
     fresh: dict[str, list] = {}
     with warnings.catch_warnings():  # filters are process-wide, so this covers the threads too

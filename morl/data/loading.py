@@ -55,6 +55,9 @@ class LoadedDataset:
         return f"{self.shown}:{'row ' if self.parquet else ''}{self.lines[index]}"
 
 
+_Written = tuple[list[ImageRef], list[VideoRef]]  # a row's images and videos as its data file names them
+
+
 class _BadRow(Exception):
     """What is wrong with one row; the loader adds where it is."""
 
@@ -111,15 +114,15 @@ def load_dataset(
         raise DataError(f"{shown}: unsupported data file type {file.suffix!r} (use .jsonl or .parquet)")
 
     dataset = LoadedDataset(path=file, rows=[], shown=shown, parquet=file.suffix == ".parquet")
-    parsed: list[tuple[int, Row | str, Row | None]] = []  # (line, row or what is wrong, row as written)
+    parsed: list[tuple[int, Row | str, _Written]] = []  # (line, row or what is wrong, its media as written)
     for line, raw in records:
         try:
-            written = _check_row(decode(raw), known_tasks)
-            _check_media_count(written, max_media or {})
-            _check_label_keys(written, (label_keys or {}).get(written.task, {}))
-            parsed.append((line, _absolute_media(written, file.parent), written))
+            row = _check_row(decode(raw), known_tasks)
+            _check_media_count(row, max_media or {})
+            _check_label_keys(row, (label_keys or {}).get(row.task, {}))
+            parsed.append((line, row, _make_media_absolute(row, file.parent)))
         except _BadRow as bad:
-            parsed.append((line, str(bad), None))
+            parsed.append((line, str(bad), ([], [])))
     good = [row for _, row, _ in parsed if isinstance(row, Row)]
     media = _read_media(good, video, header_cache, file) if check_images else None
 
@@ -225,8 +228,8 @@ def _check_row(obj: Any, known_tasks: Collection[str] | None) -> Row:
     return row
 
 
-def _absolute_media(row: Row, base: Path) -> Row:
-    """The row with its image and video paths absolute (`base`: the data file's folder).
+def _make_media_absolute(row: Row, base: Path) -> _Written:
+    """Make the row's image and video paths absolute (`base`: the data file's folder); returns them as written.
 
     A lexical join, not `Path.resolve()`: that costs an lstat per path component, a third of the load at 10^5 images.
     """
@@ -234,9 +237,10 @@ def _absolute_media(row: Row, base: Path) -> Row:
     def absolute(ref: str) -> str:
         return os.path.abspath(os.path.join(base, ref))
 
-    images = [ref if isinstance(ref, bytes) else absolute(ref) for ref in row.images]
-    videos = [[absolute(f) for f in ref] if isinstance(ref, list) else absolute(ref) for ref in row.videos]
-    return row.model_copy(update={"images": images, "videos": videos})
+    written = (row.images, row.videos)
+    row.images = [ref if isinstance(ref, bytes) else absolute(ref) for ref in row.images]
+    row.videos = [[absolute(f) for f in ref] if isinstance(ref, list) else absolute(ref) for ref in row.videos]
+    return written
 
 
 def _check_media_count(row: Row, max_media: Mapping[str, int]) -> None:
@@ -270,17 +274,17 @@ def _read_media(rows: list[Row], video: VideoSettings, header_cache: Path | None
 
 
 def _check_media(
-    row: Row, written: Row, media: _Media, max_pixels: int, budget: VisionBudget | None, video: VideoSettings
+    row: Row, written: _Written, media: _Media, max_pixels: int, budget: VisionBudget | None, video: VideoSettings
 ) -> None:
     """Each image and video of the row readable (by its header) and within `max_pixels`, and their tokens within the
     budget; the first problem raises _BadRow naming the file as `written` (the row as its data file has it)."""
     tokens = 0
-    for index, (ref, as_written) in enumerate(zip(row.images, written.images)):
+    for index, (ref, as_written) in enumerate(zip(row.images, written[0])):
         header = _image_header(ref, as_written, index, media, max_pixels)
         if budget:
             tokens += _tokens(budget.image_tokens, header.width, header.height, what=_image_name(as_written, index))
     settings = video.for_row(row.meta)
-    for ref, as_written in zip(row.videos, written.videos):
+    for ref, as_written in zip(row.videos, written[1]):
         if isinstance(ref, list):
             first, *rest = [_image_header(f, w, i, media, max_pixels) for i, (f, w) in enumerate(zip(ref, as_written))]
             header = VideoHeader(len(ref), settings.fps, first.width, first.height)

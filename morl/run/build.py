@@ -138,7 +138,8 @@ def build_run(
         cfg=cfg,
         processor=processor,
         encode=PromptEncoder(
-            processor, cfg.rollout.max_prompt_tokens, cfg.data.video, keep_frames=cfg.rollout.engine == "vllm"
+            processor, cfg.rollout.max_prompt_tokens, cfg.data.video, keep_frames=cfg.rollout.engine == "vllm",
+            keep_pixels=cfg.rollout.engine != "vllm",  # vLLM reads the media itself; the learner computes pixels
         ),
         banned_ids=vision_token_ids(processor.tokenizer),
         source=source,
