@@ -283,6 +283,31 @@ def bench_rollout(
                    f"same batches in both modes: {'yes' if result['same_batches'] else 'NO'}")
 
 
+@bench_app.command("data")
+def bench_data(
+    images: int = typer.Option(100_000, min=0, help="PNGs in the data set whose start-up check is timed (0: skip)"),
+    size: int = typer.Option(32, min=1, help="side of each PNG, in pixels"),
+    prompts: int = typer.Option(256, min=0, help="prompts held by the driver in the memory figure (0: skip)"),
+    image_side: int = typer.Option(1024, min=28, help="side of each prompt's image in the memory figure"),
+) -> None:
+    """Seconds to check a data set of many images (verified one by one, against morl's header check without and
+    with its cache); the driver's peak memory for a step's prompts with and without their pixels."""
+    from morl.bench.data import bench_driver_memory, bench_load
+
+    if images:
+        t = bench_load(images, size)
+        typer.echo(f"{images:,} PNGs of {size} x {size}: check of every image")
+        typer.echo(f"bare (open + verify, one by one) {t['bare_verify_s']:>8.2f} s")
+        typer.echo(f"morl, empty header cache         {t['cold_cache_s']:>8.2f} s")
+        typer.echo(f"morl, header cache written       {t['warm_cache_s']:>8.2f} s")
+    if prompts:
+        memory = bench_driver_memory(prompts, image_side)
+        typer.echo(f"{prompts} prompts of one {image_side} x {image_side} image ({memory['with_pixels']['tokens']} "
+                   "tokens each) held by the driver")
+        for mode, m in memory.items():
+            typer.echo(f"{mode:<15} peak {m['peak_mb']:>9.0f} MB over start; pixel tensors {m['pixel_mb']:>9.0f} MB")
+
+
 @bench_app.command("learner")
 def bench_learner(
     recipe: Path = typer.Argument(..., help="YAML recipe: its model and learner settings"),

@@ -114,13 +114,14 @@ def load_dataset(
         raise DataError(f"{shown}: unsupported data file type {file.suffix!r} (use .jsonl or .parquet)")
 
     dataset = LoadedDataset(path=file, rows=[], shown=shown, parquet=file.suffix == ".parquet")
+    folder = str(file.parent)
     parsed: list[tuple[int, Row | str, _Written]] = []  # (line, row or what is wrong, its media as written)
     for line, raw in records:
         try:
             row = _check_row(decode(raw), known_tasks)
             _check_media_count(row, max_media or {})
             _check_label_keys(row, (label_keys or {}).get(row.task, {}))
-            parsed.append((line, row, _make_media_absolute(row, file.parent)))
+            parsed.append((line, row, _make_media_absolute(row, folder)))
         except _BadRow as bad:
             parsed.append((line, str(bad), ([], [])))
     good = [row for _, row, _ in parsed if isinstance(row, Row)]
@@ -228,7 +229,7 @@ def _check_row(obj: Any, known_tasks: Collection[str] | None) -> Row:
     return row
 
 
-def _make_media_absolute(row: Row, base: Path) -> _Written:
+def _make_media_absolute(row: Row, base: str) -> _Written:
     """Make the row's image and video paths absolute (`base`: the data file's folder); returns them as written.
 
     A lexical join, not `Path.resolve()`: that costs an lstat per path component, a third of the load at 10^5 images.
