@@ -298,6 +298,7 @@ def bench_data(
         t = bench_load(images, size)
         typer.echo(f"{images:,} PNGs of {size} x {size}: check of every image")
         typer.echo(f"bare (open + verify, one by one) {t['bare_verify_s']:>8.2f} s")
+        typer.echo(f"morl, rows only (no image opened) {t['rows_only_s']:>7.2f} s")
         typer.echo(f"morl, empty header cache         {t['cold_cache_s']:>8.2f} s")
         typer.echo(f"morl, header cache written       {t['warm_cache_s']:>8.2f} s")
     if prompts:
@@ -305,7 +306,8 @@ def bench_data(
         typer.echo(f"{prompts} prompts of one {image_side} x {image_side} image ({memory['with_pixels']['tokens']} "
                    "tokens each) held by the driver")
         for mode, m in memory.items():
-            typer.echo(f"{mode:<15} peak {m['peak_mb']:>9.0f} MB over start; pixel tensors {m['pixel_mb']:>9.0f} MB")
+            typer.echo(f"{mode:<15} peak {m['peak_mb']:>7.0f} MB ({m['over_start_mb']:>6.0f} MB over the peak before "
+                       f"encoding); pixel tensors {m['pixel_mb']:>6.0f} MB")
 
 
 @bench_app.command("learner")

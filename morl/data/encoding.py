@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
-from morl.compat import video_processor_kwargs
+from morl.compat import return_large_frees_to_the_os, video_processor_kwargs
 from morl.data.config import VideoSettings
 from morl.data.rows import DataError, Row, open_image
 from morl.data.video import FrameGeometry, VideoError, load_video
@@ -75,6 +75,8 @@ class PromptEncoder:
         self.video = video
         self.keep_frames = keep_frames  # the decoded frames, for engines that preprocess videos themselves (vLLM)
         self.keep_pixels = keep_pixels  # False: the prompt leaves without pixels (see `with_pixels`)
+        if not keep_pixels:
+            return_large_frees_to_the_os()  # or the process keeps the memory of the pixels it drops
         self.geometry = FrameGeometry.of(processor.video_processor)  # the sizes its processor keeps frames at
 
     def __call__(self, row: Row) -> EncodedPrompt:
