@@ -18,7 +18,6 @@ from rich.markup import escape
 from morl.checkpoint_layout import CheckpointError
 from morl.cluster import ClusterError, start_failure
 from morl.config import ConfigError, RunConfig, dump_config, load_config
-from morl.data.encoding import PromptTooLongError
 from morl.data.rows import DataError
 from morl.learner.policy import LearnerOutOfMemoryError, NonFiniteLossError
 from morl.rewards import cli as rewards_cli
@@ -35,7 +34,6 @@ console = Console(stderr=True)
 USER_ERRORS = (
     ConfigError,
     DataError,
-    PromptTooLongError,
     RewardErrorRateExceeded,
     NonFiniteLossError,
     LearnerOutOfMemoryError,

@@ -61,7 +61,8 @@ def _write_data_set(root: Path, images: int, size: int) -> Path:
     data = root / "train.jsonl"
     with data.open("w") as f:
         for i in range(images):
-            Image.new("RGB", (size, size), (i % 256, i // 256 % 256, i // 65536 % 256)).save(root / "img" / f"{i:07d}.png")
+            colour = (i % 256, i // 256 % 256, i // 65536 % 256)
+            Image.new("RGB", (size, size), colour).save(root / "img" / f"{i:07d}.png")
             content = [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]
             f.write(json.dumps({"id": f"r{i}", "task": "bench", "messages": [{"role": "user", "content": content}],
                                 "images": [f"img/{i:07d}.png"], "label": {}}) + "\n")
