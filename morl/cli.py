@@ -18,7 +18,6 @@ from rich.markup import escape
 from morl.checkpoint_layout import CheckpointError
 from morl.cluster import ClusterError, start_failure
 from morl.config import ConfigError, RunConfig, dump_config, load_config
-from morl.data.encoding import PromptTooLongError
 from morl.data.rows import DataError
 from morl.learner.policy import LearnerOutOfMemoryError, NonFiniteLossError
 from morl.rewards import cli as rewards_cli
@@ -35,7 +34,6 @@ console = Console(stderr=True)
 USER_ERRORS = (
     ConfigError,
     DataError,
-    PromptTooLongError,
     RewardErrorRateExceeded,
     NonFiniteLossError,
     LearnerOutOfMemoryError,
@@ -300,6 +298,33 @@ def bench_rollout(
                    f"full until: the share of that time after which no engine step ran {FULL:.0%} full (the tail)")
         typer.echo(f"speedup (synchronous / seamless time): {result['speedup']:.2f}x; "
                    f"same batches in both modes: {'yes' if result['same_batches'] else 'NO'}")
+
+
+@bench_app.command("data")
+def bench_data(
+    images: int = typer.Option(100_000, min=0, help="PNGs in the data set whose start-up check is timed (0: skip)"),
+    size: int = typer.Option(32, min=1, help="side of each PNG, in pixels"),
+    prompts: int = typer.Option(256, min=0, help="prompts held by the driver in the memory figure (0: skip)"),
+    image_side: int = typer.Option(1024, min=28, help="side of each prompt's image in the memory figure"),
+) -> None:
+    """Seconds to check a data set of many images (verified one by one, against morl's header check without and
+    with its cache); the driver's peak memory for a step's prompts with and without their pixels."""
+    from morl.bench.data import bench_driver_memory, bench_load
+
+    if images:
+        t = bench_load(images, size)
+        typer.echo(f"{images:,} PNGs of {size} x {size}: check of every image")
+        typer.echo(f"bare (open + verify, one by one) {t['bare_verify_s']:>8.2f} s")
+        typer.echo(f"morl, rows only (no image opened) {t['rows_only_s']:>7.2f} s")
+        typer.echo(f"morl, empty header cache         {t['cold_cache_s']:>8.2f} s")
+        typer.echo(f"morl, header cache written       {t['warm_cache_s']:>8.2f} s")
+    if prompts:
+        memory = bench_driver_memory(prompts, image_side)
+        typer.echo(f"{prompts} prompts of one {image_side} x {image_side} image ({memory['with_pixels']['tokens']} "
+                   "tokens each) held by the driver")
+        for mode, m in memory.items():
+            typer.echo(f"{mode:<15} peak {m['peak_mb']:>7.0f} MB ({m['over_start_mb']:>6.0f} MB over the peak before "
+                       f"encoding); pixel tensors {m['pixel_mb']:>6.0f} MB")
 
 
 @bench_app.command("learner")

@@ -7,6 +7,7 @@ upgrade breaks here, loudly, instead of deep inside a run. vLLM's private engine
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import itertools
 import json
@@ -284,3 +285,21 @@ def packed_attention(name: str) -> str:
 def attention_implementation(model: Any) -> str:
     """The attention `model` runs (transformers keeps it in the config's `_attn_implementation`)."""
     return model.config._attn_implementation
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_large_frees_to_the_os() -> None:
+    """Make glibc's malloc map blocks of 1 MiB and more on their own, so freeing one returns it to the OS at once.
+
+    A driver that drops each prompt's pixels after encoding (tens of MB for a large image) otherwise keeps them:
+    glibc raises its mmap threshold after the first such free, later blocks come from the heap, and the small
+    objects the driver keeps (each prompt's ids) pin them there. Measured: 60 prompts of one 1,024 x 1,024 image
+    held 1.9 GB of resident memory without their pixels, 0.9 GB (as none) with this. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)

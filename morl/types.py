@@ -66,13 +66,14 @@ class EncodedPrompt:
     videos: tuple[SampledVideo, ...] = ()  # the sampled frames, for engines that preprocess them (vLLM)
 
     def without_frames(self) -> EncodedPrompt:
-        """This prompt without its videos' decoded frames, for the learner: it reads the pixels, and the frames of
-        a long video weigh a quarter as much again."""
-        return replace(self, videos=()) if self.videos else self
+        """This prompt without its videos' decoded frames where it has their pixels, for the learner: it reads the
+        pixels, and the frames of a long video weigh a quarter as much again. Without pixels, the frames are what
+        the learner computes them from (`morl.data.encoding.with_pixels`)."""
+        return replace(self, videos=()) if self.videos and self.pixel_values_videos is not None else self
 
     def without_pixels(self) -> EncodedPrompt:
         """This prompt without its processed pixels, for an engine that preprocesses the images and sampled frames
-        itself (vLLM): the pixels are most of a vision prompt's bytes, and the driver keeps them for the learner."""
+        itself (vLLM): the pixels are most of a vision prompt's bytes; the learner computes its share again."""
         return replace(self, pixel_values=None, pixel_values_videos=None)
 
 

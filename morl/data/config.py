@@ -64,3 +64,8 @@ class DataConfig(StrictModel):
         "that, past which PIL refuses to open an image",
     )
     video: VideoSettings = VideoSettings()
+    header_cache: str | None = Field(
+        "~/.cache/morl/image-headers",
+        description="where the sizes read from image headers are kept, by file size and mtime, so a restart or "
+        "resume re-reads only changed images; null: read every header at every start",
+    )

@@ -3,23 +3,31 @@
 The driver encodes each prompt a single time (chat template, image preprocessing, video decoding and
 sampling); the rollout worker and the learner receive the same token ids and pixel tensors, so the
 learner scores exactly the sequence the engine sampled, and a video is decoded once per prompt, not
-once per sample of its group.
+once per sample of its group. For an engine that preprocesses images and frames itself (vLLM) the driver
+keeps no pixels (a 4,096-token image is ~77 MB of float32): each learner rank computes its own share's again
+(`with_pixels`), from the image files and the sampled frames, with the same processor, so they are the same.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from PIL import Image
 
-from morl.compat import video_processor_kwargs
+from morl.compat import return_large_frees_to_the_os, video_processor_kwargs
 from morl.data.config import VideoSettings
-from morl.data.rows import Row, open_image
+from morl.data.rows import DataError, Row, open_image
 from morl.data.video import FrameGeometry, VideoError, load_video
-from morl.types import EncodedPrompt
+from morl.types import EncodedPrompt, ImageRef
 
 
-class PromptTooLongError(ValueError):
+class BadPromptError(DataError):
+    """A row that passed the load-time checks but cannot be encoded (an image whose body does not decode, a prompt
+    over the token limit): a bad row, which the prompt source drops or reports by `data.on_bad_row`."""
+
+
+class PromptTooLongError(BadPromptError):
     """A multimodal prompt longer than the limit: refused, since truncating would cut vision tokens."""
 
 
@@ -29,6 +37,16 @@ def refuse_if_too_long(row_id: str, num_tokens: int, max_prompt_tokens: int) -> 
             f"row {row_id!r}: prompt is {num_tokens} tokens with its images and videos, over "
             f"rollout.max_prompt_tokens={max_prompt_tokens}; multimodal prompts are never truncated"
         )
+
+
+def decode_image(row_id: str, ref: ImageRef) -> Image.Image:
+    """An image of a row, decoded; BadPromptError naming the row and file if its body does not decode (the loader
+    read only its header)."""
+    try:
+        return open_image(ref)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for a corrupt body
+        what = f"{len(ref)} bytes" if isinstance(ref, bytes) else ref
+        raise BadPromptError(f"row {row_id!r}: image {what} does not decode: {e}") from None
 
 
 VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -44,18 +62,27 @@ class PromptEncoder:
     """Chat template + processor; refuses prompts over `max_prompt_tokens`; samples videos by `video` settings."""
 
     def __init__(
-        self, processor, max_prompt_tokens: int, video: VideoSettings = VideoSettings(), *, keep_frames: bool = True
+        self,
+        processor,
+        max_prompt_tokens: int,
+        video: VideoSettings = VideoSettings(),
+        *,
+        keep_frames: bool = True,
+        keep_pixels: bool = True,
     ):
         self.processor = processor
         self.max_prompt_tokens = max_prompt_tokens
         self.video = video
         self.keep_frames = keep_frames  # the decoded frames, for engines that preprocess videos themselves (vLLM)
+        self.keep_pixels = keep_pixels  # False: the prompt leaves without pixels (see `with_pixels`)
+        if not keep_pixels:
+            return_large_frees_to_the_os()  # or the process keeps the memory of the pixels it drops
         self.geometry = FrameGeometry.of(processor.video_processor)  # the sizes its processor keeps frames at
 
     def __call__(self, row: Row) -> EncodedPrompt:
         messages = [m.model_dump(exclude_none=True) for m in row.messages]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        images = [open_image(ref) for ref in row.images] or None
+        images = [decode_image(row.id, ref) for ref in row.images] or None
         videos = self._videos(row)
         video_kwargs = {}
         if videos:
@@ -69,7 +96,7 @@ class PromptEncoder:
         ids = enc["input_ids"][0].tolist()
         refuse_if_too_long(row.id, len(ids), self.max_prompt_tokens)
         seconds = enc.get("second_per_grid_ts")
-        return EncodedPrompt(
+        prompt = EncodedPrompt(
             row.id,
             ids,
             enc.get("pixel_values"),
@@ -80,6 +107,7 @@ class PromptEncoder:
             second_per_grid_ts=None if seconds is None else torch.as_tensor(seconds, dtype=torch.float32),
             videos=tuple(videos) if self.keep_frames else (),
         )
+        return prompt if self.keep_pixels else prompt.without_pixels()
 
     def _videos(self, row: Row) -> list:
         if not row.videos:
@@ -89,6 +117,39 @@ class PromptEncoder:
             return [load_video(ref, settings, self.geometry) for ref in row.videos]
         except VideoError as e:
             raise VideoError(f"row {row.id!r}: {e}") from None
+
+
+def with_pixels(prompt: EncodedPrompt, processor) -> EncodedPrompt:
+    """`prompt` with the pixels that `PromptEncoder(keep_pixels=False)` left out, computed again by `processor` (the
+    driver's own) from the image files and the sampled frames, which it then drops; as it is if it has them.
+
+    The grids the driver's encoding gave must come out again: the same tokens then stand for the same patches.
+    """
+    update: dict = {}
+    if prompt.image_grid_thw is not None and prompt.pixel_values is None:
+        images = [decode_image(prompt.row_id, ref) for ref in prompt.image_refs]
+        out = processor.image_processor(images=images, return_tensors="pt")
+        _same_grid(prompt, "image_grid_thw", out["image_grid_thw"])
+        update["pixel_values"] = out["pixel_values"]
+    if prompt.video_grid_thw is not None and prompt.pixel_values_videos is None:
+        out = processor.video_processor(
+            videos=[v.frames for v in prompt.videos],
+            video_metadata=[v.metadata() for v in prompt.videos],
+            do_sample_frames=False,
+            return_tensors="pt",
+            **video_processor_kwargs(processor.video_processor),
+        )
+        _same_grid(prompt, "video_grid_thw", out["video_grid_thw"])
+        update.update(pixel_values_videos=out["pixel_values_videos"], videos=())
+    return replace(prompt, **update) if update else prompt
+
+
+def _same_grid(prompt: EncodedPrompt, name: str, grid: torch.Tensor) -> None:
+    if not torch.equal(grid, getattr(prompt, name)):
+        raise BadPromptError(
+            f"row {prompt.row_id!r}: its media changed since the driver encoded it ({name} {grid.tolist()}, was "
+            f"{getattr(prompt, name).tolist()})"
+        )
 
 
 @dataclass

@@ -44,6 +44,10 @@ class MixtureSampler:
         """The row at (dataset index, row index)."""
         return self._datasets[key[0]].rows[key[1]]
 
+    def where(self, key: tuple[int, int]) -> str:
+        """``file:line`` of the row at `key`."""
+        return self._datasets[key[0]].where(key[1])
+
     @property
     def num_rows(self) -> int:
         return sum(len(d.rows) for d in self._datasets)

@@ -50,9 +50,9 @@ class Row(StrictModel):
     task: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
     images: list[ImageRef]
-    videos: list[VideoRef] = []
+    videos: list[VideoRef] = Field(default_factory=list)  # factories: a default's deep copy per row costs at 10^5 rows
     label: dict[str, Any]
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> Row:

@@ -2,35 +2,47 @@
 
 Prompts whose whole group was correct leave the mixture for an easy pool; each draw comes from the
 pool with probability `easy_pool_alpha` (docs/algorithm.md section 2). Every draw is a pure function of
-(seed, draw counter, pool), and draws can be undone: the rollout scheduler puts back the prompts it
-dispatched but did not use, so a run is reproducible however the rollouts were timed.
+(seed, draw counter, pool, dropped rows), and draws can be undone: the rollout scheduler puts back the prompts it
+dispatched but did not use, so a run is reproducible however the rollouts were timed. A row found bad only when it
+is encoded (an image body that does not decode, a prompt over the token limit) is dropped for good under
+`data.on_bad_row: skip`, resume included.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from morl.data.budget import VisionBudget
+from morl.data.config import OnBadRow
 from morl.data.loading import LoadedDataset, load_datasets
 from morl.data.mixture import MixtureSampler
 from morl.data.rows import DataError, Row
 from morl.rollout.engines import engine_of
+from morl.types import EncodedPrompt
 
 if TYPE_CHECKING:
     from morl.config import RunConfig
     from morl.data.config import DatasetSpec
 
+log = logging.getLogger("morl.data")
+
 Key = tuple[int, int]  # (dataset index, row index)
 
 
-def load_run_datasets(cfg: RunConfig, specs: Sequence[DatasetSpec]) -> list[LoadedDataset]:
+def load_run_datasets(
+    cfg: RunConfig, specs: Sequence[DatasetSpec], budget: VisionBudget | None = None
+) -> list[LoadedDataset]:
     """`specs`' files with every check the run's config asks for: routed tasks, `data.*` limits, and the images
     and videos one prompt may carry (the engine's media limits, `rollout.max_<kind>s_per_prompt`: the one check of
-    it every run, evaluation and filter passes through)."""
+    it every run, evaluation and filter passes through). With the processor's `budget`, a row whose media alone are
+    over `rollout.max_prompt_tokens` is a bad row here rather than when it is drawn."""
     return load_datasets(
         specs,
         known_tasks=set(cfg.rewards.routes),
@@ -38,6 +50,9 @@ def load_run_datasets(cfg: RunConfig, specs: Sequence[DatasetSpec]) -> list[Load
         max_image_pixels=cfg.data.max_image_pixels,
         max_media=engine_of(cfg.rollout).media_limits(),
         label_keys=cfg.rewards.label_keys(),
+        budget=budget,
+        video=cfg.data.video,
+        header_cache=None if cfg.data.header_cache is None else Path(cfg.data.header_cache),
     )
 
 
@@ -57,21 +72,22 @@ def check_routes_have_rows(cfg: RunConfig, tasks: Counter[str]) -> None:
         )
 
 
-def load_held_out_rows(cfg: RunConfig) -> list[Row]:
+def load_held_out_rows(cfg: RunConfig, budget: VisionBudget | None = None) -> list[Row]:
     """The rows of `data.eval`, checked as training rows are; an empty `data.eval` is a DataError."""
     if not cfg.data.eval:
         raise DataError(
             "data.eval lists no held-out file while eval.enabled=true: add held-out data under data.eval, or set "
             "eval.enabled=false to train without a held-out evaluation"
         )
-    return [row for ds in load_run_datasets(cfg, cfg.data.eval) for row in ds.rows]
+    return [row for ds in load_run_datasets(cfg, cfg.data.eval, budget) for row in ds.rows]
 
 
-def load_training_data(cfg: RunConfig) -> tuple[PromptSource, list[Row]]:
+def load_training_data(cfg: RunConfig, budget: VisionBudget | None = None) -> tuple[PromptSource, list[Row]]:
     """A training run's mixture and held-out rows (none when `eval.enabled` is false), with every check `morl train`
-    makes before it starts: rows, media, label keys, and a route of the recipe for each task only if a row has it."""
-    source = PromptSource.from_config(cfg)
-    held_out = load_held_out_rows(cfg) if cfg.eval.enabled else []
+    makes before it starts: rows, media (token `budget` included, when the processor is at hand), label keys, and a
+    route of the recipe for each task only if a row has it."""
+    source = PromptSource.from_config(cfg, budget)
+    held_out = load_held_out_rows(cfg, budget) if cfg.eval.enabled else []
     check_routes_have_rows(cfg, source.task_counts() + Counter(row.task for row in held_out))
     return source, held_out
 
@@ -88,24 +104,35 @@ class DrawnPrompt:
 class PromptSource:
     """Draws the run's prompts: from the data mixture, or (with probability alpha) from the easy pool."""
 
-    def __init__(self, datasets: Sequence[LoadedDataset], weights: Sequence[float], seed: int, easy_pool_alpha: float):
+    def __init__(
+        self,
+        datasets: Sequence[LoadedDataset],
+        weights: Sequence[float],
+        seed: int,
+        easy_pool_alpha: float,
+        on_bad_row: OnBadRow = "error",
+    ):
         self.mixture = MixtureSampler(datasets, weights, seed)
         self.seed = seed
         self.alpha = easy_pool_alpha
+        self.on_bad_row = on_bad_row
         self.draws = 0
         self.easy_pool: list[Key] = []
         self._in_pool: set[Key] = set()
+        self.dropped: set[Key] = set()  # rows found bad when encoded: never drawn again
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> PromptSource:
-        """The run's training mixture (`data.train`, rows checked against the routed tasks) and easy pool.
+    def from_config(cls, cfg: RunConfig, budget: VisionBudget | None = None) -> PromptSource:
+        """The run's training mixture (`data.train`, rows checked against the routed tasks and, given the
+        processor's `budget`, the prompt token limit) and easy pool.
 
         Raises DataError for a mixture without rows: no data file, or one without a usable row.
         """
         if not cfg.data.train:
             raise DataError("data.train lists no data file: there is nothing to train on")
-        datasets = load_run_datasets(cfg, cfg.data.train)
-        return cls(datasets, [s.weight for s in cfg.data.train], cfg.trainer.seed, cfg.algo.easy_pool_alpha)
+        datasets = load_run_datasets(cfg, cfg.data.train, budget)
+        weights = [s.weight for s in cfg.data.train]
+        return cls(datasets, weights, cfg.trainer.seed, cfg.algo.easy_pool_alpha, cfg.data.on_bad_row)
 
     def task_counts(self) -> Counter[str]:
         """Training rows per task."""
@@ -124,13 +151,47 @@ class PromptSource:
         self.draws += 1
         return DrawnPrompt(self.mixture.row(key), key, self.draws - 1, from_pool, (mixture_state, slot))
 
+    def draw_encoded(self, encode: Callable[[Row], EncodedPrompt]) -> tuple[DrawnPrompt, EncodedPrompt]:
+        """The next prompt that `encode` takes: one it refuses as a bad row (DataError) is dropped (see `drop`)."""
+        while True:
+            prompt = self.draw()
+            try:
+                return prompt, encode(prompt.row)
+            except DataError as bad:
+                self.drop(prompt, bad)
+
+    def drop(self, prompt: DrawnPrompt, why: DataError) -> None:
+        """The most recent draw's row is bad (`why`): under `data.on_bad_row: error` a DataError naming its file and
+        line; under `skip` the draw is undone and the row never drawn again, which the log says and the state keeps.
+        """
+        where = self.mixture.where(prompt.key)
+        if self.on_bad_row == "error":
+            raise DataError(f"{where}: {why} (data.on_bad_row=skip would drop the row and go on)") from None
+        self.put_back([prompt])
+        self.dropped.add(prompt.key)
+        if prompt.key in self._in_pool:
+            self.easy_pool.remove(prompt.key)
+            self._in_pool.discard(prompt.key)
+        log.warning("skipped bad row %s: %s (%d rows dropped so far; data.on_bad_row=skip)", where, why,
+                    len(self.dropped))
+
     def _next_fresh_key(self) -> Key:
-        """The mixture's next row that is not in the easy pool (it moved there); any row once all are easy."""
+        """The mixture's next row that is not dropped nor in the easy pool (it moved there); once every row left is
+        in the pool, any of those."""
+        usable = None
         for _ in range(self.mixture.num_rows):
             key = self.mixture.next_key()
+            if key in self.dropped:
+                continue
             if key not in self._in_pool:
                 return key
-        return key
+            usable = key
+        if usable is None:
+            raise DataError(
+                f"every training row was dropped as a bad row ({len(self.dropped)} rows, data.on_bad_row=skip): "
+                "nothing is left to draw"
+            )
+        return usable
 
     def put_back(self, prompts: Sequence[DrawnPrompt]) -> None:
         """Undo the most recent draws (given in draw order): the next draws return the same prompts."""
@@ -153,10 +214,12 @@ class PromptSource:
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.mixture.state_dict(),  # the key older checkpoints use
-                "draws": self.draws, "easy_pool": [list(k) for k in self.easy_pool]}
+                "draws": self.draws, "easy_pool": [list(k) for k in self.easy_pool],
+                "dropped": sorted(list(k) for k in self.dropped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mixture.load_state_dict(state["sampler"])
         self.draws = state["draws"]
         self.easy_pool = [tuple(k) for k in state["easy_pool"]]
         self._in_pool = set(self.easy_pool)
+        self.dropped = {tuple(k) for k in state.get("dropped", [])}  # checkpoints before rows were dropped have none

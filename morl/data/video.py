@@ -130,10 +130,18 @@ def load_video(ref: VideoRef, settings: VideoSettings, geometry: FrameGeometry) 
     header = read_header(ref, settings.fps)
     indices, height, width = plan(header, settings, geometry)
     if isinstance(ref, list):
-        frames = [_fit(open_image(ref[i]), height, width) for i in indices]
+        frames = [_fit(_frame(ref[i]), height, width) for i in indices]
     else:
         frames = _decode(ref, indices, header.fps, height, width)
     return SampledVideo(np.stack(frames), indices, header.frames, header.fps)
+
+
+def _frame(path: str) -> Image.Image:
+    """One image of a frame list; VideoError if its body does not decode (the loader read only its header)."""
+    try:
+        return open_image(path)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for a corrupt body
+        raise VideoError(f"frame {path!r} does not decode: {e}") from None
 
 
 def _decode(path: str, indices: list[int], fps: float, height: int, width: int) -> list[np.ndarray]:

@@ -15,6 +15,7 @@ import socket
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,14 @@ from morl.compat import (
     zero_kept_gradients,
 )
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
+from morl.data.encoding import with_pixels
 from morl.learner.buckets import SharedBuckets, pack_bucket
 from morl.learner.logprobs import response_logprobs, response_loss
 from morl.learner.lr_schedule import lr_multiplier
 from morl.learner.packing import filler_sequence
 from morl.learner.shares import MicroBatch, rank_plan
 from morl.rng_state import capture_rng, restore_rng
-from morl.types import PackedBucket, SequenceShape, TrainBatch
+from morl.types import EncodedPrompt, PackedBucket, SequenceShape, TrainBatch
 from morl.weight_group import WeightGroup, bound_store
 
 ENGINE_TAG = "state"  # DeepSpeed's name for the one engine state a checkpoint directory holds
@@ -209,7 +211,16 @@ class PolicyLearner:
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """The update of one rollout batch: MORL's single on-policy step, or the GRPO ablation's several."""
         lr = self.engine.get_lr()[0]  # the (first) step's learning rate; the scheduler moves it after each step
-        return {**self.update(self, batch), "lr": lr}
+        return {**self.update(self, self._with_pixels(batch)), "lr": lr}
+
+    def _with_pixels(self, batch: TrainBatch) -> TrainBatch:
+        """This rank's share with the pixels the driver did not keep (an engine that reads media itself), computed
+        once per prompt: a group's sequences share one prompt object."""
+        done: dict[int, EncodedPrompt] = {}
+        for prompt in batch.prompts:
+            if prompt is not None and id(prompt) not in done:
+                done[id(prompt)] = with_pixels(prompt, self.processor)
+        return replace(batch, prompts=[None if p is None else done[id(p)] for p in batch.prompts])
 
     def optimizer_step(self, batch: TrainBatch, indices: Sequence[int], loss_of, where: str = ""):
         """One optimizer step over `batch[indices]`, gradients accumulated over micro-batches and ranks.

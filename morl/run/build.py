@@ -29,6 +29,7 @@ from morl.cluster import (
     rollout_part,
 )
 from morl.config import ConfigError, RunConfig
+from morl.data.budget import VisionBudget
 from morl.data.encoding import PromptEncoder, vision_token_ids
 from morl.data.rows import Row
 from morl.data.source import PromptSource, load_held_out_rows, load_training_data
@@ -130,11 +131,13 @@ def build_run(
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(cfg.model.processor_dir)
+    budget = VisionBudget.of(processor, cfg.rollout.max_prompt_tokens)  # too-long rows found as the data loads
     if prompts and held_out:  # a training run: its routes are checked against all of its data
-        source, held_out_rows = load_training_data(cfg)
+        source, held_out_rows = load_training_data(cfg, budget)
     else:
-        source = PromptSource.from_config(cfg) if prompts else None
-        held_out_rows = load_held_out_rows(cfg) if held_out and cfg.eval.enabled else []
+        source = PromptSource.from_config(cfg, budget) if prompts else None
+        held_out_rows = load_held_out_rows(cfg, budget) if held_out and cfg.eval.enabled else []
+    engine = engine_of(cfg.rollout)
     parts = RunParts(
         cfg=cfg,
         processor=processor,
@@ -142,7 +145,8 @@ def build_run(
             processor,
             cfg.rollout.max_prompt_tokens,
             cfg.data.video,
-            keep_frames=engine_of(cfg.rollout).preprocesses_media,  # the engine samples the frames' pixels itself
+            keep_frames=engine.preprocesses_media,  # the engine samples the frames' pixels itself
+            keep_pixels=not engine.preprocesses_media,  # it reads the media itself; the learner computes the pixels
         ),
         banned_ids=vision_token_ids(processor.tokenizer),
         source=source,

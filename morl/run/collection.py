@@ -266,9 +266,8 @@ class _Collection:
     def start(self, worker: int, n: int) -> None:
         """Draw `n` prompts and send them to `worker` in one call."""
         groups = []
-        for _ in range(n):
-            prompt = self.scheduler.source.draw()
-            groups.append(Group(prompt, self.scheduler.encode(prompt.row)))
+        for _ in range(n):  # a row the encoder refuses is a bad row: dropped (data.on_bad_row: skip) or named
+            groups.append(Group(*self.scheduler.source.draw_encoded(self.scheduler.encode)))
         self.groups.extend(groups)
         for key, group in zip(self.scheduler.submit(worker, groups), groups):
             self.pending[key] = (worker, group)
@@ -388,6 +387,7 @@ class _Collection:
             "rollout/sample_waste": len(wasted) / max(len(generated), 1),
             "rollout/token_waste": tokens(wasted) / max(tokens(generated), 1),
             "rollout/easy_pool_size": float(len(self.scheduler.source.easy_pool)),
+            "data/dropped_rows": float(len(self.scheduler.source.dropped)),
             "time/rollout_tail": tail_seconds,
             "groups/kept": float(len(self.accepted)),
             "groups/dropped_zero_variance": float(sum(not x.errored and x.zero_variance for x in decided)),

@@ -327,8 +327,7 @@ def test_the_size_is_read_from_the_header_before_the_pixels(data_dir: Path) -> N
     path = write_jsonl(data_dir / "train.jsonl", [make_row(0, ["img/cut.png"])])
     with pytest.raises(DataError, match="over data.max_image_pixels=89,478,485: 10000 x 10000"):
         load_dataset(path, known_tasks=TASKS)
-    with pytest.raises(DataError, match="is not a readable image"):  # under a cap that allows it, the file is read
-        load_dataset(path, known_tasks=TASKS, max_image_pixels=10**8)
+    assert len(load_dataset(path, known_tasks=TASKS, max_image_pixels=10**8)) == 1  # the body is not read here
 
 
 def test_an_image_past_pils_own_limit_is_the_same_bad_row(data_dir: Path) -> None:

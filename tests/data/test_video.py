@@ -13,7 +13,7 @@ from PIL import Image
 
 from morl.config import RunConfig
 from morl.data.config import DatasetSpec, VideoSettings
-from morl.data.encoding import PromptEncoder, PromptTooLongError
+from morl.data.encoding import PromptEncoder, PromptTooLongError, with_pixels
 from morl.data.loading import load_dataset
 from morl.data.rows import DataError, Row
 from morl.data.source import load_run_datasets
@@ -128,6 +128,23 @@ def test_images_and_videos_mix_in_one_prompt(tmp_path, processor):
     bare = PromptEncoder(processor, 4096, keep_frames=False)(row)
     assert bare.videos == () and prompt.without_frames().videos == ()
     assert torch.equal(bare.pixel_values_videos, prompt.pixel_values_videos) and bare.input_ids == prompt.input_ids
+    # an engine that preprocesses media: the driver keeps ids, grids, refs and frames; the learner's pixels are the same
+    light = PromptEncoder(processor, 4096, keep_pixels=False)(row)
+    assert light.pixel_values is None and light.pixel_values_videos is None and light.without_frames() is light
+    learner = with_pixels(light, processor)
+    assert torch.equal(learner.pixel_values, prompt.pixel_values) and learner.videos == ()
+    assert torch.equal(learner.pixel_values_videos, prompt.pixel_values_videos)
+    assert torch.equal(learner.image_grid_thw, prompt.image_grid_thw) and learner.input_ids == prompt.input_ids
+    assert with_pixels(prompt, processor) is prompt
+
+
+def test_pixels_computed_again_from_changed_media_are_refused(tmp_path, processor):
+    image = tmp_path / "i.png"
+    Image.new("RGB", (112, 112), (0, 200, 0)).save(image)
+    light = PromptEncoder(processor, 4096, keep_pixels=False)(video_row("img", [], images=[str(image)]))
+    Image.new("RGB", (224, 56), (0, 200, 0)).save(image)  # replaced while the prompt was in flight: another shape
+    with pytest.raises(DataError, match=r"row 'img': its media changed since the driver encoded it \(image_grid_thw"):
+        with_pixels(light, processor)
 
 
 def test_a_video_over_max_prompt_tokens_is_refused_not_truncated(tmp_path, processor):

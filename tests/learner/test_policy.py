@@ -58,6 +58,19 @@ def test_micro_batching_gives_the_same_step(toy_world, batch):
     assert update > 0 and difference < 1e-2 * update
 
 
+def test_a_batch_whose_driver_kept_no_pixels_takes_the_same_step(toy_world, batch):
+    """What the driver sends for the vllm engine: ids, grids and image paths; the learner computes the pixels."""
+    train_batch, banned = batch
+    light = {id(p): p.without_pixels() for p in train_batch.prompts if p.pixel_values is not None}
+    assert light  # the batch has images
+    prompts = [light.get(id(p), p) for p in train_batch.prompts]
+    without = TrainBatch(prompts, train_batch.responses, train_batch.rollout_logprobs, train_batch.advantages)
+    m_with = learner(toy_world, banned, micro_batch_size=2).train_step(train_batch)
+    m_without = learner(toy_world, banned, micro_batch_size=2).train_step(without)
+    assert m_without["loss"] == m_with["loss"] and m_without["grad_norm"] == m_with["grad_norm"]
+    assert m_without["logprob_mismatch"] < 1e-4
+
+
 def test_nan_advantage_is_refused_and_weights_are_kept(toy_world, batch):
     train_batch, banned = batch
     policy = learner(toy_world, banned, micro_batch_size=6)
