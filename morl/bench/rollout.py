@@ -211,7 +211,10 @@ def bench_engine(cfg: RunConfig, rounds: int, lengths: AnswerLengths | None = No
     once), settings and cores; `lengths`: the long-tail workload's fixed answer lengths."""
     if lengths is not None:
         cfg = long_tail_config(cfg, lengths)
-    one = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_workers": 1})})
+    # the framework's engine takes the whole step at once, as the bare call does (unless the recipe sets its own)
+    whole_step = cfg.rollout.max_num_seqs or cfg.trainer.prompts_per_step * cfg.rollout.group_size
+    one = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_workers": 1,
+                                                                           "max_num_seqs": whole_step})})
     parts = build_run(one, rewards=False)
     drawn = [parts.source.draw() for _ in range(cfg.trainer.prompts_per_step)]
     rows = [d.row for d in drawn]
@@ -222,7 +225,7 @@ def bench_engine(cfg: RunConfig, rounds: int, lengths: AnswerLengths | None = No
     seeds = list(range(len(prompts)))
     (worker,) = parts.workers
     bare_engine = ray.remote(num_cpus=rc.cpus_per_worker)(BARE_ENGINES[rc.engine])
-    bare = bare_engine.remote(cfg, threads_for(rc.cpus_per_worker))
+    bare = bare_engine.remote(one, threads_for(rc.cpus_per_worker))  # the same engine settings
 
     def framework() -> tuple[int, float]:
         start = time.perf_counter()

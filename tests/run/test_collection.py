@@ -201,6 +201,28 @@ def test_each_engine_is_kept_at_its_fill_target_and_never_beyond(pool, router):
     assert 0.0 < batch.metrics["rollout/occupancy"] <= 1.0
 
 
+def test_a_row_the_encoder_refuses_is_dropped_for_good_and_the_batch_still_fills(pool, router):
+    from morl.data.rows import DataError
+
+    source = PromptSource([rows(["mixed"] * 6)], [1.0], seed=0, easy_pool_alpha=0.0, on_bad_row="skip")
+    bad = stream_order(6, ["mixed"] * 6)[1]  # the second prompt drawn
+
+    def encode(row):
+        if row.id == bad:
+            raise DataError(f"row {row.id!r}: prompt is 9999 tokens, over rollout.max_prompt_tokens=2048")
+        return EncodedPrompt(row.meta["script"], [1, 2], None, None)
+
+    scheduler = RolloutScheduler(pool, router, encode, source, SamplingParams(n=G), dispatch=DISPATCH["seamless"](),
+                                 dynamic_sampling=False, max_refill_rounds=0, run_seed=0, engine="hf")
+    batch = scheduler.collect(4)
+    assert len(batch.groups) == 4 and bad not in {g.prompt.row.id for g in batch.groups}
+    assert batch.metrics["data/dropped_rows"] == 1.0
+    state = source.state_dict()
+    again = PromptSource([rows(["mixed"] * 6)], [1.0], seed=0, easy_pool_alpha=0.0, on_bad_row="skip")
+    again.load_state_dict(state)
+    assert bad not in {again.draw().row.id for _ in range(12)}  # never drawn again, resume included
+
+
 def test_without_dynamic_sampling_zero_variance_groups_stay(pool, router):
     kinds = ["easy", "mixed", "hard", "mixed"]
     scheduler, _ = make_scheduler(pool, router, kinds, dynamic=False)
