@@ -111,6 +111,9 @@ class EngineLoop:
             with self._cv:
                 if self._error is not None:
                     raise self._error
+        refused = [result for result in done.values() if isinstance(result, Exception)]
+        if refused:
+            raise refused[0]
         return [done[i] for i in range(len(prompts))]
 
     def call(self, fn: Callable[[RolloutEngine], T]) -> T:

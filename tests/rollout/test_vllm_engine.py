@@ -407,3 +407,5 @@ def test_the_loop_hands_a_refused_prompt_back_as_its_error_and_runs_the_rest(eng
     with pytest.raises(KeyError):  # a failing call raises in its caller; the loop goes on
         loop.call(lambda e: {}["missing"])
     assert loop.generate([first], [sampling], [0])[0][0].token_ids == report.groups[0][1][0].token_ids
+    with pytest.raises(PromptTooLongError, match="long-row"):  # evaluation's blocking call raises it too
+        loop.generate([first, too_long], [sampling] * 2, [0, 1])
