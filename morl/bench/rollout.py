@@ -163,10 +163,16 @@ class BareVLLM(BareEngine):
     def sample(self, texts: list[str], images: list[list], samplings: list[SamplingParams]) -> int:
         from vllm import SamplingParams as VLLMSamplingParams
 
+        from morl.data.encoding import vision_token_ids
+        from morl.rollout.vllm_engine import placeholder_bad_words
+
+        # what training needs of vLLM, as the workers ask it: a seed per prompt (samples that do not depend on the
+        # batch) and the vision placeholders banned; without them vLLM samples about 3% faster here (docs/rollout.md)
+        bad_words = placeholder_bad_words(self.processor.tokenizer, vision_token_ids(self.processor.tokenizer))
         params = [
             VLLMSamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                               min_tokens=s.min_new_tokens, logprobs=0)
-            for s in samplings
+                               min_tokens=s.min_new_tokens, logprobs=0, seed=seed, bad_words=bad_words)
+            for seed, s in enumerate(samplings)
         ]
         requests = [{"prompt": t, "multi_modal_data": {"image": im}} if im else {"prompt": t}
                     for t, im in zip(texts, images)]
