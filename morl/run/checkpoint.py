@@ -65,6 +65,8 @@ SAFE_TO_CHANGE = (
     "rollout.cpus_per_worker",
     "rollout.mode",  # seamless and synchronous rollout train on the same prompts and samples
     "rollout.max_num_seqs",  # how many run at once: each prompt samples from its own seed either way
+    "rollout.prompts_per_call",  # what max_num_seqs replaced, in checkpoints written before it
+    "rollout.calls_per_worker",
     "rollout.sync_bucket_mb",
     "rollout.weight_transport",  # how the same weights reach the workers
     "rollout.resources",  # which nodes the workers run on

@@ -176,6 +176,13 @@ def test_a_key_newer_than_the_checkpoint_counts_as_its_default():
     }
 
 
+def test_a_checkpoint_from_before_max_num_seqs_resumes_without_force():
+    saved = config().model_dump(mode="json")
+    del saved["rollout"]["max_num_seqs"]
+    saved["rollout"].update(prompts_per_call=4, calls_per_worker=2)  # the keys it replaced
+    assert unsafe_changes(saved, config().model_dump(mode="json")) == {}
+
+
 def test_rng_state_survives_json(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.random(), np.random.rand(), torch.rand(1), np.random.randn()  # a cached Gaussian is part of the state
