@@ -300,7 +300,7 @@ class _Collection:
             self.occupied[worker] += report.occupied_seconds
             self.timelines[worker].extend(report.timeline)
             for key, completions in report.groups:
-                if key not in self.pending:  # left by an abandoned batch
+                if key not in self.pending:  # not this collection's (every batch drains its own, so none expected)
                     continue
                 _, group = self.pending.pop(key)
                 group.completions = completions
