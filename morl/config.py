@@ -199,6 +199,30 @@ class AlgoConfig(Section):
         return self
 
 
+LORA_LANGUAGE_MODEL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(Section):
+    """LoRA adapters on the language model (peft); the base weights, the ViT and the merger stay as loaded."""
+
+    rank: int = Field(16, ge=1, description="the adapters' rank r")
+    alpha: float = Field(32.0, gt=0, description="LoRA's alpha: each adapter's update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (0 keeps the update on-policy)")
+    target_modules: list[str] = Field(
+        list(LORA_LANGUAGE_MODEL_LINEARS),
+        min_length=1,
+        description="names of the language model's Linear modules to adapt (the last part of the module name, as "
+        "peft matches them); the ViT and merger are never adapted: vLLM takes no LoRA for them",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names_once(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"a module is named twice: {names}")
+        return names
+
+
 class LearnerConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     lr: float = Field(1e-6, gt=0, description="peak learning rate")
@@ -232,6 +256,9 @@ class LearnerConfig(Section):
         "logits, only [chunk, vocabulary], each chunk's gradient made in its forward",
     )
     freeze_vision_tower: bool = Field(False, description="train the language model (and nothing of the ViT)")
+    lora: LoraConfig | None = Field(
+        None, description="train LoRA adapters on the language model instead of every weight (null: full fine-tuning)"
+    )
     cpus: float = Field(1.0, gt=0, description="CPU cores per learner rank (also its torch threads)")
     num_ranks: int = Field(
         1,
@@ -256,6 +283,15 @@ class LearnerConfig(Section):
             raise ValueError(f"learner.offload_params needs learner.zero_stage=3 (got {self.zero_stage})")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("learner.offload_optimizer needs learner.zero_stage 1, 2 or 3 (got 0)")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_trains_the_language_model_only(self) -> LearnerConfig:
+        if self.lora is not None and "freeze_vision_tower" in self.model_fields_set and not self.freeze_vision_tower:
+            raise ValueError(
+                "learner.freeze_vision_tower=false with learner.lora: LoRA trains adapters on the language model only, "
+                "the ViT and merger stay frozen (vLLM takes no ViT LoRA); drop one of the two"
+            )
         return self
 
 
