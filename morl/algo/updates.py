@@ -53,7 +53,9 @@ class UpdateContext(Protocol):
     """What an update rule needs of the learner (a `PolicyLearner`)."""
 
     engine: Any  # the DeepSpeed engine: the policy
-    reference: torch.nn.Module | None  # the frozen SFT model, when the rule `needs_reference`
+
+    def reference_logprobs(self, batch: TrainBatch, slices: Sequence[Sequence[int]]) -> list[torch.Tensor] | None:
+        """The frozen SFT model's log-probs of this rank's responses (None when the rule needs no reference)."""
 
     def optimizer_step(
         self, batch: TrainBatch, indices: Sequence[int], loss_of: LossOf, where: str = ""
@@ -151,7 +153,7 @@ class GrpoUpdate(_Update):
         algo = self.algo
         slices = self.slices(len(batch))
         old = learner.frozen_logprobs(learner.engine, batch, slices)
-        ref = learner.frozen_logprobs(learner.reference, batch, slices) if learner.reference is not None else None
+        ref = learner.reference_logprobs(batch, slices)
         total_tokens = token_count(batch, range(len(batch)))
         mine = [i for indices in slices for micro in learner.micro_batches(batch, indices) for i in micro.rows]
         weights, batch_sums = self._old_vs_rollout(learner, batch, old, mine)

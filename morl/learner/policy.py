@@ -34,6 +34,7 @@ from morl.compat import (
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
 from morl.data.encoding import with_pixels
 from morl.learner.buckets import SharedBuckets, pack_bucket
+from morl.learner.lora import ADAPTER_DIR, add_adapters, adapters_disabled, policy_tensors, save_adapter
 from morl.learner.logprobs import response_logprobs, response_loss
 from morl.learner.lr_schedule import lr_multiplier
 from morl.learner.packing import filler_sequence
@@ -180,7 +181,11 @@ class PolicyLearner:
         use_reference_video_positions(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trainable = trainable_parameters(model, freeze_vision_tower=cfg.freeze_vision_tower)
+        self.model_path = model_cfg.path  # the SFT model: what a LoRA adapter's config names as its base
+        if cfg.lora is not None:
+            trainable = add_adapters(model, cfg.lora, model_cfg.path)
+        else:
+            trainable = trainable_parameters(model, freeze_vision_tower=cfg.freeze_vision_tower)
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
@@ -202,9 +207,10 @@ class PolicyLearner:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.shared_buckets = SharedBuckets()
+        # with LoRA the reference is the policy with its adapters off: no second copy of the weights
         self.reference = (
             frozen_reference(model_cfg, cfg.attn_implementation, self.engine.device)
-            if self.update.needs_reference
+            if self.update.needs_reference and cfg.lora is None
             else None
         )
 
@@ -284,6 +290,15 @@ class PolicyLearner:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         return bool(flags.item())
 
+    def reference_logprobs(self, batch: TrainBatch, slices: list[range]) -> list[torch.Tensor] | None:
+        """The SFT model's log-probs of this rank's responses, for the rules that `needs_reference` (else None)."""
+        if not self.update.needs_reference:
+            return None
+        if self.reference is not None:
+            return self.frozen_logprobs(self.reference, batch, slices)
+        with adapters_disabled(self.engine.module):
+            return self.frozen_logprobs(self.engine, batch, slices)
+
     @torch.no_grad()
     def frozen_logprobs(self, model, batch: TrainBatch, slices: list[range]) -> list[torch.Tensor]:
         """This rank's responses' log-probs under `model`, without gradient, over the micro-batches the steps use."""
@@ -336,16 +351,17 @@ class PolicyLearner:
         return out_of_memory_message(self.cfg, self.rank, [batch.shapes[i] for i in micro.rows], where, cause)
 
     def weight_sizes(self, dtype: str, trainable_only: bool = False) -> list[tuple[str, int]]:
-        """(name, bytes as `dtype`) of each parameter in order: what `morl.run.weight_sync.plan_buckets` packs.
+        """(HF name, bytes as `dtype`) of each tensor of the policy in order: what `plan_buckets` packs.
 
-        `trainable_only` leaves out frozen ones (the ViT under `freeze_vision_tower`), for engines that
-        keep their weights between syncs; an engine that discarded them (vLLM sleep level 2) needs all.
+        `trainable_only` leaves out those training never changes (the ViT under `freeze_vision_tower`; with LoRA,
+        all but the adapted weights), for engines that keep their weights between syncs; an engine that discarded
+        them (vLLM sleep level 2) needs all.
         """
         itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
         return [
-            (name, full_numel(p) * itemsize)
-            for name, p in self.engine.module.named_parameters()
-            if p.requires_grad or not trainable_only
+            (name, full_numel(tensor.params[0]) * itemsize)
+            for name, tensor in policy_tensors(self.engine.module).items()
+            if tensor.trained or not trainable_only
         ]
 
     def join_weight_group(self, addr: str, port: int, world: int) -> None:
@@ -355,7 +371,8 @@ class PolicyLearner:
     def weight_bucket(
         self, names: list[str], dtype: str, cuda_ipc: bool = False, broadcast: bool = False
     ) -> PackedBucket | None:
-        """These parameters gathered from their ZeRO-3 shards into one flat `dtype` buffer, on rank 0.
+        """These policy tensors (HF names; adapted weights merged) gathered from their ZeRO-3 shards into one flat
+        `dtype` buffer, on rank 0.
 
         Under ZeRO-3 every rank must take part in the gather; only rank 0 packs (the others return None).
         On CPU for Ray's object store, or (`cuda_ipc`) left on this GPU and shared by a handle,
@@ -364,12 +381,13 @@ class PolicyLearner:
         """
         import deepspeed
 
-        params = dict(self.engine.module.named_parameters())
-        chosen = [params[name] for name in names]
-        with deepspeed.zero.GatheredParameters(chosen, enabled=self.cfg.zero_stage == 3):
+        tensors = policy_tensors(self.engine.module)
+        chosen = [tensors[name] for name in names]
+        params = [p for tensor in chosen for p in tensor.params]
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
             if self.rank != 0:
                 return None
-            bucket = pack_bucket([(n, p.detach()) for n, p in zip(names, chosen)], getattr(torch, dtype))
+            bucket = pack_bucket([(n, tensor.value()) for n, tensor in zip(names, chosen)], getattr(torch, dtype))
         if broadcast:
             self.weight_group.send(bucket.flat)
             return PackedBucket(bucket.metas, broadcast=(bucket.flat.numel(), dtype))
@@ -383,7 +401,8 @@ class PolicyLearner:
         return fn(self, *args)
 
     def save_hf(self, out_dir: str) -> None:
-        """The policy in HF format (model + processor), loadable by `from_pretrained` as it is.
+        """The policy in HF format (model + processor), loadable by `from_pretrained` as it is; with LoRA, the
+        adapters merged, and the adapter itself in peft's format in `adapter/`.
 
         Every rank takes part in the ZeRO-3 gather of the full model; rank 0 writes it.
         """
@@ -394,7 +413,11 @@ class PolicyLearner:
             if self.rank == 0:
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
                 try:
-                    module.save_pretrained(out_dir)
+                    module.save_pretrained(
+                        out_dir, state_dict={name: t.value() for name, t in policy_tensors(module).items()}
+                    )
+                    if self.cfg.lora is not None:
+                        save_adapter(module, self.cfg.lora, self.model_path, Path(out_dir) / ADAPTER_DIR)
                 except SafetensorError as exc:
                     raise _as_os_error(exc, out_dir) from exc
                 self.processor.save_pretrained(out_dir)
@@ -403,18 +426,21 @@ class PolicyLearner:
         """The policy in HF format (for users, vLLM and the rollout workers) and the engine state for an exact resume.
 
         Called on every rank. DeepSpeed writes the optimizer moments and master weights in its own layout, a file
-        per rank (so a resume needs the same `learner.num_ranks`); rank 0's RNGs travel in its client state.
+        per rank (so a resume needs the same `learner.num_ranks`); rank 0's RNGs travel in its client state. With
+        LoRA it holds the adapters only: the frozen base weights are the SFT model's, loaded again on resume.
         """
         self.save_hf(str(Path(out_dir) / POLICY_DIR))
         engine_dir = Path(out_dir) / ENGINE_DIR
-        self.engine.save_checkpoint(str(engine_dir), tag=ENGINE_TAG, client_state={"rng": capture_rng()})
+        self.engine.save_checkpoint(str(engine_dir), tag=ENGINE_TAG, client_state={"rng": capture_rng()},
+                                    exclude_frozen_parameters=self.cfg.lora is not None)
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
         """Weights, optimizer state and RNGs as `save_checkpoint` left them (called on every rank)."""
         engine_dir = Path(ckpt_dir) / ENGINE_DIR
         if not (engine_dir / ENGINE_TAG).is_dir():
             raise CheckpointError(f"checkpoint {ckpt_dir}: no DeepSpeed engine state in {engine_dir / ENGINE_TAG}")
-        _, client_state = self.engine.load_checkpoint(str(engine_dir), tag=ENGINE_TAG)
+        _, client_state = self.engine.load_checkpoint(str(engine_dir), tag=ENGINE_TAG,
+                                                      load_module_strict=self.cfg.lora is None)
         restore_rng(client_state["rng"])
 
 

@@ -1,0 +1,159 @@
+"""LoRA adapters on the policy's language model (peft), and the policy's tensors as everyone outside the learner sees
+them: in the HF model's names, each adapted weight merged with its adapter.
+
+The adapters are injected in place (`peft.inject_adapter_in_model`), so the learner's model stays a Qwen2.5-VL model
+(`model.model`, `lm_head` and `config` where the forward code looks for them) with a LoRA layer around each adapted
+Linear. The rollout engines, checkpoints' `policy/` and `final/` get the merged weights W + (alpha / r) B A, so they
+load as any HF model; `adapter/` beside them holds the adapter in peft's own format, for `PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from morl.config import ConfigError, LoraConfig
+
+ADAPTER_DIR = "adapter"  # beside the merged model in a checkpoint's policy/ and in final/
+ADAPTER_NAME = "default"  # peft's name for a model's one adapter
+VISION = r".*\.visual\..*"  # the ViT and its merger: never adapted (vLLM takes no LoRA for them)
+PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before each module name
+
+
+def language_model_linears(model: torch.nn.Module) -> dict[str, list[str]]:
+    """{last name part: full module names} of the Linear modules outside the ViT: what `target_modules` may name."""
+    found: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".visual." not in f".{name}.":
+            found.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    return found
+
+
+def check_targets(model: torch.nn.Module, cfg: LoraConfig, where: str) -> None:
+    """Refuse a `learner.lora.target_modules` name that matches no Linear of `model`'s language model."""
+    linears = language_model_linears(model)
+    missing = [name for name in cfg.target_modules if name not in linears]
+    if missing:
+        raise ConfigError(
+            f"learner.lora.target_modules: {', '.join(missing)} matches no Linear module of the language model in "
+            f"{where} (the ViT and merger are never adapted); its Linear modules are: {', '.join(sorted(linears))}"
+        )
+
+
+def peft_config(cfg: LoraConfig, base_model: str | None = None):
+    """peft's LoraConfig for `cfg`: the named Linears of the language model, the ViT excluded."""
+    import peft
+
+    return peft.LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        exclude_modules=VISION,
+        base_model_name_or_path=base_model,
+    )
+
+
+def add_adapters(model: torch.nn.Module, cfg: LoraConfig, base_model: str) -> list[torch.nn.Parameter]:
+    """Inject `cfg`'s adapters into `model` in place and freeze every other weight; the adapters' parameters.
+
+    peft starts each B at zero, so the model computes exactly the SFT model's function until the first step.
+    """
+    import peft
+
+    check_targets(model, cfg, base_model)
+    model.requires_grad_(False)
+    peft.inject_adapter_in_model(peft_config(cfg, base_model), model, adapter_name=ADAPTER_NAME)
+    adapters = [p for name, p in model.named_parameters() if ".lora_" in name]
+    for p in adapters:
+        p.requires_grad_(True)
+    return adapters
+
+
+def adapted_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{module name: LoRA layer} of the adapted Linears (none on a model without adapters)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@dataclass(frozen=True)
+class PolicyTensor:
+    """One tensor of the policy under its HF name, computed from the learner's parameters."""
+
+    params: tuple[torch.nn.Parameter, ...]  # what a ZeRO-3 gather must bring in before `value` runs
+    value: Callable[[], torch.Tensor]
+    trained: bool  # training changes it: a trainable weight, or one merged with an adapter
+
+
+def policy_tensors(model: torch.nn.Module) -> dict[str, PolicyTensor]:
+    """Every tensor of the HF model `model` stands for, in its parameters' order, under the HF names.
+
+    Without adapters, each parameter as it is. With them, an adapted Linear's `base_layer.weight` is merged with its
+    adapter (W + scaling B A, computed afresh: the learner's weights are never changed), its bias is the base one,
+    and the adapters' own parameters are not HF tensors at all.
+    """
+    layers = adapted_layers(model)
+    tensors: dict[str, PolicyTensor] = {}
+    for name, p in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if ".lora_" in name:
+            continue
+        if owner.endswith(".base_layer") and (layer_name := owner.removesuffix(".base_layer")) in layers:
+            layer = layers[layer_name]
+            hf_name = f"{layer_name}.{leaf}"
+            if leaf == "weight":
+                lora = (layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight)
+                tensors[hf_name] = PolicyTensor((p, *lora), _merged(p, layer), True)
+            else:
+                tensors[hf_name] = PolicyTensor((p,), p.detach, False)
+            continue
+        tensors[name] = PolicyTensor((p,), p.detach, p.requires_grad)
+    return tensors
+
+
+def _merged(weight: torch.nn.Parameter, layer) -> Callable[[], torch.Tensor]:
+    return lambda: weight.detach() + layer.get_delta_weight(ADAPTER_NAME).detach()
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """`model` computes the base (SFT) model's function inside: the frozen reference GRPO's KL term needs, without a
+    second copy of the weights."""
+    layers = list(adapted_layers(model).values())
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def save_adapter(model: torch.nn.Module, cfg: LoraConfig, base_model: str, out_dir: Path) -> None:
+    """The adapter in peft's format (adapter_config.json, adapter_model.safetensors): `PeftModel.from_pretrained(sft,
+    out_dir)` loads it onto the SFT model. The caller has gathered ZeRO-3 shards."""
+    import peft
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = peft.get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    save_file({PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()},
+              str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    peft_config(cfg, base_model).save_pretrained(str(out_dir))
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True for a directory holding a peft adapter (and no model of its own)."""
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model an adapter directory names (peft's base_model_name_or_path)."""
+    return json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
