@@ -1,8 +1,10 @@
 """Will a recipe fit? GPU and host memory estimated from the model's config.json before any GPU time is spent.
 
 Closed-form estimates, upper bounds where there is a choice. P parameters, T trainable (P without the
-ViT when it is frozen), b bytes per element of `model.dtype`, n = `learner.num_ranks` (ZeRO ranks), h hidden
-width, L layers, V vocabulary, S = max_prompt_tokens + max_new_tokens the longest sequence.
+ViT when it is frozen; with `learner.lora` the adapters only, r (in + out) for each adapted Linear of shape
+(out, in) in each of the L layers, every base weight frozen), b bytes per element of `model.dtype`,
+n = `learner.num_ranks` (ZeRO ranks), h hidden width, V vocabulary, S = max_prompt_tokens + max_new_tokens the
+longest sequence.
 
 The learner packs sequences without padding into micro-batches of at most `learner.max_tokens_per_micro_batch`
 tokens (budget; none: no token limit) and `learner.micro_batch_size` sequences; a sequence longer than the budget
@@ -13,7 +15,8 @@ micro_batch_size is 1). Log-probs come from the answer positions' final hidden s
 in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each chunk's gradient made in its forward
 (nothing recomputed in the backward).
 
-    learner weights      b P, / n under ZeRO-3; with offload_params only the live layers stay on the GPU
+    learner weights      b P (with LoRA b (P + T): the base held once, no master copy), / n under ZeRO-3;
+                         with offload_params only the live layers stay on the GPU
             gradients    b T, / n under ZeRO-2 and 3; one reduce bucket with offload_optimizer
             optimizer    (8 + 4) T: Adam m and v plus fp32 master weights (8 T for a float32 model),
                          / n under ZeRO-1, 2 and 3; in host memory with offload_optimizer
@@ -21,11 +24,14 @@ in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each chunk's 
                          or lm_head whole, the current layer and one prefetched); under ZeRO-2 and 3 the
                          full-size gradient bucket b x 5e8 filled before each reduce-scatter
             activations  M tokens x every layer's saved tensors, b (7 h + 3 kv + 4 I) each; with
-                         checkpointing each layer's input (b h) plus one layer's tensors
+                         checkpointing each layer's input (b h) plus one layer's tensors. LoRA adds b r per
+                         adapted Linear (its rank-r intermediate), and with dropout its dropped input and mask,
+                         (b + 1) in; the backward still runs through every layer
             logits       one chunk, C V (2 b + 16): its logits in b, their float32 copy, the banned ids' fill, the
                          log-softmax (turned in place into the float32 gradient), the gradient in b
             lm_head grad V h (4 + b): lm_head's weight gradient summed over the chunks in float32, and one
-                         chunk's share in b, held from the forward to the backward, whole on every rank
+                         chunk's share in b, held from the forward to the backward, whole on every rank; made
+                         even for a frozen lm_head (LoRA)
             answer rows  2 A h b: the answer positions' hidden states, gathered, and their gradient
             attention    sdpa runs each packed sequence by itself, flash_attention_2 by sequence boundaries:
                          no mask, no scores. eager: an additive block mask of the K packed tokens, K^2 b, and
@@ -38,6 +44,8 @@ in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each chunk's 
     host                 each learner rank loads the checkpoint in float32 (4 P) at start-up; offloaded
                          optimizer (fp32 gradients + states) and parameters; sleep level 1 keeps vLLM's
                          weights; weight-sync buckets in Ray's object store
+    weight sync          what trains, in b: the language model under a frozen ViT, with LoRA the adapted Linears
+                         merged (b in out each, per layer); the whole model when vLLM discarded its weights asleep
 
 Colocated, one GPU carries the learner's resident state plus vLLM's pool during the rollout, and the
 learner's peak plus a sleeping vLLM during the update; both must fit. Host memory is checked against
@@ -54,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from morl.config import RunConfig
+from morl.config import LoraConfig, RunConfig
 from morl.rollout.engines import GpuPool, engine_of
 
 GIB = 1024**3
@@ -132,11 +140,24 @@ class ModelShape:
         return self.kv_heads * (self.hidden // self.heads)
 
     @property
+    def layer_linears(self) -> dict[str, tuple[int, int]]:
+        """Each decoder layer's Linear modules by name, as (in, out) features: attention and the SwiGLU MLP."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
     def layer_params(self) -> int:
-        """One decoder layer: q, k, v (with biases), o, the SwiGLU MLP and two RMSNorms."""
+        """One decoder layer: its Linears, the biases of q, k and v, and two RMSNorms."""
         h, kv = self.hidden, self.kv_dim
-        attention = (h * h + h) + 2 * (h * kv + kv) + h * h
-        return attention + 3 * h * self.intermediate + 2 * h
+        return sum(i * o for i, o in self.layer_linears.values()) + (h + 2 * kv) + 2 * h
 
     @property
     def text_params(self) -> int:
@@ -219,14 +240,40 @@ class Estimate:
         return self.pool.kv_cache_tokens if self.pool is not None else None
 
 
+def adapted_linears(shape: ModelShape, lora: LoraConfig) -> dict[str, tuple[int, int]]:
+    """The (in, out) features of each Linear `learner.lora.target_modules` names, in every decoder layer."""
+    unknown = [name for name in lora.target_modules if name not in shape.layer_linears]
+    if unknown:
+        raise PreflightError(
+            f"learner.lora.target_modules: {', '.join(unknown)} is none of the language model's Linear modules "
+            f"({', '.join(shape.layer_linears)})"
+        )
+    return {name: shape.layer_linears[name] for name in lora.target_modules}
+
+
+def lora_params(shape: ModelShape, lora: LoraConfig) -> int:
+    """The adapters: A (rank x in) and B (out x rank) for each adapted Linear of each decoder layer."""
+    return shape.layers * lora.rank * sum(i + o for i, o in adapted_linears(shape, lora).values())
+
+
 def trainable_params(shape: ModelShape, cfg: RunConfig) -> int:
-    return shape.params - shape.vision_params if cfg.learner.freeze_vision_tower else shape.params
+    """What has gradients and optimizer states: the adapters with LoRA, else the model (less a frozen ViT)."""
+    lc = cfg.learner
+    if lc.lora is not None:
+        return lora_params(shape, lc.lora)
+    return shape.params - shape.vision_params if lc.freeze_vision_tower else shape.params
+
+
+def learner_params(shape: ModelShape, cfg: RunConfig) -> int:
+    """What the learner holds in the model's dtype: the model, and with LoRA its adapters beside the frozen base."""
+    lora = cfg.learner.lora
+    return shape.params + (lora_params(shape, lora) if lora is not None else 0)
 
 
 def learner_resident(shape: ModelShape, cfg: RunConfig, n: int) -> dict[str, int]:
     """What each learner GPU holds between steps: weights, gradients, optimizer states."""
     lc, b = cfg.learner, DTYPE_BYTES[cfg.model.dtype]
-    total, trainable = shape.params, trainable_params(shape, cfg)
+    total, trainable = learner_params(shape, cfg), trainable_params(shape, cfg)
     if lc.offload_params:
         biggest = shape.vocab * shape.hidden  # the embedding, gathered whole for its lookup
         weights = b * (biggest + 2 * shape.layer_params)  # plus the current layer and one prefetched
@@ -290,12 +337,23 @@ def attention_parts(shape: ModelShape, cfg: RunConfig, mb: MicroBatch) -> dict[s
     return {"attention mask (packed sequences)": k * k * b, "attention scores (eager)": scores}
 
 
+def lora_saved(shape: ModelShape, cfg: RunConfig) -> int:
+    """Bytes per token and decoder layer LoRA saves for the backward beyond the layer's own tensors: each adapted
+    Linear's rank-r intermediate (B's input), and with dropout its dropped input (A's input) and dropout's mask.
+    Without dropout A's input is the base Linear's, saved once."""
+    lora, b = cfg.learner.lora, DTYPE_BYTES[cfg.model.dtype]
+    if lora is None:
+        return 0
+    dropped = (b + 1) if lora.dropout > 0 else 0
+    return sum(b * lora.rank + dropped * i for i, _ in adapted_linears(shape, lora).values())
+
+
 def learner_activations(shape: ModelShape, cfg: RunConfig, mb: MicroBatch | None = None) -> dict[str, int]:
     """The update's transient memory for micro-batch `mb` (default: the recipe's largest; `morl bench learner`
     passes the one it ran, to hold its measured memory against this model)."""
     lc, b = cfg.learner, DTYPE_BYTES[cfg.model.dtype]
     mb = mb or micro_batch(cfg)
-    per_layer = b * (7 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate)
+    per_layer = b * (7 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate) + lora_saved(shape, cfg)
     if lc.gradient_checkpointing:
         text = mb.tokens * (shape.layers * b * shape.hidden + per_layer)
     else:
@@ -310,7 +368,7 @@ def learner_activations(shape: ModelShape, cfg: RunConfig, mb: MicroBatch | None
         "answer hidden states": 2 * mb.answer_tokens * shape.hidden * b,
         **attention_parts(shape, cfg, mb),
     }
-    if not lc.freeze_vision_tower:  # a frozen ViT saves nothing for the backward pass
+    if not lc.freeze_vision_tower and lc.lora is None:  # a frozen ViT (always, with LoRA) saves nothing for backward
         patches = mb.vision_tokens * shape.merge**2
         per_block = b * (8 * shape.vision_hidden + 4 * shape.vision_intermediate)
         depth = 1 if lc.gradient_checkpointing else shape.vision_depth
@@ -350,12 +408,28 @@ def host_parts(shape: ModelShape, cfg: RunConfig, n: int, pool: GpuPool | None) 
     if lc.offload_optimizer:
         parts["offloaded gradients and optimizer states"] = (4 + 8 + (4 if b != 4 else 0)) * trainable
     if lc.offload_params:
-        parts["offloaded parameters"] = b * shape.params
+        parts["offloaded parameters"] = b * learner_params(shape, cfg)
     if pool is not None:
         parts.update(pool.host_asleep)
     if not engine_of(rc).shares_learner_gpu():  # colocated buckets travel as CUDA IPC handles
         parts["weight-sync buckets in Ray's object store"] = 2 * rc.sync_bucket_mb * 2**20
     return parts
+
+
+def synced_params(shape: ModelShape, cfg: RunConfig) -> tuple[int, str]:
+    """The parameters each weight sync sends the rollout engines, and what they are: what trains changes, unless
+    the engine discarded its weights while asleep; LoRA changes the Linears it adapts, sent merged (W + BA scaled),
+    their biases and every other weight untouched."""
+    lc = cfg.learner
+    if not engine_of(cfg.rollout).keeps_weights():
+        return shape.params, "the whole model: the engine discards its weights while asleep (rollout.sleep_level=2)"
+    if lc.lora is not None:
+        linears = adapted_linears(shape, lc.lora)
+        merged = shape.layers * sum(i * o for i, o in linears.values())
+        return merged, f"the adapted Linears, merged: {', '.join(linears)} of {shape.layers} layers"
+    if lc.freeze_vision_tower:
+        return shape.text_params, "the language model (the ViT is frozen)"
+    return shape.params, "the whole model"
 
 
 def position_problems(shape: ModelShape, cfg: RunConfig) -> list[str]:
@@ -525,6 +599,16 @@ def host_description(hw: Hardware) -> str:
     return f"host {hw.host_mem_gib:.0f} GiB"
 
 
+def trained_description(shape: ModelShape, cfg: RunConfig) -> str:
+    lora = cfg.learner.lora
+    if lora is None:
+        return f"{trainable_params(shape, cfg) / 1e9:.2f} B trained"
+    return (
+        f"all frozen; {lora_params(shape, lora):,} LoRA adapter parameters trained (rank {lora.rank} on "
+        f"{', '.join(adapted_linears(shape, lora))} of {shape.layers} layers)"
+    )
+
+
 def micro_batch_description(cfg: RunConfig) -> str:
     """The learner's largest micro-batch, and why it is that large."""
     lc, rc = cfg.learner, cfg.rollout
@@ -597,14 +681,16 @@ def report(cfg: RunConfig, hw: Hardware) -> tuple[list[str], bool]:
         if engine.shares_learner_gpu()
         else f"on {rc.num_workers} x {rc.tensor_parallel_size} GPU(s)"
     )
+    synced, what = synced_params(shape, cfg)
+    b = DTYPE_BYTES[cfg.model.dtype]
     lines = [
         f"model {cfg.model.path}: {shape.params / 1e9:.2f} B parameters ({shape.text_params / 1e9:.2f} B language, "
-        f"{shape.vision_params / 1e9:.2f} B vision), {trainable_params(shape, cfg) / 1e9:.2f} B trained, "
-        f"{cfg.model.dtype}",
+        f"{shape.vision_params / 1e9:.2f} B vision), {trained_description(shape, cfg)}, {cfg.model.dtype}",
         f"hardware: {hw.gpus} GPU(s) x {hw.gpu_mem_gib:g} GiB, {host_description(hw)}; learner on "
         f"{est.learner_gpus} GPU(s) (ZeRO-{lc.zero_stage}), rollout {rc.engine}"
         + (f", {placement}" if engine.gpus() else ""),
         micro_batch_description(cfg),
+        f"weight sync: {synced / 1e9:.2f} B parameters, {b * synced / GIB:.2f} GiB per sync ({what})",
     ]
     for budget in est.budgets:
         lines.append(budget_line(budget))

@@ -7,7 +7,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from typer.testing import CliRunner
 
 from morl.cli import app
-from morl.config import ConfigError, load_config
+from morl.config import ConfigError, LoraConfig, load_config
 from morl.rollout.engines import VLLMKind
 from morl.tools.preflight import (
     GIB,
@@ -16,6 +16,7 @@ from morl.tools.preflight import (
     PreflightError,
     estimate,
     kv_cache_lines,
+    lora_params,
     report,
     suggestions,
     with_overrides,
@@ -182,7 +183,7 @@ def test_the_learner_takes_num_ranks_gpus_and_spare_gpus_are_suggested(tmp_path)
 
 
 def test_recipes_need_a_model_path_and_say_so():
-    for recipe in ("qwen25vl_3b_1gpu.yaml", "mimo_vl_7b_morl_8gpu.yaml"):
+    for recipe in ("qwen25vl_3b_1gpu.yaml", "mimo_vl_7b_morl_8gpu.yaml", "qwen25vl_7b_lora_1gpu.yaml"):
         with pytest.raises(ConfigError, match=r"model.path is required: .*model.path=/path/to/checkpoint"):
             load_config(RECIPES / recipe)
         cfg = load_config(RECIPES / recipe, ["model.path=/ckpt"])
@@ -390,3 +391,109 @@ def test_the_kv_cache_is_shared_by_max_num_seqs_running_sequences_and_a_short_sh
     assert few.pool.max_num_seqs == 16 and few.kv_cache_tokens == default.kv_cache_tokens
     assert len(kv_cache_lines(few.pool, longest)) == 2  # 16 full-length sequences fit: nothing to say
     assert VLLMKind.default_max_num_seqs(48 * GIB) == 256  # below 70 GB vLLM defaults to 256
+
+
+# Qwen2.5-VL-7B's decoder layer, (in, out) per Linear: q and o 3584 x 3584, k and v 3584 -> 4 x 128, the MLP 18944
+LAYER_IN_PLUS_OUT = 2 * (3584 + 3584) + 2 * (3584 + 512) + 2 * (3584 + 18944) + (18944 + 3584)
+LAYER_IN_TIMES_OUT = 2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944
+A7 = 28 * 16 * LAYER_IN_PLUS_OUT  # rank-16 adapters on every Linear of the 28 layers: 40,370,176
+P_MIMO, T_MIMO = P7 - 2 * 128 * 3584, T7 - 2 * 128 * 3584  # 128 fewer vocabulary rows in embedding and lm_head
+
+
+def test_lora_adapters_are_rank_times_in_plus_out_of_each_adapted_linear():
+    shape = ModelShape.from_config(MIMO_VL_7B)
+    assert lora_params(shape, LoraConfig(rank=16)) == A7 == 40_370_176
+    assert lora_params(shape, LoraConfig(rank=8, target_modules=["q_proj", "v_proj"])) == 28 * 8 * (7168 + 4096)
+    with pytest.raises(PreflightError, match=r"learner\.lora\.target_modules: qkv is none of .*q_proj"):
+        lora_params(shape, LoraConfig(target_modules=["q_proj", "qkv"]))
+
+
+def test_lora_count_is_peft_s_on_the_language_model():
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=96, num_heads=4, out_hidden_size=128),
+    )
+    shape = ModelShape.from_config(json.loads(config.to_json_string()))
+    for names in (list(LoraConfig().target_modules), ["k_proj", "down_proj"]):
+        # by its path: the ViT's blocks have a gate_proj, up_proj and down_proj too
+        only_the_language_model = rf"model\.language_model\.layers\.\d+\..*\.({'|'.join(names)})"
+        model = get_peft_model(
+            Qwen2_5_VLForConditionalGeneration(config), PeftLoraConfig(r=4, target_modules=only_the_language_model)
+        )
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert trained == lora_params(shape, LoraConfig(rank=4, target_modules=names))
+
+
+def lora_7b(tmp_path, *overrides):
+    path = checkpoint(tmp_path, MIMO_VL_7B)
+    return load_config(RECIPES / "qwen25vl_7b_lora_1gpu.yaml", [f"model.path={path}", *overrides])
+
+
+def shared_gpu(cfg, hw=Hardware(1, 80, 128)):
+    est = estimate(cfg, ModelShape.from_config(MIMO_VL_7B), hw)
+    return est, {b.where: b for b in est.budgets}
+
+
+def test_lora_trains_the_adapters_only_beside_one_frozen_copy_of_the_model(tmp_path):
+    cfg = lora_7b(tmp_path)
+    est, budgets = shared_gpu(cfg)
+    update = budgets["shared GPU, update"].parts
+    assert update["learner weights"] == 2 * (P_MIMO + A7)  # the base once in bfloat16, no master copy
+    assert update["learner gradients"] == 2 * A7
+    assert update["learner optimizer states"] == 12 * A7  # fp32 master, Adam m and v: 0.45 GiB
+    unsaid = ["rollout.engine=vllm", "rollout.colocate=true", f"model.path={checkpoint(tmp_path, MIMO_VL_7B)}"]
+    assert "vision activations" in shared_gpu(load_config(None, unsaid))[1]["shared GPU, update"].parts
+    lora_unsaid = shared_gpu(load_config(None, [*unsaid, "learner.lora={}"]))[1]["shared GPU, update"].parts
+    assert "vision activations" not in lora_unsaid  # LoRA freezes the ViT, freeze_vision_tower said or not
+    tokens = 2048 + 8192
+    per_layer = 2 * (7 * 3584 + 3 * 512 + 4 * 18944) + 7 * 2 * 16  # plus each adapter's rank-16 intermediate
+    assert update["activations"] == tokens * (28 * 2 * 3584 + per_layer)
+    dropout = shared_gpu(lora_7b(tmp_path, 'learner.lora={"rank": 16, "dropout": 0.05}'))[1]["shared GPU, update"]
+    dropped = (6 * 3584 + 18944) * (2 + 1)  # each adapted Linear's dropped input in bf16 and dropout's mask
+    assert dropout.parts["activations"] == tokens * (28 * 2 * 3584 + per_layer + dropped)
+
+    full = shared_gpu(lora_7b(tmp_path, "learner.lora=null"))[1]["shared GPU, update"]
+    assert full.parts["learner optimizer states"] == 12 * T_MIMO
+    assert est.fits and not full.fits
+    assert budgets["shared GPU, update"].used < full.used / 3  # 28.5 GiB against 131 GiB
+
+    offloaded = shared_gpu(lora_7b(tmp_path, "learner.offload_optimizer=true"))[1]["host"].parts
+    assert offloaded["offloaded gradients and optimizer states"] == 16 * A7
+
+
+def test_a_lora_sync_sends_the_adapted_linears_merged(tmp_path):
+    def sync_line(*overrides):
+        lines, _ = report(lora_7b(tmp_path, *overrides), Hardware(1, 80, 128))
+        (line,) = [line for line in lines if line.startswith("weight sync: ")]
+        return line
+
+    merged = 28 * LAYER_IN_TIMES_OUT
+    assert f"{merged / 1e9:.2f} B parameters, {2 * merged / GIB:.2f} GiB per sync" in sync_line()
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj of 28 layers" in sync_line()
+    attention = 28 * (2 * 3584 * 3584 + 2 * 3584 * 512)
+    assert f"{attention / 1e9:.2f} B parameters" in sync_line(
+        'learner.lora={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}'
+    )
+    assert "whole model" in sync_line("rollout.sleep_level=2")  # vLLM discarded every weight
+    assert f"{T_MIMO / 1e9:.2f} B parameters" in sync_line("learner.lora=null")  # the language model
+
+
+def test_the_7b_lora_recipe_fits_one_80_or_48_gb_gpu(tmp_path):
+    path = checkpoint(tmp_path, MIMO_VL_7B)
+    recipe = str(RECIPES / "qwen25vl_7b_lora_1gpu.yaml")
+    for gib in ("80", "48"):
+        run = CliRunner().invoke(
+            app,
+            ["preflight", recipe, f"model.path={path}", "--gpus", "1", "--gpu-mem-gib", gib, "--host-mem-gib", "64"],
+        )
+        assert run.exit_code == 0, run.output
+        assert "40,370,176 LoRA adapter parameters trained" in run.output
+    est, _ = shared_gpu(lora_7b(tmp_path), Hardware(1, 48, 64))
+    assert est.kv_cache_tokens >= 8 * (2048 + 8192)  # room for several longest sequences at once
+    assert not shared_gpu(lora_7b(tmp_path), Hardware(1, 40, 64))[0].fits
