@@ -199,7 +199,8 @@ class _FusedAnswerLoss(torch.autograd.Function):
         logprobs = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device)
         entropies, terms, g = torch.zeros_like(logprobs), torch.zeros_like(logprobs), torch.zeros_like(logprobs)
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        # a frozen lm_head (LoRA) gets no gradient: no [V, hidden] float32 sum to hold
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[2] else None
         for rows in _chunks(len(targets), chunk_tokens):
             log_probs = sampling_log_softmax(F.linear(hidden[rows], weight), temperature, banned_ids)
             logprobs[rows] = log_probs.gather(-1, targets[rows, None])[:, 0]
@@ -216,18 +217,19 @@ class _FusedAnswerLoss(torch.autograd.Function):
             grad_logits = _logit_gradient(probs, targets[rows], g[rows], temperature).to(weight.dtype)
             del probs
             grad_hidden[rows] = grad_logits @ weight
-            grad_weight += grad_logits.T @ hidden[rows]
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ hidden[rows]
         dropped = loss.dropped(logprobs[:counted]) if counted else None
         if dropped is not None and dropped.any():
             where = dropped.nonzero()[:, 0]
-            for part in _chunks(len(where), chunk_tokens):
+            for part in _chunks(len(where), chunk_tokens) if grad_weight is not None else []:
                 idx = where[part]
                 probs = sampling_log_softmax(F.linear(hidden[idx], weight), temperature, banned_ids).exp_()
                 grad_logits = _logit_gradient(probs, targets[idx], g[idx], temperature).to(weight.dtype)
                 grad_weight -= grad_logits.T @ hidden[idx]
             grad_hidden[where] = 0
             terms[where] = 0
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight)  # None is saved as None
         ctx.weight_dtype = weight.dtype
         ctx.no_rows = no_rows.shape
         ctx.mark_non_differentiable(logprobs, entropies)
@@ -239,7 +241,7 @@ class _FusedAnswerLoss(torch.autograd.Function):
         return (
             grad_hidden.new_zeros(ctx.no_rows),  # lm_head's own input: ZeRO-3 releases the weight once it has a gradient
             grad_hidden * grad_loss.to(grad_hidden.dtype),
-            (grad_weight * grad_loss).to(ctx.weight_dtype),
+            None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype),
             None, None, None, None, None,
         )
 

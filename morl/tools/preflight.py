@@ -30,8 +30,8 @@ in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each chunk's 
             logits       one chunk, C V (2 b + 16): its logits in b, their float32 copy, the banned ids' fill, the
                          log-softmax (turned in place into the float32 gradient), the gradient in b
             lm_head grad V h (4 + b): lm_head's weight gradient summed over the chunks in float32, and one
-                         chunk's share in b, held from the forward to the backward, whole on every rank; made
-                         even for a frozen lm_head (LoRA)
+                         chunk's share in b, held from the forward to the backward, whole on every rank; none
+                         for a frozen lm_head (LoRA)
             answer rows  2 A h b: the answer positions' hidden states, gathered, and their gradient
             attention    sdpa runs each packed sequence by itself, flash_attention_2 by sequence boundaries:
                          no mask, no scores. eager: an additive block mask of the K packed tokens, K^2 b, and
@@ -364,10 +364,11 @@ def learner_activations(shape: ModelShape, cfg: RunConfig, mb: MicroBatch | None
         # the fused loss's chunk: lm_head's output, and at most two float32 [C, V] copies at once (each op's input
         # and output; the probabilities, their entropy and the logit gradient reuse the buffers in place)
         "logits (one lm_head chunk)": chunk * shape.vocab * (b + 8),
-        "lm_head gradient (float32, from the chunks)": shape.vocab * shape.hidden * (4 + b),
         "answer hidden states": 2 * mb.answer_tokens * shape.hidden * b,
         **attention_parts(shape, cfg, mb),
     }
+    if lc.lora is None:  # LoRA freezes lm_head: the fused loss makes no gradient for it
+        parts["lm_head gradient (float32, from the chunks)"] = shape.vocab * shape.hidden * (4 + b)
     if not lc.freeze_vision_tower and lc.lora is None:  # a frozen ViT (always, with LoRA) saves nothing for backward
         patches = mb.vision_tokens * shape.merge**2
         per_block = b * (8 * shape.vision_hidden + 4 * shape.vision_intermediate)

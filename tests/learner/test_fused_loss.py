@@ -116,6 +116,25 @@ def test_the_grpo_loss_gradient_is_plain_autograds(problem, kl_coef):
     assert ("kl" in stats) == bool(kl_coef)
 
 
+@pytest.mark.parametrize("correction", ["none", "seq_mask"])
+def test_a_frozen_lm_head_gets_no_gradient_and_the_hidden_rows_the_same_one(problem, correction):
+    """LoRA freezes lm_head: no [V, hidden] gradient is made for it, and the hidden rows' gradient is unchanged."""
+    hidden, lm_head, targets, lp, gen = problem
+    rollout = lp - torch.randn(len(lp), generator=gen) * 0.3
+    rollout[LENGTHS[0] : LENGTHS[0] + LENGTHS[1]] -= 1.5  # seq_mask drops the second sequence
+    advantages = torch.tensor([1.0, -0.5, 2.0]).repeat_interleave(torch.tensor(LENGTHS))
+    rule = update_rule(AlgoConfig(rollout_correction=correction))
+    trained = fused_gradients(hidden, lm_head, targets, MorlLoss(rule, LENGTHS, advantages, rollout, 40))
+    lm_head.requires_grad_(False)
+    lm_head.weight.grad = None
+    frozen_hidden = hidden.clone().requires_grad_()
+    loss, _, _ = fused_answer_loss(lm_head, frozen_hidden, targets, TEMPERATURE, BANNED, CHUNK,
+                                   MorlLoss(rule, LENGTHS, advantages, rollout, 40))
+    loss.backward()
+    assert lm_head.weight.grad is None
+    assert torch.equal(loss.detach(), trained[0]) and torch.allclose(frozen_hidden.grad, trained[1], atol=1e-7)
+
+
 def test_a_tied_lm_head_gets_the_embeddings_gradient_and_the_losss(problem):
     """lm_head sharing the embedding's weight: one gradient, the sum of both uses, as autograd gives it."""
     _, _, targets, _, gen = problem
