@@ -10,6 +10,8 @@ load as any HF model; `adapter/` beside them holds the adapter in peft's own for
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +45,17 @@ def check_targets(model: torch.nn.Module, cfg: LoraConfig, where: str) -> None:
             f"learner.lora.target_modules: {', '.join(missing)} matches no Linear module of the language model in "
             f"{where} (the ViT and merger are never adapted); its Linear modules are: {', '.join(sorted(linears))}"
         )
+
+
+def check_targets_before_start(model_path: str, cfg: LoraConfig) -> None:
+    """`check_targets` on the model's architecture built on the meta device from its config.json: no weight is read,
+    so the driver refuses a bad target before any actor starts."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    check_targets(model, cfg, model_path)
 
 
 def peft_config(cfg: LoraConfig, base_model: str | None = None):
@@ -157,3 +170,22 @@ def is_adapter_dir(path: str | Path) -> bool:
 def adapter_base(path: str | Path) -> str | None:
     """The base model an adapter directory names (peft's base_model_name_or_path)."""
     return json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+
+@contextmanager
+def merged_model(adapter_dir: Path, base_dir: str, processor_dir: str, dtype: str) -> Iterator[Path]:
+    """A temporary HF directory (in the system's temporary folder, removed on exit) holding `base_dir`'s model with
+    the adapter of `adapter_dir` merged, and the processor: what an engine that takes whole models loads.
+
+    The merge runs on this host in `dtype`: a 7B model needs about 16 GB of memory and as much temporary disk."""
+    from peft import PeftModel
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    out = Path(tempfile.mkdtemp(prefix="morl-merged-"))
+    try:
+        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_dir, dtype=getattr(torch, dtype))
+        PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(out)
+        AutoProcessor.from_pretrained(processor_dir).save_pretrained(out)
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

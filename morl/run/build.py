@@ -33,6 +33,7 @@ from morl.data.budget import VisionBudget
 from morl.data.encoding import PromptEncoder, vision_token_ids
 from morl.data.rows import Row
 from morl.data.source import PromptSource, load_held_out_rows, load_training_data
+from morl.learner.lora import check_targets_before_start
 from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
 from morl.rewards.router import RewardRouter
 from morl.rollout.engines import engine_of
@@ -93,6 +94,8 @@ def prepare_model(cfg: RunConfig) -> None:
 
         ensure_toy_world(cfg.toy_world)
     check_model_dir(cfg.model.path, cfg.model.processor_path)
+    if cfg.learner.lora is not None:
+        check_targets_before_start(cfg.model.path, cfg.learner.lora)
     positions = max_positions(Path(cfg.model.path).expanduser())
     longest = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
     if positions is not None and longest > positions:  # vLLM refuses to start; HF would sample past its positions

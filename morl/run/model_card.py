@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from morl.config import RunConfig, dump_config
+from morl.learner.lora import ADAPTER_DIR
 
 CARD = "README.md"
 RECIPE_COPY = "morl_config.yaml"  # the run's resolved config, beside the card
@@ -44,6 +45,7 @@ def model_card(cfg: RunConfig, step: int, held_out: dict[str, dict[str, float]] 
         f"| steps trained | {step} |",
         f"| prompts per step x responses per prompt | {cfg.trainer.prompts_per_step} x {cfg.rollout.group_size} |",
         f"| learning rate | {cfg.learner.lr:g} ({cfg.learner.lr_decay}) |",
+        f"| weights trained | {_trained(cfg)} |",
         f"| train data | {_datasets(cfg)} |",
         f"| rewards | {_routes(cfg, held_out)} |",
         "",
@@ -57,10 +59,35 @@ def model_card(cfg: RunConfig, step: int, held_out: dict[str, dict[str, float]] 
         'processor = AutoProcessor.from_pretrained("path/to/this/directory")',
         "```",
         "",
+        *_adapter_use(cfg),
         "Evaluate it on the recipe's held-out set: `morl eval path/to/this/directory --recipe morl_config.yaml`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _trained(cfg: RunConfig) -> str:
+    lora = cfg.learner.lora
+    if lora is None:
+        return "all but the ViT and merger" if cfg.learner.freeze_vision_tower else "all"
+    return (f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, on the language model's "
+            f"{', '.join(lora.target_modules)} (merged into this model; the adapter alone is in `{ADAPTER_DIR}/`)")
+
+
+def _adapter_use(cfg: RunConfig) -> list[str]:
+    if cfg.learner.lora is None:
+        return []
+    return [
+        f"The LoRA adapter alone, on the SFT model (`{cfg.model.path}`):",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "",
+        'sft = Qwen2_5_VLForConditionalGeneration.from_pretrained("path/to/the/sft/model")',
+        f'model = PeftModel.from_pretrained(sft, "path/to/this/directory/{ADAPTER_DIR}")',
+        "```",
+        "",
+    ]
 
 
 def _datasets(cfg: RunConfig) -> str:

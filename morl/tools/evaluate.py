@@ -1,7 +1,8 @@
 """`morl eval MODEL_DIR --recipe RECIPE`: a recipe's held-out evaluation of any HF-format checkpoint.
 
-MODEL_DIR may be a run's `final/`, a checkpoint's `policy/` (or the checkpoint directory itself), or an SFT
-directory. The result has eval.json's shape (`morl compare` reads either): the recipe's own model (`model.path`,
+MODEL_DIR may be a run's `final/`, a checkpoint's `policy/` (or the checkpoint directory itself), an SFT
+directory, or a LoRA adapter in peft's format (a LoRA run's `final/adapter/`, or any adapter of the recipe's model),
+merged onto the recipe's `model.path` for the evaluation. The result has eval.json's shape (`morl compare` reads either): the recipe's own model (`model.path`,
 the SFT checkpoint) as "sft", MODEL_DIR as "policy". Both are decoded greedily by the recipe's rollout engine and
 scored by its rewards, exactly as `morl train` does at the start and end of a run, so `morl eval RUN/final`
 reproduces RUN/eval.json.
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 from morl.checkpoint_layout import POLICY_DIR
 from morl.config import RunConfig
+from morl.learner.lora import adapter_base, is_adapter_dir, merged_model
 from morl.run.build import build_run
 from morl.run.evaluation import eval_report, eval_subset, evaluate
 from morl.run.model_check import check_model_dir, checkpoint_identity
@@ -38,7 +41,28 @@ def evaluate_checkpoint(cfg: RunConfig, model_dir: Path, sft_from: Path | None =
     if not cfg.data.eval:
         raise EvalError("data.eval lists no held-out dataset: the recipe has nothing to evaluate on")
     model_dir = resolve_model_dir(model_dir)
-    check_model_dir(str(model_dir), cfg.model.processor_dir, key="MODEL_DIR")
+    with ExitStack() as merged:
+        if is_adapter_dir(model_dir):
+            check_adapter_base(model_dir, cfg.model.path)
+            model_dir = merged.enter_context(
+                merged_model(model_dir, cfg.model.path, cfg.model.processor_dir, cfg.model.dtype)
+            )
+        check_model_dir(str(model_dir), cfg.model.processor_dir, key="MODEL_DIR")
+        return _evaluate(cfg, model_dir, sft_from)
+
+
+def check_adapter_base(adapter_dir: Path, model_path: str) -> None:
+    """Refuse an adapter trained on another model than the recipe's (when the model it names is on this host)."""
+    base = adapter_base(adapter_dir)
+    if base and Path(base).expanduser().is_dir() and not _same_dir(Path(base), model_path):
+        if checkpoint_identity(base)["fingerprint"] != checkpoint_identity(model_path)["fingerprint"]:
+            raise EvalError(
+                f"MODEL_DIR {adapter_dir}: a LoRA adapter of {base}, not of the recipe's model.path {model_path}; "
+                "evaluate it with a recipe whose model.path is its base model"
+            )
+
+
+def _evaluate(cfg: RunConfig, model_dir: Path, sft_from: Path | None) -> dict:
     parts = build_run(cfg, prompts=False, held_out=True, weights=str(model_dir))
     try:
         rows = eval_subset(parts.held_out, cfg.eval.max_prompts_per_task)
