@@ -2,8 +2,10 @@
 then the log-prob gap right after each sync, and a sync skipped on purpose.
 
 The learner and the rollout workers are the run's own Ray actors (the recipe's engine and model).
-"sync" is `morl.run.weight_sync.sync_rollout_weights`: every parameter, gathered and packed bucket by
-bucket, loaded into every worker's engine. "bare" moves the same number of bytes as one flat
+"sync" is `morl.run.weight_sync.sync_rollout_weights` of what the trainer sends after each step: the weights
+training changes (with LoRA, the adapted Linears merged) for an engine that keeps its weights, every weight for one
+that drops them; gathered and packed bucket by bucket, loaded into every worker's engine. "whole model" syncs every
+weight the same way, for comparison (LoRA's against full fine-tuning's). "bare" moves the same number of bytes as one flat
 buffer from an actor to as many receiving actors, each copying it into a preallocated buffer, by the recipe's
 transport (Ray's object store, or one broadcast in a weight group of the bare actors):
 what the transport costs with no naming, packing or loading. Best of `rounds` for each.
@@ -81,7 +83,10 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
     learner = LearnerGroup(cfg, parts.banned_ids)
     cuda_ipc = engine_of(rc).shares_learner_gpu()
     broadcast = rc.weight_transport == "broadcast"
-    plan = plan_buckets(learner.weight_sizes(cfg.model.dtype), rc.sync_bucket_mb * 2**20)
+    bucket_bytes = rc.sync_bucket_mb * 2**20
+    plan = plan_buckets(learner.weight_sizes(cfg.model.dtype, trainable_only=engine_of(rc).keeps_weights()),
+                        bucket_bytes)
+    whole = plan_buckets(learner.weight_sizes(cfg.model.dtype), bucket_bytes)
     nbytes = sum(b.nbytes for b in plan)
     sender = ray.remote(num_cpus=0)(_BareSender).remote(nbytes)
     receivers = [ray.remote(num_cpus=0)(_BareReceiver).remote(nbytes) for _ in workers]
@@ -101,13 +106,14 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
             ray.get([r.receive.remote(flat) for r in receivers])
         return time.perf_counter() - start
 
-    def sync() -> float:
-        return sync_rollout_weights(learner, workers, plan, dtype=cfg.model.dtype, cuda_ipc=cuda_ipc,
+    def sync(buckets=plan) -> float:
+        return sync_rollout_weights(learner, workers, buckets, dtype=cfg.model.dtype, cuda_ipc=cuda_ipc,
                                     broadcast=broadcast).seconds
 
     sync()  # warm-up
     bare()
     best_sync = min(sync() for _ in range(rounds))
+    best_whole = min(sync(whole) for _ in range(rounds))
     best_bare = min(bare() for _ in range(rounds))
     gaps = logprob_gaps(parts, learner, rounds, sync)
     learner.close()
@@ -125,6 +131,10 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
         "sync_seconds_per_gb": round(best_sync / gb, 3),
         "bare_seconds_per_gb": round(best_bare / gb, 3),
         "sync_over_bare": round(best_sync / best_bare, 2),
+        "lora": cfg.learner.lora is not None,
+        "whole_model_gb": round(sum(b.nbytes for b in whole) / 1e9, 4),
+        "whole_model_sync_seconds": round(best_whole, 4),
+        "sync_over_whole_model": round(best_sync / best_whole, 3),
         **gaps,
     }
 

@@ -91,14 +91,17 @@ def test_the_learner_bench_refuses_an_unknown_shape_and_answer_lengths_that_are_
         assert done.returncode == 2 and option in done.stderr
 
 
-def test_a_skipped_sync_into_vllm_is_stopped_by_the_mismatch_guard(toy_world):
+@pytest.mark.parametrize("lora", [[], ["learner.lora.rank=4", "learner.lr=1e-2"]], ids=["full", "lora"])
+def test_a_skipped_sync_into_vllm_is_stopped_by_the_mismatch_guard(toy_world, lora):
     """`morl bench sync` with vLLM workers: real updates, a gap at numerics level after each sync, and a sync
-    skipped on purpose that `learner.max_logprob_mismatch` stops."""
+    skipped on purpose that `learner.max_logprob_mismatch` stops; with LoRA only the adapted weights travel."""
     numbers = report(bench("sync", toy_world, "rollout.engine=vllm", *SMALL, "learner.max_logprob_mismatch=1e-4",
-                           "learner.lr=1e-3", "--rounds", "1"))
+                           "learner.lr=1e-3", *lora, "--rounds", "1"))
     assert float(numbers["mismatch_after_sync_max"]) < 1e-5
     assert float(numbers["mismatch_stale"]) > 1e-4
     assert numbers["stale_run_stopped"] == "True"
+    assert 0 < float(numbers["gb"]) < float(numbers["whole_model_gb"])  # what training changed, not the frozen ViT
+    assert numbers["lora"] == str(bool(lora))
 
 
 def test_a_broadcast_sync_reaches_every_worker(toy_world):
