@@ -8,15 +8,16 @@ Each answer length is a column: one warm-up update (AdamW's moments, first-call 
 timed ones. Model FLOPs of one update over T tokens of sequences of length S:
 
     6 N T + 6 L h S T     N: the weights every token meets in a matmul (decoder layers and lm_head;
-                          an embedding lookup is no matmul); 6 = forward 2 + backward 4; causal
-                          attention adds 6 L h S per token (half of the 12 L h S of full attention)
+                          an embedding lookup is no matmul); 6 = forward 2 + backward 4 (4 = 2 + 2 with
+                          LoRA: no gradient for the frozen weights; the adapters' own FLOPs not counted);
+                          causal attention adds 6 L h S per token (half of the 12 L h S of full attention)
 
 Activation recomputation under gradient checkpointing is not counted (model FLOPs, not hardware FLOPs).
 MFU is reported against the best bf16/fp32 matmul measured on rank 0's device in the same run, times the
 rank count, and against H100's 989 TFLOP/s dense bf16 per rank when the device is one.
 
 Bare baseline (`BareUpdate`): an actor with a rank's threads and device loads the same checkpoint the same way
-(float32, the recipe's gradient checkpointing and trainable parameters; bf16 or fp16 recipes under autocast, master weights float32 as DeepSpeed keeps them), packs the same sequences the same way
+(float32, the recipe's gradient checkpointing and trained parameters, LoRA adapters included; bf16 or fp16 recipes under autocast, master weights float32 as DeepSpeed keeps them), packs the same sequences the same way
 (one rank's micro-batch plan, `pack`, `PackedSequences.model_inputs`), and runs plain torch: forward with logits at
 the answer positions only, all at once, log-softmax and gather in float32, a token-mean policy-gradient loss,
 backward, AdamW step. No DeepSpeed, no lm_head chunks, no entropy, no host work on the clock (its inputs are packed
@@ -57,7 +58,7 @@ from morl.compat import attention_implementation, packed_attention, use_referenc
 from morl.config import LearnerConfig, RunConfig
 from morl.learner.group import LearnerGroup
 from morl.learner.packing import filler_sequence, pack
-from morl.learner.policy import PolicyLearner, trainable_parameters
+from morl.learner.policy import PolicyLearner, trained_parameters
 from morl.learner.shares import balanced_shares, rank_plan, vision_kind
 from morl.ray_setup import threads_for
 from morl.run.build import build_run, prepare_model
@@ -72,9 +73,10 @@ BARE_LOGIT_COPIES = 5  # the bare loop's at its peak: logits, logits / T, log-pr
 FREE_SHARE = 0.8  # the bare loop runs when its modelled need is at most this share of the free memory
 
 
-def update_flops(shape: ModelShape, tokens: int, seq_len: int) -> float:
+def update_flops(shape: ModelShape, tokens: int, seq_len: int, frozen: bool = False) -> float:
+    """`frozen`: the weights are (LoRA's base): the backward computes the inputs' gradient only, 4 instead of 6."""
     matmul_params = shape.layers * shape.layer_params + shape.vocab * shape.hidden
-    return 6 * matmul_params * tokens + 6 * shape.layers * shape.hidden * seq_len * tokens
+    return (4 if frozen else 6) * matmul_params * tokens + 6 * shape.layers * shape.hidden * seq_len * tokens
 
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
@@ -211,7 +213,7 @@ class BareUpdate:
         use_reference_video_positions(model)
         if lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trainable = trainable_parameters(model, freeze_vision_tower=lc.freeze_vision_tower)
+        trainable = trained_parameters(model, lc, cfg.model.path)
         self.model = model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(trainable, lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
 
@@ -455,7 +457,9 @@ def bench_learner(
         "shape": shape, "vocab": model.vocab, "hidden": model.hidden, "layers": model.layers,
         "heads": f"{model.heads}/{model.kv_heads}", "device": name, "ranks": ranks, "dtype": dtype,
         "sequences": sequences, "prompt_tokens": prompt_tokens, "response_tokens": lengths,
-        **throughput(model, ranks, peak, name, seconds, sequences, prompt_tokens, lengths),
+        "lora_rank": shaped.learner.lora.rank if shaped.learner.lora else None,
+        **throughput(model, ranks, peak, name, seconds, sequences, prompt_tokens, lengths,
+                     frozen=shaped.learner.lora is not None),
         **memory(model, shaped, [run["framework"]["memory"] for run in runs], [batches[0] for batches in sweep]),
     }
     if bare:
@@ -468,11 +472,11 @@ def bench_learner(
 
 def throughput(
     model: ModelShape, ranks: int, peak: float, device: str, seconds: list[float], sequences: int, prompt: int,
-    lengths: list[int],
+    lengths: list[int], frozen: bool = False,
 ) -> dict:
-    """Tokens/s and MFU rows, one value per answer length."""
+    """Tokens/s and MFU rows, one value per answer length (`frozen`: LoRA's, see update_flops)."""
     tokens = [sequences * (prompt + n) for n in lengths]
-    achieved = [update_flops(model, t, prompt + n) / s for t, n, s in zip(tokens, lengths, seconds)]
+    achieved = [update_flops(model, t, prompt + n, frozen) / s for t, n, s in zip(tokens, lengths, seconds)]
     rows = {
         "tokens_per_step": tokens,
         "seconds_per_step": [round(s, 4) for s in seconds],

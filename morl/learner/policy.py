@@ -85,6 +85,13 @@ def trainable_parameters(model, *, freeze_vision_tower: bool) -> list[torch.nn.P
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def trained_parameters(model, cfg: LearnerConfig, model_path: str) -> list[torch.nn.Parameter]:
+    """What `cfg` trains of `model` (loaded from `model_path`): LoRA adapters injected in place, or its own weights."""
+    if cfg.lora is not None:
+        return add_adapters(model, cfg.lora, model_path)
+    return trainable_parameters(model, freeze_vision_tower=cfg.freeze_vision_tower)
+
+
 def deepspeed_memory_config(cfg: LearnerConfig) -> dict:
     """The ZeRO stage and what lives in host memory: the `zero_optimization` part of the DeepSpeed config."""
     zero: dict = {"stage": cfg.zero_stage}
@@ -182,10 +189,7 @@ class PolicyLearner:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model_path = model_cfg.path  # the SFT model: what a LoRA adapter's config names as its base
-        if cfg.lora is not None:
-            trainable = add_adapters(model, cfg.lora, model_cfg.path)
-        else:
-            trainable = trainable_parameters(model, freeze_vision_tower=cfg.freeze_vision_tower)
+        trainable = trained_parameters(model, cfg, model_cfg.path)
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
