@@ -182,7 +182,7 @@ def _data_line(cfg: RunConfig) -> str:
 
     source, held_out = load_training_data(cfg)
     train = source.task_counts()
-    tasks = train + Counter(row.task for row in held_out)
+    tasks = train + Counter(held.row.task for held in held_out)
     return (f"data: {train.total()} training rows, {len(held_out)} held-out rows; tasks: "
             f"{', '.join(f'{task} {n}' for task, n in sorted(tasks.items()))}; every row checked")
 

@@ -222,10 +222,11 @@ def bench_engine(cfg: RunConfig, rounds: int, lengths: AnswerLengths | None = No
     one = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_workers": 1,
                                                                            "max_num_seqs": whole_step})})
     parts = build_run(one, rewards=False)
-    drawn = [parts.source.draw() for _ in range(cfg.trainer.prompts_per_step)]
+    # drawn as the scheduler draws them: a row the encoder refuses is a bad row (data.on_bad_row)
+    drawn, encoded = zip(*(parts.source.draw_encoded(parts.encode) for _ in range(cfg.trainer.prompts_per_step)))
     rows = [d.row for d in drawn]
     rc = cfg.rollout
-    prompts = engine_prompts([parts.encode(row) for row in rows], rc.engine)  # as the scheduler sends them
+    prompts = engine_prompts(encoded, rc.engine)  # as the scheduler sends them
     sampling = rollout_sampling(rc)
     samplings = [lengths.sampling(sampling, d.seq) if lengths else sampling for d in drawn]
     seeds = list(range(len(prompts)))
@@ -279,7 +280,7 @@ def bench_rollout(cfg: RunConfig, steps: int, lengths: AnswerLengths | None = No
         capacities = [capacity for capacity, _ in ray.get([w.capacity.remote() for w in parts.workers])]
         source = parts.source
         state = source.state_dict()
-        warm = [parts.encode(source.draw().row)] * len(parts.workers)  # first-call allocations, off the clock
+        warm = [source.draw_encoded(parts.encode)[1]] * len(parts.workers)  # first-call allocations, off the clock
         source.load_state_dict(state)
         generate_in_order(parts.workers, warm, schedulers["seamless"].sampling, seeds=[0] * len(warm),
                           engine=parts.cfg.rollout.engine)

@@ -147,7 +147,7 @@ def logprob_gaps(parts: RunParts, learner: LearnerGroup, rounds: int, sync: Call
 
     def step(seed: int) -> float:
         """Sample a batch with the workers' weights, update the learner on it; the gap before the update."""
-        prompts = [parts.encode(parts.source.draw().row) for _ in range(cfg.trainer.prompts_per_step)]
+        prompts = [parts.source.draw_encoded(parts.encode)[1] for _ in range(cfg.trainer.prompts_per_step)]
         groups = generate_in_order(workers, prompts, sampling, seeds=[seed * 1000 + i for i in range(len(prompts))],
                                    engine=cfg.rollout.engine)
         completions = [c for g in groups for c in g]

@@ -5,7 +5,8 @@ pool with probability `easy_pool_alpha` (docs/algorithm.md section 2). Every dra
 (seed, draw counter, pool, dropped rows), and draws can be undone: the rollout scheduler puts back the prompts it
 dispatched but did not use, so a run is reproducible however the rollouts were timed. A row found bad only when it
 is encoded (an image body that does not decode, a prompt over the token limit) is dropped for good under
-`data.on_bad_row: skip`, resume included.
+`data.on_bad_row: skip`, resume included; held-out evaluation leaves such a row out the same way (`bad_row` reports
+both).
 """
 
 from __future__ import annotations
@@ -72,23 +73,58 @@ def check_routes_have_rows(cfg: RunConfig, tasks: Counter[str]) -> None:
         )
 
 
-def load_held_out_rows(cfg: RunConfig, budget: VisionBudget | None = None) -> list[Row]:
+@dataclass(frozen=True)
+class HeldOutRow:
+    """A held-out row and where it is (``file:line``), which a bad row's message names."""
+
+    row: Row
+    where: str
+
+
+def load_held_out_rows(cfg: RunConfig, budget: VisionBudget | None = None) -> list[HeldOutRow]:
     """The rows of `data.eval`, checked as training rows are; an empty `data.eval` is a DataError."""
     if not cfg.data.eval:
         raise DataError(
             "data.eval lists no held-out file while eval.enabled=true: add held-out data under data.eval, or set "
             "eval.enabled=false to train without a held-out evaluation"
         )
-    return [row for ds in load_run_datasets(cfg, cfg.data.eval, budget) for row in ds.rows]
+    return [HeldOutRow(row, ds.where(i)) for ds in load_run_datasets(cfg, cfg.data.eval, budget)
+            for i, row in enumerate(ds.rows)]
 
 
-def load_training_data(cfg: RunConfig, budget: VisionBudget | None = None) -> tuple[PromptSource, list[Row]]:
+def encode_held_out(
+    rows: Sequence[HeldOutRow], encode: Callable[[Row], EncodedPrompt], on_bad_row: OnBadRow
+) -> tuple[list[tuple[HeldOutRow, EncodedPrompt]], list[str]]:
+    """Each of `rows` that `encode` takes, with its prompt, and where each row it refused is: a bad row (see
+    `bad_row`), left out of the evaluation under `data.on_bad_row: skip`."""
+    encoded, skipped = [], []
+    for held in rows:
+        try:
+            encoded.append((held, encode(held.row)))
+        except DataError as why:
+            skipped.append(held.where)
+            bad_row(held.where, why, on_bad_row, f"{len(skipped)} held-out rows left out of this evaluation")
+    return encoded, skipped
+
+
+def bad_row(where: str, why: DataError, on_bad_row: OnBadRow, tally: str) -> None:
+    """The row at `where` (``file:line``) is bad (`why`, found when it was encoded): under `data.on_bad_row: error`
+    a DataError naming where it is; under `skip` a warning naming it, with `tally` (how many so far). The one
+    place training draws, benches and held-out evaluation report such a row."""
+    if on_bad_row == "error":
+        raise DataError(f"{where}: {why} (data.on_bad_row=skip would drop the row and go on)") from None
+    log.warning("skipped bad row %s: %s (%s; data.on_bad_row=skip)", where, why, tally)
+
+
+def load_training_data(
+    cfg: RunConfig, budget: VisionBudget | None = None
+) -> tuple[PromptSource, list[HeldOutRow]]:
     """A training run's mixture and held-out rows (none when `eval.enabled` is false), with every check `morl train`
     makes before it starts: rows, media (token `budget` included, when the processor is at hand), label keys, and a
     route of the recipe for each task only if a row has it."""
     source = PromptSource.from_config(cfg, budget)
     held_out = load_held_out_rows(cfg, budget) if cfg.eval.enabled else []
-    check_routes_have_rows(cfg, source.task_counts() + Counter(row.task for row in held_out))
+    check_routes_have_rows(cfg, source.task_counts() + Counter(held.row.task for held in held_out))
     return source, held_out
 
 
@@ -164,16 +200,13 @@ class PromptSource:
         """The most recent draw's row is bad (`why`): under `data.on_bad_row: error` a DataError naming its file and
         line; under `skip` the draw is undone and the row never drawn again, which the log says and the state keeps.
         """
-        where = self.mixture.where(prompt.key)
-        if self.on_bad_row == "error":
-            raise DataError(f"{where}: {why} (data.on_bad_row=skip would drop the row and go on)") from None
-        self.put_back([prompt])
-        self.dropped.add(prompt.key)
-        if prompt.key in self._in_pool:
-            self.easy_pool.remove(prompt.key)
-            self._in_pool.discard(prompt.key)
-        log.warning("skipped bad row %s: %s (%d rows dropped so far; data.on_bad_row=skip)", where, why,
-                    len(self.dropped))
+        if self.on_bad_row == "skip":
+            self.put_back([prompt])
+            self.dropped.add(prompt.key)
+            if prompt.key in self._in_pool:
+                self.easy_pool.remove(prompt.key)
+                self._in_pool.discard(prompt.key)
+        bad_row(self.mixture.where(prompt.key), why, self.on_bad_row, f"{len(self.dropped)} rows dropped so far")
 
     def _next_fresh_key(self) -> Key:
         """The mixture's next row that is not dropped nor in the easy pool (it moved there); once every row left is

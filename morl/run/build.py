@@ -31,8 +31,7 @@ from morl.cluster import (
 from morl.config import ConfigError, RunConfig
 from morl.data.budget import VisionBudget
 from morl.data.encoding import PromptEncoder, vision_token_ids
-from morl.data.rows import Row
-from morl.data.source import PromptSource, load_held_out_rows, load_training_data
+from morl.data.source import HeldOutRow, PromptSource, load_held_out_rows, load_training_data
 from morl.learner.lora import check_targets_before_start
 from morl.ray_setup import QUIET_OFFLINE_ENV, init_ray
 from morl.rewards.router import RewardRouter
@@ -53,7 +52,7 @@ class RunParts:
     encode: PromptEncoder
     banned_ids: list[int]  # vision placeholder tokens: never sampled, never scored by the learner
     source: PromptSource | None
-    held_out: list[Row]  # the held-out rows to evaluate on (empty unless asked for and eval.enabled)
+    held_out: list[HeldOutRow]  # the held-out rows to evaluate on (empty unless asked for and eval.enabled)
     router: RewardRouter | None
     workers: list  # rollout worker actors (empty when not asked for)
     owns_ray: bool

@@ -10,6 +10,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from morl.data.rows import Row
+from morl.data.source import HeldOutRow, encode_held_out
 from morl.rollout.fleet import generate_in_order
 from morl.rollout.types import Completion, SamplingParams
 from morl.run.step import mean, prompt_set, reward_input
@@ -19,16 +20,16 @@ if TYPE_CHECKING:
     from morl.run.build import RunParts
 
 
-def eval_subset(rows: list[Row], max_per_task: int | None) -> list[Row]:
+def eval_subset(rows: list[HeldOutRow], max_per_task: int | None) -> list[HeldOutRow]:
     """The first `max_per_task` held-out rows of each task, in file order (all of them when None)."""
     if max_per_task is None:
         return rows
     taken: dict[str, int] = defaultdict(int)
     subset = []
-    for row in rows:
-        if taken[row.task] < max_per_task:
-            taken[row.task] += 1
-            subset.append(row)
+    for held in rows:
+        if taken[held.row.task] < max_per_task:
+            taken[held.row.task] += 1
+            subset.append(held)
     return subset
 
 
@@ -40,11 +41,15 @@ def score_groups(router: RewardRouter, rows: list[Row], groups: list[list[Comple
     return [flat[i * g : (i + 1) * g] for i in range(len(groups))]
 
 
-def evaluate(parts: RunParts, rows: list[Row]) -> dict:
-    """Greedy decoding of `rows` on the parts' rollout workers: "reward" and "response_length" (tokens), each per
-    task and as the mean over tasks, and which "prompts" were evaluated (prompt_set). Lengths show what the
-    reports watch: reasoning answers grow, grounding ones shrink. A failed reward counts as 0."""
-    prompts = [parts.encode(row) for row in rows]
+def evaluate(parts: RunParts, held_out: list[HeldOutRow]) -> dict:
+    """Greedy decoding of the `held_out` rows on the parts' rollout workers: "reward" and "response_length"
+    (tokens), each per task and as the mean over tasks, which "prompts" were asked for (prompt_set), and where each
+    of them that the encoder refused is ("skipped_rows", `file:line`): a bad row, left out under
+    `data.on_bad_row: skip`, named in a DataError under `error`. Lengths show what the reports watch: reasoning
+    answers grow, grounding ones shrink. A failed reward counts as 0."""
+    encoded, skipped = encode_held_out(held_out, parts.encode, parts.cfg.data.on_bad_row)
+    rows = [held.row for held, _ in encoded]
+    prompts = [prompt for _, prompt in encoded]
     greedy = SamplingParams(n=1, max_new_tokens=parts.cfg.rollout.max_new_tokens, greedy=True)
     completions = generate_in_order(parts.workers, prompts, greedy, seeds=[0] * len(prompts),
                                     engine=parts.cfg.rollout.engine)
@@ -57,7 +62,7 @@ def evaluate(parts: RunParts, rows: list[Row]) -> dict:
     for k, name in enumerate(("reward", "response_length")):
         per_task = {task: mean(x[k] for x in xs) for task, xs in sorted(by_task.items())}
         result[name] = {**per_task, "mean": mean(per_task.values())}
-    return {**result, "prompts": prompt_set(rows)}
+    return {**result, "prompts": prompt_set(held_out), "skipped_rows": skipped}
 
 
 def eval_report(sft: dict | None, policy: dict) -> dict:

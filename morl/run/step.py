@@ -15,6 +15,7 @@ import torch
 from morl.algo.core import group_advantages
 from morl.data.config import DatasetSpec
 from morl.data.rows import Row
+from morl.data.source import HeldOutRow
 from morl.path_labels import distinct_endings
 from morl.rewards.parsing import split_think
 from morl.rewards.types import RewardInput, TrainingProgress
@@ -164,10 +165,10 @@ def prompt_text(row: Row) -> str:
     return content if isinstance(content, str) else " ".join(p.text for p in content if p.type == "text")
 
 
-def prompt_set(rows: list[Row]) -> dict:
-    """How many prompts, and a digest of which: two evaluations compare only on the same set."""
-    digest = hashlib.sha256("\n".join(f"{row.task}/{row.id}" for row in rows).encode()).hexdigest()[:16]
-    return {"count": len(rows), "digest": digest}
+def prompt_set(held_out: list[HeldOutRow]) -> dict:
+    """How many held-out prompts, and a digest of which: two evaluations compare only on the same set."""
+    names = "\n".join(f"{held.row.task}/{held.row.id}" for held in held_out)
+    return {"count": len(held_out), "digest": hashlib.sha256(names.encode()).hexdigest()[:16]}
 
 
 def mean(values) -> float:
