@@ -36,6 +36,7 @@ from morl.run.weight_sync import (
     form_weight_group,
     plan_buckets,
     sync_rollout_weights,
+    sync_sizes,
 )
 from morl.types import TrainBatch
 from morl.weight_group import WeightGroup
@@ -84,8 +85,7 @@ def bench_sync(cfg: RunConfig, rounds: int) -> dict:
     cuda_ipc = engine_of(rc).shares_learner_gpu()
     broadcast = rc.weight_transport == "broadcast"
     bucket_bytes = rc.sync_bucket_mb * 2**20
-    plan = plan_buckets(learner.weight_sizes(cfg.model.dtype, trainable_only=engine_of(rc).keeps_weights()),
-                        bucket_bytes)
+    plan = plan_buckets(sync_sizes(learner, cfg.model.dtype, engine_of(rc).keeps_weights()), bucket_bytes)
     whole = plan_buckets(learner.weight_sizes(cfg.model.dtype), bucket_bytes)
     nbytes = sum(b.nbytes for b in plan)
     sender = ray.remote(num_cpus=0)(_BareSender).remote(nbytes)

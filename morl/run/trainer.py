@@ -41,6 +41,7 @@ from morl.run.weight_sync import (
     form_weight_group,
     plan_buckets,
     sync_rollout_weights,
+    sync_sizes,
 )
 from morl.staging import Copied
 
@@ -110,8 +111,8 @@ class Trainer:
         self._started.callback(self.learner.close)
         self.scheduler = RolloutScheduler.from_config(cfg, self.parts)
         self.engine = engine_of(cfg.rollout)
-        # engines that keep their weights between syncs get only what trains (vLLM sleep level 2 drops them all)
-        sizes = self.learner.weight_sizes(cfg.model.dtype, trainable_only=self.engine.keeps_weights())
+        # engines that keep their weights get the layers training changed, whole (vLLM sleep level 2 drops them all)
+        sizes = sync_sizes(self.learner, cfg.model.dtype, self.engine.keeps_weights())
         self.sync_plan = plan_buckets(sizes, cfg.rollout.sync_bucket_mb * 2**20)
         self.broadcast = cfg.rollout.weight_transport == "broadcast"
         if self.broadcast:

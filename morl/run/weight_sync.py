@@ -44,6 +44,22 @@ def weight_unit(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
+def sync_sizes(learner, dtype: str, keeps_weights: bool) -> list[tuple[str, int]]:
+    """(name, bytes) of what each sync sends: every tensor to an engine that dropped its weights; to one that kept
+    them, every `weight_unit` holding a tensor training changes, whole.
+
+    Whole units, not the changed tensors alone: vLLM fuses q, k, v (and gate, up) into one weight, and a reload that
+    brings part of a fused weight leaves the rest as uninitialised memory, without an error. A LoRA adapter on
+    q_proj and v_proj only would otherwise corrupt k_proj; with every Linear of a layer adapted (the default) this
+    adds only the layer's norms and biases.
+    """
+    sizes = learner.weight_sizes(dtype)
+    if not keeps_weights:
+        return sizes
+    changed = {weight_unit(name) for name, _ in learner.weight_sizes(dtype, trainable_only=True)}
+    return [(name, size) for name, size in sizes if weight_unit(name) in changed]
+
+
 def plan_buckets(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[Bucket]:
     """Consecutive parameters packed greedily up to `max_bytes`, a `weight_unit` never split; a unit larger than
     that travels alone."""

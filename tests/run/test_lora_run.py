@@ -8,8 +8,6 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from morl.config import LORA_LANGUAGE_MODEL_LINEARS
-
 from helpers import OVERRIDES, REPO, morl, morl_train
 
 pytestmark = pytest.mark.slow
@@ -33,10 +31,11 @@ def test_the_engines_sample_with_each_steps_adapters_and_only_the_adapted_weight
     assert [m["step"] for m in steps] == [1, 2]
     # step 2 was sampled after step 1's sync: the engine's merged weights give the learner's log-probs
     assert all(m["logprob_mismatch"] < 1e-5 for m in steps)
+    # every decoder layer has adapters (the default targets): its tensors travel whole (vLLM fuses q, k, v), nothing
+    # else does: not the embedding, not the ViT
     sft = Qwen2_5_VLForConditionalGeneration.from_pretrained(lora_run / "world" / "sft")
-    adapted = [p for name, p in sft.named_parameters() if name.startswith("model.language_model.layers.")
-               and name.removesuffix(".weight").rsplit(".", 1)[-1] in LORA_LANGUAGE_MODEL_LINEARS]
-    assert all(m["weight_sync/gb"] == pytest.approx(sum(p.numel() * 4 for p in adapted) / 1e9) for m in steps)
+    layers = [p for name, p in sft.named_parameters() if name.startswith("model.language_model.layers.")]
+    assert all(m["weight_sync/gb"] == pytest.approx(sum(p.numel() * 4 for p in layers) / 1e9) for m in steps)
 
 
 def test_checkpoints_and_final_hold_the_merged_model_and_its_peft_adapter(lora_run):

@@ -16,6 +16,7 @@ from morl.run.weight_sync import (
     StaleWeightsError,
     check_logprob_mismatch,
     plan_buckets,
+    sync_sizes,
     sync_weights,
     weight_unit,
 )
@@ -199,3 +200,25 @@ def test_guard_catches_a_sync_that_never_happened(toy_world):
     tied = "model.language_model.embed_tokens.weight"  # the lm_head shares it (tie_word_embeddings)
     engine.load_weights([(tied, dict(learner.named_parameters())[tied].detach())])
     check_logprob_mismatch(mismatch(), threshold=0.01, step=3)
+
+
+class _Sizes:
+    """A learner's `weight_sizes` answer: every tensor, or those training changes."""
+
+    def __init__(self, sizes: list[tuple[str, int]], trained: set[str]):
+        self.sizes, self.trained = sizes, trained
+
+    def weight_sizes(self, dtype: str, trainable_only: bool = False) -> list[tuple[str, int]]:
+        return [(n, s) for n, s in self.sizes if n in self.trained or not trainable_only]
+
+
+def test_a_sync_sends_each_changed_layer_whole_and_nothing_else():
+    """LoRA on q_proj and v_proj of layer 0: k_proj, the norms and the biases of layer 0 travel too (vLLM fuses q, k
+    and v into one weight), layer 1 and the embedding do not; an engine that dropped its weights gets everything."""
+    layer = [f"model.language_model.layers.{{}}.{m}" for m in (
+        "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+        "mlp.up_proj.weight", "input_layernorm.weight")]
+    sizes = [("model.language_model.embed_tokens.weight", 100)] + [(n.format(k), 10) for k in (0, 1) for n in layer]
+    learner = _Sizes(sizes, {layer[0].format(0), layer[3].format(0)})
+    assert sync_sizes(learner, "float32", keeps_weights=True) == [(n.format(0), 10) for n in layer]
+    assert sync_sizes(learner, "float32", keeps_weights=False) == sizes
