@@ -44,8 +44,9 @@ in chunks of C = min(`learner.logprob_chunk_tokens`, A) positions, each chunk's 
     host                 each learner rank loads the checkpoint in float32 (4 P) at start-up; offloaded
                          optimizer (fp32 gradients + states) and parameters; sleep level 1 keeps vLLM's
                          weights; weight-sync buckets in Ray's object store
-    weight sync          what trains, in b: the language model under a frozen ViT, with LoRA the adapted Linears
-                         merged (b in out each, per layer); the whole model when vLLM discarded its weights asleep
+    weight sync          what trains, in b: the language model under a frozen ViT, with LoRA the decoder layers
+                         (their adapted Linears merged; a layer travels whole, as vLLM fuses q, k, v and gate, up);
+                         the whole model when vLLM discarded its weights asleep
 
 Colocated, one GPU carries the learner's resident state plus vLLM's pool during the rollout, and the
 learner's peak plus a sleeping vLLM during the update; both must fit. Host memory is checked against
@@ -419,15 +420,15 @@ def host_parts(shape: ModelShape, cfg: RunConfig, n: int, pool: GpuPool | None) 
 
 def synced_params(shape: ModelShape, cfg: RunConfig) -> tuple[int, str]:
     """The parameters each weight sync sends the rollout engines, and what they are: what trains changes, unless
-    the engine discarded its weights while asleep; LoRA changes the Linears it adapts, sent merged (W + BA scaled),
-    their biases and every other weight untouched."""
+    the engine discarded its weights while asleep; LoRA changes the Linears it adapts, sent merged (W + BA scaled)
+    with the rest of their layers (`morl.run.weight_sync.sync_sizes`: vLLM fuses q, k, v and gate, up)."""
     lc = cfg.learner
     if not engine_of(cfg.rollout).keeps_weights():
         return shape.params, "the whole model: the engine discards its weights while asleep (rollout.sleep_level=2)"
     if lc.lora is not None:
         linears = adapted_linears(shape, lc.lora)
-        merged = shape.layers * sum(i * o for i, o in linears.values())
-        return merged, f"the adapted Linears, merged: {', '.join(linears)} of {shape.layers} layers"
+        return shape.layers * shape.layer_params, (
+            f"the {shape.layers} decoder layers whole, their {', '.join(linears)} merged with the adapters")
     if lc.freeze_vision_tower:
         return shape.text_params, "the language model (the ViT is frozen)"
     return shape.params, "the whole model"

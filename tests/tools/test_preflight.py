@@ -467,19 +467,19 @@ def test_lora_trains_the_adapters_only_beside_one_frozen_copy_of_the_model(tmp_p
     assert offloaded["offloaded gradients and optimizer states"] == 16 * A7
 
 
-def test_a_lora_sync_sends_the_adapted_linears_merged(tmp_path):
+def test_a_lora_sync_sends_the_adapted_layers_whole_with_their_linears_merged(tmp_path):
     def sync_line(*overrides):
         lines, _ = report(lora_7b(tmp_path, *overrides), Hardware(1, 80, 128))
         (line,) = [line for line in lines if line.startswith("weight sync: ")]
         return line
 
-    merged = 28 * LAYER_IN_TIMES_OUT
-    assert f"{merged / 1e9:.2f} B parameters, {2 * merged / GIB:.2f} GiB per sync" in sync_line()
-    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj of 28 layers" in sync_line()
-    attention = 28 * (2 * 3584 * 3584 + 2 * 3584 * 512)
-    assert f"{attention / 1e9:.2f} B parameters" in sync_line(
-        'learner.lora={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}'
-    )
+    # whole decoder layers: the Linears, their biases (q, k, v: 3584 + 2 x 512) and two norms (2 x 3584)
+    layers = 28 * (LAYER_IN_TIMES_OUT + 3584 + 2 * 512 + 2 * 3584)
+    assert f"{layers / 1e9:.2f} B parameters, {2 * layers / GIB:.2f} GiB per sync" in sync_line()
+    assert "the 28 decoder layers whole, their q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in sync_line()
+    # adapters on attention only still change every layer, which travels whole (vLLM fuses q, k, v and gate, up)
+    attention_only = sync_line('learner.lora={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}')
+    assert f"{layers / 1e9:.2f} B parameters" in attention_only and "their q_proj, k_proj, v_proj, o_proj merged" in attention_only
     assert "whole model" in sync_line("rollout.sleep_level=2")  # vLLM discarded every weight
     assert f"{T_MIMO / 1e9:.2f} B parameters" in sync_line("learner.lora=null")  # the language model
 
