@@ -9,7 +9,19 @@ import typer
 import yaml
 
 from morl.cli import exit_on
-from morl.config import ALGORITHM_OPTIONS, AlgoConfig, ConfigError, apply_override, dump_config, load_config
+from morl.config import (
+    ALGORITHM_OPTIONS,
+    LORA_LANGUAGE_MODEL_LINEARS,
+    AlgoConfig,
+    ConfigError,
+    LearnerConfig,
+    LoraConfig,
+    ModelConfig,
+    RunConfig,
+    apply_override,
+    dump_config,
+    load_config,
+)
 
 from helpers import REPO
 
@@ -174,6 +186,38 @@ def test_grpo_quickstart_differs_from_the_quickstart_only_in_the_algorithm():
     for key in ("name", "mini_batches", "update_epochs", "clip_low", "clip_high", "kl_coef"):
         morl["algo"].pop(key), grpo["algo"].pop(key)
     assert morl == grpo
+
+
+def test_the_lora_quickstart_differs_from_the_quickstart_only_in_what_lora_needs():
+    recipes = REPO / "recipes"
+    full = load_config(recipes / "quickstart.yaml").model_dump()
+    lora = load_config(recipes / "quickstart_lora.yaml").model_dump()
+    assert lora["learner"].pop("lora") == {"rank": 8, "alpha": 16.0, "dropout": 0.0,
+                                           "target_modules": list(LORA_LANGUAGE_MODEL_LINEARS)}
+    assert full["learner"].pop("lora") is None
+    assert (full["learner"].pop("lr"), lora["learner"].pop("lr")) == (5e-5, 5e-4)
+    # the quickstart freezes the ViT by name; LoRA freezes it with every other base weight
+    assert (full["learner"].pop("freeze_vision_tower"), lora["learner"].pop("freeze_vision_tower")) == (True, False)
+    assert lora["trainer"].pop("output_dir") == "runs/quickstart_lora"
+    full["trainer"].pop("output_dir")
+    assert full == lora
+
+
+def test_lora_beside_an_unfrozen_vit_or_a_target_named_twice_is_refused_by_key():
+    with pytest.raises(ValueError, match="learner.freeze_vision_tower=false with learner.lora"):
+        LearnerConfig(lora=LoraConfig(), freeze_vision_tower=False)
+    with pytest.raises(ValueError, match="a module is named twice"):
+        LoraConfig(target_modules=["q_proj", "q_proj"])
+    assert LearnerConfig(lora=LoraConfig(), freeze_vision_tower=True).lora.rank == 16
+
+
+def test_a_lora_target_that_no_language_model_linear_has_is_refused_before_any_actor_starts(toy_world):
+    from morl.run.build import prepare_model
+
+    lora = LoraConfig(target_modules=["q_proj", "qkv"])  # qkv: the ViT's, never adapted
+    cfg = RunConfig(model=ModelConfig(path=str(toy_world / "sft")), learner=LearnerConfig(lora=lora))
+    with pytest.raises(ConfigError, match="learner.lora.target_modules: qkv matches no Linear module"):
+        prepare_model(cfg)
 
 
 def test_cli_errors_print_the_whole_message_on_one_line(capsys):
