@@ -28,10 +28,11 @@ PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before 
 
 
 def language_model_linears(model: torch.nn.Module) -> dict[str, list[str]]:
-    """{last name part: full module names} of the Linear modules outside the ViT: what `target_modules` may name."""
+    """{last name part: full module names} of the Linear modules of the language model's decoder layers: what
+    `target_modules` may name (not the ViT, nor lm_head, whose adapters neither vLLM nor `morl preflight` take)."""
     found: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".visual." not in f".{name}.":
+        if isinstance(module, torch.nn.Linear) and ".language_model.layers." in f".{name}":
             found.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     return found
 
@@ -42,8 +43,9 @@ def check_targets(model: torch.nn.Module, cfg: LoraConfig, where: str) -> None:
     missing = [name for name in cfg.target_modules if name not in linears]
     if missing:
         raise ConfigError(
-            f"learner.lora.target_modules: {', '.join(missing)} matches no Linear module of the language model in "
-            f"{where} (the ViT and merger are never adapted); its Linear modules are: {', '.join(sorted(linears))}"
+            f"learner.lora.target_modules: {', '.join(missing)} matches no Linear module of the language model's "
+            f"decoder layers in {where} (the ViT, merger and lm_head are never adapted); theirs are: "
+            f"{', '.join(sorted(linears))}"
         )
 
 

@@ -136,7 +136,8 @@ def test_the_reference_is_the_policy_with_its_adapters_off(toy_world, batch):
     assert any(not torch.allclose(r, p, atol=1e-4) for r, p in zip(reference, policy))  # the adapters are back on
 
 
-@pytest.mark.parametrize("target, why", [("q_prj", "q_prj matches no Linear"), ("qkv", "qkv matches no Linear")])
+@pytest.mark.parametrize("target, why", [("q_prj", "q_prj matches no Linear"), ("qkv", "qkv matches no Linear"),
+                                         ("lm_head", "lm_head matches no Linear")])
 def test_a_target_outside_the_language_model_is_refused_naming_it(toy_world, batch, target, why):
     _, banned = batch
     with pytest.raises(ConfigError, match=why):
