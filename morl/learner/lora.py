@@ -27,14 +27,11 @@ VISION = r".*\.visual\..*"  # the ViT and its merger: never adapted (vLLM takes 
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before each module name
 
 
-def language_model_linears(model: torch.nn.Module) -> dict[str, list[str]]:
-    """{last name part: full module names} of the Linear modules of the language model's decoder layers: what
-    `target_modules` may name (not the ViT, nor lm_head, whose adapters neither vLLM nor `morl preflight` take)."""
-    found: dict[str, list[str]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".language_model.layers." in f".{name}":
-            found.setdefault(name.rsplit(".", 1)[-1], []).append(name)
-    return found
+def language_model_linears(model: torch.nn.Module) -> set[str]:
+    """The last name parts of the Linear modules of the language model's decoder layers: what `target_modules` may
+    name (not the ViT, nor lm_head, whose adapters neither vLLM nor `morl preflight` take)."""
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".language_model.layers." in f".{name}"}
 
 
 def check_targets(model: torch.nn.Module, cfg: LoraConfig, where: str) -> None:
