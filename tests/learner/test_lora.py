@@ -9,7 +9,7 @@ from morl.config import AlgoConfig, ConfigError, LearnerConfig, LoraConfig, Mode
 from morl.data.encoding import PromptEncoder, vision_token_ids
 from morl.data.loading import load_dataset
 from morl.learner.logprobs import response_logprobs
-from morl.learner.lora import ADAPTER_DIR, policy_tensors
+from morl.learner.lora import ADAPTER_DIR
 from morl.learner.policy import PolicyLearner
 from morl.rollout.hf_engine import HFEngine
 from morl.rollout.types import SamplingParams
