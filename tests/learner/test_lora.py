@@ -3,36 +3,16 @@ adapter saves in peft's format, the reference is the policy with its adapters of
 
 import pytest
 import torch
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from morl.config import AlgoConfig, ConfigError, LearnerConfig, LoraConfig, ModelConfig
-from morl.data.encoding import PromptEncoder, vision_token_ids
-from morl.data.loading import load_dataset
 from morl.learner.logprobs import response_logprobs
 from morl.learner.lora import ADAPTER_DIR
 from morl.learner.policy import PolicyLearner
-from morl.rollout.hf_engine import HFEngine
-from morl.rollout.types import SamplingParams
-from morl.types import TrainBatch
 
 from helpers import gathered_weights
 
 LORA = LoraConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
-
-
-@pytest.fixture(scope="module")
-def batch(toy_world):
-    processor = AutoProcessor.from_pretrained(toy_world / "sft")
-    rows = [load_dataset(toy_world / "data" / t / "train.jsonl", known_tasks=None).rows[0] for t in ("math", "choice")]
-    prompts = [PromptEncoder(processor, 4096)(row) for row in rows]
-    groups = HFEngine(str(toy_world / "sft"), None, "float32").generate(
-        prompts, SamplingParams(n=3, max_new_tokens=8), seeds=[0, 1]
-    )
-    flat = [c for g in groups for c in g]
-    return TrainBatch(
-        [p for p in prompts for _ in range(3)], [c.token_ids for c in flat], [c.logprobs for c in flat],
-        [1.0, -0.5, -0.5, 0.8, 0.0, -0.8],
-    ), vision_token_ids(processor.tokenizer)
 
 
 def lora_learner(toy_world, banned, zero_stage=2, lora=LORA, algo=AlgoConfig(), max_steps=1):

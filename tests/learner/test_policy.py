@@ -7,32 +7,13 @@ import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from morl.config import AlgoConfig, LearnerConfig, ModelConfig
-from morl.data.encoding import PromptEncoder, vision_token_ids
-from morl.data.loading import load_dataset
 from morl.learner.logprobs import response_logprobs
 from morl.learner.policy import NonFiniteLossError, PolicyLearner
-from morl.rollout.hf_engine import HFEngine
-from morl.rollout.types import SamplingParams
 from morl.types import TrainBatch
 
 from helpers import gathered_weights
 
 LR = 1e-2
-
-
-@pytest.fixture(scope="module")
-def batch(toy_world):
-    processor = AutoProcessor.from_pretrained(toy_world / "sft")
-    rows = [load_dataset(toy_world / "data" / t / "train.jsonl", known_tasks=None).rows[0] for t in ("math", "choice")]
-    prompts = [PromptEncoder(processor, 4096)(row) for row in rows]
-    groups = HFEngine(str(toy_world / "sft"), None, "float32").generate(
-        prompts, SamplingParams(n=3, max_new_tokens=8), seeds=[0, 1]
-    )
-    advantages = [1.0, -0.5, -0.5, 0.8, 0.0, -0.8]
-    flat = [c for g in groups for c in g]
-    return TrainBatch(
-        [p for p in prompts for _ in range(3)], [c.token_ids for c in flat], [c.logprobs for c in flat], advantages
-    ), vision_token_ids(processor.tokenizer)
 
 
 def learner(toy_world, banned, micro_batch_size, zero_stage=2, algo=AlgoConfig()):
