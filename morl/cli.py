@@ -263,7 +263,7 @@ def bench_rollout(
 ) -> None:
     """Rollout throughput against the bare engine (tokens/s), then seamless vs synchronous (s/batch, waste, engine
     occupancy)."""
-    from morl.bench.rollout import FULL, MODES, WORKLOADS, AnswerLengths, bench_engine
+    from morl.bench.rollout import CARRYING, FULL, MODES, WORKLOADS, AnswerLengths, bench_engine
     from morl.bench.rollout import bench_rollout as run_bench
 
     if workload not in WORKLOADS:
@@ -289,7 +289,7 @@ def bench_rollout(
                    f"{result['workers']} rollout workers, dynamic sampling {'on' if cfg.algo.dynamic_sampling else 'off'}")
         typer.echo(f"{'mode':<12} {'s/batch':>8} {'sample waste':>13} {'worker idle':>12} {'occupancy':>10} "
                    f"{'before tail':>12} {'full until':>11}")
-        for mode in MODES:
+        for mode in (*MODES, CARRYING):
             r = result[mode]
             typer.echo(f"{mode:<12} {r['seconds_per_step']:>8.2f} {r['sample_waste']:>13.1%} "
                        f"{r['worker_idle_fraction']:>12.1%} {r['occupancy']:>10.1%} {r['occupancy_before_tail']:>12.1%} "
@@ -298,6 +298,9 @@ def bench_rollout(
                    f"full until: the share of that time after which no engine step ran {FULL:.0%} full (the tail)")
         typer.echo(f"speedup (synchronous / seamless time): {result['speedup']:.2f}x; "
                    f"same batches in both modes: {'yes' if result['same_batches'] else 'NO'}")
+        typer.echo(f"speedup (synchronous / partial time): {result['partial_speedup']:.2f}x; partial's batches follow "
+                   f"one another, {result[CARRYING]['stale_token_share']:.1%} of their tokens sampled by an older "
+                   "policy version")
 
 
 @bench_app.command("data")

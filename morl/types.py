@@ -6,7 +6,7 @@ The driver, the rollout workers and the learner ranks all import these; none of 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -106,6 +106,8 @@ class TrainBatch:
     advantages: list[float]
     tasks: list[str] = field(default_factory=list)  # empty: no task known (tools' synthetic batches)
     shapes: list[SequenceShape] = field(default_factory=list)  # derived from prompts and responses when empty
+    stale_tokens: list[int] = field(default_factory=list)  # per sequence, its leading tokens an older policy
+    # sampled (partial rollout); empty: none. The rollout-vs-learner mismatch is measured on the rest only.
 
     def __post_init__(self) -> None:
         if not self.shapes:
@@ -125,8 +127,21 @@ class TrainBatch:
             return [v if i in rows else None for i, v in enumerate(values)]
 
         return TrainBatch(
-            keep(self.prompts), keep(self.responses), keep(self.rollout_logprobs), self.advantages, self.tasks, self.shapes
+            keep(self.prompts), keep(self.responses), keep(self.rollout_logprobs), self.advantages, self.tasks, self.shapes,
+            self.stale_tokens,
         )
+
+    def fresh_mask(self, idx: Sequence[int]) -> torch.Tensor:
+        """Flat [answer tokens of the sequences `idx`], True where the current policy sampled the token."""
+        parts = []
+        for i in idx:
+            stale = self.stale_tokens[i] if self.stale_tokens else 0
+            parts.append(torch.arange(self.shapes[i].response_tokens) >= stale)
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+    def fresh_tokens(self) -> int:
+        """Answer tokens the current policy sampled, over the whole batch."""
+        return sum(shape.response_tokens for shape in self.shapes) - sum(self.stale_tokens)
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,33 @@ def test_rollout_correction_options_are_refused_under_other_modes(recipe, overri
         load_config(recipe, overrides)
 
 
+def test_partial_rollout_settings_and_their_defaults(recipe):
+    cfg = load_config(recipe, ["rollout.mode=partial", "algo.rollout_correction=tis", "rollout.max_new_tokens=30"])
+    partial = cfg.rollout.partial_rollout()
+    assert (partial.max_staleness, partial.segment(30)) == (2, 15)  # the longest response spans max_staleness
+    cfg = load_config(recipe, ["rollout.mode=partial", "algo.rollout_correction=seq_mask",
+                               "rollout.partial={segment_tokens: 16, max_staleness: 3, carry_groups: 0}"])
+    assert (cfg.rollout.partial.segment(64), cfg.rollout.partial.carry_groups) == (16, 0)
+
+
+@pytest.mark.parametrize(
+    "overrides, refused",
+    [
+        (["rollout.mode=partial"], "rollout.mode=partial trains on tokens older policies sampled: set "
+                                   "algo.rollout_correction=tis"),
+        (["rollout.partial={max_staleness: 3}"], "rollout.partial is set but rollout.mode=seamless"),
+        (["rollout.mode=partial", "algo.rollout_correction=tis", "rollout.max_new_tokens=30",
+          "rollout.partial={segment_tokens: 5}"],
+         "rollout.partial.segment_tokens=5 with rollout.max_new_tokens=30 takes 6 policy versions"),
+        (["rollout.mode=partial", "algo.rollout_correction=tis", "rollout.partial={max_staleness: 0}"],
+         "rollout.partial.max_staleness"),
+    ],
+)
+def test_partial_rollout_settings_that_cannot_work_are_refused(recipe, overrides, refused):
+    with pytest.raises(ConfigError, match=refused):
+        load_config(recipe, overrides)
+
+
 def test_clip_low_must_leave_a_positive_ratio(recipe):
     with pytest.raises(ConfigError, match="algo.clip_low"):
         load_config(recipe, ["algo.name=grpo", "algo.clip_low=1.0"])
@@ -201,6 +228,19 @@ def test_the_lora_quickstart_differs_from_the_quickstart_only_in_what_lora_needs
     assert lora["trainer"].pop("output_dir") == "runs/quickstart_lora"
     full["trainer"].pop("output_dir")
     assert full == lora
+
+
+def test_the_partial_quickstart_differs_from_the_quickstart_only_in_what_partial_rollout_needs():
+    recipes = REPO / "recipes"
+    full = load_config(recipes / "quickstart.yaml").model_dump()
+    partial = load_config(recipes / "quickstart_partial.yaml").model_dump()
+    assert (full["rollout"].pop("mode"), partial["rollout"].pop("mode")) == ("seamless", "partial")
+    assert full["rollout"].pop("partial") is None
+    assert partial["rollout"].pop("partial") == {"segment_tokens": 16, "max_staleness": 2, "carry_groups": None}
+    assert (full["algo"].pop("rollout_correction"), partial["algo"].pop("rollout_correction")) == ("none", "tis")
+    assert partial["trainer"].pop("output_dir") == "runs/quickstart_partial"
+    full["trainer"].pop("output_dir")
+    assert full == partial
 
 
 def test_lora_beside_an_unfrozen_vit_or_a_target_named_twice_is_refused_by_key():

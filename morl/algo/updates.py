@@ -114,13 +114,13 @@ class MorlUpdate(_Update):
 
         def loss_of(idx: Sequence[int]) -> MorlLoss:
             return MorlLoss(self, response_lengths(batch, idx), per_token(batch.advantages, batch, idx),
-                            flat(batch.rollout_logprobs, idx), total_tokens)
+                            flat(batch.rollout_logprobs, idx), total_tokens, batch.fresh_mask(idx))
 
         loss, grad_norm, sums = learner.optimizer_step(batch, range(len(batch)), loss_of)
         return {
             "loss": loss,
             "grad_norm": grad_norm,
-            "logprob_mismatch": sums["mismatch"] / max(total_tokens, 1),
+            **mismatch_metrics(sums["mismatch"], batch),
             **self.correction_metrics(sums["corrected"], total_tokens),
             **entropy_metrics(sums),
             "train_tokens": float(total_tokens),
@@ -171,7 +171,7 @@ class GrpoUpdate(_Update):
         metrics = {
             "loss": sum(losses) / len(losses),
             "grad_norm": sum(grad_norms) / len(grad_norms),
-            "logprob_mismatch": batch_sums["mismatch"] / max(total_tokens, 1),
+            **mismatch_metrics(batch_sums["mismatch"], batch),
             **self.correction_metrics(batch_sums["corrected"], total_tokens),
             "train_tokens": float(total_tokens),
             "train_sequences": float(len(batch)),
@@ -194,7 +194,7 @@ class GrpoUpdate(_Update):
             old_i, rollout_i = old[i].cpu(), torch.tensor(batch.rollout_logprobs[i])
             w, count = self.correction(old_i[None], rollout_i[None], torch.ones(1, len(rollout_i)))
             weights[i] = w[0]
-            mismatch += (old_i - rollout_i).abs().sum().item()
+            mismatch += ((old_i - rollout_i).abs() * batch.fresh_mask([i])).sum().item()
             corrected += count.item()
         return weights, learner.sum_over_ranks({"mismatch": mismatch, "corrected": corrected})
 
@@ -229,6 +229,8 @@ class MorlLoss(_PerTokenData):
     advantages: torch.Tensor  # [tokens]: each token its sequence's advantage
     rollout: torch.Tensor  # [tokens]: the rollout engine's log-probs
     total_tokens: int  # the whole batch's: what the token-mean divides by
+    fresh: torch.Tensor | None = None  # [tokens]: True where the current policy sampled the token (None: all did;
+    # partial rollout's older tokens are not)
 
     @property
     def tokens(self) -> int:
@@ -248,10 +250,13 @@ class MorlLoss(_PerTokenData):
         return weights[mask.bool()] == 0
 
     def stats(self, logprobs: torch.Tensor) -> dict[str, float]:
-        """The rollout-vs-learner log-prob mismatch and the tokens the correction acted on, summed."""
+        """The rollout-vs-learner log-prob mismatch (of the tokens the current policy sampled) and the tokens the
+        correction acted on, summed."""
         rollout = self.rollout.to(logprobs)
         _, corrected = self.rule.correction(*as_rows([logprobs, rollout], self.lengths))
-        return {"mismatch": (logprobs - rollout).abs().sum().item(), "corrected": corrected.item()}
+        gap = (logprobs - rollout).abs()
+        mismatch = (gap if self.fresh is None else gap * self.fresh.to(logprobs.device)).sum()
+        return {"mismatch": mismatch.item(), "corrected": corrected.item()}
 
 
 @dataclass
@@ -303,6 +308,17 @@ UPDATES: dict[str, type[_Update]] = {"morl": MorlUpdate, "grpo": GrpoUpdate}
 def update_rule(algo: AlgoConfig) -> MorlUpdate | GrpoUpdate:
     """The update `algo.name` names, with its settings."""
     return UPDATES[algo.name](algo)
+
+
+def mismatch_metrics(mismatch: float, batch: TrainBatch) -> dict[str, float]:
+    """`logprob_mismatch`: the mean |rollout - learner| log-prob over the tokens the current policy sampled (the
+    weight-sync check; partial rollout's older tokens differ by the policy's change, not by a bad sync), and with
+    partial rollout how many tokens that was."""
+    fresh = batch.fresh_tokens()
+    metrics = {"logprob_mismatch": mismatch / max(fresh, 1)}
+    if batch.stale_tokens:
+        metrics["logprob_mismatch_tokens"] = float(fresh)
+    return metrics
 
 
 # --- the policy's entropy, per task ------------------------------------------------------------------------------

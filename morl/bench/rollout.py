@@ -9,7 +9,10 @@ Rounds alternate between the two; tokens/s is the best round of each.
 Modes: each step restores the prompt source to the same state and collects one batch in each mode
 (their order alternates, so neither always runs on a warmer machine). With batch-invariant sampling
 both modes take exactly the same groups; the bench checks that, and reports time and waste per mode,
-and each engine's occupancy: sequences in flight over its max_num_seqs.
+and each engine's occupancy: sequences in flight over its max_num_seqs. Partial rollout then runs the
+same number of batches from the same prompt-source state, one after another as a run does (what one
+batch carries, the next continues; its first batch starts with nothing carried), on the same workers:
+its time and waste per batch against the same synchronous baseline, and its share of stale tokens.
 
 Workloads: `recipe` samples as the recipe does. `long-tail` is a reasoning step's shape: G = 16, 64
 prompts, and each group's answers a fixed length drawn from a heavy tail (`AnswerLengths`: a few groups
@@ -38,7 +41,8 @@ from morl.run.build import build_run
 from morl.data.source import DrawnPrompt
 from morl.run.collection import RolloutBatch, RolloutScheduler
 
-MODES = ("synchronous", "seamless")
+MODES = ("synchronous", "seamless")  # collected batch by batch from one source state: the same groups
+CARRYING = "partial"  # its batches follow one another
 WORKLOADS = ("recipe", "long-tail")
 FULL = 0.9  # occupancy at which an engine counts as full
 
@@ -111,6 +115,7 @@ class ModeTotals:
     generated_groups: float = 0.0
     wasted_groups: float = 0.0
     idle_seconds: float = 0.0
+    stale_token_share: list[float] = field(default_factory=list)  # per batch (partial)
     occupancy: list[dict] = field(default_factory=list)  # per batch and worker
 
     def add(self, batch: RolloutBatch, seconds: float, group_size: int, capacities: list[int]) -> None:
@@ -120,6 +125,8 @@ class ModeTotals:
         self.wasted_groups += wasted
         self.generated_groups += wasted + len(batch.groups)
         self.idle_seconds += sum(v for k, v in m.items() if k.endswith("_idle_s"))
+        if "partial/stale_token_share" in m:
+            self.stale_token_share.append(m["partial/stale_token_share"])
         for timeline, capacity in zip(batch.timelines, capacities):
             self.occupancy.append(occupancy(timeline, batch.started_at, batch.last_accept_time, capacity))
 
@@ -275,16 +282,16 @@ def bench_rollout(cfg: RunConfig, steps: int, lengths: AnswerLengths | None = No
         schedulers = {
             mode: LongTailScheduler.with_lengths(cfg, parts, mode, lengths) if lengths
             else RolloutScheduler.from_config(cfg, parts, mode=mode)
-            for mode in MODES
+            for mode in (*MODES, CARRYING)
         }
         capacities = [capacity for capacity, _ in ray.get([w.capacity.remote() for w in parts.workers])]
         source = parts.source
-        state = source.state_dict()
+        state = first = source.state_dict()
         warm = [source.draw_encoded(parts.encode)[1]] * len(parts.workers)  # first-call allocations, off the clock
         source.load_state_dict(state)
         generate_in_order(parts.workers, warm, schedulers["seamless"].sampling, seeds=[0] * len(warm),
                           engine=parts.cfg.rollout.engine)
-        totals = {mode: ModeTotals() for mode in MODES}
+        totals = {mode: ModeTotals() for mode in (*MODES, CARRYING)}
         same_batches = True
         for step in range(steps):
             state = source.state_dict()
@@ -296,6 +303,11 @@ def bench_rollout(cfg: RunConfig, steps: int, lengths: AnswerLengths | None = No
                 totals[mode].add(batch, time.perf_counter() - start, cfg.rollout.group_size, capacities)
                 taken[mode] = [(g.prompt.seq, [c.token_ids for c in g.completions]) for g in batch.groups]
             same_batches &= taken["seamless"] == taken["synchronous"]
+        source.load_state_dict(first)
+        for _ in range(steps):
+            start = time.perf_counter()
+            batch = schedulers[CARRYING].collect(cfg.trainer.prompts_per_step)
+            totals[CARRYING].add(batch, time.perf_counter() - start, cfg.rollout.group_size, capacities)
         workers = len(parts.workers)
     finally:
         parts.close()
@@ -315,10 +327,12 @@ def report(totals: dict[str, ModeTotals], steps: int, num_workers: int, same_bat
         }
         for mode, t in totals.items()
     }
+    per_mode[CARRYING]["stale_token_share"] = statistics.mean(totals[CARRYING].stale_token_share)
     return {
         "steps": steps,
         "workers": num_workers,
         "speedup": totals["synchronous"].seconds / totals["seamless"].seconds,
+        "partial_speedup": totals["synchronous"].seconds / totals[CARRYING].seconds,
         "same_batches": same_batches,
         **per_mode,
     }

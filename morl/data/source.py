@@ -196,6 +196,10 @@ class PromptSource:
             except DataError as bad:
                 self.drop(prompt, bad)
 
+    def redrawn(self, key: Key, seq: int, from_easy_pool: bool) -> DrawnPrompt:
+        """A prompt drawn before, as a checkpoint names it (partial rollout's carried groups); never put back."""
+        return DrawnPrompt(self.mixture.row(key), key, seq, from_easy_pool, ({}, None))
+
     def drop(self, prompt: DrawnPrompt, why: DataError) -> None:
         """The most recent draw's row is bad (`why`): under `data.on_bad_row: error` a DataError naming its file and
         line; under `skip` the draw is undone and the row never drawn again, which the log says and the state keeps.

@@ -8,33 +8,45 @@ Two modes share one bookkeeping loop:
   be needed, and when the batch is full every group still running is aborted, freeing its slots.
 - **synchronous** (the baseline, as verl's DAPO does it): generate a whole batch of prompts, score
   it, filter it; if too few groups survive, generate another whole batch; the surplus is cut.
+- **partial** (MiMo-V2's data scheduler): seamless, but a response grows at most
+  `rollout.partial.segment_tokens` per policy version. A group with a response still unfinished is carried
+  into the next step and continued there under the new weights, each token recording the version that
+  sampled it; so are the first `carry_groups` groups dispatched beyond the batch, which run their segment
+  instead of being aborted. A group that would lag more than `max_staleness` versions is dropped.
+  The update corrects the older tokens by truncated importance sampling (algo.rollout_correction).
 
-Either way groups are taken in first-in-first-out order of dispatch: the batch is the first
-`num_groups` valid groups ever dispatched, never the first to finish (which would favour short
-answers). Prompts dispatched after the last one taken are put back into the prompt source, so both
-modes train on exactly the same prompts and samples; they differ only in time and waste.
+Groups are taken in first-in-first-out order of dispatch: the batch is the first `num_groups` valid
+groups ever dispatched, never the first to finish (which would favour short answers). Prompts
+dispatched after the last one taken are put back into the prompt source (partial: those beyond the
+carried ones), so seamless and synchronous train on exactly the same prompts and samples; they differ
+only in time and waste. Partial rollout is as deterministic: every segment runs to its own end under
+one version before the weights change, so where a response is cut never depends on timing.
 """
 
 from __future__ import annotations
 
+import base64
 import itertools
 import logging
 import math
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 import ray
 
-from morl.config import RunConfig
+from morl.config import PartialConfig, RunConfig
 from morl.data.encoding import PromptEncoder
 from morl.data.source import DrawnPrompt, PromptSource
 from morl.rewards.router import RewardRouter
 from morl.rewards.types import TrainingProgress
 from morl.rollout.fleet import engine_prompts, rollout_sampling
-from morl.rollout.types import SamplingParams
+from morl.rollout.types import Completion, Continuation, SamplingParams
 from morl.run.prompt_group import Group
 from morl.run.step import reward_input
 
@@ -57,11 +69,17 @@ class RolloutBatch:
     timelines: list[list[tuple[float, float, int, int]]] = field(default_factory=list)  # per worker, if recorded
     started_at: float = 0.0  # time.time() when the collection started
     last_accept_time: float = 0.0  # time.time() when the batch's last group was taken
+    version: int = 0  # the policy version the engines held: tokens of older ones are stale (Group.stale_tokens)
 
 
 def prompt_seed(run_seed: int, seq: int) -> int:
     """The seed of the samples of the seq-th prompt of the run, whichever worker and call draw them."""
     return zlib.crc32(f"{run_seed}:{seq}".encode())
+
+
+def continuation_seed(seed: int, sample: int, tokens: int) -> int:
+    """The seed of what sample `sample` of a prompt seeded `seed` draws after its first `tokens` tokens."""
+    return zlib.crc32(f"{seed}:{sample}:{tokens}".encode())
 
 
 class RolloutAbandoned(Exception):
@@ -73,6 +91,7 @@ class SeamlessDispatch:
     it ends."""
 
     scores_on_arrival = True
+    carries = False  # unfinished responses and the groups beyond the batch are aborted, never carried
 
     def dispatch(self, run: _Collection) -> None:
         g = run.scheduler.sampling.n
@@ -91,6 +110,7 @@ class SynchronousDispatch:
     only after this one is filtered."""
 
     scores_on_arrival = False
+    carries = False
 
     def dispatch(self, run: _Collection) -> None:
         if run.pending or run.prefix < len(run.groups) or len(run.groups) >= run.budget:
@@ -106,13 +126,23 @@ class SynchronousDispatch:
         return max(0, run.rounds - 1)
 
 
-DispatchPolicy = SeamlessDispatch | SynchronousDispatch
-DISPATCH: dict[str, type[DispatchPolicy]] = {"seamless": SeamlessDispatch, "synchronous": SynchronousDispatch}
+class PartialDispatch(SeamlessDispatch):
+    """MiMo-V2's: seamless dispatch, and what is unfinished when the batch is full goes on in the next step."""
+
+    carries = True
+
+
+DispatchPolicy = SeamlessDispatch | SynchronousDispatch | PartialDispatch
+DISPATCH: dict[str, type[DispatchPolicy]] = {
+    "seamless": SeamlessDispatch, "synchronous": SynchronousDispatch, "partial": PartialDispatch,
+}
 """`rollout.mode` -> its dispatch policy: the one place the mode's name is read."""
 
 
 class RolloutScheduler:
-    """Collects rollout batches from the workers; its one piece of state is the running share of valid groups."""
+    """Collects rollout batches from the workers. Its state: the running share of valid groups, the policy version
+    the engines hold (one per batch collected: each batch is one update), and, in partial mode, the groups carried
+    into the next batch."""
 
     def __init__(
         self,
@@ -127,8 +157,10 @@ class RolloutScheduler:
         max_refill_rounds: int,
         run_seed: int,
         engine: str,
+        partial: PartialConfig | None = None,
     ):
-        """`engine`: the workers' rollout engine, which decides what they are sent of each prompt."""
+        """`engine`: the workers' rollout engine, which decides what they are sent of each prompt; `partial`:
+        rollout.partial's settings, for the partial dispatch."""
         self.workers = list(workers)
         self.router = router
         self.encode = encode
@@ -141,6 +173,9 @@ class RolloutScheduler:
         self.engine = engine
         self.valid_rate = 1.0  # running estimate of the share of groups that survive; sizes seamless refills
         self.fill_targets = [fill_target(*c, sampling.n) for c in ray.get([w.capacity.remote() for w in workers])]
+        self.partial = (partial or PartialConfig()) if dispatch.carries else None
+        self.version = 0
+        self.carried: list[Group] = []  # partial: groups the next batch continues, in dispatch order
 
     @classmethod
     def from_config(cls, cfg: RunConfig, parts: RunParts, mode: str | None = None) -> RolloutScheduler:
@@ -157,13 +192,30 @@ class RolloutScheduler:
             max_refill_rounds=cfg.algo.max_refill_rounds,
             run_seed=cfg.trainer.seed,
             engine=cfg.rollout.engine,
+            partial=cfg.rollout.partial_rollout(),
         )
 
-    def state_dict(self) -> dict[str, float]:
-        return {"valid_rate": self.valid_rate}
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe; the carried groups' responses so far go with it, so a resume continues them."""
+        return {"valid_rate": self.valid_rate, "version": self.version,
+                "carried": [carried_group_state(g) for g in self.carried]}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.valid_rate = state["valid_rate"]
+        self.version = state.get("version", 0)  # checkpoints before partial rollout hold neither
+        self.carried = [self.restore_group(saved) for saved in state.get("carried", [])]
+
+    def restore_group(self, saved: dict[str, Any]) -> Group:
+        """A carried group as `carried_group_state` saved it: its prompt drawn and encoded again."""
+        prompt = self.source.redrawn(tuple(saved["key"]), saved["seq"], saved["from_easy_pool"])
+        group = Group(prompt, self.encode(prompt.row), rewards=saved["rewards"])
+        group.completions = [
+            Completion(unpack(s["tokens"], np.int32), s["text"], unpack(s["logprobs"], np.float64), s["finish"])
+            for s in saved["samples"]
+        ]
+        group.pieces = [[tuple(piece) for piece in s["pieces"]] for s in saved["samples"]]
+        group.unfinished = saved["unfinished"]
+        return group
 
     # ------------------------------------------------------------------ one batch
 
@@ -177,6 +229,7 @@ class RolloutScheduler:
         aborted, and the prompt source and easy pool are left as they are, for the caller to discard.
         """
         run = _Collection(self, num_groups, stop_poll=STOP_POLL_SECONDS if should_stop else None, progress=progress)
+        run.continue_carried()
         while not run.done():
             if should_stop and should_stop():
                 run.abort_and_drain()
@@ -186,6 +239,8 @@ class RolloutScheduler:
         batch, observed = run.finish()
         if observed is not None:
             self.valid_rate = min(1.0, max(0.1, 0.5 * self.valid_rate + 0.5 * observed))
+        self.carried = run.carried_out
+        self.version += 1
         return batch
 
     def is_valid(self, group: Group) -> bool:
@@ -193,17 +248,40 @@ class RolloutScheduler:
         return not group.errored and not (self.dynamic_sampling and group.zero_variance)
 
     def submit(self, worker: int, groups: list[Group]) -> list[int]:
-        """Hand these groups to a worker's engine; the keys their results come back under."""
+        """Hand these groups to a worker's engine, new ones whole and carried ones as continuations of their
+        unfinished samples; the keys their results come back under."""
         keys = [next(_GROUP_KEYS) for _ in groups]
         seeds = [prompt_seed(self.run_seed, g.prompt.seq) for g in groups]
         prompts = engine_prompts([g.encoded for g in groups], self.engine)
-        samplings = [self.sampling_for(g.prompt) for g in groups]
-        self.workers[worker].submit.remote(prompts, samplings, seeds, keys)
+        samplings, continuations = zip(*(self.next_piece(g, seed) for g, seed in zip(groups, seeds)))
+        if any(continuations):
+            self.workers[worker].submit.remote(prompts, list(samplings), seeds, keys, list(continuations))
+        else:
+            self.workers[worker].submit.remote(prompts, list(samplings), seeds, keys)
         return keys
 
     def sampling_for(self, prompt: DrawnPrompt) -> SamplingParams:
         """The sampling settings of this prompt's group: the run's (`morl bench rollout` gives each its own length)."""
         return self.sampling
+
+    def next_piece(self, group: Group, seed: int) -> tuple[SamplingParams, Continuation | None]:
+        """What the group samples under this policy version: all of it, or (partial) a segment of each response,
+        from its tokens so far for a carried group (its unfinished samples only)."""
+        sampling = self.sampling_for(group.prompt)
+        if self.partial is None:
+            return sampling, None
+        segment = min(self.partial.segment(self.sampling.max_new_tokens), sampling.max_new_tokens)
+        if group.completions is None:
+            return replace(sampling, max_new_tokens=segment, min_new_tokens=min(segment, sampling.min_new_tokens)), None
+        prefixes = [tuple(group.completions[j].token_ids) for j in group.unfinished]
+        limits = tuple(min(segment, sampling.max_new_tokens - len(p)) for p in prefixes)
+        least = min(sampling.min_new_tokens - len(p) for p in prefixes)  # the fixed lengths of `morl bench rollout`
+        continuation = Continuation(
+            prefixes=tuple(prefixes),
+            seeds=tuple(continuation_seed(seed, j, len(p)) for j, p in zip(group.unfinished, prefixes)),
+            max_new_tokens=limits,
+        )
+        return replace(sampling, max_new_tokens=max(limits), min_new_tokens=max(0, min(least, *limits))), continuation
 
     def submit_scoring(self, group: Group, progress: TrainingProgress | None) -> None:
         inputs = [reward_input(group.prompt.row, c, progress) for c in group.completions]
@@ -232,8 +310,15 @@ class _Collection:
         self.stop_poll = stop_poll  # the longest wait for a call, so a stop request is seen (None: no limit)
         self.target = num_groups
         self.budget = num_groups * (1 + (scheduler.max_refill_rounds if scheduler.dynamic_sampling else 0))
-        self.groups: list[Group] = []  # every dispatched group, in dispatch order
+        self.groups: list[Group] = []  # every dispatched group, in dispatch order (carried ones first)
         self.pending: dict[int, tuple[int, Group]] = {}  # key -> (worker, group) submitted and not yet back
+        self.out: set[int] = set()  # ids of the groups in `pending`
+        self.version = scheduler.version
+        self.carried_in: set[int] = set()  # ids of the groups carried in from the last batch
+        self.parked_fresh = 0  # new groups this batch parked: they spend none of the refill budget
+        self.stale: list[Group] = []  # carried groups dropped for lagging more than max_staleness versions
+        self.continued_samples = 0
+        self.carried_out: list[Group] = []  # what the next batch continues (partial)
         self.mail: dict[ray.ObjectRef, int] = {}  # the one take_finished call outstanding per busy worker
         self.timelines: list[list[tuple[float, float, int, int]]] = [[] for _ in scheduler.workers]
         self.scoring: list[Group] = []
@@ -246,17 +331,41 @@ class _Collection:
         self.started_at = time.time()
         self.last_accept_time = self.start_time
 
+    def continue_carried(self) -> None:
+        """Put the last batch's carried groups first in dispatch order and send their unfinished samples on; drop
+        those that would lag more than rollout.partial.max_staleness versions."""
+        partial = self.scheduler.partial
+        for group in self.scheduler.carried:
+            if self.version - group.first_version > partial.max_staleness:
+                self.stale.append(group)
+                continue
+            self.groups.append(group)
+            self.carried_in.add(id(group))
+        running = [g for g in self.groups if g.unfinished]
+        self.continued_samples = sum(len(g.unfinished) for g in running)
+        workers = len(self.scheduler.workers)
+        for worker in range(workers):
+            if mine := running[worker::workers]:
+                self._send(worker, mine)
+
     # -- what the dispatch policies use
 
     def prompts_needed(self) -> int:
         """Prompts to dispatch now so that, at the observed valid rate, the batch fills (within the budget)."""
         s = self.scheduler
         undecided = self.groups[self.prefix :]
-        expected = sum(s.valid_rate if g.rewards is None else float(s.is_valid(g)) for g in undecided)
+        expected = sum(
+            0.0 if self.parked(g) else s.valid_rate if g.rewards is None else float(s.is_valid(g)) for g in undecided
+        )
         missing = self.target - len(self.accepted) - expected
         if missing <= 0:
             return 0
-        return min(math.ceil(missing / s.valid_rate), self.budget - len(self.groups))
+        return min(math.ceil(missing / s.valid_rate), self.budget - self.spent())
+
+    def spent(self) -> int:
+        """New groups drawn this batch that count against the refill budget: all but those parked (up to a batch of
+        them, so a step whose every response runs long still ends)."""
+        return len(self.groups) - len(self.carried_in) - min(self.parked_fresh, self.target)
 
     def room(self, worker: int) -> int:
         """Sequences `worker` can take before it holds its fill target."""
@@ -269,10 +378,18 @@ class _Collection:
         for _ in range(n):  # a row the encoder refuses is a bad row: dropped (data.on_bad_row: skip) or named
             groups.append(Group(*self.scheduler.source.draw_encoded(self.scheduler.encode)))
         self.groups.extend(groups)
+        self._send(worker, groups)
+
+    def _send(self, worker: int, groups: list[Group]) -> None:
         for key, group in zip(self.scheduler.submit(worker, groups), groups):
             self.pending[key] = (worker, group)
+            self.out.add(id(group))
         if worker not in self.mail.values():
             self.mail[self.scheduler.workers[worker].take_finished.remote(MAIL_SECONDS)] = worker
+
+    def parked(self, group: Group) -> bool:
+        """Partial: the group's segment ended with samples unfinished; the next batch continues them."""
+        return bool(group.unfinished) and id(group) not in self.out
 
     # -- results
 
@@ -284,7 +401,7 @@ class _Collection:
             time.sleep(POLL_SECONDS)
         if not self.pending:  # every group is back: score what was not scored on arrival
             for group in self.groups[self.prefix :]:
-                if group.reward_futures is None:
+                if group.reward_futures is None and group.rewards is None and not group.unfinished:
                     self.scheduler.submit_scoring(group, self.progress)
                     self.scoring.append(group)
         self._collect_rewards()
@@ -303,8 +420,10 @@ class _Collection:
                 if key not in self.pending:  # not this collection's (every batch drains its own, so none expected)
                     continue
                 _, group = self.pending.pop(key)
-                group.completions = completions
-                if score:
+                self.out.discard(id(group))
+                samples = group.unfinished or list(range(len(completions)))
+                group.add_piece(completions, self.version, samples, self.scheduler.sampling_for(group.prompt).max_new_tokens)
+                if score and not group.unfinished:
                     self.scheduler.submit_scoring(group, self.progress)
                     self.scoring.append(group)
             if any(w == worker for w, _ in self.pending.values()):
@@ -322,6 +441,10 @@ class _Collection:
     def _advance_prefix(self) -> None:
         while self.prefix < len(self.groups) and len(self.accepted) < self.target:
             group = self.groups[self.prefix]
+            if self.parked(group):  # decided for this batch: it goes on in the next
+                self.parked_fresh += id(group) not in self.carried_in
+                self.prefix += 1
+                continue
             if group.rewards is None:
                 return
             if self.scheduler.is_valid(group):
@@ -332,18 +455,22 @@ class _Collection:
     def done(self) -> bool:
         if len(self.accepted) >= self.target:
             return True
-        exhausted = len(self.groups) >= self.budget and self.prefix == len(self.groups)
+        exhausted = self.spent() >= self.budget and self.prefix == len(self.groups)
         return exhausted and not self.pending
 
     # -- the end of the batch
 
     def finish(self) -> tuple[RolloutBatch, float | None]:
-        """Abort what still runs, put unused prompts back, feed the easy pool, and report; also the share of the
-        decided groups that were valid (None when none was decided)."""
+        """Abort what still runs (partial: what is not carried), put unused prompts back, feed the easy pool, and
+        report; also the share of the decided groups that were valid (None when none was decided)."""
+        kept = self._carry() if self.scheduler.dispatch.carries else []
         self.abort_and_drain()
         tail_seconds = time.perf_counter() - self.last_accept_time
-        decided, unused = self.groups[: self.prefix], self.groups[self.prefix :]
+        kept_ids = {id(g) for g in kept}
+        decided = [g for g in self.groups[: self.prefix] if id(g) not in kept_ids]
+        unused = [g for g in self.groups[self.prefix :] if id(g) not in kept_ids]
         self.scheduler.source.put_back([g.prompt for g in unused])
+        self.carried_out = [g for g in self.groups if id(g) in kept_ids]  # in dispatch order
         for group in decided:
             if group.all_correct:
                 self.scheduler.source.add_easy(group.prompt)
@@ -358,9 +485,44 @@ class _Collection:
             )
         observed = len(self.accepted) / len(decided) if decided else None
         accepted_at = time.time() - tail_seconds
-        metrics = self._metrics(decided, tail_seconds)
-        batch = RolloutBatch(self.accepted, decided, metrics, self.timelines, self.started_at, accepted_at)
+        metrics = self._metrics(decided, tail_seconds, kept_ids)
+        batch = RolloutBatch(self.accepted, decided, metrics, self.timelines, self.started_at, accepted_at,
+                             self.version)
         return batch, observed
+
+    def _carry(self) -> list[Group]:
+        """Partial: the groups the next batch continues, each with its segment run to its end under this version:
+        those parked in the batch's prefix, every carried-in group beyond it, and the first carry_groups new groups
+        dispatched beyond it (drawn now if fewer were), scored when their responses are complete. Which groups these
+        are, and how far each got, never depends on timing. The rest beyond the prefix is aborted and put back."""
+        scheduler = self.scheduler
+        beyond = self.groups[self.prefix :]
+        fresh = [g for g in beyond if id(g) not in self.carried_in]
+        target = self._carry_groups()
+        for _ in range(target - len(fresh)):  # in dispatch order: the next prompts, each to the emptiest engine
+            self.start(max(range(len(scheduler.workers)), key=self.room), 1)
+        fresh = [g for g in self.groups[self.prefix :] if id(g) not in self.carried_in]
+        kept = [g for g in self.groups[: self.prefix] if self.parked(g)]
+        kept += [g for g in self.groups[self.prefix :] if id(g) in self.carried_in] + fresh[:target]
+        kept_ids = {id(g) for g in kept}
+        dropped = [key for key, (_, g) in self.pending.items() if id(g) not in kept_ids]
+        for worker in {self.pending[key][0] for key in dropped}:
+            scheduler.workers[worker].abort.remote([key for key in dropped if self.pending[key][0] == worker])
+        while self.pending:  # the kept segments end, the dropped ones come back aborted
+            self._take_mail(None, score=True)
+        for group in kept:
+            if not group.unfinished and group.rewards is None and group.reward_futures is None:
+                scheduler.submit_scoring(group, self.progress)
+                self.scoring.append(group)
+        while any(g.rewards is None and not g.unfinished for g in kept):
+            self._collect_rewards()
+            time.sleep(POLL_SECONDS)
+        return kept
+
+    def _carry_groups(self) -> int:
+        """rollout.partial.carry_groups, or what the engines hold when full."""
+        carry = self.scheduler.partial.carry_groups
+        return sum(self.scheduler.fill_targets) // self.scheduler.sampling.n if carry is None else carry
 
     def abort_and_drain(self) -> None:
         """Abort every group still out (running ones free their slots at the engine's next step) and take them back,
@@ -371,10 +533,12 @@ class _Collection:
         while self.pending:
             self._take_mail(None, score=False)
 
-    def _metrics(self, decided: list[Group], tail_seconds: float) -> dict[str, float]:
+    def _metrics(self, decided: list[Group], tail_seconds: float, kept_ids: set[int]) -> dict[str, float]:
+        """The step's rollout metrics. Waste counts the groups that leave the rollout this step (decided, aborted,
+        or dropped as stale) without training: a group carried on is counted in the step it leaves."""
         wall = time.perf_counter() - self.start_time
         g = self.scheduler.sampling.n
-        generated = [grp for grp in self.groups if grp.completions]
+        generated = [grp for grp in self.groups if grp.completions and id(grp) not in kept_ids] + self.stale
         accepted_ids = {id(grp) for grp in self.accepted}
         wasted = [grp for grp in generated if id(grp) not in accepted_ids]
         tokens = lambda groups: sum(len(c.token_ids) for grp in groups for c in grp.completions)  # noqa: E731
@@ -396,6 +560,8 @@ class _Collection:
         for i, busy in enumerate(self.busy):
             metrics[f"rollout/worker{i}_idle_s"] = max(0.0, wall - busy)
         metrics["rollout/occupancy"] = sum(self.occupied) / (wall * len(self.busy))
+        if self.scheduler.partial is not None:
+            metrics.update(self._partial_metrics(kept_ids))
         for task in sorted({x.task for x in decided}):
             metrics[f"prompts/{task}"] = float(sum(x.task == task for x in decided))
             metrics[f"update_prompts/{task}"] = float(sum(x.task == task for x in self.accepted))
@@ -406,3 +572,44 @@ class _Collection:
                 sum(x.task == task and x.prompt.from_easy_pool for x in decided)
             )
         return metrics
+
+    def _partial_metrics(self, kept_ids: set[int]) -> dict[str, float]:
+        """What partial rollout carried, continued and dropped, and how stale the batch's tokens are: the share of
+        its response tokens sampled k policy versions ago, k = 0 .. max_staleness."""
+        lags: Counter = Counter()
+        for group in self.accepted:
+            for pieces in group.pieces:
+                for version, tokens in pieces:
+                    lags[self.version - version] += tokens
+        total = max(sum(lags.values()), 1)
+        metrics = {
+            "partial/carried_groups": float(len(kept_ids)),
+            "partial/continued_samples": float(self.continued_samples),
+            "partial/dropped_stale_groups": float(len(self.stale)),
+            "partial/stale_token_share": 1.0 - lags[0] / total,
+        }
+        for lag in range(self.scheduler.partial.max_staleness + 1):
+            metrics[f"partial/staleness_{lag}"] = lags[lag] / total
+        return metrics
+
+
+def pack(values: Sequence, dtype: type) -> str:
+    """A list of numbers as base64 of their bytes: a carried response's tokens and log-probs, compact in JSON."""
+    return base64.b64encode(np.asarray(values, dtype=dtype).tobytes()).decode()
+
+
+def unpack(text: str, dtype: type) -> list:
+    return np.frombuffer(base64.b64decode(text), dtype=dtype).tolist()
+
+
+def carried_group_state(group: Group) -> dict[str, Any]:
+    """A carried group as a checkpoint holds it: which prompt, and each response so far with its pieces' versions."""
+    return {
+        "key": list(group.prompt.key), "seq": group.prompt.seq, "from_easy_pool": group.prompt.from_easy_pool,
+        "rewards": group.rewards, "unfinished": group.unfinished,
+        "samples": [
+            {"tokens": pack(c.token_ids, np.int32), "logprobs": pack(c.logprobs, np.float64), "text": c.text,
+             "finish": c.finish_reason, "pieces": [list(piece) for piece in pieces]}
+            for c, pieces in zip(group.completions, group.pieces)
+        ],
+    }

@@ -39,8 +39,9 @@ def reward_input(row: Row, completion: Completion, progress: TrainingProgress | 
     )
 
 
-def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[str, float]]:
-    """Flatten the accepted groups into sequences, each with its group-normalised advantage and its task."""
+def build_batch(groups: list[Group], adv_eps: float, version: int = 0) -> tuple[TrainBatch, dict[str, float]]:
+    """Flatten the accepted groups into sequences, each with its group-normalised advantage and its task; `version`:
+    the policy the engines held, whose tokens are fresh (partial rollout's older ones are counted as stale)."""
     if not groups:
         return TrainBatch([], [], [], []), {}
     advantages = group_advantages(torch.tensor([g.rewards for g in groups]), adv_eps)
@@ -56,6 +57,7 @@ def build_batch(groups: list[Group], adv_eps: float) -> tuple[TrainBatch, dict[s
         [completion.logprobs for _, completion, *_ in sequences],
         [advantage for *_, advantage, _ in sequences],
         [task for *_, task in sequences],
+        stale_tokens=stale if any(stale := [n for g in groups for n in g.stale_tokens(version)]) else [],
     )
     adv = torch.tensor(batch.advantages)
     return batch, {

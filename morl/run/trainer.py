@@ -212,7 +212,7 @@ class Trainer:
             TrainingProgress(global_step=step - 1, max_steps=self.cfg.trainer.max_steps),
         )
         timer.lap("rollout")  # generation and scoring overlap: one phase
-        batch, batch_metrics = build_batch(rollout.groups, self.cfg.algo.adv_eps)
+        batch, batch_metrics = build_batch(rollout.groups, self.cfg.algo.adv_eps, rollout.version)
         metrics = {"step": step, **reward_metrics(rollout.decided, self.dataset_names), **rollout.metrics,
                    **batch_metrics}
         if len(batch):
@@ -286,6 +286,8 @@ class Trainer:
         """
         self.learner.load_checkpoint(str(ckpt.path))
         self.sync_weights()
+        # checkpoints written before the scheduler had a state_dict hold its one number under this key
+        scheduler = ckpt.state.get("scheduler") or {"valid_rate": ckpt.state["rollout_valid_rate"]}
         try:
             self.source.load_state_dict(ckpt.state["sampler"])
         except ValueError as exc:
@@ -294,10 +296,11 @@ class Trainer:
                     f"checkpoint {ckpt.path}: the training data changed ({exc}); pass --force to resume with the "
                     "data order started over"
                 ) from None
-            log.warning("--force: the data order starts over (%s)", exc)
+            log.warning("--force: the data order starts over (%s)%s", exc,
+                        "; the partial responses the checkpoint carried are dropped" if scheduler.get("carried") else "")
+            scheduler = {**scheduler, "carried": []}  # their rows may no longer be where the checkpoint says
         self.router.load_state_dict(ckpt.state["router"])
-        # checkpoints written before the scheduler had a state_dict hold its one number under this key
-        self.scheduler.load_state_dict(ckpt.state.get("scheduler") or {"valid_rate": ckpt.state["rollout_valid_rate"]})
+        self.scheduler.load_state_dict(scheduler)
         restore_rng(ckpt.state["rng"])
         self.start_step = self.saved_step = self.done_step = ckpt.step
         self.sft_eval = ckpt.state["eval_sft"]

@@ -249,3 +249,28 @@ def test_seq_mask_drops_responses_by_their_geometric_mean_ratio():
 def test_unknown_rollout_correction_is_refused():
     with pytest.raises(ValueError, match="unknown rollout correction 'icepop'"):
         rollout_correction_weights(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), "icepop", CAP, THRESHOLD)
+
+
+def test_partial_rollouts_older_tokens_are_weighted_by_their_own_versions_ratio_and_left_out_of_the_sync_check():
+    """One response of 4 tokens whose first two an older policy sampled (partial rollout): each token's weight is
+    min(pi / pi_behaviour, cap) with pi_behaviour recorded by the version that sampled it; the rollout-vs-learner
+    mismatch, the weight-sync check, counts only the two the current policy sampled."""
+    from morl.algo.updates import MorlLoss, mismatch_metrics, update_rule
+    from morl.config import AlgoConfig
+    from morl.types import SequenceShape, TrainBatch
+
+    rule = update_rule(AlgoConfig(rollout_correction="tis", rollout_correction_cap=CAP))
+    learner = torch.tensor([-1.0, -1.0, -0.5, -0.7], requires_grad=True)
+    behaviour = torch.tensor([-2.0, -1.3, -0.5, -0.6])  # versions v-2, v-1, v, v
+    shapes = [SequenceShape(prompt_tokens=3, response_tokens=4)]
+    batch = TrainBatch([None], [None], [None], [1.5], shapes=shapes, stale_tokens=[2])
+    assert batch.fresh_mask([0]).tolist() == [False, False, True, True]
+    loss = MorlLoss(rule, [4], torch.full((4,), 1.5), behaviour, 4, batch.fresh_mask([0]))
+    loss.terms(learner, slice(None)).sum().backward()
+    weights = [min(math.e, CAP), math.exp(0.3), 1.0, math.exp(-0.1)]  # the first truncated at the cap
+    assert learner.grad.tolist() == pytest.approx([-1.5 * w / 4 for w in weights])
+    stats = loss.stats(learner.detach())
+    assert stats["corrected"] == 1
+    assert stats["mismatch"] == pytest.approx(0.1)  # |-0.7 - -0.6|; the older tokens' gaps are the policy's change
+    assert mismatch_metrics(stats["mismatch"], batch) == pytest.approx(
+        {"logprob_mismatch": 0.05, "logprob_mismatch_tokens": 2.0})

@@ -29,10 +29,11 @@ def test_rollout_bench_compares_the_framework_with_the_bare_engine_and_the_modes
     assert framework > 0 and bare > 0
     ratio = float(re.search(r"^framework / bare: ([\d.]+)$", out, re.M)[1])
     assert ratio == pytest.approx(framework / bare, rel=1e-2)
-    for mode in ("seamless", "synchronous"):
+    for mode in ("seamless", "synchronous", "partial"):
         seconds, waste, idle = lines[mode][1:4]
         assert float(seconds) > 0 and 0 <= float(waste.rstrip("%")) <= 100 and 0 <= float(idle.rstrip("%")) <= 100
     assert "same batches in both modes: yes" in out
+    assert re.search(r"^speedup \(synchronous / partial time\): [\d.]+x", out, re.M)
 
 
 def table(stdout: str) -> dict[str, list[str]]:
