@@ -17,7 +17,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from morl.rollout.types import Completion, Finished, RolloutEngine, SamplingParams, aborted_group
+from morl.rollout.types import (
+    Completion,
+    Continuation,
+    Finished,
+    RolloutEngine,
+    SamplingParams,
+    aborted_group,
+    group_size,
+)
 from morl.types import EncodedPrompt
 
 T = TypeVar("T")
@@ -41,6 +49,7 @@ class _Submitted:
     sampling: SamplingParams
     seed: int
     deliver: Callable[[Hashable, list[Completion] | Exception], None]  # with the loop's lock held
+    continuation: Continuation | None = None  # partial responses to carry on (`RolloutEngine.add`)
 
 
 class EngineLoop:
@@ -68,10 +77,14 @@ class EngineLoop:
     # -- the driver's side: never waits on generation
 
     def submit(self, prompts: Sequence[EncodedPrompt], samplings: Sequence[SamplingParams], seeds: Sequence[int],
-               keys: Sequence[Hashable]) -> None:
-        """Queue these groups (each with its sampling settings); each ends up in `take_finished`, finished or
-        aborted."""
-        self._enqueue([_Submitted(*item, self._post) for item in zip(keys, prompts, samplings, seeds)])
+               keys: Sequence[Hashable], continuations: Sequence[Continuation | None] | None = None) -> None:
+        """Queue these groups (each with its sampling settings, and the partial responses it carries on, None for a
+        fresh group); each ends up in `take_finished`, finished or aborted."""
+        continuations = continuations or [None] * len(prompts)
+        self._enqueue([
+            _Submitted(key, prompt, sampling, seed, self._post, continuation)
+            for key, prompt, sampling, seed, continuation in zip(keys, prompts, samplings, seeds, continuations)
+        ])
 
     def abort(self, keys: Sequence[Hashable]) -> None:
         """Drop these groups at the next step (queued ones never start); they come back marked "abort"."""
@@ -183,10 +196,10 @@ class EngineLoop:
         for item in inbox:
             self._delivery[item.key] = item.deliver
             if item.key in aborts:
-                answered.append((item.key, aborted_group(item.sampling.n)))
+                answered.append((item.key, aborted_group(group_size(item.sampling, item.continuation))))
                 continue
             try:
-                self.engine.add(item.key, item.prompt, item.sampling, item.seed)
+                self.engine.add(item.key, item.prompt, item.sampling, item.seed, item.continuation)
             except Exception as exc:  # this prompt only (e.g. over the engine's limits): the rest runs on
                 answered.append((item.key, exc))
         answered_keys = {key for key, _ in answered}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer, LogitsProcessor, Qwen2_5_VLForConditionalGeneration, StoppingCriteria
@@ -11,7 +13,15 @@ from transformers import AutoTokenizer, LogitsProcessor, Qwen2_5_VLForConditiona
 from morl.algo.core import token_logprobs
 from morl.compat import use_reference_video_positions
 from morl.data.encoding import collate, vision_token_ids
-from morl.rollout.types import Completion, Finished, SamplingParams, aborted_group, generate
+from morl.rollout.types import (
+    Completion,
+    Continuation,
+    Finished,
+    SamplingParams,
+    aborted_group,
+    generate,
+    group_size,
+)
 from morl.types import EncodedPrompt
 
 
@@ -74,10 +84,52 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
+class _RowLimits(StoppingCriteria):
+    """Ends each row at its own token budget (the batch runs to the largest): a finished row only pads after."""
+
+    def __init__(self, start: int, limits: Sequence[int]):
+        self.start = start  # the padded input's width: where the new tokens begin
+        self.limits = torch.tensor(limits)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return (input_ids.shape[1] - self.start >= self.limits).to(input_ids.device)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One sample of a static batch: its prompt, the response it carries on (empty when fresh), the seed of its
+    sampler, and the most tokens it adds."""
+
+    prompt: EncodedPrompt
+    prefix: tuple[int, ...]
+    seed: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class _Queued:
+    key: Hashable
+    prompt: EncodedPrompt
+    sampling: SamplingParams
+    seed: int
+    continuation: Continuation | None
+
+    def rows(self) -> list[_Row]:
+        c = self.continuation
+        if c is None:
+            n, limit = self.sampling.n, self.sampling.max_new_tokens
+            return [_Row(self.prompt, (), sequence_seed(self.seed, j), limit) for j in range(n)]
+        return [_Row(self.prompt, *sample) for sample in zip(c.prefixes, c.seeds, c.max_new_tokens)]
+
+
 class HFEngine:
     """Static batches: when the last batch ends, the groups queued by then (up to `max_num_seqs` samples) run as the
     next one, to its slowest sample. (transformers' continuous batching, `generate_batch`, takes token ids only: no
-    images, and no per-request sampler, so it cannot serve these prompts.)"""
+    images, and no per-request sampler, so it cannot serve these prompts.)
+
+    A continued sample runs on its prompt + prefix (left padding lines the rows up whatever their lengths) and stops
+    at its own token budget; its sampler's generator is seeded with its own seed, so its tokens do not depend on its
+    batch."""
 
     batches_continuously = False
 
@@ -90,38 +142,55 @@ class HFEngine:
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tokenizer.pad_token_id
         self.max_num_seqs = max_num_seqs
-        self._queue: list[tuple[Hashable, EncodedPrompt, SamplingParams, int]] = []
+        self._queue: list[_Queued] = []
 
-    def add(self, key: Hashable, prompt: EncodedPrompt, sampling: SamplingParams, seed: int) -> None:
-        self._queue.append((key, prompt, sampling, seed))
+    def add(
+        self,
+        key: Hashable,
+        prompt: EncodedPrompt,
+        sampling: SamplingParams,
+        seed: int,
+        continuation: Continuation | None = None,
+    ) -> None:
+        self._queue.append(_Queued(key, prompt, sampling, seed, continuation))
 
     def has_unfinished(self) -> bool:
         return bool(self._queue)
 
     def sequences_in_flight(self) -> int:
-        return sum(sampling.n for _, _, sampling, _ in self._queue)
+        return sum(group_size(item.sampling, item.continuation) for item in self._queue)
 
     def abort(self, keys: Iterable[Hashable]) -> list[Finished]:
         dropped = set(keys)
-        aborted = [(key, aborted_group(sampling.n)) for key, _, sampling, _ in self._queue if key in dropped]
-        self._queue = [item for item in self._queue if item[0] not in dropped]
+        aborted = [
+            (item.key, aborted_group(group_size(item.sampling, item.continuation)))
+            for item in self._queue
+            if item.key in dropped
+        ]
+        self._queue = [item for item in self._queue if item.key not in dropped]
         return aborted
 
     def step(self, is_aborted: Callable[[Hashable], bool]) -> list[Finished]:
         """One static batch: the queued groups that share the first one's sampling settings, up to max_num_seqs
         samples (always at least one group), run to their end or until every one of them is aborted."""
-        sampling = self._queue[0][2]
-        batch = [item for item in self._queue if item[2] == sampling][: max(1, self.max_num_seqs // sampling.n)]
+        sampling = self._queue[0].sampling
+        batch: list[_Queued] = []
+        samples = 0
+        for item in (item for item in self._queue if item.sampling == sampling):  # in the order they came
+            size = group_size(item.sampling, item.continuation)
+            if batch and samples + size > self.max_num_seqs:
+                break
+            batch.append(item)
+            samples += size
         taken = {id(item) for item in batch}
         self._queue = [item for item in self._queue if id(item) not in taken]
-        keys = [key for key, *_ in batch]
+        keys = [item.key for item in batch]
+        groups = [item.rows() for item in batch]
         flat = self._generate_batch(
-            [prompt for _, prompt, _, _ in batch for _ in range(sampling.n)],
-            [sequence_seed(seed, j) for *_, seed in batch for j in range(sampling.n)],
-            sampling,
-            lambda: all(is_aborted(key) for key in keys),
+            [row for rows in groups for row in rows], sampling, lambda: all(is_aborted(key) for key in keys)
         )
-        return [(key, flat[i * sampling.n : (i + 1) * sampling.n]) for i, key in enumerate(keys)]
+        ends = list(itertools.accumulate(len(rows) for rows in groups))
+        return [(key, flat[end - len(rows) : end]) for key, rows, end in zip(keys, groups, ends)]
 
     def generate(
         self,
@@ -129,35 +198,36 @@ class HFEngine:
         sampling: SamplingParams,
         seeds: Sequence[int],
         should_stop: Callable[[], bool] | None = None,
+        continuations: Sequence[Continuation | None] | None = None,
     ) -> list[list[Completion]]:
-        """`sampling.n` completions per prompt; prompt i's samples depend only on `seeds[i]` and the weights
-        (rollout/types.py `generate`)."""
-        return generate(self, prompts, sampling, seeds, should_stop)
+        """`sampling.n` completions per prompt (or its continuation's); prompt i's samples depend only on `seeds[i]`
+        and the weights (rollout/types.py `generate`)."""
+        return generate(self, prompts, sampling, seeds, should_stop, continuations)
 
     @torch.no_grad()
     def _generate_batch(
-        self,
-        prompts: list[EncodedPrompt],
-        row_seeds: list[int],
-        sampling: SamplingParams,
-        should_stop: Callable[[], bool] | None,
+        self, rows: list[_Row], sampling: SamplingParams, should_stop: Callable[[], bool] | None
     ) -> list[Completion]:
         config = self.model.config
         batch = collate(
-            [p.input_ids for p in prompts],
-            prompts,
+            [row.prompt.input_ids + list(row.prefix) for row in rows],
+            [row.prompt for row in rows],
             pad_id=self.pad_id,
             image_token_id=config.image_token_id,
             video_token_id=config.video_token_id,
             left_pad=True,
         )
-        processors = [] if sampling.greedy else [SeededSampler(row_seeds, sampling.temperature, sampling.top_p)]
+        seeds, limits = [row.seed for row in rows], [row.max_new_tokens for row in rows]
+        processors = [] if sampling.greedy else [SeededSampler(seeds, sampling.temperature, sampling.top_p)]
+        stopping: list[StoppingCriteria] = [_RowLimits(batch.input_ids.shape[1], limits)]
+        if should_stop:
+            stopping.append(_StopWhen(should_stop))
         out = self.model.generate(
             **batch.as_kwargs(),
             do_sample=False,
             logits_processor=processors,
-            stopping_criteria=[_StopWhen(should_stop)] if should_stop else None,
-            max_new_tokens=sampling.max_new_tokens,
+            stopping_criteria=stopping,
+            max_new_tokens=max(limits),
             min_new_tokens=sampling.min_new_tokens or None,
             suppress_tokens=self.banned_ids,
             output_logits=True,
@@ -167,15 +237,19 @@ class HFEngine:
         new_tokens = out.sequences[:, batch.input_ids.shape[1] :]
         temperature = 1.0 if sampling.greedy else sampling.temperature
         logprobs = token_logprobs(torch.stack(out.logits, dim=1), new_tokens, temperature, self.banned_ids)
-        aborted = should_stop is not None and should_stop()
-        return [self._completion(t.tolist(), lp.tolist(), aborted) for t, lp in zip(new_tokens, logprobs)]
+        return [
+            self._completion(row, t[: row.max_new_tokens].tolist(), lp[: row.max_new_tokens].tolist())
+            for row, t, lp in zip(rows, new_tokens, logprobs)
+        ]
 
-    def _completion(self, tokens: list[int], logprobs: list[float], aborted: bool) -> Completion:
+    def _completion(self, row: _Row, tokens: list[int], logprobs: list[float]) -> Completion:
+        """The row's new tokens up to its stop token, or all of them: its budget spent ("length") or cut short by an
+        abort; the text is the whole response's."""
         stop_at = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
         if stop_at is None:
-            reason = "abort" if aborted else "length"
-            return Completion(tokens, self.tokenizer.decode(tokens), logprobs, reason)
-        text = self.tokenizer.decode(tokens[:stop_at])
+            reason = "length" if len(tokens) == row.max_new_tokens else "abort"
+            return Completion(tokens, self.tokenizer.decode([*row.prefix, *tokens]), logprobs, reason)
+        text = self.tokenizer.decode([*row.prefix, *tokens[:stop_at]])
         return Completion(tokens[: stop_at + 1], text, logprobs[: stop_at + 1], "stop")
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -30,6 +30,7 @@ Sleep mode does not exist on CPU: a colocated engine there is refused, never fak
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -39,7 +40,15 @@ from morl.config import ModelConfig, RolloutConfig
 from morl.data.encoding import refuse_if_too_long, vision_token_ids
 from morl.data.rows import open_image
 from morl.rollout import vllm_compat
-from morl.rollout.types import Completion, Finished, SamplingParams, aborted_group, generate
+from morl.rollout.types import (
+    Completion,
+    Continuation,
+    Finished,
+    SamplingParams,
+    aborted_group,
+    generate,
+    group_size,
+)
 from morl.types import EncodedPrompt
 
 PLACEHOLDERS = {"image": "<|image_pad|>", "video": "<|video_pad|>"}  # one per image or video, as the template writes
@@ -112,12 +121,14 @@ def vllm_prompt(
     return request
 
 
-def check_expanded_prompt(prompt: EncodedPrompt, expanded: Sequence[int]) -> None:
-    """vLLM's expansion of the collapsed prompt must give back the driver's ids exactly."""
-    if list(expanded) != prompt.input_ids:
+def check_expanded_prompt(prompt: EncodedPrompt, expanded: Sequence[int], prefix: Sequence[int] = ()) -> None:
+    """vLLM's expansion of the collapsed prompt (+ the `prefix` a continued sample carries on) must give back the
+    driver's ids exactly."""
+    expected = [*prompt.input_ids, *prefix]
+    if list(expanded) != expected:
         raise RuntimeError(
             f"row {prompt.row_id!r}: vLLM expanded the prompt to {len(expanded)} tokens where morl's PromptEncoder "
-            f"made {len(prompt.input_ids)} (or other ids): vLLM and the learner would see different images. Give both "
+            f"made {len(expected)} (or other ids): vLLM and the learner would see different images. Give both "
             "the same processor (model.processor_path, the same preprocessor_config.json)."
         )
 
@@ -171,9 +182,30 @@ def start_llm(
     return llm
 
 
+@dataclass
+class _Group:
+    """A group in vLLM: its requests (one of n samples when fresh, one per sample when continued), and the
+    completions of those that ended, by sample."""
+
+    prompt: EncodedPrompt
+    size: int  # its samples
+    prefixes: list[tuple[int, ...]]  # per request: the response it carries on (empty when fresh)
+    request_ids: list[str]
+    done: dict[int, list[Completion]] = field(default_factory=dict)  # request index -> its samples' completions
+
+    def ended(self) -> bool:
+        return len(self.done) == len(self.request_ids)
+
+    def completions(self) -> list[Completion]:
+        return [c for i in range(len(self.request_ids)) for c in self.done[i]]
+
+
 class VLLMEngine:
     """vLLM's engine stepped by the worker's loop: requests join the running batch as slots free (up to
-    `max_num_seqs` sequences, `rollout.max_num_seqs`), each group leaves when its last sample ends."""
+    `max_num_seqs` sequences, `rollout.max_num_seqs`), each group leaves when its last sample ends.
+
+    A fresh group is one request of n samples; a continued group one request per sample (n = 1, its own seed and
+    token budget) whose prompt is the collapsed prompt + that sample's prefix."""
 
     batches_continuously = True
 
@@ -194,21 +226,38 @@ class VLLMEngine:
         }
         self.on_cpu = vllm_compat.on_cpu()
         self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
-        self._requests: dict[str, tuple[Hashable, EncodedPrompt, int]] = {}  # vLLM request id -> key, prompt, n
-        self._ids: dict[Hashable, str] = {}  # key -> vLLM request id
+        self._requests: dict[str, tuple[Hashable, int]] = {}  # vLLM request id -> its group's key, its index there
+        self._groups: dict[Hashable, _Group] = {}
         self._prefix_cache_stale = False
 
-    def add(self, key: Hashable, prompt: EncodedPrompt, sampling: SamplingParams, seed: int) -> None:
-        """One request of n = G samples (vLLM gives sample j seed + j); it runs as soon as the engine has room."""
+    def add(
+        self,
+        key: Hashable,
+        prompt: EncodedPrompt,
+        sampling: SamplingParams,
+        seed: int,
+        continuation: Continuation | None = None,
+    ) -> None:
+        """One request of n = G samples (vLLM gives sample j seed + j), or one per continued sample; they run as
+        soon as the engine has room."""
         request = vllm_prompt(prompt, self.placeholder_ids, max_prompt_tokens=self.max_prompt_tokens, limits=self.limits)
         if self._prefix_cache_stale:
             if self._requests:  # their KV came from the old weights, and the reset below would not reach it
                 raise RuntimeError("weights were loaded while rollout requests were running; abort them first")
             self.llm.reset_prefix_cache()  # KV cached under the old weights must not serve new prompts
             self._prefix_cache_stale = False
-        (request_id,) = vllm_compat.enqueue(self.llm, [request], [self._sampling_params(sampling, seed)])
-        self._requests[request_id] = (key, prompt, sampling.n)
-        self._ids[key] = request_id
+        if continuation is None:
+            prefixes, requests, params = [()], [request], [self._sampling_params(sampling, seed)]
+        else:
+            prefixes = list(continuation.prefixes)
+            requests = [{**request, "prompt_token_ids": request["prompt_token_ids"] + list(p)} for p in prefixes]
+            params = [
+                self._sampling_params(sampling, s, n=1, max_tokens=m)
+                for s, m in zip(continuation.seeds, continuation.max_new_tokens)
+            ]
+        request_ids = vllm_compat.enqueue(self.llm, requests, params)
+        self._groups[key] = _Group(prompt, group_size(sampling, continuation), prefixes, request_ids)
+        self._requests.update({request_id: (key, i) for i, request_id in enumerate(request_ids)})
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -225,18 +274,26 @@ class VLLMEngine:
                 continue
             if out.request_id not in self._requests:
                 raise RuntimeError(f"vLLM finished request {out.request_id!r}, which this engine never added")
-            key, prompt, _ = self._requests.pop(out.request_id)
-            del self._ids[key]
-            check_expanded_prompt(prompt, out.prompt_token_ids)
-            finished.append((key, [self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)]))
+            key, index = self._requests.pop(out.request_id)
+            group = self._groups[key]
+            prefix = group.prefixes[index]
+            check_expanded_prompt(group.prompt, out.prompt_token_ids, prefix)
+            group.done[index] = [self._completion(c, prefix) for c in sorted(out.outputs, key=lambda c: c.index)]
+            if group.ended():
+                del self._groups[key]
+                finished.append((key, group.completions()))
         return finished
 
     def abort(self, keys: Iterable[Hashable]) -> list[Finished]:
-        """vLLM returns a request's samples only once all of them end, so an aborted group comes back empty."""
-        request_ids = [self._ids.pop(key) for key in keys if key in self._ids]
+        """vLLM returns a request's samples only once all of them end, so an aborted group comes back empty (a
+        continued group too, even the samples of it that had ended)."""
+        groups = [(key, self._groups.pop(key)) for key in keys if key in self._groups]
+        request_ids = [r for _, group in groups for r in group.request_ids if r in self._requests]
+        for request_id in request_ids:
+            del self._requests[request_id]
         if request_ids:
             self.llm.llm_engine.abort_request(request_ids)
-        return [(key, aborted_group(n)) for key, _, n in (self._requests.pop(r) for r in request_ids)]
+        return [(key, aborted_group(group.size)) for key, group in groups]
 
     def generate(
         self,
@@ -244,19 +301,24 @@ class VLLMEngine:
         sampling: SamplingParams,
         seeds: Sequence[int],
         should_stop: Callable[[], bool] | None = None,
+        continuations: Sequence[Continuation | None] | None = None,
     ) -> list[list[Completion]]:
-        """`sampling.n` completions per prompt, prompt i's drawn with seed `seeds[i]` (rollout/types.py `generate`)."""
-        return generate(self, prompts, sampling, seeds, should_stop)
+        """`sampling.n` completions per prompt (or its continuation's), prompt i's drawn with seed `seeds[i]`
+        (rollout/types.py `generate`)."""
+        return generate(self, prompts, sampling, seeds, should_stop, continuations)
 
-    def _sampling_params(self, sampling: SamplingParams, seed: int):
+    def _sampling_params(self, sampling: SamplingParams, seed: int, n: int | None = None,
+                         max_tokens: int | None = None):
+        """vLLM's settings for `sampling`; a continued sample's request overrides n (1) and its token budget."""
         from vllm import SamplingParams as VLLMSamplingParams
 
+        max_tokens = max_tokens or sampling.max_new_tokens
         return VLLMSamplingParams(
-            n=sampling.n,
+            n=n or sampling.n,
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=1.0 if sampling.greedy else sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            min_tokens=sampling.min_new_tokens,
+            max_tokens=max_tokens,
+            min_tokens=min(sampling.min_new_tokens, max_tokens),
             seed=seed,
             logprobs=0,  # the sampled token's log-prob only
             bad_words=self.bad_words,
@@ -264,11 +326,12 @@ class VLLMEngine:
             detokenize=False,  # decoded here, as the HF engine does
         )
 
-    def _completion(self, out) -> Completion:
+    def _completion(self, out, prefix: Sequence[int]) -> Completion:
+        """One sample's new tokens and their log-probs; its text is the whole response's (prefix + new tokens)."""
         tokens = list(out.token_ids)
         logprobs = [step[token].logprob for step, token in zip(out.logprobs, tokens)]
         stopped = out.finish_reason == "stop" and bool(tokens) and tokens[-1] in self.stop_ids
-        text = self.tokenizer.decode(tokens[:-1] if stopped else tokens)
+        text = self.tokenizer.decode([*prefix, *(tokens[:-1] if stopped else tokens)])
         reason = out.finish_reason if out.finish_reason in ("stop", "abort") else "length"
         return Completion(tokens, text, logprobs, reason)
 

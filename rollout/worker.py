@@ -14,7 +14,7 @@ import ray
 import torch
 
 from morl.rollout.engine_loop import EngineLoop, LoopReport
-from morl.rollout.types import Completion, RolloutEngine, SamplingParams
+from morl.rollout.types import Completion, Continuation, RolloutEngine, SamplingParams
 from morl.types import EncodedPrompt, PackedBucket
 from morl.weight_group import WeightGroup
 
@@ -34,8 +34,9 @@ class RolloutWorker:
 
     @ray.method(concurrency_group="control")
     def submit(self, prompts: list[EncodedPrompt], samplings: Sequence[SamplingParams], seeds: Sequence[int],
-               keys: Sequence[Hashable]) -> None:
-        self.loop.submit(prompts, samplings, seeds, keys)
+               keys: Sequence[Hashable], continuations: Sequence[Continuation | None] | None = None) -> None:
+        """Queue these groups; `continuations[i]`: the partial responses group i carries on, None for a fresh one."""
+        self.loop.submit(prompts, samplings, seeds, keys, continuations)
 
     @ray.method(concurrency_group="control")
     def abort(self, keys: Sequence[Hashable]) -> None:

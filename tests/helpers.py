@@ -20,6 +20,7 @@ from morl.data.rows import Row
 from morl.learner.logprobs import response_logprobs
 from morl.rewards.preference import Qwen2_5_VLForSequenceClassification
 from morl.rewards.types import RewardInput
+from morl.rollout.types import Continuation
 from morl.toy.model import build_model, build_processor, build_tokenizer, save_checkpoint
 
 TESTS = Path(__file__).parent
@@ -277,6 +278,33 @@ def learner_logprob_gap(hf_model, processor, engine, prompts, groups, temperatur
     for i, c in enumerate(flat):
         rollout[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
     return (((logprobs.float().cpu() - rollout).abs() * mask.cpu()).sum() / mask.sum()).item()
+
+
+def forward_logprobs(model, prompts, responses, temperature: float, banned_ids) -> list[list[float]]:
+    """Each response's token log-probs under a teacher-forced HF forward of prompt + response (the learner's)."""
+    with torch.no_grad():
+        scores = response_logprobs(model, prompts, responses, temperature=temperature, banned_ids=banned_ids)
+    return [scores.logprobs[i, : len(r)].float().cpu().tolist() for i, r in enumerate(responses)]
+
+
+def carry_on(group, seeds, budgets, kept=None) -> Continuation:
+    """A group's samples continued: each one's tokens so far (its first `kept[j]`, else all) as its prefix, with these
+    seeds and token budgets."""
+    kept = kept or [len(c.token_ids) for c in group]
+    return Continuation(tuple(tuple(c.token_ids[:k]) for c, k in zip(group, kept)), tuple(seeds), tuple(budgets))
+
+
+def check_continued(engine, continuation: Continuation, completions) -> list[list[int]]:
+    """What every continued sample must be (rollout/types.py `RolloutEngine.add`); the whole responses."""
+    assert len(completions) == len(continuation.prefixes)
+    stop_ids = set(engine.stop_ids)
+    for prefix, budget, c in zip(continuation.prefixes, continuation.max_new_tokens, completions):
+        assert 0 < len(c.token_ids) == len(c.logprobs) <= budget
+        assert c.finish_reason == ("stop" if c.token_ids[-1] in stop_ids else "length")
+        assert c.finish_reason == "stop" or len(c.token_ids) == budget
+        kept = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+        assert c.text == engine.tokenizer.decode([*prefix, *kept])  # the whole response, not the new piece
+    return [[*prefix, *c.token_ids] for prefix, c in zip(continuation.prefixes, completions)]
 
 
 def gathered_weights(learner) -> dict[str, torch.Tensor]:
