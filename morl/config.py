@@ -153,7 +153,8 @@ class RolloutConfig(Section):
         if self.partial is not None and self.mode != "partial":
             raise ValueError(f"rollout.partial is set but rollout.mode={self.mode}: set rollout.mode=partial")
         if self.mode == "partial":
-            segment, staleness = self.partial_rollout().segment(self.max_new_tokens), self.partial_rollout().max_staleness
+            partial = self.partial_rollout()
+            segment, staleness = partial.segment(self.max_new_tokens), partial.max_staleness
             if -(-self.max_new_tokens // segment) > staleness + 1:
                 raise ValueError(
                     f"rollout.partial.segment_tokens={segment} with rollout.max_new_tokens={self.max_new_tokens} "

@@ -127,8 +127,8 @@ class TrainBatch:
             return [v if i in rows else None for i, v in enumerate(values)]
 
         return TrainBatch(
-            keep(self.prompts), keep(self.responses), keep(self.rollout_logprobs), self.advantages, self.tasks, self.shapes,
-            self.stale_tokens,
+            keep(self.prompts), keep(self.responses), keep(self.rollout_logprobs), self.advantages, self.tasks,
+            self.shapes, self.stale_tokens,
         )
 
     def fresh_mask(self, idx: Sequence[int]) -> torch.Tensor:

@@ -348,3 +348,38 @@ def wandb_history(run_dir: Path) -> list[dict]:
                     items = record.history.item
                     rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
     return rows
+
+
+# --- real HF rollout workers on the toy world, for the scheduler's tests ------------------------------------------
+
+
+@contextlib.contextmanager
+def toy_hf_rollout(world: Path, workers: int, max_num_seqs: int) -> Iterator[tuple]:
+    """`workers` real HF rollout-worker actors on the toy world's SFT model, its counting and choice training data,
+    their prompt encoder and a reward router for both tasks: (datasets, encoder, router, workers). Ray must be
+    started."""
+    import functools
+
+    import ray
+    from transformers import AutoProcessor
+
+    from morl.data.encoding import PromptEncoder
+    from morl.data.loading import load_dataset
+    from morl.rewards.config import RewardsConfig
+    from morl.rewards.router import RewardRouter
+    from morl.rollout.hf_engine import HFEngine
+    from morl.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
+
+    data = [load_dataset(world / "data" / t / "train.jsonl", known_tasks=None) for t in ("counting", "choice")]
+    encode = PromptEncoder(AutoProcessor.from_pretrained(world / "sft"), 4096)
+    router = RewardRouter(RewardsConfig(routes={"counting": [{"fn": "counting"}], "choice": [{"fn": "choice"}]},
+                                        num_workers=1))
+    actor = ray.remote(num_cpus=0, concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
+    make = functools.partial(HFEngine, str(world / "sft"), None, "float32", max_num_seqs=max_num_seqs)
+    pool = [actor.remote(make, 1) for _ in range(workers)]
+    try:
+        yield data, encode, router, pool
+    finally:
+        router.close()
+        for worker in pool:
+            ray.kill(worker)

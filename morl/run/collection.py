@@ -281,7 +281,8 @@ class RolloutScheduler:
             seeds=tuple(continuation_seed(seed, j, len(p)) for j, p in zip(group.unfinished, prefixes)),
             max_new_tokens=limits,
         )
-        return replace(sampling, max_new_tokens=max(limits), min_new_tokens=max(0, min(least, *limits))), continuation
+        # the segment, not this group's own limits: groups of equal sampling settings share a static batch (HF)
+        return replace(sampling, max_new_tokens=segment, min_new_tokens=max(0, min(least, *limits))), continuation
 
     def submit_scoring(self, group: Group, progress: TrainingProgress | None) -> None:
         inputs = [reward_input(group.prompt.row, c, progress) for c in group.completions]
@@ -422,7 +423,8 @@ class _Collection:
                 _, group = self.pending.pop(key)
                 self.out.discard(id(group))
                 samples = group.unfinished or list(range(len(completions)))
-                group.add_piece(completions, self.version, samples, self.scheduler.sampling_for(group.prompt).max_new_tokens)
+                limit = self.scheduler.sampling_for(group.prompt).max_new_tokens
+                group.add_piece(completions, self.version, samples, limit)
                 if score and not group.unfinished:
                     self.scheduler.submit_scoring(group, self.progress)
                     self.scoring.append(group)
@@ -509,7 +511,7 @@ class _Collection:
         for worker in {self.pending[key][0] for key in dropped}:
             scheduler.workers[worker].abort.remote([key for key in dropped if self.pending[key][0] == worker])
         while self.pending:  # the kept segments end, the dropped ones come back aborted
-            self._take_mail(None, score=True)
+            self._take_mail(None, score=False)
         for group in kept:
             if not group.unfinished and group.rewards is None and group.reward_futures is None:
                 scheduler.submit_scoring(group, self.progress)

@@ -6,7 +6,6 @@ generation time are fixed), so group order, variance and timing are under the te
 HF engine itself is tested in test_rollout.py, and with the scheduler in the last test here.
 """
 
-import functools
 import itertools
 import sys
 import time
@@ -27,6 +26,8 @@ from morl.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
 from morl.run.collection import DISPATCH, RolloutAbandoned, RolloutScheduler
 from morl.types import EncodedPrompt
 
+from helpers import toy_hf_rollout
+
 # Ray workers cannot import this test module: ship the scripted engine to them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -45,7 +46,7 @@ class ScriptedEngine:
     def __init__(self):
         self.running = {}  # key -> (deadline, responses)
 
-    def add(self, key, prompt, sampling, seed):
+    def add(self, key, prompt, sampling, seed, continuation=None):
         kind, delay = prompt.row_id.split(":")
         self.running[key] = (time.perf_counter() + float(delay), RESPONSES[kind])
 
@@ -232,21 +233,8 @@ def test_without_dynamic_sampling_zero_variance_groups_stay(pool, router):
 
 def test_seamless_and_synchronous_train_on_the_same_batches(toy_world):
     """Real HF workers on the tiny world: both modes take the same prompts and the same samples."""
-    from transformers import AutoProcessor
-
-    from morl.data.encoding import PromptEncoder
-    from morl.data.loading import load_dataset
-    from morl.rollout.hf_engine import HFEngine
-
-    data = [load_dataset(toy_world / "data" / t / "train.jsonl", known_tasks=None) for t in ("counting", "choice")]
-    encode = PromptEncoder(AutoProcessor.from_pretrained(toy_world / "sft"), 4096)
-    route = RewardRouter(RewardsConfig(routes={"counting": [{"fn": "counting"}], "choice": [{"fn": "choice"}]},
-                                       num_workers=1))
-    actor = ray.remote(num_cpus=0, concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
-    make = functools.partial(HFEngine, str(toy_world / "sft"), None, "float32", max_num_seqs=G)
-    pool = [actor.remote(make, 1) for _ in range(2)]
     batches = {}
-    try:
+    with toy_hf_rollout(toy_world, workers=2, max_num_seqs=G) as (data, encode, route, pool):
         for mode in ("seamless", "synchronous"):
             src = PromptSource(data, [1.0, 1.0], seed=3, easy_pool_alpha=0.5)
             scheduler = RolloutScheduler(
@@ -254,8 +242,6 @@ def test_seamless_and_synchronous_train_on_the_same_batches(toy_world):
                 dynamic_sampling=False, max_refill_rounds=0, run_seed=5, engine="hf",
             )
             batches[mode] = [scheduler.collect(3) for _ in range(2)]
-    finally:
-        route.close()
     seamless, synchronous = ([[(g.prompt.row.id, [c.token_ids for c in g.completions], g.rewards) for g in b.groups]
                               for b in batches[m]] for m in ("seamless", "synchronous"))
     assert seamless == synchronous

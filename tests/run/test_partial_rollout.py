@@ -27,7 +27,7 @@ from morl.run.collection import DISPATCH, RolloutScheduler
 from morl.run.step import build_batch
 from morl.types import EncodedPrompt
 
-from helpers import morl_train
+from helpers import morl_train, toy_hf_rollout
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -243,3 +243,21 @@ def run_metrics(run_dir: Path) -> list[dict]:
 
 def learning_signal(m: dict) -> dict:
     return {k: v for k, v in m.items() if k.startswith(("reward/", "loss", "grad_norm", "advantage/", "partial/"))}
+
+
+def test_real_hf_workers_take_the_same_partial_batches_however_many_share_the_work(toy_world, router):
+    """Real HF engines on the tiny world, segments of 4 tokens: one worker or two, the same groups in the same order,
+    the same tokens, log-probs and versions, carried responses included."""
+    runs = {}
+    with toy_hf_rollout(toy_world, workers=2, max_num_seqs=G) as (data, encode, route, workers):
+        for name, pool in (("two", workers), ("one", workers[:1])):
+            source = PromptSource(data, [1.0, 1.0], seed=3, easy_pool_alpha=0.5)
+            scheduler = RolloutScheduler(
+                pool, route, encode, source, SamplingParams(n=G, max_new_tokens=12), dispatch=DISPATCH["partial"](),
+                dynamic_sampling=False, max_refill_rounds=0, run_seed=5, engine="hf",
+                partial=PartialConfig(segment_tokens=4, max_staleness=2, carry_groups=1),
+            )
+            runs[name] = [snapshot(scheduler.collect(2)) for _ in range(3)]
+    assert runs["one"] == runs["two"]
+    pieces = [pieces for batch in runs["two"] for *_, group_pieces in batch for pieces in group_pieces]
+    assert any(len(p) > 1 for p in pieces)  # some responses went on across versions
