@@ -345,6 +345,7 @@ class _Collection:
         decided, unused = self.groups[: self.prefix], self.groups[self.prefix :]
         self.scheduler.source.put_back([g.prompt for g in unused])
         for group in decided:
+            self.scheduler.source.record_pass_rate(group.prompt, group.rewards)
             if group.all_correct:
                 self.scheduler.source.add_easy(group.prompt)
         if len(self.accepted) < self.target:
