@@ -191,6 +191,17 @@ ALGORITHM_SUMMARY = {
 }
 
 
+class PassRateHistoryConfig(Section):
+    """MiMo-V2's historical pass rates: draw prompts that were all correct or all wrong of late less often."""
+
+    window: int = Field(4, ge=1, description="how many of each prompt's latest pass rates are kept (in the checkpoint)")
+    skip_probability: float = Field(
+        0.5, ge=0, lt=1,
+        description="p: a fresh draw of a prompt whose latest h pass rates were all 0 or all 1 is skipped with "
+        "probability 1 - (1 - p)^h (the mixture moves on to its next row; the easy pool's draws are never skipped)",
+    )
+
+
 class AlgoConfig(Section):
     name: Literal["morl", "grpo"] = Field(
         "morl", description="morl: one on-policy step per rollout batch; grpo: the vanilla GRPO ablation"
@@ -204,6 +215,12 @@ class AlgoConfig(Section):
     )
     easy_pool_alpha: float = Field(
         0.1, ge=0, le=1, description="probability that a draw comes from the pool of prompts whose group was all correct"
+    )
+    pass_rate_history: PassRateHistoryConfig | None = Field(
+        None,
+        description="keep each prompt's recent pass rates (share of its group's rewards >= 1.0) and skip fresh draws "
+        "of prompts that were all correct or all wrong of late, which dynamic sampling would drop (docs/rollout.md); "
+        "null: off",
     )
     # vanilla GRPO only (name: grpo); under morl a value other than the default is refused, not silently ignored
     mini_batches: int = Field(4, ge=1, description="grpo: optimizer steps per pass over the rollout batch")

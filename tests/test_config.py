@@ -74,6 +74,11 @@ def test_dump_round_trips(recipe):
         ("rollout.group_size=1", "rollout.group_size", "greater than or equal to 2"),
         ("algo.rollout_correction=icepop", "algo.rollout_correction", "'none', 'tis' or 'seq_mask'"),
         ("algo.rollout_correction_threshold=1", "algo.rollout_correction_threshold", "greater than 1"),
+        ("algo.pass_rate_history.window=0", "algo.pass_rate_history.window", "greater than or equal to 1"),
+        ("algo.pass_rate_history.skip_probability=1", "algo.pass_rate_history.skip_probability", "less than 1"),
+        ("algo.pass_rate_history.skip_probability=-0.1", "algo.pass_rate_history.skip_probability",
+         "greater than or equal to 0"),
+        ("algo.pass_rate_history.windw=2", "algo.pass_rate_history.windw", "unknown key"),
     ],
 )
 def test_bad_values_name_the_key(recipe, override, key, words):

@@ -6,7 +6,8 @@ pool with probability `easy_pool_alpha` (docs/algorithm.md section 2). Every dra
 dispatched but did not use, so a run is reproducible however the rollouts were timed. A row found bad only when it
 is encoded (an image body that does not decode, a prompt over the token limit) is dropped for good under
 `data.on_bad_row: skip`, resume included; held-out evaluation leaves such a row out the same way (`bad_row` reports
-both).
+both). With `algo.pass_rate_history`, a fresh draw of a prompt whose latest groups were all correct or all wrong is
+skipped with some probability (morl/data/pass_rates.py), decided as purely as the rest.
 """
 
 from __future__ import annotations
@@ -24,17 +25,19 @@ from morl.data.budget import VisionBudget
 from morl.data.config import OnBadRow
 from morl.data.loading import LoadedDataset, load_datasets
 from morl.data.mixture import MixtureSampler
+from morl.data.pass_rates import Key, PassRateHistory
 from morl.data.rows import DataError, Row
 from morl.rollout.engines import engine_of
 from morl.types import EncodedPrompt
 
 if TYPE_CHECKING:
-    from morl.config import RunConfig
+    from morl.config import PassRateHistoryConfig, RunConfig
     from morl.data.config import DatasetSpec
 
 log = logging.getLogger("morl.data")
 
-Key = tuple[int, int]  # (dataset index, row index)
+# a fresh draw passes over at most this many rows for their pass-rate history; the next one is taken whatever it is
+MAX_HISTORY_SKIPS = 64
 
 
 def load_run_datasets(
@@ -135,6 +138,7 @@ class DrawnPrompt:
     seq: int  # position in the run's prompt stream; seeds the prompt's samples
     from_easy_pool: bool
     undo: tuple[dict[str, Any], int | None]  # sampler state before the draw, and the pool slot it was taken from
+    history_skipped: int = 0  # fresh rows passed over for their pass-rate history before this one
 
 
 class PromptSource:
@@ -147,6 +151,7 @@ class PromptSource:
         seed: int,
         easy_pool_alpha: float,
         on_bad_row: OnBadRow = "error",
+        pass_rate_history: PassRateHistoryConfig | None = None,
     ):
         self.mixture = MixtureSampler(datasets, weights, seed)
         self.seed = seed
@@ -156,6 +161,9 @@ class PromptSource:
         self.easy_pool: list[Key] = []
         self._in_pool: set[Key] = set()
         self.dropped: set[Key] = set()  # rows found bad when encoded: never drawn again
+        self.history = None if pass_rate_history is None else PassRateHistory(
+            pass_rate_history.window, pass_rate_history.skip_probability)
+        self._history_skipped = 0
 
     @classmethod
     def from_config(cls, cfg: RunConfig, budget: VisionBudget | None = None) -> PromptSource:
@@ -168,7 +176,8 @@ class PromptSource:
             raise DataError("data.train lists no data file: there is nothing to train on")
         datasets = load_run_datasets(cfg, cfg.data.train, budget)
         weights = [s.weight for s in cfg.data.train]
-        return cls(datasets, weights, cfg.trainer.seed, cfg.algo.easy_pool_alpha, cfg.data.on_bad_row)
+        return cls(datasets, weights, cfg.trainer.seed, cfg.algo.easy_pool_alpha, cfg.data.on_bad_row,
+                   cfg.algo.pass_rate_history)
 
     def task_counts(self) -> Counter[str]:
         """Training rows per task."""
@@ -179,13 +188,14 @@ class PromptSource:
         mixture_state = self.mixture.state_dict()
         from_pool = bool(self.easy_pool) and rng.random() < self.alpha
         if from_pool:
-            slot = int(rng.integers(len(self.easy_pool)))
+            slot, skipped = int(rng.integers(len(self.easy_pool))), 0
             key = self.easy_pool.pop(slot)
             self._in_pool.discard(key)
         else:
-            slot, key = None, self._next_fresh_key()
+            slot, (key, skipped) = None, self._next_fresh_key()
         self.draws += 1
-        return DrawnPrompt(self.mixture.row(key), key, self.draws - 1, from_pool, (mixture_state, slot))
+        self._history_skipped += skipped
+        return DrawnPrompt(self.mixture.row(key), key, self.draws - 1, from_pool, (mixture_state, slot), skipped)
 
     def draw_encoded(self, encode: Callable[[Row], EncodedPrompt]) -> tuple[DrawnPrompt, EncodedPrompt]:
         """The next prompt that `encode` takes: one it refuses as a bad row (DataError) is dropped (see `drop`)."""
@@ -212,23 +222,40 @@ class PromptSource:
                 self._in_pool.discard(prompt.key)
         bad_row(self.mixture.where(prompt.key), why, self.on_bad_row, f"{len(self.dropped)} rows dropped so far")
 
-    def _next_fresh_key(self) -> Key:
-        """The mixture's next row that is not dropped nor in the easy pool (it moved there); once every row left is
-        in the pool, any of those."""
-        usable = None
+    def _next_fresh_key(self) -> tuple[Key, int]:
+        """The mixture's next row that is not dropped, nor in the easy pool (it moved there), nor skipped for its
+        pass-rate history, and how many rows were skipped for it. After `MAX_HISTORY_SKIPS` skips the next row is
+        taken whatever its history; when no row is left but skipped or pooled ones, the last one skipped, else the
+        last one pooled."""
+        skipped: Key | None = None
+        pooled: Key | None = None
+        skips = 0
         for _ in range(self.mixture.num_rows):
             key = self.mixture.next_key()
             if key in self.dropped:
                 continue
-            if key not in self._in_pool:
-                return key
-            usable = key
-        if usable is None:
+            if key in self._in_pool:
+                pooled = key
+            elif skips < MAX_HISTORY_SKIPS and self._skip_for_history(key, skips):
+                skipped, skips = key, skips + 1
+            else:
+                return key, skips
+        if skipped is not None:
+            return skipped, skips - 1
+        if pooled is None:
             raise DataError(
                 f"every training row was dropped as a bad row ({len(self.dropped)} rows, data.on_bad_row=skip): "
                 "nothing is left to draw"
             )
-        return usable
+        return pooled, skips
+
+    def _skip_for_history(self, key: Key, attempt: int) -> bool:
+        """Whether this draw passes over `key` for its pass-rate history: a pure function of (seed, draw counter,
+        attempt) and the history."""
+        if self.history is None:
+            return False
+        chance = self.history.skip_probability(key)
+        return chance > 0 and np.random.default_rng([self.seed, 3, self.draws, attempt]).random() < chance
 
     def put_back(self, prompts: Sequence[DrawnPrompt]) -> None:
         """Undo the most recent draws (given in draw order): the next draws return the same prompts."""
@@ -240,6 +267,7 @@ class PromptSource:
                 self.easy_pool.insert(slot, prompt.key)
                 self._in_pool.add(prompt.key)
             self.draws -= 1
+            self._history_skipped -= prompt.history_skipped
         if prompts:
             self.mixture.load_state_dict(prompts[0].undo[0])
 
@@ -249,10 +277,25 @@ class PromptSource:
             self.easy_pool.append(prompt.key)
             self._in_pool.add(prompt.key)
 
+    def record_pass_rate(self, prompt: DrawnPrompt, rewards: Sequence[float | None]) -> None:
+        """The prompt's group was scored `rewards` (None: that reward errored, and the group is not recorded); kept
+        under `algo.pass_rate_history`, ignored without it."""
+        if self.history is not None:
+            self.history.record(prompt.key, rewards)
+
+    @property
+    def history_skipped(self) -> int:
+        """Fresh rows passed over for their pass-rate history so far in the run (`data/history_skipped`)."""
+        return self._history_skipped
+
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.mixture.state_dict(),  # the key older checkpoints use
-                "draws": self.draws, "easy_pool": [list(k) for k in self.easy_pool],
-                "dropped": sorted(list(k) for k in self.dropped)}
+        state = {"sampler": self.mixture.state_dict(),  # the key older checkpoints use
+                 "draws": self.draws, "easy_pool": [list(k) for k in self.easy_pool],
+                 "dropped": sorted(list(k) for k in self.dropped)}
+        if self.history is not None:
+            state["pass_rates"] = self.history.state_dict()
+            state["history_skipped"] = self._history_skipped
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mixture.load_state_dict(state["sampler"])
@@ -260,3 +303,6 @@ class PromptSource:
         self.easy_pool = [tuple(k) for k in state["easy_pool"]]
         self._in_pool = set(self.easy_pool)
         self.dropped = {tuple(k) for k in state.get("dropped", [])}  # checkpoints before rows were dropped have none
+        if self.history is not None:  # a checkpoint saved without the history starts it empty
+            self.history.load_state_dict(state.get("pass_rates", {"keys": [], "rates": []}))
+            self._history_skipped = state.get("history_skipped", 0)

@@ -474,6 +474,7 @@ class _Collection:
         self.scheduler.source.put_back([g.prompt for g in unused])
         self.carried_out = [g for g in self.groups if id(g) in kept_ids]  # in dispatch order
         for group in decided:
+            self.scheduler.source.record_pass_rate(group.prompt, group.rewards)
             if group.all_correct:
                 self.scheduler.source.add_easy(group.prompt)
         if len(self.accepted) < self.target:
