@@ -176,6 +176,7 @@ class RolloutScheduler:
         self.partial = (partial or PartialConfig()) if dispatch.carries else None
         self.version = 0
         self.carried: list[Group] = []  # partial: groups the next batch continues, in dispatch order
+        self._settling: _Collection | None = None  # the last batch's, while its carried segments still run
 
     @classmethod
     def from_config(cls, cfg: RunConfig, parts: RunParts, mode: str | None = None) -> RolloutScheduler:
@@ -196,7 +197,9 @@ class RolloutScheduler:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-safe; the carried groups' responses so far go with it, so a resume continues them."""
+        """JSON-safe; the carried groups' responses so far go with it (their segments ended first), so a resume
+        continues them."""
+        self.settle()
         return {"valid_rate": self.valid_rate, "version": self.version,
                 "carried": [carried_group_state(g) for g in self.carried]}
 
@@ -228,6 +231,7 @@ class RolloutScheduler:
         `should_stop()` true abandons the batch (RolloutAbandoned) within STOP_POLL_SECONDS: the calls in flight are
         aborted, and the prompt source and easy pool are left as they are, for the caller to discard.
         """
+        self.settle()
         run = _Collection(self, num_groups, stop_poll=STOP_POLL_SECONDS if should_stop else None, progress=progress)
         run.continue_carried()
         while not run.done():
@@ -240,8 +244,20 @@ class RolloutScheduler:
         if observed is not None:
             self.valid_rate = min(1.0, max(0.1, 0.5 * self.valid_rate + 0.5 * observed))
         self.carried = run.carried_out
+        self._settling = run if self.carried else None
         self.version += 1
         return batch
+
+    def settle(self) -> float | None:
+        """Partial: wait until the carried groups' segments, still running when `collect` returned, have ended and
+        the complete ones are scored; the seconds waited (None: nothing was carried). Call it before new weights
+        reach the engines: the trainer does, so those segments run beside the learner's update, not before it."""
+        if self._settling is None:
+            return None
+        start = time.perf_counter()
+        self._settling.end_carried()
+        self._settling = None
+        return time.perf_counter() - start
 
     def is_valid(self, group: Group) -> bool:
         """A group the update can use: scored without error, and (with dynamic sampling) not all equal."""
@@ -466,9 +482,9 @@ class _Collection:
         """Abort what still runs (partial: what is not carried), put unused prompts back, feed the easy pool, and
         report; also the share of the decided groups that were valid (None when none was decided)."""
         kept = self._carry() if self.scheduler.dispatch.carries else []
-        self.abort_and_drain()
-        tail_seconds = time.perf_counter() - self.last_accept_time
         kept_ids = {id(g) for g in kept}
+        self.abort_and_drain(keep=kept_ids)
+        tail_seconds = time.perf_counter() - self.last_accept_time
         decided = [g for g in self.groups[: self.prefix] if id(g) not in kept_ids]
         unused = [g for g in self.groups[self.prefix :] if id(g) not in kept_ids]
         self.scheduler.source.put_back([g.prompt for g in unused])
@@ -494,10 +510,10 @@ class _Collection:
         return batch, observed
 
     def _carry(self) -> list[Group]:
-        """Partial: the groups the next batch continues, each with its segment run to its end under this version:
-        those parked in the batch's prefix, every carried-in group beyond it, and the first carry_groups new groups
-        dispatched beyond it (drawn now if fewer were), scored when their responses are complete. Which groups these
-        are, and how far each got, never depends on timing. The rest beyond the prefix is aborted and put back."""
+        """Partial: the groups the next batch continues, each to run its segment to its end under this version
+        (`end_carried`): those parked in the batch's prefix, every carried-in group beyond it, and the first
+        carry_groups new groups dispatched beyond it (drawn now if fewer were). Which groups these are, and how far
+        each gets, never depends on timing. The rest beyond the prefix is aborted and put back (`finish`)."""
         scheduler = self.scheduler
         beyond = self.groups[self.prefix :]
         fresh = [g for g in beyond if id(g) not in self.carried_in]
@@ -507,33 +523,32 @@ class _Collection:
         fresh = [g for g in self.groups[self.prefix :] if id(g) not in self.carried_in]
         kept = [g for g in self.groups[: self.prefix] if self.parked(g)]
         kept += [g for g in self.groups[self.prefix :] if id(g) in self.carried_in] + fresh[:target]
-        kept_ids = {id(g) for g in kept}
-        dropped = [key for key, (_, g) in self.pending.items() if id(g) not in kept_ids]
-        for worker in {self.pending[key][0] for key in dropped}:
-            scheduler.workers[worker].abort.remote([key for key in dropped if self.pending[key][0] == worker])
-        while self.pending:  # the kept segments end, the dropped ones come back aborted
+        return kept
+
+    def end_carried(self) -> None:
+        """Wait for the carried groups' segments to end, and score those whose responses are all complete."""
+        while self.pending:
             self._take_mail(None, score=False)
-        for group in kept:
+        for group in self.carried_out:
             if not group.unfinished and group.rewards is None and group.reward_futures is None:
-                scheduler.submit_scoring(group, self.progress)
+                self.scheduler.submit_scoring(group, self.progress)
                 self.scoring.append(group)
-        while any(g.rewards is None and not g.unfinished for g in kept):
+        while any(g.rewards is None and not g.unfinished for g in self.carried_out):
             self._collect_rewards()
             time.sleep(POLL_SECONDS)
-        return kept
 
     def _carry_groups(self) -> int:
         """rollout.partial.carry_groups, or what the engines hold when full."""
         carry = self.scheduler.partial.carry_groups
         return sum(self.scheduler.fill_targets) // self.scheduler.sampling.n if carry is None else carry
 
-    def abort_and_drain(self) -> None:
-        """Abort every group still out (running ones free their slots at the engine's next step) and take them back,
-        marked "abort", so nothing of this batch is left in a worker for the next."""
-        for worker in {w for w, _ in self.pending.values()}:
-            keys = [key for key, (w, _) in self.pending.items() if w == worker]
-            self.scheduler.workers[worker].abort.remote(keys)
-        while self.pending:
+    def abort_and_drain(self, keep: set[int] = frozenset()) -> None:
+        """Abort every group still out but those in `keep` (ids; running ones free their slots at the engine's next
+        step) and take them back, marked "abort", so nothing of this batch but what is kept is left in a worker."""
+        dropped = {key: w for key, (w, g) in self.pending.items() if id(g) not in keep}
+        for worker in set(dropped.values()):
+            self.scheduler.workers[worker].abort.remote([key for key, w in dropped.items() if w == worker])
+        while any(key in self.pending for key in dropped):
             self._take_mail(None, score=False)
 
     def _metrics(self, decided: list[Group], tail_seconds: float, kept_ids: set[int]) -> dict[str, float]:
@@ -555,6 +570,7 @@ class _Collection:
             "rollout/token_waste": tokens(wasted) / max(tokens(generated), 1),
             "rollout/easy_pool_size": float(len(self.scheduler.source.easy_pool)),
             "data/dropped_rows": float(len(self.scheduler.source.dropped)),
+            "data/history_skipped": float(self.scheduler.source.history_skipped),
             "time/rollout_tail": tail_seconds,
             "groups/kept": float(len(self.accepted)),
             "groups/dropped_zero_variance": float(sum(not x.errored and x.zero_variance for x in decided)),

@@ -216,13 +216,15 @@ class Trainer:
         metrics = {"step": step, **reward_metrics(rollout.decided, self.dataset_names), **rollout.metrics,
                    **batch_metrics}
         if len(batch):
+            if self.engine.shares_learner_gpu():  # partial rollout's carried segments end before the engine sleeps
+                self.scheduler.settle()
             # the workers make room for the update as their engine needs (colocated vLLM sleeps), then load its weights
-            with self.engine.update_window(self.workers, self.sync_weights) as window:
+            with self.engine.update_window(self.workers, self.settle_and_sync) as window:
                 metrics.update(self.learner.train_step(batch))
                 timer.lap("update")
                 # the rollouts this step trained on were sampled with the weights of the previous sync
                 check_logprob_mismatch(metrics["logprob_mismatch"], self.cfg.learner.max_logprob_mismatch, step)
-            metrics.update(window.synced.as_metrics())
+            metrics.update(window.synced)
             timer.lap("sync")
         else:
             log.warning("step %d: no group had reward variance (or every group had a reward error); no update", step)
@@ -238,6 +240,13 @@ class Trainer:
         if every and step % every == 0:
             samples = sample_rows(step, rollout.decided, self.cfg.trainer.samples_per_task, self.cfg.algo.adv_eps)
         return metrics, samples
+
+    def settle_and_sync(self) -> dict[str, float]:
+        """The learner's weights into every rollout worker, once partial rollout's carried segments, which ran
+        beside the update under the old weights, have ended; the sync's metrics, and how long those segments made
+        it wait."""
+        waited = self.scheduler.settle()
+        return {**self.sync_weights().as_metrics(), **({} if waited is None else {"time/carried_segments": waited})}
 
     def sync_weights(self) -> SyncStats:
         """The learner's weights into every rollout worker."""

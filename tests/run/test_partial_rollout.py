@@ -195,7 +195,8 @@ def test_groups_dispatched_beyond_the_batch_run_their_segment_and_train_in_the_n
     first = scheduler.collect(2)
     assert [g.prompt.row.id for g in first.groups] == order[:2]
     assert [g.prompt.row.id for g in scheduler.carried] == order[2:5]  # the next three, whatever was in flight
-    assert all(g.rewards is not None for g in scheduler.carried)  # complete: scored before the step ends
+    assert scheduler.settle() is not None  # their segments ran on after the batch was returned, and have now ended
+    assert all(g.rewards is not None for g in scheduler.carried)  # complete: scored before new weights come
     assert first.metrics["rollout/sample_waste"] == 0.0  # nothing aborted: what ran beyond the batch goes on
     second = scheduler.collect(2)
     assert [g.prompt.row.id for g in second.groups] == order[2:4]
