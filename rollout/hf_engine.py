@@ -108,6 +108,8 @@ class _Row:
 
 @dataclass(frozen=True)
 class _Queued:
+    """A group waiting for a static batch, as `add` got it."""
+
     key: Hashable
     prompt: EncodedPrompt
     sampling: SamplingParams
@@ -115,6 +117,7 @@ class _Queued:
     continuation: Continuation | None
 
     def rows(self) -> list[_Row]:
+        """Its samples; a fresh one's seeds derive from the group's (`sequence_seed`), a continued one's are given."""
         c = self.continuation
         if c is None:
             n, limit = self.sampling.n, self.sampling.max_new_tokens

@@ -222,3 +222,25 @@ def test_a_response_continued_across_a_weight_sync_scores_like_each_version(worl
     assert gap(prefixes, under_v0, lambda s: s[:3]) < 1e-3
     assert gap(new, under_v1, lambda s: s[3:]) < 1e-3
     assert gap(new, under_v0, lambda s: s[3:]) > 1e-2  # v1 measurably differs: the check above could fail
+
+
+def test_the_worker_loop_passes_continuations_through(world):
+    """Through the worker's loop (rollout/engine_loop.py), a continued group beside a fresh one: each comes back
+    under its key, the continued one as the engine continues it directly; a queued continued group aborts whole."""
+    from morl.rollout.engine_loop import EngineLoop
+
+    _, _, prompts, engine = world
+    (group,) = unfinished(engine, prompts[:1], seeds=[13])
+    continuation = carry_on(group, [60 + j for j in range(len(group))], [5] * len(group))
+    loop = EngineLoop(lambda: engine)
+    sampling = SamplingParams(n=2, temperature=CONTINUED_TEMPERATURE, max_new_tokens=4)
+    loop.submit(prompts[:2], [sampling] * 2, [0, 1], ["carried", "fresh"], [continuation, None])
+    groups: dict = {}
+    while len(groups) < 2:
+        groups.update(loop.take_finished(timeout=60).groups)
+    assert tokens([groups["carried"]]) == tokens(continued(engine, prompts[:1], [continuation]))
+    assert len(groups["fresh"]) == 2 and all(len(c.token_ids) <= 4 for c in groups["fresh"])
+    engine.add("queued", prompts[0], sampling, 0, continuation)
+    assert engine.sequences_in_flight() == len(group)
+    ((key, aborted),) = engine.abort(["queued"])
+    assert [c.finish_reason for c in aborted] == ["abort"] * len(group) and not engine.has_unfinished()

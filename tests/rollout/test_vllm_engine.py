@@ -29,7 +29,7 @@ from morl.rollout.vllm_engine import (
 from morl.run.weight_sync import plan_buckets
 from morl.types import EncodedPrompt
 
-from helpers import learner_logprob_gap, toy_video_rows
+from helpers import carry_on, check_continued, forward_logprobs, learner_logprob_gap, toy_video_rows
 
 TEMPERATURE = 0.5
 MAX_PROMPT_TOKENS = 512
@@ -409,3 +409,83 @@ def test_the_loop_hands_a_refused_prompt_back_as_its_error_and_runs_the_rest(eng
     assert loop.generate([first], [sampling], [0])[0][0].token_ids == report.groups[0][1][0].token_ids
     with pytest.raises(PromptTooLongError, match="long-row"):  # evaluation's blocking call raises it too
         loop.generate([first, too_long], [sampling] * 2, [0, 1])
+
+
+# ------------------------------------------------------------------------------ continuing partial responses
+
+
+def unfinished(engine, prompts, seeds, tokens: int = 3):
+    """Groups of 4 samples cut at `tokens` tokens, kept per prompt: the samples still unfinished ("length")."""
+    sampling = SamplingParams(n=4, temperature=TEMPERATURE, max_new_tokens=tokens)
+    groups = [[c for c in g if c.finish_reason == "length"] for g in engine.generate(prompts, sampling, seeds)]
+    assert all(groups)
+    return groups
+
+
+def continued(engine, prompts, continuations):
+    sampling = SamplingParams(n=99, temperature=TEMPERATURE)  # n and max_new_tokens are the continuations'
+    return engine.generate(prompts, sampling, seeds=[0] * len(prompts), continuations=continuations)
+
+
+def mean_gap(recorded: list[list[float]], scored: list[list[float]]) -> float:
+    pairs = [(a, b) for r, s in zip(recorded, scored) for a, b in zip(r, s, strict=True)]
+    return sum(abs(a - b) for a, b in pairs) / len(pairs)
+
+
+def test_a_continued_response_scores_like_one_sampled_whole(engine, hf_model, prompts):
+    """One prompt of each task and the two-image prompt sampled 3 tokens, then each sample carried on from its first
+    3 or 2 tokens, each its own request with its seed and budget: the new tokens' log-probs equal the learner's
+    forward of prompt + whole response at their positions; a sample's tokens are the same alone; abort drops all of
+    a continued group's requests."""
+    encoded, _ = prompts
+    chosen = engine_prompts([*encoded[:32:8], encoded[-1]], "vllm")
+    groups = unfinished(engine, chosen, seeds=[1, 2, 3, 4, 5])
+    kept = [[3 - j % 2 for j in range(len(g))] for g in groups]
+    continuations = [
+        carry_on(g, [50 + j for j in range(len(g))], [10 - 4 * (j % 2) for j in range(len(g))], k)
+        for g, k in zip(groups, kept)
+    ]
+    results = continued(engine, chosen, continuations)
+    whole = [r for c, out in zip(continuations, results) for r in check_continued(engine, c, out)]
+    repeated = [p for p, g in zip([*encoded[:32:8], encoded[-1]], groups) for _ in g]
+    scored = forward_logprobs(hf_model, repeated, whole, TEMPERATURE, engine.banned_ids)
+    new = [c.logprobs for out in results for c in out]
+    cuts = [k for ks in kept for k in ks]
+    assert mean_gap(new, [s[k:] for s, k in zip(scored, cuts)]) < 1e-5
+    assert any(c.finish_reason == "length" and len(c.token_ids) == 6 for out in results for c in out)
+    alone = continued(engine, chosen[-1:], continuations[-1:])[0]
+    assert [c.token_ids for c in alone] == [c.token_ids for c in results[-1]]  # nothing beside it changes it
+    engine.add("carried", chosen[0], SamplingParams(n=1, temperature=TEMPERATURE), 0, continuations[0])
+    assert engine.sequences_in_flight() == len(groups[0])
+    engine.step(lambda key: False)
+    ((key, group),) = engine.abort(["carried"])
+    assert key == "carried" and [c.finish_reason for c in group] == ["abort"] * len(groups[0])
+    assert not engine.has_unfinished() and engine.sequences_in_flight() == 0
+
+
+def test_a_response_continued_across_a_weight_sync_scores_like_each_version(engine, hf_model, prompts):
+    """3 tokens under v0, perturbed weights v1 synced in buckets, the rest under v1: the first recorded log-probs
+    equal the learner's forward of v0, the rest its forward of v1 (and differ from v0's)."""
+    encoded, _ = prompts
+    chosen = [encoded[0], encoded[-1]]  # a counting prompt and the two-image prompt
+    groups = unfinished(engine, engine_prompts(chosen, "vllm"), seeds=[21, 22])
+    continuations = [carry_on(g, [30 + j for j in range(len(g))], [8] * len(g)) for g in groups]
+    repeated = [p for p, g in zip(chosen, groups) for _ in g]
+    original = sft_weights(hf_model)
+    gen = torch.Generator().manual_seed(1)
+    try:
+        with torch.no_grad():
+            for p in hf_model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        load_in_buckets(engine, sft_weights(hf_model))
+        results = continued(engine, engine_prompts(chosen, "vllm"), continuations)
+        whole = [r for c, out in zip(continuations, results) for r in check_continued(engine, c, out)]
+        under_v1 = forward_logprobs(hf_model, repeated, whole, TEMPERATURE, engine.banned_ids)
+    finally:
+        restore(hf_model, engine, original)
+    under_v0 = forward_logprobs(hf_model, repeated, whole, TEMPERATURE, engine.banned_ids)
+    prefixes = [s.logprobs for g in groups for s in g]
+    new = [c.logprobs for out in results for c in out]
+    assert mean_gap(prefixes, [s[:3] for s in under_v0]) < 1e-5
+    assert mean_gap(new, [s[3:] for s in under_v1]) < 1e-5
+    assert mean_gap(new, [s[3:] for s in under_v0]) > 1e-2  # v1 measurably differs: the check above could fail
