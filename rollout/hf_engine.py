@@ -13,15 +13,7 @@ from transformers import AutoTokenizer, LogitsProcessor, Qwen2_5_VLForConditiona
 from morl.algo.core import token_logprobs
 from morl.compat import use_reference_video_positions
 from morl.data.encoding import collate, vision_token_ids
-from morl.rollout.types import (
-    Completion,
-    Continuation,
-    Finished,
-    SamplingParams,
-    aborted_group,
-    generate,
-    group_size,
-)
+from morl.rollout.types import Completion, Continuation, Finished, SamplingParams, aborted_group, generate, group_size
 from morl.types import EncodedPrompt
 
 
@@ -147,14 +139,8 @@ class HFEngine:
         self.max_num_seqs = max_num_seqs
         self._queue: list[_Queued] = []
 
-    def add(
-        self,
-        key: Hashable,
-        prompt: EncodedPrompt,
-        sampling: SamplingParams,
-        seed: int,
-        continuation: Continuation | None = None,
-    ) -> None:
+    def add(self, key: Hashable, prompt: EncodedPrompt, sampling: SamplingParams, seed: int,
+            continuation: Continuation | None = None) -> None:
         self._queue.append(_Queued(key, prompt, sampling, seed, continuation))
 
     def has_unfinished(self) -> bool:

@@ -78,14 +78,8 @@ class RolloutEngine(Protocol):
     max_num_seqs: int  # sequences it runs at once
     batches_continuously: bool  # True: a freed slot takes a waiting request at the next step (vLLM)
 
-    def add(
-        self,
-        key: Hashable,
-        prompt: EncodedPrompt,
-        sampling: SamplingParams,
-        seed: int,
-        continuation: Continuation | None = None,
-    ) -> None:
+    def add(self, key: Hashable, prompt: EncodedPrompt, sampling: SamplingParams, seed: int,
+            continuation: Continuation | None = None) -> None:
         """Queue `sampling.n` samples of `prompt`, drawn from `seed` alone whatever else runs beside them.
 
         With a `continuation`, one sample per prefix instead: sample j continues `prompt.input_ids + prefixes[j]`

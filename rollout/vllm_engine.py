@@ -40,15 +40,7 @@ from morl.config import ModelConfig, RolloutConfig
 from morl.data.encoding import refuse_if_too_long, vision_token_ids
 from morl.data.rows import open_image
 from morl.rollout import vllm_compat
-from morl.rollout.types import (
-    Completion,
-    Continuation,
-    Finished,
-    SamplingParams,
-    aborted_group,
-    generate,
-    group_size,
-)
+from morl.rollout.types import Completion, Continuation, Finished, SamplingParams, aborted_group, generate, group_size
 from morl.types import EncodedPrompt
 
 PLACEHOLDERS = {"image": "<|image_pad|>", "video": "<|video_pad|>"}  # one per image or video, as the template writes
@@ -230,14 +222,8 @@ class VLLMEngine:
         self._groups: dict[Hashable, _Group] = {}
         self._prefix_cache_stale = False
 
-    def add(
-        self,
-        key: Hashable,
-        prompt: EncodedPrompt,
-        sampling: SamplingParams,
-        seed: int,
-        continuation: Continuation | None = None,
-    ) -> None:
+    def add(self, key: Hashable, prompt: EncodedPrompt, sampling: SamplingParams, seed: int,
+            continuation: Continuation | None = None) -> None:
         """One request of n = G samples (vLLM gives sample j seed + j), or one per continued sample; they run as
         soon as the engine has room."""
         request = vllm_prompt(prompt, self.placeholder_ids, max_prompt_tokens=self.max_prompt_tokens, limits=self.limits)

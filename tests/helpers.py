@@ -383,3 +383,18 @@ def toy_hf_rollout(world: Path, workers: int, max_num_seqs: int) -> Iterator[tup
         router.close()
         for worker in pool:
             ray.kill(worker)
+
+
+def scripted_workers(engine: type, count: int = 2, **options) -> Iterator[list]:
+    """`count` rollout-worker actors, each around a scripted `engine` (a class its test module ships to Ray by value),
+    started, so tests time only the scheduling; a generator for a fixture to yield from. Ray must be started."""
+    import ray
+
+    from morl.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
+
+    actor = ray.remote(num_cpus=0, concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
+    workers = [actor.remote(engine, 1, **options) for _ in range(count)]
+    ray.get([w.load_weights.remote({}) for w in workers])
+    yield workers
+    for w in workers:
+        ray.kill(w)

@@ -17,16 +17,14 @@ import ray
 from morl.data.loading import LoadedDataset
 from morl.data.rows import Row
 from morl.data.source import PromptSource
-from morl.ray_setup import start_ray
 from morl.rewards.config import RewardsConfig
 from morl.rewards.router import RewardRouter
 from morl.rewards.types import TrainingProgress
 from morl.rollout.types import Completion, SamplingParams
-from morl.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
 from morl.run.collection import DISPATCH, RolloutAbandoned, RolloutScheduler
 from morl.types import EncodedPrompt
 
-from helpers import toy_hf_rollout
+from helpers import scripted_workers, toy_hf_rollout
 
 # Ray workers cannot import this test module: ship the scripted engine to them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -87,21 +85,8 @@ def rows(kinds: list[str], delays: list[float] | None = None) -> LoadedDataset:
 
 
 @pytest.fixture(scope="module")
-def router():
-    start_ray(num_cpus=2)  # private, as a run's: never a `ray start` cluster that happens to run on this machine
-    r = RewardRouter(RewardsConfig(routes={"counting": [{"fn": "counting"}]}, num_workers=1))
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
 def pool(router):
-    actor = ray.remote(num_cpus=0, concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
-    workers = [actor.remote(ScriptedEngine, 1, record_timeline=True) for _ in range(2)]
-    ray.get([w.load_weights.remote({}) for w in workers])  # started, so tests time only the scheduling
-    yield workers
-    for w in workers:
-        ray.kill(w)
+    yield from scripted_workers(ScriptedEngine, record_timeline=True)
 
 
 def make_scheduler(pool, router, kinds, delays=None, *, mode="seamless", refill=4, dynamic=True):

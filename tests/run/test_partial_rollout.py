@@ -18,16 +18,12 @@ from morl.config import PartialConfig
 from morl.data.loading import LoadedDataset
 from morl.data.rows import Row
 from morl.data.source import PromptSource
-from morl.ray_setup import start_ray
-from morl.rewards.config import RewardsConfig
-from morl.rewards.router import RewardRouter
 from morl.rollout.types import Completion, SamplingParams
-from morl.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
 from morl.run.collection import DISPATCH, RolloutScheduler
 from morl.run.step import build_batch
 from morl.types import EncodedPrompt
 
-from helpers import morl_train, toy_hf_rollout
+from helpers import morl_train, scripted_workers, toy_hf_rollout
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -105,21 +101,8 @@ def rows(kinds: list[str]) -> LoadedDataset:
 
 
 @pytest.fixture(scope="module")
-def router():
-    start_ray(num_cpus=2)
-    r = RewardRouter(RewardsConfig(routes={"counting": [{"fn": "counting"}]}, num_workers=1))
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
 def pool(router):
-    actor = ray.remote(num_cpus=0, concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
-    workers = [actor.remote(SegmentedEngine, 1) for _ in range(2)]
-    ray.get([w.load_weights.remote({}) for w in workers])
-    yield workers
-    for w in workers:
-        ray.kill(w)
+    yield from scripted_workers(SegmentedEngine)
 
 
 def make_scheduler(pool, router, kinds, partial, *, dynamic=False):
